@@ -1,0 +1,76 @@
+"""flax_impl: Transformer building blocks in JAX/Flax NNX, each with a PyTorch twin in torch_ref.
+
+Attributes are imported on first use, so that `flax_impl.config` (pure Python) can be read without jax.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "EncoderConfig": "flax_impl.config",
+    "Dropout": "flax_impl.dropout",
+    "Embed": "flax_impl.embedding",
+    "check_ids": "flax_impl.embedding",
+    "LearnedPositions": "flax_impl.positions",
+    "sinusoidal_table": "flax_impl.positions",
+    "apply_rope": "flax_impl.positions",
+    "alibi_slopes": "flax_impl.positions",
+    "alibi_bias": "flax_impl.positions",
+    "MultiHeadAttention": "flax_impl.attention",
+    "from_torch_mha_mask": "flax_impl.attention",
+    "TransformerBlock": "flax_impl.block",
+    "TransformerInput": "flax_impl.pipeline",
+    "TransformerEncoder": "flax_impl.encoder",
+    "to_torch_state_dict": "flax_impl.interop",
+    "to_numpy_state_dict": "flax_impl.interop",
+    "load_torch_state_dict": "flax_impl.interop",
+    "from_torch_encoder_layer": "flax_impl.interop",
+    "to_torch_encoder_layer": "flax_impl.interop",
+    "save": "flax_impl.interop",
+    "load": "flax_impl.interop",
+    "count_params": "flax_impl.utils",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:  # let type checkers and IDEs see the real names
+    from flax_impl.attention import MultiHeadAttention, from_torch_mha_mask  # noqa: F401
+    from flax_impl.block import TransformerBlock  # noqa: F401
+    from flax_impl.config import EncoderConfig  # noqa: F401
+    from flax_impl.dropout import Dropout  # noqa: F401
+    from flax_impl.embedding import Embed, check_ids  # noqa: F401
+    from flax_impl.encoder import TransformerEncoder  # noqa: F401
+    from flax_impl.interop import (  # noqa: F401
+        from_torch_encoder_layer,
+        load,
+        load_torch_state_dict,
+        save,
+        to_numpy_state_dict,
+        to_torch_encoder_layer,
+        to_torch_state_dict,
+    )
+    from flax_impl.pipeline import TransformerInput  # noqa: F401
+    from flax_impl.positions import (  # noqa: F401
+        LearnedPositions,
+        alibi_bias,
+        alibi_slopes,
+        apply_rope,
+        sinusoidal_table,
+    )
+    from flax_impl.utils import count_params  # noqa: F401
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'flax_impl' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -1,0 +1,125 @@
+"""Multi-head self-attention (Vaswani et al., 2017) with RoPE / ALiBi hooks, masks and attention dropout.
+
+Axes: B batch, L query length, S key length, D model width, N heads, H head dim.
+
+Mask convention (ours, both twins): `attention_mask` is either (B, S) with 1/True = real token, a bool
+(B|1, N|1, L, S) with True = may attend, or a float (B|1, N|1, L, S) added to the scores (-inf = masked out).
+PyTorch's nn.MultiheadAttention uses the opposite bool polarity: convert with `from_torch_mha_mask`. A query
+row whose keys are all masked returns zeros (torch's softmax would give NaN).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from flax_impl.config import EncoderConfig
+from flax_impl.dropout import Dropout
+from flax_impl.positions import rotate_qk, score_bias
+
+
+def from_torch_mha_mask(mask: jax.Array) -> jax.Array:
+    """Convert an nn.MultiheadAttention bool mask (True = masked out) to ours (True = may attend)."""
+    mask = jnp.asarray(mask)
+    if mask.dtype != jnp.bool_:
+        raise TypeError(f"from_torch_mha_mask converts bool masks only, got dtype {mask.dtype}")
+    return ~mask
+
+
+def check_attention_mask(mask: object, batch: int, q_len: int, k_len: int) -> None:
+    """Raise a clear error if `mask` cannot be read as one of the three accepted forms for (B, L, S)."""
+    shape, dtype = tuple(np.shape(mask)), jnp.result_type(mask)
+    if len(shape) == 2:
+        if shape != (batch, k_len):
+            raise ValueError(f"a (B, S) attention_mask must have shape ({batch}, {k_len}), got {shape}")
+        if not (dtype == jnp.bool_ or jnp.issubdtype(dtype, jnp.integer)):
+            raise TypeError(f"a (B, S) attention_mask must be bool or integer (1 = real token), got dtype {dtype}")
+        if not isinstance(mask, jax.core.Tracer):
+            values = np.unique(np.asarray(mask))
+            if not set(values.tolist()) <= {0, 1}:
+                raise ValueError(f"a (B, S) attention_mask holds 0/1 only, got values {values[:5].tolist()}")
+        return
+    if len(shape) == 4:
+        want = ((batch, 1), None, (q_len,), (k_len,))
+        ok = shape[0] in want[0] and shape[2] == q_len and shape[3] == k_len
+        if not ok:
+            raise ValueError(f"a 4-d attention_mask must broadcast to (B|1, N|1, {q_len}, {k_len}) with B={batch}, got {shape}")
+        if not (dtype == jnp.bool_ or jnp.issubdtype(dtype, jnp.floating)):
+            raise TypeError(
+                f"a 4-d attention_mask must be bool (True = may attend) or float (added to the scores), got {dtype}"
+            )
+        return
+    raise ValueError(f"attention_mask must be (B, S) or (B|1, N|1, L, S), got shape {shape}")
+
+
+def _allowed_and_additive(
+    mask: jax.Array | None, q_len: int, k_len: int, causal: bool
+) -> tuple[jax.Array | None, jax.Array | None]:
+    """Split a mask into a bool 'may attend' (broadcastable to (B, N, L, S)) and an additive float part."""
+    allowed, additive = None, None
+    if mask is not None:
+        mask = jnp.asarray(mask)
+        if mask.ndim == 2:
+            allowed = mask.astype(jnp.bool_)[:, None, None, :]  # (B, 1, 1, S)
+        elif mask.dtype == jnp.bool_:
+            allowed = mask
+        else:
+            additive = mask.astype(jnp.float32)
+            allowed = ~jnp.isneginf(additive)
+            additive = jnp.where(allowed, additive, 0.0)
+    if causal:
+        i = jnp.arange(k_len - q_len, k_len)[:, None]
+        tril = (jnp.arange(k_len)[None, :] <= i)[None, None]  # (1, 1, L, S)
+        allowed = tril if allowed is None else allowed & tril
+    return allowed, additive
+
+
+class MultiHeadAttention(nnx.Module):
+    """Self-attention over x (B, L, D) -> (B, L, D).
+
+    Parameters: `in_proj` (D -> 3D, columns [q | k | v], head h = columns h*H:(h+1)*H of each) and `out_proj`
+    (D -> D): the transpose of nn.MultiheadAttention's `in_proj_weight` (3D, D) and `out_proj.weight`. Scores
+    q.k / sqrt(H), softmax in float32, dropout on the probabilities (train mode), RoPE on q and k and ALiBi on
+    the scores according to `config.position`, causal masking if `config.causal`.
+    """
+
+    def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs):
+        D, dtype, pdtype = config.d_model, jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
+        self.config = config
+        self.in_proj = nnx.Linear(D, 3 * D, use_bias=config.bias, dtype=dtype, param_dtype=pdtype, rngs=rngs)
+        self.out_proj = nnx.Linear(D, D, use_bias=config.bias, dtype=dtype, param_dtype=pdtype, rngs=rngs)
+        self.dropout = Dropout(config.attention_dropout, rngs=rngs)
+
+    def __call__(
+        self, x: jax.Array, attention_mask: jax.Array | None = None, *, positions: jax.Array | None = None
+    ) -> jax.Array:
+        cfg = self.config
+        B, L, D = x.shape
+        N, H = cfg.n_heads, cfg.head_dim
+        if D != cfg.d_model:
+            raise ValueError(f"attention input width {D} != d_model={cfg.d_model}")
+        if attention_mask is not None:
+            check_attention_mask(attention_mask, B, L, L)
+        qkv = self.in_proj(x).reshape(B, L, 3, N, H)  # (B, L, 3, N, H)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, L, N, H)
+        q, k = rotate_qk(cfg, q, k, jnp.arange(L) if positions is None else positions)
+        q = q.transpose(0, 2, 1, 3) * jnp.asarray(H**-0.5, q.dtype)  # (B, N, L, H)
+        k = k.transpose(0, 2, 1, 3)  # (B, N, S, H)
+        v = v.transpose(0, 2, 1, 3)  # (B, N, S, H)
+        scores = jnp.einsum("bnlh,bnsh->bnls", q, k, preferred_element_type=jnp.float32)  # (B, N, L, S)
+        bias = score_bias(cfg, L, L)
+        if bias is not None:
+            scores = scores + bias[None]  # (N, L, S) broadcast over B
+        allowed, additive = _allowed_and_additive(attention_mask, L, L, cfg.causal)
+        if additive is not None:
+            scores = scores + additive
+        if allowed is not None:
+            scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1)  # (B, N, L, S) float32
+        if allowed is not None:  # a row with no key to attend to gives zeros, not a uniform average
+            probs = jnp.where(jnp.any(allowed, axis=-1, keepdims=True), probs, 0.0)
+        probs = self.dropout(probs.astype(v.dtype))
+        out = jnp.einsum("bnls,bnsh->blnh", probs, v)  # (B, L, N, H)
+        return self.out_proj(out.reshape(B, L, D))

@@ -1,0 +1,89 @@
+"""The Transformer block of lesson 08: pre-LN by default, post-LN with `norm_first=False`.
+
+Axes: B batch, L length, D model width, F feed-forward width.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from flax_impl.attention import MultiHeadAttention
+from flax_impl.config import EncoderConfig
+from flax_impl.dropout import Dropout
+
+
+def activation_fn(name: str, x: jax.Array) -> jax.Array:
+    """"gelu" = exact erf GELU (torch.nn.GELU()), "gelu_tanh" = tanh approximation, "relu"."""
+    if name == "gelu":
+        return jax.nn.gelu(x, approximate=False)
+    if name == "gelu_tanh":
+        return jax.nn.gelu(x, approximate=True)
+    if name == "relu":
+        return jax.nn.relu(x)
+    raise ValueError(f"activation={name!r} is not one of ['gelu', 'gelu_tanh', 'relu']")
+
+
+class Activation(nnx.Module):
+    """A parameter-free activation as a module, so that `ff` mirrors torch's nn.Sequential index for index."""
+
+    def __init__(self, name: str):
+        activation_fn(name, jnp.zeros(()))  # validate now, not at first call
+        self.name = name
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return activation_fn(self.name, x)
+
+
+def layer_norm(config: EncoderConfig, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    """LayerNorm over D with the config's epsilon (torch's 1e-5 by default, not Flax's 1e-6)."""
+    return nnx.LayerNorm(
+        config.d_model,
+        epsilon=config.layer_norm_eps,
+        use_bias=config.bias,
+        dtype=jnp.dtype(config.dtype),
+        param_dtype=jnp.dtype(config.param_dtype),
+        rngs=rngs,
+    )
+
+
+class TransformerBlock(nnx.Module):
+    """x (B, L, D) -> (B, L, D).
+
+    Pre-LN (`norm_first=True`, lesson 08): x + attn(ln1(x)), then x + ff(ln2(x)).
+    Post-LN (`norm_first=False`, Vaswani et al. and nn.TransformerEncoderLayer's default): ln1(x + attn(x)),
+    then ln2(x + ff(x)). `ff` = [Linear(D, F), activation, Dropout, Linear(F, D), Dropout], indexed as torch's
+    nn.Sequential (ff.0, ff.3 hold the weights).
+    """
+
+    def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs):
+        D, F = config.d_model, config.d_ff
+        dtype, pdtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
+        self.norm_first = config.norm_first
+        self.attn = MultiHeadAttention(config, rngs=rngs)
+        self.ln1 = layer_norm(config, rngs=rngs)
+        self.ln2 = layer_norm(config, rngs=rngs)
+        self.ff = nnx.List(
+            [
+                nnx.Linear(D, F, use_bias=config.bias, dtype=dtype, param_dtype=pdtype, rngs=rngs),
+                Activation(config.activation),
+                Dropout(config.dropout, rngs=rngs),
+                nnx.Linear(F, D, use_bias=config.bias, dtype=dtype, param_dtype=pdtype, rngs=rngs),
+                Dropout(config.dropout, rngs=rngs),
+            ]
+        )
+
+    def feed_forward(self, x: jax.Array) -> jax.Array:
+        for layer in self.ff:
+            x = layer(x)
+        return x
+
+    def __call__(
+        self, x: jax.Array, attention_mask: jax.Array | None = None, *, positions: jax.Array | None = None
+    ) -> jax.Array:
+        if self.norm_first:
+            x = x + self.attn(self.ln1(x), attention_mask, positions=positions)
+            return x + self.feed_forward(self.ln2(x))
+        x = self.ln1(x + self.attn(x, attention_mask, positions=positions))
+        return self.ln2(x + self.feed_forward(x))

@@ -1,0 +1,41 @@
+"""Inverted dropout (Srivastava et al., 2014), with torch.nn.Dropout's semantics."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+class Dropout(nnx.Module):
+    """Zero each element with probability `rate`, scale the kept ones by 1 / (1 - rate).
+
+    Identity when deterministic (after `model.eval()`), in train mode (after `model.train()`) random; a
+    `deterministic=` argument at call time overrides the mode. rate = 1 gives zeros, as torch does. Random bits
+    come from the `dropout` stream of the `nnx.Rngs` given at construction: the same seed gives the same mask,
+    each call advances the stream so successive calls draw fresh masks. Any shape in, same shape out.
+
+    Example:
+        >>> drop = Dropout(0.5, rngs=nnx.Rngs(dropout=0))
+        >>> y = drop(jnp.ones((2, 8)))          # train mode: entries are 0 or 2
+        >>> drop.eval(); drop(jnp.ones((2, 8)))  # identity
+    """
+
+    def __init__(self, rate: float, *, deterministic: bool = False, rngs: nnx.Rngs | None = None):
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:
+            raise ValueError(f"dropout rate={rate!r} must be a probability in [0, 1]")
+        self.rate = float(rate)
+        self.deterministic = deterministic
+        self.rngs = rngs["dropout"].fork() if rngs is not None and rate > 0.0 else nnx.data(None)
+
+    def __call__(self, x: jax.Array, *, deterministic: bool | None = None) -> jax.Array:
+        deterministic = self.deterministic if deterministic is None else deterministic
+        if deterministic or self.rate == 0.0:
+            return x
+        if self.rate == 1.0:
+            return jnp.zeros_like(x)
+        if self.rngs is None:
+            raise ValueError("Dropout in train mode needs rngs=nnx.Rngs(dropout=...) at construction")
+        keep = 1.0 - self.rate
+        mask = jax.random.bernoulli(self.rngs(), p=keep, shape=x.shape)
+        return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros_like(x))

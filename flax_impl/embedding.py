@@ -1,0 +1,94 @@
+"""Token embedding with torch.nn.Embedding's semantics: padding_idx, N(0, 1) init, tied output logits."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.experimental import checkify
+
+
+def check_ids(ids: object, num_embeddings: int) -> None:
+    """Raise TypeError for non-integer ids and IndexError for an id outside [0, num_embeddings).
+
+    Works on concrete values only (numpy, lists, un-traced jax arrays); tracers pass through untouched.
+    """
+    if isinstance(ids, jax.core.Tracer):
+        if not jnp.issubdtype(ids.dtype, jnp.integer):
+            raise TypeError(f"token ids must be integers, got dtype {ids.dtype}")
+        return
+    arr = np.asarray(ids)
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"token ids must be integers, got dtype {arr.dtype} (value {arr.ravel()[:1]!r}...)")
+    if arr.size == 0:
+        return
+    bad = (arr < 0) | (arr >= num_embeddings)
+    if bad.any():
+        first = int(arr[bad].ravel()[0])
+        raise IndexError(
+            f"token id {first} is out of range for an embedding of num_embeddings={num_embeddings} "
+            f"(valid ids are 0..{num_embeddings - 1}); {int(bad.sum())} id(s) out of range"
+        )
+
+
+class Embed(nnx.Module):
+    """Lookup table `weight` (V, D): ids (...) -> weight[ids] (..., D).
+
+    Like torch.nn.Embedding: initialised N(0, 1); the `padding_idx` row starts at zero and receives exactly
+    zero gradient (its forward value is whatever the row holds). Concrete ids outside [0, V) raise IndexError
+    and float ids raise TypeError, before any work. Under `jit` ids are tracers and cannot be inspected: the
+    unchecked path returns a NaN row for any out-of-range id (never another token's row); with `checked=True`
+    the traced path emits a `checkify` check instead, so `checkify.checkify(f)` reports the bad id.
+
+    Example:
+        >>> emb = Embed(10, 4, padding_idx=0, rngs=nnx.Rngs(0))
+        >>> emb(jnp.array([[0, 3, 9]])).shape
+        (1, 3, 4)
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        features: int,
+        *,
+        padding_idx: int | None = None,
+        checked: bool = False,
+        param_dtype: jnp.dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        if num_embeddings < 1 or features < 1:
+            raise ValueError(f"num_embeddings={num_embeddings} and features={features} must be >= 1")
+        if padding_idx is not None:
+            if padding_idx < 0:  # torch accepts negative padding_idx, counted from the end
+                padding_idx += num_embeddings
+            if not 0 <= padding_idx < num_embeddings:
+                raise ValueError(f"padding_idx={padding_idx} must be in [0, num_embeddings={num_embeddings})")
+        self.num_embeddings = num_embeddings
+        self.features = features
+        self.padding_idx = padding_idx
+        self.checked = checked
+        w = jax.random.normal(rngs.params(), (num_embeddings, features), param_dtype)
+        if padding_idx is not None:
+            w = w.at[padding_idx].set(0)
+        self.weight = nnx.Param(w)
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        check_ids(ids, self.num_embeddings)
+        ids = jnp.asarray(ids)
+        weight = self.weight[...]
+        if isinstance(ids, jax.core.Tracer) and self.checked:
+            checkify.check(
+                jnp.all((ids >= 0) & (ids < self.num_embeddings)),
+                f"token id out of range [0, {self.num_embeddings})",
+            )
+        # Negative ids would wrap in jnp.take: send them past the end so that mode="fill" gives NaN.
+        safe = jnp.where(ids < 0, self.num_embeddings, ids)
+        out = jnp.take(weight, safe, axis=0, mode="fill", fill_value=jnp.nan)  # (..., D)
+        if self.padding_idx is not None:
+            out = jnp.where((ids == self.padding_idx)[..., None], jax.lax.stop_gradient(out), out)
+        return out
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """Tied output logits: (..., D) -> (..., V) = x @ weight.T."""
+        return jnp.einsum("...d,vd->...v", x, self.weight[...].astype(x.dtype))

@@ -1,0 +1,97 @@
+"""The N-layer encoder of lesson 08's exercise, driven by an EncoderConfig (or its dict).
+
+Axes: B batch, L length, D model width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from flax_impl.attention import check_attention_mask
+from flax_impl.block import TransformerBlock, layer_norm
+from flax_impl.config import EncoderConfig
+from flax_impl.pipeline import TransformerInput
+
+
+def _stacked_blocks(config: EncoderConfig, rngs: nnx.Rngs) -> TransformerBlock:
+    """n_layers blocks as one TransformerBlock whose every parameter (and rng stream) has a leading layer axis."""
+
+    @nnx.split_rngs(splits=config.n_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs: nnx.Rngs) -> TransformerBlock:
+        return TransformerBlock(config, rngs=rngs)
+
+    return make(rngs)
+
+
+class TransformerEncoder(nnx.Module):
+    """ids (B, L) -> hidden states (B, L, D): `input` -> `blocks` x n_layers -> `final_norm` (if configured).
+
+    With `config.scan_layers` (default) `blocks` is one TransformerBlock with parameters stacked on a leading
+    (n_layers,) axis, applied with `nnx.scan`: compile time stays flat in depth. Otherwise `blocks` is an
+    `nnx.List` of blocks, unrolled by jit. `config.remat` rematerialises each block in the backward pass.
+    `attention_mask` takes the forms documented in `flax_impl.attention`. `logits(h)` is the tied LM head.
+
+    Example:
+        >>> cfg = EncoderConfig(vocab_size=100, d_model=32, n_heads=4, d_ff=64, n_layers=2)
+        >>> model = TransformerEncoder(cfg, rngs=nnx.Rngs(0)); model.eval()
+        >>> model(jnp.ones((2, 5), jnp.int32)).shape
+        (2, 5, 32)
+    """
+
+    def __init__(self, config: EncoderConfig | dict[str, Any], *, rngs: nnx.Rngs):
+        if isinstance(config, dict):
+            config = EncoderConfig.from_dict(config)
+        if not isinstance(config, EncoderConfig):
+            raise TypeError(f"config must be an EncoderConfig or a dict, got {type(config).__name__}")
+        self.config = config
+        self.input = TransformerInput(config, rngs=rngs)
+        if config.scan_layers:
+            self.blocks = _stacked_blocks(config, rngs)
+        else:
+            self.blocks = nnx.List([TransformerBlock(config, rngs=rngs) for _ in range(config.n_layers)])
+        if config.final_norm:
+            self.final_norm = layer_norm(config, rngs=rngs)
+
+    def __call__(self, ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+        cfg = self.config
+        if jnp.ndim(ids) != 2:
+            raise ValueError(f"ids must have shape (B, L), got {jnp.shape(ids)}")
+        B, L = jnp.shape(ids)
+        if attention_mask is not None:
+            check_attention_mask(attention_mask, B, L, L)
+        x = self.input(ids)  # (B, L, D)
+        if cfg.scan_layers:
+            x = self._scan_blocks(x, attention_mask)
+        else:
+            for block in self.blocks:
+                x = self._apply_block(block, x, attention_mask)
+        if cfg.final_norm:
+            x = self.final_norm(x)
+        return x
+
+    def _apply_block(self, block: TransformerBlock, x: jax.Array, mask: jax.Array | None) -> jax.Array:
+        if self.config.remat:
+            return nnx.remat(_call_block)(block, x, mask)
+        return block(x, mask)
+
+    def _scan_blocks(self, x: jax.Array, attention_mask: jax.Array | None) -> jax.Array:
+        step = nnx.remat(_scan_step) if self.config.remat else _scan_step
+        scan = nnx.scan(step, in_axes=(nnx.Carry, 0, None), out_axes=nnx.Carry)
+        return scan(x, self.blocks, attention_mask)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Tied LM head: (B, L, D) -> (B, L, V) = hidden @ input.embed.weight.T."""
+        return self.input.embed.attend(hidden)
+
+
+def _call_block(block: TransformerBlock, x: jax.Array, mask: jax.Array | None) -> jax.Array:
+    return block(x, mask)
+
+
+def _scan_step(x: jax.Array, block: TransformerBlock, mask: jax.Array | None) -> jax.Array:
+    return block(x, mask)

@@ -1,0 +1,206 @@
+"""Weights both ways between flax_impl modules and their torch_ref twins (and PyTorch's own layers).
+
+Torch keys are the twin's `state_dict()` keys. The only rules are layout rules:
+- nnx.Linear `kernel` (in, out) <-> torch `weight` (out, in): transposed;
+- the attention's `in_proj.kernel` / `in_proj.bias` <-> `in_proj_weight` (3D, D) / `in_proj_bias` (3D,), packed
+  [q; k; v] as nn.MultiheadAttention;
+- nnx.LayerNorm `scale` <-> `weight`;
+- a scanned encoder's stacked `blocks.*` (n_layers, ...) <-> per-layer `blocks.{i}.*`.
+Values are copied exactly (transposes and stacking only): flax -> torch -> flax is bit-exact.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+Path = tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class _Entry:
+    torch_key: str
+    flax_path: Path
+    layer: int | None  # index into the leading layer axis of a scanned stack, or None
+    transpose: bool  # Linear kernel (in, out) <-> weight (out, in)
+    torch_shape: tuple[int, ...]
+
+
+def _stacked_prefixes(module: nnx.Module) -> dict[Path, int]:
+    """Path prefixes whose parameters carry a leading layer axis (scanned encoders), with the layer count."""
+    from flax_impl.encoder import TransformerEncoder
+
+    found = {}
+    for path, node in nnx.iter_graph(module):
+        if isinstance(node, TransformerEncoder) and node.config.scan_layers:
+            found[tuple(path) + ("blocks",)] = node.config.n_layers
+    return found
+
+
+def _torch_tail(path: Path) -> tuple[tuple[str, ...], bool]:
+    """Rename the end of a flax path to torch's; also say whether the array is transposed."""
+    names = tuple(str(p) for p in path)
+    if len(names) >= 2 and names[-2] == "in_proj":
+        return names[:-2] + ("in_proj_" + ("weight" if names[-1] == "kernel" else names[-1]),), names[-1] == "kernel"
+    if names[-1] == "kernel":
+        return names[:-1] + ("weight",), True
+    if names[-1] == "scale":
+        return names[:-1] + ("weight",), False
+    return names, False
+
+
+def _entries(module: nnx.Module) -> list[_Entry]:
+    stacked = _stacked_prefixes(module)
+    entries = []
+    for path, var in nnx.to_flat_state(nnx.state(module, nnx.Param)):
+        path = tuple(path)
+        shape = tuple(var[...].shape)
+        prefix = next((p for p in stacked if path[: len(p)] == p), None)
+        if prefix is None:
+            names, transpose = _torch_tail(path)
+            tshape = shape[::-1] if transpose else shape
+            entries.append(_Entry(".".join(names), path, None, transpose, tshape))
+            continue
+        names, transpose = _torch_tail(path[len(prefix) :])
+        layer_shape = shape[1:][::-1] if transpose else shape[1:]
+        for i in range(stacked[prefix]):
+            key = ".".join((*map(str, prefix), str(i), *names))
+            entries.append(_Entry(key, path, i, transpose, layer_shape))
+    return entries
+
+
+def to_numpy_state_dict(module: nnx.Module) -> dict[str, np.ndarray]:
+    """The module's parameters as numpy arrays keyed like its torch twin's state_dict()."""
+    values = {tuple(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+    out = {}
+    for e in _entries(module):
+        a = values[e.flax_path]
+        a = a[e.layer] if e.layer is not None else a
+        out[e.torch_key] = np.ascontiguousarray(a.T if e.transpose else a)
+    return out
+
+
+def to_torch_state_dict(module: nnx.Module) -> dict[str, Any]:
+    """The module's parameters as torch tensors keyed like its twin: `twin.load_state_dict(...)` just works."""
+    import torch
+
+    return {k: torch.from_numpy(np.array(v)) for k, v in to_numpy_state_dict(module).items()}
+
+
+def _as_numpy(value: Any) -> np.ndarray:
+    if hasattr(value, "detach"):  # a torch tensor; numpy has no bfloat16, so widen those losslessly
+        value = value.detach().cpu()
+        if str(value.dtype) == "torch.bfloat16":
+            value = value.float()
+        return value.numpy()
+    return np.asarray(value)
+
+
+def load_torch_state_dict(module: nnx.Module, state_dict: dict[str, Any], *, strict: bool = True) -> None:
+    """Copy a torch-keyed state dict (torch tensors or numpy arrays) into `module`, in place.
+
+    strict=True: one ValueError lists every missing key, unexpected key and shape mismatch. strict=False
+    loads what matches by key and shape and leaves the rest untouched (shape mismatches still raise).
+    """
+    entries = _entries(module)
+    expected = {e.torch_key: e for e in entries}
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    mismatched = []
+    for key in sorted(set(expected) & set(state_dict)):
+        got = tuple(np.shape(_as_numpy(state_dict[key])))
+        if got != expected[key].torch_shape:
+            mismatched.append(f"{key}: checkpoint {got} vs model {expected[key].torch_shape}")
+    if mismatched or (strict and (missing or unexpected)):
+        lines = [f"cannot load state dict into {type(module).__name__}:"]
+        lines += [f"  missing key: {k}" for k in missing] if strict else []
+        lines += [f"  unexpected key: {k}" for k in unexpected] if strict else []
+        lines += [f"  shape mismatch: {m}" for m in mismatched]
+        raise ValueError("\n".join(lines))
+
+    state = nnx.state(module, nnx.Param)
+    current = {tuple(p): v for p, v in nnx.to_flat_state(state)}
+    new_values: dict[Path, np.ndarray] = {}
+    for e in entries:
+        if e.torch_key not in state_dict:
+            continue
+        a = _as_numpy(state_dict[e.torch_key])
+        a = a.T if e.transpose else a
+        dtype = current[e.flax_path][...].dtype
+        if e.layer is None:
+            new_values[e.flax_path] = np.asarray(a).astype(dtype)
+        else:
+            stack = new_values.setdefault(e.flax_path, np.array(current[e.flax_path][...]))
+            stack[e.layer] = np.asarray(a).astype(dtype)
+    for path, value in new_values.items():
+        current[path][...] = jnp.asarray(value)
+    nnx.update(module, state)
+
+
+def save(module: nnx.Module, path: str | os.PathLike) -> None:
+    """Write the module's parameters to a safetensors file with torch_ref's key names, atomically.
+
+    The torch side reads it with `safetensors.torch.load_file(path)` + `twin.load_state_dict(...)`.
+    """
+    from safetensors.numpy import save_file
+
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".safetensors")
+    os.close(fd)
+    try:
+        save_file(to_numpy_state_dict(module), tmp)
+        os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never half of one
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load(module: nnx.Module, path: str | os.PathLike, *, strict: bool = True) -> None:
+    """Load a safetensors checkpoint (torch_ref key names) into `module`, in place."""
+    from safetensors.numpy import load_file
+
+    load_torch_state_dict(module, load_file(os.fspath(path)), strict=strict)
+
+
+TORCH_ENCODER_LAYER_KEYS = {
+    "self_attn.": "attn.",
+    "linear1.": "ff.0.",
+    "linear2.": "ff.3.",
+    "norm1.": "ln1.",
+    "norm2.": "ln2.",
+}
+
+
+def from_torch_encoder_layer(state_dict: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Rename an nn.TransformerEncoderLayer state dict to TransformerBlock keys (self_attn -> attn, linear1 ->
+    ff.0, linear2 -> ff.3, norm1 -> ln1, norm2 -> ln2). Set the config's activation, norm_first and
+    layer_norm_eps to the layer's. Keys outside those five groups raise ValueError."""
+    out = {}
+    for key, value in state_dict.items():
+        rest = key[len(prefix) :] if key.startswith(prefix) else None
+        new = next((ours + rest[len(theirs) :] for theirs, ours in TORCH_ENCODER_LAYER_KEYS.items()
+                    if rest is not None and rest.startswith(theirs)), None)
+        if new is None:
+            raise ValueError(f"unexpected nn.TransformerEncoderLayer key {key!r}")
+        out[new] = value
+    return out
+
+
+def to_torch_encoder_layer(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Inverse of `from_torch_encoder_layer`: TransformerBlock keys -> nn.TransformerEncoderLayer keys."""
+    out = {}
+    for key, value in state_dict.items():
+        new = next((theirs + key[len(ours) :] for theirs, ours in TORCH_ENCODER_LAYER_KEYS.items()
+                    if key.startswith(ours)), None)
+        if new is None:
+            raise ValueError(f"unexpected TransformerBlock key {key!r}")
+        out[new] = value
+    return out

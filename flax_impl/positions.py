@@ -1,0 +1,188 @@
+"""The four position schemes: sinusoidal, learned, RoPE, ALiBi (and "none"), as pure functions plus one
+uniform interface (`SCHEMES`, `rotate_qk`, `score_bias`) so that the rest of the model branches on the scheme name
+in this file only.
+
+Axes: B batch, L query length, S key length, D model width, N heads, H head dim.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from flax_impl.config import EncoderConfig, rope_width
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """What a position scheme does at each of the three places position can enter."""
+
+    at_input: str | None  # "table" (fixed, added), "param" (learned, added) or None (input unchanged)
+    rotates_qk: bool  # RoPE rotates q and k inside attention
+    biases_scores: bool  # ALiBi adds a bias to the attention scores
+
+
+SCHEMES: dict[str, Scheme] = {
+    "sinusoidal": Scheme(at_input="table", rotates_qk=False, biases_scores=False),
+    "learned": Scheme(at_input="param", rotates_qk=False, biases_scores=False),
+    "rope": Scheme(at_input=None, rotates_qk=True, biases_scores=False),
+    "alibi": Scheme(at_input=None, rotates_qk=False, biases_scores=True),
+    "none": Scheme(at_input=None, rotates_qk=False, biases_scores=False),
+}
+
+
+def scheme(name: str) -> Scheme:
+    """The Scheme for a position name; unknown names raise ValueError."""
+    if name not in SCHEMES:
+        raise ValueError(f"position={name!r} is not one of {list(SCHEMES)}")
+    return SCHEMES[name]
+
+
+@lru_cache(maxsize=32)
+def _sinusoidal_np(length: int, d_model: int) -> np.ndarray:
+    pos = np.arange(length, dtype=np.float64)[:, None]  # (L, 1)
+    i = np.arange((d_model + 1) // 2, dtype=np.float64)[None, :]  # (1, ceil(D/2))
+    angle = pos / np.power(10_000.0, 2.0 * i / d_model)  # (L, ceil(D/2))
+    table = np.empty((length, 2 * angle.shape[1]), dtype=np.float64)
+    table[:, 0::2] = np.sin(angle)
+    table[:, 1::2] = np.cos(angle)
+    out = table[:, :d_model].astype(np.float32)
+    out.flags.writeable = False
+    return out
+
+
+def sinusoidal_table(length: int, d_model: int) -> jax.Array:
+    """Fixed sinusoidal positions (Vaswani et al., 2017, sec. 3.5), interleaved layout: (L, D) float32.
+
+    PE[pos, 2i] = sin(pos / 10000^(2i/D)), PE[pos, 2i+1] = cos(pos / 10000^(2i/D)). Any length. An odd D keeps
+    the sine of the last pair and drops its cosine. Computed in float64 and rounded once to float32.
+    """
+    if length < 0 or d_model < 1:
+        raise ValueError(f"sinusoidal_table needs length >= 0 and d_model >= 1, got length={length}, d_model={d_model}")
+    return jnp.asarray(_sinusoidal_np(int(length), int(d_model)))
+
+
+class LearnedPositions(nnx.Module):
+    """Learned absolute positions (BERT, GPT-2): a `weight` (max_len, D), initialised N(0, 1) as nn.Embedding.
+
+    `pos(length, offset=0)` returns rows offset .. offset + length - 1, (L, D). Past max_len raises IndexError.
+    """
+
+    def __init__(self, max_len: int, d_model: int, *, param_dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+        self.max_len = max_len
+        self.weight = nnx.Param(jax.random.normal(rngs.params(), (max_len, d_model), param_dtype))
+
+    def __call__(self, length: int, offset: int = 0) -> jax.Array:
+        if offset < 0 or offset + length > self.max_len:
+            raise IndexError(
+                f"learned positions cover max_len={self.max_len} positions; positions {offset}..{offset + length - 1}"
+                f" (sequence length {length}) are out of range"
+            )
+        return self.weight[offset : offset + length]  # (L, D)
+
+
+def _rope_inv_freq(rotated: int, base: float) -> np.ndarray:
+    """theta_i = base^(-2i/r), i = 0 .. r/2 - 1, computed in float64, rounded to float32: (r/2,)."""
+    return (1.0 / np.power(base, np.arange(0, rotated, 2, dtype=np.float64) / rotated)).astype(np.float32)
+
+
+def apply_rope(
+    x: jax.Array,
+    positions: jax.Array,
+    *,
+    base: float = 10_000.0,
+    style: str = "half",
+    fraction: float = 1.0,
+    scale: float = 1.0,
+) -> jax.Array:
+    """Rotary position embedding (Su et al., 2021, "RoFormer") of x (B, L, N, H) at `positions` (L,) or (B, L).
+
+    Pair (a, b) at position p is rotated by p / scale * theta_i, theta_i = base^(-2i/r) over the r rotated dims:
+    `style="half"` pairs x[i] with x[i + r/2] (GPT-NeoX, Llama's rotate_half); `"interleaved"` pairs x[2i] with
+    x[2i+1] (RoFormer, GPT-J). `fraction` < 1 rotates only the first r = round(fraction * H) dims and passes the
+    rest through (GPT-NeoX partial rotary). `scale` > 1 is linear position interpolation (Chen et al., 2023).
+    Positions may start at any offset. Angles and the rotation are computed in float32, cast back to x.dtype.
+    """
+    if style not in ("half", "interleaved"):
+        raise ValueError(f"rope style={style!r} is not one of ['half', 'interleaved']")
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"rope fraction={fraction!r} must be in (0, 1]")
+    if x.ndim != 4:
+        raise ValueError(f"apply_rope expects x of shape (B, L, N, H), got {x.shape}")
+    B, L, N, H = x.shape
+    r = rope_width(H, fraction)
+    if r % 2 or r == 0:
+        raise ValueError(f"RoPE rotates pairs: rotated width {r} (H={H} x fraction={fraction}) must be even and > 0")
+    positions = jnp.asarray(positions)
+    if positions.shape not in ((L,), (B, L)):
+        raise ValueError(f"positions must have shape (L,)=({L},) or (B, L)=({B}, {L}), got {positions.shape}")
+    pos = positions.astype(jnp.float32)
+    if scale != 1.0:
+        pos = pos / jnp.float32(scale)
+    angle = pos[..., None] * jnp.asarray(_rope_inv_freq(r, base))  # (L, r/2) or (B, L, r/2)
+    angle = angle[..., None, :]  # (L, 1, r/2) or (B, L, 1, r/2): broadcast over heads
+    cos, sin = jnp.cos(angle), jnp.sin(angle)
+    xr = x[..., :r].astype(jnp.float32)  # (B, L, N, r)
+    if style == "half":
+        a, b = xr[..., : r // 2], xr[..., r // 2 :]
+        rotated = jnp.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1)
+    else:
+        a, b = xr[..., 0::2], xr[..., 1::2]
+        rotated = jnp.stack([a * cos - b * sin, b * cos + a * sin], axis=-1).reshape(xr.shape)
+    rotated = rotated.astype(x.dtype)
+    return rotated if r == H else jnp.concatenate([rotated, x[..., r:]], axis=-1)
+
+
+def alibi_slopes(n_heads: int) -> np.ndarray:
+    """Per-head ALiBi slopes m_h (Press et al., 2022, "Train Short, Test Long"): (N,) float32.
+
+    For n_heads a power of two: m_h = 2^(-8h/n_heads), h = 1..n_heads. Otherwise the slopes of the closest lower
+    power of two, then every other slope of the next power of two, up to n_heads.
+    """
+    if isinstance(n_heads, bool) or not isinstance(n_heads, int) or n_heads < 1:
+        raise ValueError(f"n_heads={n_heads!r} must be an integer >= 1")
+
+    def power_of_two(n: int) -> list[float]:
+        return [2.0 ** (-8.0 * h / n) for h in range(1, n + 1)]
+
+    closest = 2 ** int(math.floor(math.log2(n_heads)))
+    slopes = power_of_two(closest)
+    if closest < n_heads:
+        slopes += power_of_two(2 * closest)[0::2][: n_heads - closest]
+    return np.asarray(slopes, dtype=np.float32)
+
+
+def alibi_bias(q_len: int, k_len: int, slopes: jax.Array, *, causal: bool = False) -> jax.Array:
+    """ALiBi score bias (N, L, S) float32 for slopes (N,).
+
+    Queries are the last q_len of the k_len positions (i = k_len - q_len + row), keys j = 0 .. k_len - 1.
+    Bidirectional: -m * |i - j| (symmetric). Causal: -m * (i - j) for j <= i and 0 for j > i (the causal mask
+    removes those keys separately). Any length: extrapolation is the point of ALiBi.
+    """
+    if q_len < 0 or k_len < q_len:
+        raise ValueError(f"alibi_bias needs 0 <= q_len <= k_len, got q_len={q_len}, k_len={k_len}")
+    i = jnp.arange(k_len - q_len, k_len, dtype=jnp.float32)[:, None]  # (L, 1)
+    j = jnp.arange(k_len, dtype=jnp.float32)[None, :]  # (1, S)
+    dist = jnp.where(j <= i, i - j, 0.0) if causal else jnp.abs(i - j)  # (L, S)
+    return -jnp.asarray(slopes, jnp.float32)[:, None, None] * dist[None]  # (N, L, S)
+
+
+def rotate_qk(config: EncoderConfig, q: jax.Array, k: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Apply the scheme's q/k rotation: RoPE for "rope", identity otherwise. q, k: (B, L, N, H)."""
+    if not scheme(config.position).rotates_qk:
+        return q, k
+    kw = dict(base=config.rope_base, style=config.rope_style, fraction=config.rope_fraction, scale=config.rope_scale)
+    return apply_rope(q, positions, **kw), apply_rope(k, positions, **kw)
+
+
+def score_bias(config: EncoderConfig, q_len: int, k_len: int) -> jax.Array | None:
+    """The scheme's additive score bias (N, L, S): ALiBi for "alibi", None otherwise."""
+    if not scheme(config.position).biases_scores:
+        return None
+    return alibi_bias(q_len, k_len, alibi_slopes(config.n_heads), causal=config.causal)

@@ -1,0 +1,34 @@
+"""torch_ref: the plain-PyTorch twins of flax_impl's modules, file for file, same names."""
+
+from torch_ref.attention import MultiHeadAttention, from_torch_mha_mask
+from torch_ref.block import TransformerBlock
+from torch_ref.config import EncoderConfig
+from torch_ref.dropout import Dropout
+from torch_ref.embedding import Embed
+from torch_ref.encoder import TransformerEncoder
+from torch_ref.pipeline import TransformerInput
+from torch_ref.positions import (
+    LearnedPositions,
+    alibi_bias,
+    alibi_slopes,
+    apply_rope,
+    sinusoidal_table,
+)
+from torch_ref.utils import count_params
+
+__all__ = [
+    "Dropout",
+    "Embed",
+    "EncoderConfig",
+    "LearnedPositions",
+    "MultiHeadAttention",
+    "TransformerBlock",
+    "TransformerEncoder",
+    "TransformerInput",
+    "alibi_bias",
+    "alibi_slopes",
+    "apply_rope",
+    "count_params",
+    "from_torch_mha_mask",
+    "sinusoidal_table",
+]

@@ -1,0 +1,85 @@
+"""Multi-head self-attention in plain torch, with nn.MultiheadAttention's parameter names and packing.
+
+Axes: B batch, L query length, S key length, D model width, N heads, H head dim.
+Masks as in flax_impl.attention: (B, S) 1/True = real token; bool (B|1, N|1, L, S) True = may attend; float
+(B|1, N|1, L, S) added to the scores (-inf = masked out). A query row with no key to attend to returns zeros.
+"""
+
+import math
+
+import torch
+from torch import nn
+
+from torch_ref.config import EncoderConfig
+from torch_ref.positions import rotate_qk, score_bias
+
+
+def from_torch_mha_mask(mask: torch.Tensor) -> torch.Tensor:
+    """nn.MultiheadAttention's bool mask (True = masked out) -> ours (True = may attend)."""
+    if mask.dtype != torch.bool:
+        raise TypeError(f"from_torch_mha_mask converts bool masks only, got dtype {mask.dtype}")
+    return ~mask
+
+
+def allowed_and_additive(mask, q_len: int, k_len: int, causal: bool):
+    """Split a mask into a bool 'may attend' (broadcastable to (B, N, L, S)) and an additive float part."""
+    allowed, additive = None, None
+    if mask is not None:
+        if mask.dim() == 2:
+            allowed = mask.bool()[:, None, None, :]  # (B, 1, 1, S)
+        elif mask.dtype == torch.bool:
+            allowed = mask
+        else:
+            additive = mask.float()
+            allowed = ~torch.isneginf(additive)
+            additive = torch.where(allowed, additive, torch.zeros(()))
+    if causal:
+        i = torch.arange(k_len - q_len, k_len).unsqueeze(1)
+        tril = (torch.arange(k_len).unsqueeze(0) <= i)[None, None]  # (1, 1, L, S)
+        allowed = tril if allowed is None else allowed & tril
+    return allowed, additive
+
+
+class MultiHeadAttention(nn.Module):
+    """x (B, L, D) -> (B, L, D). `in_proj_weight` (3D, D) = [q; k; v], `in_proj_bias` (3D,), `out_proj`.
+
+    Initialised as nn.MultiheadAttention: xavier-uniform in_proj_weight, zero biases.
+    """
+
+    def __init__(self, config: EncoderConfig):
+        super().__init__()
+        D = config.d_model
+        self.config = config
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * D, D))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * D)) if config.bias else None
+        self.out_proj = nn.Linear(D, D, bias=config.bias)
+        self.dropout = nn.Dropout(config.attention_dropout)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        if config.bias:
+            nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, x, attention_mask=None, positions=None):
+        cfg = self.config
+        B, L, D = x.shape
+        N, H = cfg.n_heads, cfg.head_dim
+        qkv = nn.functional.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, L, 3D)
+        q, k, v = qkv.view(B, L, 3, N, H).unbind(dim=2)  # (B, L, N, H) each
+        q, k = rotate_qk(cfg, q, k, torch.arange(L) if positions is None else positions)
+        q = q.transpose(1, 2) * (1.0 / math.sqrt(H))  # (B, N, L, H)
+        k = k.transpose(1, 2)  # (B, N, S, H)
+        v = v.transpose(1, 2)  # (B, N, S, H)
+        scores = (q @ k.transpose(-2, -1)).float()  # (B, N, L, S)
+        bias = score_bias(cfg, L, L)
+        if bias is not None:
+            scores = scores + bias
+        allowed, additive = allowed_and_additive(attention_mask, L, L, cfg.causal)
+        if additive is not None:
+            scores = scores + additive
+        if allowed is not None:
+            scores = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
+        probs = torch.softmax(scores, dim=-1)
+        if allowed is not None:  # no key to attend to: zeros, not NaN
+            probs = probs * allowed.any(dim=-1, keepdim=True)
+        probs = self.dropout(probs.to(v.dtype))
+        out = (probs @ v).transpose(1, 2).reshape(B, L, D)  # (B, L, D)
+        return self.out_proj(out)

@@ -1,0 +1,126 @@
+"""Position schemes in plain torch: sinusoidal table, learned positions, RoPE, ALiBi.
+
+Axes: B batch, L query length, S key length, D model width, N heads, H head dim.
+"""
+
+import math
+
+import torch
+from torch import nn
+
+from torch_ref.config import EncoderConfig, rope_width
+
+
+def sinusoidal_table(length: int, d_model: int) -> torch.Tensor:
+    """(L, D) float32: PE[pos, 2i] = sin(pos / 10000^(2i/D)), PE[pos, 2i+1] = cos(same) (Vaswani et al., 2017).
+
+    Odd D keeps the sine of the last pair. Computed in float64, rounded once to float32.
+    """
+    if length < 0 or d_model < 1:
+        raise ValueError(f"sinusoidal_table needs length >= 0 and d_model >= 1, got length={length}, d_model={d_model}")
+    half = (d_model + 1) // 2
+    pos = torch.arange(length, dtype=torch.float64).unsqueeze(1)  # (L, 1)
+    div = torch.pow(torch.tensor(10_000.0, dtype=torch.float64), 2.0 * torch.arange(half, dtype=torch.float64) / d_model)
+    angle = pos / div  # (L, ceil(D/2))
+    pe = torch.zeros(length, 2 * half, dtype=torch.float64)
+    pe[:, 0::2] = torch.sin(angle)
+    pe[:, 1::2] = torch.cos(angle)
+    return pe[:, :d_model].to(torch.float32)
+
+
+class LearnedPositions(nn.Module):
+    """Learned absolute positions: `weight` (max_len, D), N(0, 1) as nn.Embedding. forward(L) -> (L, D)."""
+
+    def __init__(self, max_len: int, d_model: int):
+        super().__init__()
+        self.max_len = max_len
+        self.weight = nn.Parameter(torch.randn(max_len, d_model))
+
+    def forward(self, length: int, offset: int = 0) -> torch.Tensor:
+        if offset < 0 or offset + length > self.max_len:
+            raise IndexError(
+                f"learned positions cover max_len={self.max_len} positions; positions {offset}..{offset + length - 1}"
+                f" (sequence length {length}) are out of range"
+            )
+        return self.weight[offset : offset + length]
+
+
+def apply_rope(x, positions, *, base=10_000.0, style="half", fraction=1.0, scale=1.0):
+    """RoPE (Su et al., 2021) of x (B, L, N, H) at positions (L,) or (B, L); see flax_impl.positions.apply_rope.
+
+    "half": pairs (x[i], x[i + r/2]) (GPT-NeoX / Llama rotate_half); "interleaved": (x[2i], x[2i+1]) (RoFormer,
+    GPT-J). The first r = round(fraction * H) dims rotate by (p / scale) * base^(-2i/r); float32 math.
+    """
+    if style not in ("half", "interleaved"):
+        raise ValueError(f"rope style={style!r} is not one of ['half', 'interleaved']")
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"rope fraction={fraction!r} must be in (0, 1]")
+    if x.dim() != 4:
+        raise ValueError(f"apply_rope expects x of shape (B, L, N, H), got {tuple(x.shape)}")
+    B, L, N, H = x.shape
+    r = rope_width(H, fraction)
+    if r % 2 or r == 0:
+        raise ValueError(f"RoPE rotates pairs: rotated width {r} (H={H} x fraction={fraction}) must be even and > 0")
+    positions = torch.as_tensor(positions)
+    if tuple(positions.shape) not in ((L,), (B, L)):
+        raise ValueError(f"positions must have shape (L,)=({L},) or (B, L)=({B}, {L}), got {tuple(positions.shape)}")
+    inv_freq = (1.0 / base ** (torch.arange(0, r, 2, dtype=torch.float64) / r)).to(torch.float32)  # (r/2,)
+    pos = positions.to(torch.float32)
+    if scale != 1.0:
+        pos = pos / torch.tensor(scale, dtype=torch.float32)
+    angle = (pos.unsqueeze(-1) * inv_freq).unsqueeze(-2)  # (L, 1, r/2) or (B, L, 1, r/2)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    xr = x[..., :r].float()
+    if style == "half":
+        a, b = xr[..., : r // 2], xr[..., r // 2 :]
+        rotated = torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
+    else:
+        a, b = xr[..., 0::2], xr[..., 1::2]
+        rotated = torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1).flatten(-2)
+    rotated = rotated.to(x.dtype)
+    return rotated if r == H else torch.cat([rotated, x[..., r:]], dim=-1)
+
+
+def alibi_slopes(n_heads: int) -> torch.Tensor:
+    """(N,) float32 ALiBi slopes (Press et al., 2022): 2^(-8h/n) for n a power of two, else the closest lower
+    power of two's slopes followed by every other slope of the next power of two."""
+    if isinstance(n_heads, bool) or not isinstance(n_heads, int) or n_heads < 1:
+        raise ValueError(f"n_heads={n_heads!r} must be an integer >= 1")
+
+    def power_of_two(n):
+        return [2.0 ** (-8.0 * h / n) for h in range(1, n + 1)]
+
+    closest = 2 ** int(math.floor(math.log2(n_heads)))
+    slopes = power_of_two(closest)
+    if closest < n_heads:
+        slopes += power_of_two(2 * closest)[0::2][: n_heads - closest]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+def alibi_bias(q_len: int, k_len: int, slopes: torch.Tensor, *, causal: bool = False) -> torch.Tensor:
+    """(N, L, S) float32: -m|i - j| (bidirectional) or -m(i - j) for j <= i, 0 above (causal); queries are the
+    last q_len of k_len positions."""
+    if q_len < 0 or k_len < q_len:
+        raise ValueError(f"alibi_bias needs 0 <= q_len <= k_len, got q_len={q_len}, k_len={k_len}")
+    i = torch.arange(k_len - q_len, k_len, dtype=torch.float32).unsqueeze(1)  # (L, 1)
+    j = torch.arange(k_len, dtype=torch.float32).unsqueeze(0)  # (1, S)
+    if causal:
+        dist = torch.where(j <= i, i - j, torch.zeros(()))
+    else:
+        dist = (i - j).abs()
+    return -torch.as_tensor(slopes, dtype=torch.float32)[:, None, None] * dist  # (N, L, S)
+
+
+def rotate_qk(config: EncoderConfig, q, k, positions):
+    """RoPE on q and k (B, L, N, H) when config.position == "rope", identity otherwise."""
+    if config.position != "rope":
+        return q, k
+    kw = dict(base=config.rope_base, style=config.rope_style, fraction=config.rope_fraction, scale=config.rope_scale)
+    return apply_rope(q, positions, **kw), apply_rope(k, positions, **kw)
+
+
+def score_bias(config: EncoderConfig, q_len: int, k_len: int):
+    """ALiBi bias (N, L, S) when config.position == "alibi", None otherwise."""
+    if config.position != "alibi":
+        return None
+    return alibi_bias(q_len, k_len, alibi_slopes(config.n_heads), causal=config.causal)
