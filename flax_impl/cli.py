@@ -1,0 +1,34 @@
+"""`flax-impl` command line: `parity`, `bench`, `train`. Each subcommand lives in its own module, which
+provides `add_arguments(parser)` and `run(args) -> int`; it is imported only when chosen."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "parity": ("flax_impl.parity", "max abs difference Flax vs torch_ref for every module and position scheme"),
+    "bench": ("flax_impl.bench", "jit benchmark side by side with PyTorch"),
+    "train": ("flax_impl.train", "train a small encoder on the Python standard library's source"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="flax-impl", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(SUBCOMMANDS) + "}")
+    argv = sys.argv[1:] if argv is None else argv
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:  # import (jax, torch, ...) only for the subcommand that runs
+            importlib.import_module(module_name).add_arguments(p)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    return int(importlib.import_module(SUBCOMMANDS[args.command][0]).run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
