@@ -28,8 +28,8 @@ def from_torch_mha_mask(mask: jax.Array) -> jax.Array:
     return ~mask
 
 
-def check_attention_mask(mask: object, batch: int, q_len: int, k_len: int) -> None:
-    """Raise a clear error if `mask` cannot be read as one of the three accepted forms for (B, L, S)."""
+def check_attention_mask(mask: object, batch: int, n_heads: int, q_len: int, k_len: int) -> None:
+    """Raise a clear error if `mask` cannot be read as one of the three accepted forms for (B, N, L, S)."""
     shape, dtype = tuple(np.shape(mask)), jnp.result_type(mask)
     if len(shape) == 2:
         if shape != (batch, k_len):
@@ -42,10 +42,12 @@ def check_attention_mask(mask: object, batch: int, q_len: int, k_len: int) -> No
                 raise ValueError(f"a (B, S) attention_mask holds 0/1 only, got values {values[:5].tolist()}")
         return
     if len(shape) == 4:
-        want = ((batch, 1), None, (q_len,), (k_len,))
-        ok = shape[0] in want[0] and shape[2] == q_len and shape[3] == k_len
+        ok = shape[0] in (batch, 1) and shape[1] in (n_heads, 1) and shape[2] in (q_len, 1) and shape[3] == k_len
         if not ok:
-            raise ValueError(f"a 4-d attention_mask must broadcast to (B|1, N|1, {q_len}, {k_len}) with B={batch}, got {shape}")
+            raise ValueError(
+                f"a 4-d attention_mask must broadcast to (B, N, L, S) = ({batch}, {n_heads}, {q_len}, {k_len}): "
+                f"each of its first three sizes equal or 1, got {shape}"
+            )
         if not (dtype == jnp.bool_ or jnp.issubdtype(dtype, jnp.floating)):
             raise TypeError(
                 f"a 4-d attention_mask must be bool (True = may attend) or float (added to the scores), got {dtype}"
@@ -101,7 +103,7 @@ class MultiHeadAttention(nnx.Module):
         if D != cfg.d_model:
             raise ValueError(f"attention input width {D} != d_model={cfg.d_model}")
         if attention_mask is not None:
-            check_attention_mask(attention_mask, B, L, L)
+            check_attention_mask(attention_mask, B, N, L, L)
         qkv = self.in_proj(x).reshape(B, L, 3, N, H)  # (B, L, 3, N, H)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, L, N, H)
         q, k = rotate_qk(cfg, q, k, jnp.arange(L) if positions is None else positions)

@@ -10,6 +10,9 @@ from flax import nnx
 class Dropout(nnx.Module):
     """Zero each element with probability `rate`, scale the kept ones by 1 / (1 - rate).
 
+    The scale is computed in float64 and rounded once to x.dtype, then multiplied (torch's arithmetic), so
+    kept values equal torch's bit for bit and x / (1 - rate) to within half an ulp.
+
     Identity when deterministic (after `model.eval()`), in train mode (after `model.train()`) random; a
     `deterministic=` argument at call time overrides the mode. rate = 1 gives zeros, as torch does. Random bits
     come from the `dropout` stream of the `nnx.Rngs` given at construction: the same seed gives the same mask,
@@ -38,4 +41,5 @@ class Dropout(nnx.Module):
             raise ValueError("Dropout in train mode needs rngs=nnx.Rngs(dropout=...) at construction")
         keep = 1.0 - self.rate
         mask = jax.random.bernoulli(self.rngs(), p=keep, shape=x.shape)
-        return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros_like(x))
+        # x * fl(1 / keep), the scale rounded once from float64, as torch does: bit-equal kept values.
+        return jnp.where(mask, x * jnp.asarray(1.0 / keep, x.dtype), jnp.zeros_like(x))

@@ -63,7 +63,7 @@ class TransformerEncoder(nnx.Module):
             raise ValueError(f"ids must have shape (B, L), got {jnp.shape(ids)}")
         B, L = jnp.shape(ids)
         if attention_mask is not None:
-            check_attention_mask(attention_mask, B, L, L)
+            check_attention_mask(attention_mask, B, cfg.n_heads, L, L)
         x = self.input(ids)  # (B, L, D)
         if cfg.scan_layers:
             x = self._scan_blocks(x, attention_mask)

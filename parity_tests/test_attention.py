@@ -1,0 +1,118 @@
+"""MultiHeadAttention, Flax vs torch_ref: every position scheme and mask form; masks against their meaning."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from conftest import POSITIONS, randn, small_config, twins
+from tolerances import BLOCK
+
+import flax_impl as fi
+import torch_ref as tr
+
+B, L = 2, 7
+
+
+def run_both(cfg, x, mask=None):
+    f, t = twins("MultiHeadAttention", cfg)
+    y = np.asarray(f(jnp.asarray(x), None if mask is None else jnp.asarray(mask)))
+    yt = t(torch.from_numpy(x), None if mask is None else torch.from_numpy(mask)).detach().numpy()
+    return y, yt
+
+
+def padding_mask():
+    m = np.ones((B, L), np.int32)
+    m[1, 4:] = 0
+    return m
+
+
+@pytest.mark.parametrize("position", POSITIONS)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+def test_parity(position, causal, masked, rng):
+    cfg = small_config(position=position, causal=causal)
+    y, yt = run_both(cfg, randn(rng, B, L, cfg.d_model), padding_mask() if masked else None)
+    np.testing.assert_allclose(y, yt, rtol=0, atol=BLOCK)
+
+
+def test_mask_forms_agree_with_each_other(rng):
+    """(B, S) ints, (B, 1, 1, S) bools and a float -inf/0 mask mean the same thing."""
+    cfg = small_config()
+    x = randn(rng, B, L, cfg.d_model)
+    pad = padding_mask()
+    as_bool = pad.astype(bool)[:, None, None, :]
+    as_float = np.where(as_bool, 0.0, -np.inf).astype(np.float32)
+    f, t = twins("MultiHeadAttention", cfg)
+    outs = [np.asarray(f(jnp.asarray(x), jnp.asarray(m))) for m in (pad, as_bool, as_float)]
+    outs += [t(torch.from_numpy(x), torch.from_numpy(m)).detach().numpy() for m in (pad, as_bool, as_float)]
+    for o in outs[1:]:
+        np.testing.assert_allclose(o, outs[0], rtol=0, atol=BLOCK)
+
+
+def test_padded_keys_do_not_matter(rng):
+    """Changing the content at masked key positions leaves every output unchanged (a mask that leaks fails)."""
+    cfg = small_config()
+    f, _ = twins("MultiHeadAttention", cfg)
+    x = randn(rng, B, L, cfg.d_model)
+    pad = padding_mask()
+    x2 = x.copy()
+    x2[1, 4:] = randn(rng, L - 4, cfg.d_model)
+    y1 = np.asarray(f(jnp.asarray(x), jnp.asarray(pad)))
+    y2 = np.asarray(f(jnp.asarray(x2), jnp.asarray(pad)))
+    np.testing.assert_allclose(y1[1, :4], y2[1, :4], rtol=0, atol=1e-6)
+
+
+def test_causal_means_no_look_ahead(rng):
+    cfg = small_config(causal=True)
+    f, _ = twins("MultiHeadAttention", cfg)
+    x = randn(rng, B, L, cfg.d_model)
+    x2 = x.copy()
+    x2[:, 5:] = randn(rng, B, L - 5, cfg.d_model)
+    np.testing.assert_allclose(np.asarray(f(jnp.asarray(x)))[:, :5], np.asarray(f(jnp.asarray(x2)))[:, :5], atol=1e-6)
+
+
+def test_fully_masked_rows_give_zeros_on_both_sides(rng):
+    cfg = small_config(bias=False)  # no out_proj bias, so a zero attention output stays exactly zero
+    x = randn(rng, B, L, cfg.d_model)
+    allowed = np.ones((B, 1, L, L), bool)
+    allowed[0, :, 2, :] = False  # query 2 of batch 0 may attend to nothing
+    y, yt = run_both(cfg, x, allowed)
+    assert np.all(y[0, 2] == 0) and np.all(yt[0, 2] == 0)
+    assert np.isfinite(y).all() and np.isfinite(yt).all()
+    np.testing.assert_allclose(y, yt, rtol=0, atol=BLOCK)
+    # torch's own softmax would give NaN for that row: our zeros are a decision, documented
+    scores = torch.full((L,), float("-inf"))
+    assert torch.isnan(torch.softmax(scores, -1)).all()
+
+
+def test_from_torch_mha_mask_matches_nn_multihead_attention(rng):
+    """Our attention with a converted mask equals nn.MultiheadAttention with its own (True = masked out)."""
+    cfg = small_config()
+    f, _ = twins("MultiHeadAttention", cfg)
+    mha = torch.nn.MultiheadAttention(cfg.d_model, cfg.n_heads, batch_first=True).eval()
+    mha.load_state_dict({k.removeprefix(""): v for k, v in fi.to_torch_state_dict(f).items()})
+    x = randn(rng, B, L, cfg.d_model)
+    torch_mask = torch.triu(torch.ones(L, L, dtype=torch.bool), 1)  # causal: True above the diagonal = masked
+    ref, _ = mha(*(torch.from_numpy(x),) * 3, attn_mask=torch_mask, need_weights=False)
+    ours = f(jnp.asarray(x), fi.from_torch_mha_mask(jnp.asarray(torch_mask.numpy()))[None, None])
+    np.testing.assert_allclose(np.asarray(ours), ref.detach().numpy(), rtol=0, atol=BLOCK)
+    assert torch.equal(tr.from_torch_mha_mask(torch_mask), ~torch_mask)
+
+
+@pytest.mark.parametrize(
+    "mask, error, words",
+    [
+        (np.ones((B, L + 1), np.int32), ValueError, r"shape \(2, 7\)"),
+        (np.ones((B, L), np.float32), TypeError, "bool or integer"),
+        (np.full((B, L), 2, np.int32), ValueError, "0/1"),
+        (np.ones((B, 1, L, L), np.int32), TypeError, "bool .* or float"),
+        (np.ones((B, 1, L), bool), ValueError, "must be"),
+        (np.ones((3, 1, L, L), bool), ValueError, r"\(2, 4, 7, 7\)"),
+        (np.ones((B, 3, L, L), bool), ValueError, r"got \(2, 3, 7, 7\)"),
+    ],
+)
+def test_bad_masks_raise(mask, error, words, rng):
+    cfg = small_config()
+    f, _ = twins("MultiHeadAttention", cfg)
+    with pytest.raises(error, match=words):
+        f(jnp.asarray(randn(rng, B, L, cfg.d_model)), jnp.asarray(mask))

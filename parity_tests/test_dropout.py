@@ -1,0 +1,96 @@
+"""Dropout tested by its law (PITFALLS: random bits cannot match torch's) and against torch's semantics."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from tolerances import DROPOUT_SIGMAS
+
+import flax_impl as fi
+
+N = 1_000_000
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_law_fraction_and_scale(p, rng):
+    x = jnp.asarray(rng.uniform(0.5, 2.0, N).astype(np.float32))  # no zeros in the input
+    y = np.asarray(fi.Dropout(p, rngs=nnx.Rngs(dropout=0))(x))
+    dropped = y == 0
+    sigma = np.sqrt(p * (1 - p) / N)
+    assert abs(dropped.mean() - p) < DROPOUT_SIGMAS * sigma
+    kept = ~dropped
+    xs = np.array(x)
+    # kept = x * fl32(1 / (1 - p)): the scale rounded once from float64, which is torch's arithmetic ...
+    np.testing.assert_array_equal(y[kept], xs[kept] * np.float32(1.0 / (1.0 - p)))
+    t = torch.nn.functional.dropout(torch.from_numpy(xs), p=p, training=True).numpy()
+    np.testing.assert_array_equal(t[t != 0], xs[t != 0] * np.float32(1.0 / (1.0 - p)))
+    # ... and within one fp32 rounding of the exact x / (1 - p)
+    exact = xs[kept].astype(np.float64) / (1.0 - p)
+    assert np.max(np.abs(y[kept] - exact) / exact) <= np.finfo(np.float32).eps
+
+
+def test_expectation_preserved(rng):
+    x = jnp.asarray(rng.standard_normal(N).astype(np.float32))
+    drop = fi.Dropout(0.5, rngs=nnx.Rngs(dropout=1))
+    # E[y] = x elementwise: the mean over many draws of y / x tends to 1
+    ratios = [float(jnp.mean(drop(jnp.ones(N)))) for _ in range(4)]
+    assert all(abs(r - 1.0) < DROPOUT_SIGMAS * np.sqrt(0.25 / N) * 2 for r in ratios)
+    assert drop(x).shape == x.shape
+
+
+def test_eval_is_identity_bit_for_bit(rng):
+    x = jnp.asarray(rng.standard_normal((4, 33)).astype(np.float32))
+    drop = fi.Dropout(0.7, rngs=nnx.Rngs(dropout=0))
+    drop.eval()
+    np.testing.assert_array_equal(np.asarray(drop(x)), np.asarray(x))
+    drop.train()
+    assert not np.array_equal(np.asarray(drop(x)), np.asarray(x))
+    np.testing.assert_array_equal(np.asarray(drop(x, deterministic=True)), np.asarray(x))  # call-time override
+
+
+def test_p0_train_is_identity_and_p1_gives_zeros(rng):
+    x = jnp.asarray(rng.standard_normal((4, 33)).astype(np.float32))
+    np.testing.assert_array_equal(np.asarray(fi.Dropout(0.0, rngs=nnx.Rngs(0))(x)), np.asarray(x))
+    np.testing.assert_array_equal(np.asarray(fi.Dropout(1.0)(x)), np.zeros((4, 33), np.float32))
+    t = torch.nn.Dropout(1.0).train()(torch.from_numpy(np.asarray(x)))
+    np.testing.assert_array_equal(t.numpy(), np.zeros((4, 33), np.float32))
+
+
+def test_same_seed_same_mask_and_fresh_masks_per_call():
+    x = jnp.ones((64, 64))
+    a, b = fi.Dropout(0.5, rngs=nnx.Rngs(dropout=7)), fi.Dropout(0.5, rngs=nnx.Rngs(dropout=7))
+    first_a, first_b = np.asarray(a(x)), np.asarray(b(x))
+    np.testing.assert_array_equal(first_a, first_b)
+    assert not np.array_equal(np.asarray(a(x)), first_a)
+
+
+def test_fresh_masks_under_jit():
+    drop = fi.Dropout(0.5, rngs=nnx.Rngs(dropout=3))
+    f = nnx.jit(lambda m, x: m(x))
+    x = jnp.ones((32, 32))
+    assert not np.array_equal(np.asarray(f(drop, x)), np.asarray(f(drop, x)))
+
+
+def test_gradient_is_mask_over_keep(rng):
+    p = 0.3
+    x = jnp.asarray(rng.standard_normal((16, 16)).astype(np.float32))
+    drop = fi.Dropout(p, rngs=nnx.Rngs(dropout=5))
+    # two clones hold the same stream position, so forward and gradient draw the same mask
+    y = nnx.clone(drop)(x)
+    g = nnx.grad(lambda m, x: m(x).sum(), argnums=1)(nnx.clone(drop), x)
+    mask = np.asarray(y) != 0
+    assert 0 < mask.mean() < 1  # some dropped, some kept
+    np.testing.assert_array_equal(np.asarray(g), mask.astype(np.float32) / np.float32(1 - p))
+
+
+@pytest.mark.parametrize("rate", [-0.1, 1.5, "0.1"])
+def test_bad_rate(rate):
+    with pytest.raises(ValueError, match="rate"):
+        fi.Dropout(rate)
+
+
+def test_train_mode_without_rngs_is_a_clear_error():
+    with pytest.raises(ValueError, match="rngs"):
+        fi.Dropout(0.5)(jnp.ones(3))

@@ -1,0 +1,234 @@
+"""TransformerEncoder: the N-layer stack, Flax (scanned and unrolled) vs torch_ref, jit behaviour, bad input."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from conftest import POSITIONS, small_config, twins
+from flax import nnx
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from tolerances import ENCODER, GRAD_REL
+
+import flax_impl as fi
+import torch_ref as tr
+
+B, L = 2, 9
+
+
+def ids_and_mask(rng, cfg, kind):
+    ids = rng.integers(0, cfg.vocab_size, (B, L))
+    if kind != "padding":
+        return ids, None
+    mask = np.ones((B, L), np.int32)
+    mask[1, 5:] = 0
+    return ids, mask
+
+
+def forward_both(f, t, ids, mask):
+    y = np.asarray(nnx.jit(lambda m, i, a: m(i, a))(f, jnp.asarray(ids), None if mask is None else jnp.asarray(mask)))
+    with torch.no_grad():
+        yt = t(torch.from_numpy(ids), None if mask is None else torch.from_numpy(mask)).numpy()
+    return y, yt
+
+
+@pytest.mark.parametrize("position", POSITIONS)
+@pytest.mark.parametrize("mask", ["none", "padding", "causal"])
+@pytest.mark.parametrize("norm_first", [True, False])
+def test_six_layer_forward_matches(position, mask, norm_first, rng):
+    cfg = small_config(position=position, norm_first=norm_first, causal=mask == "causal", n_layers=6)
+    f, t = twins("TransformerEncoder", cfg)
+    ids, m = ids_and_mask(rng, cfg, mask)
+    y, yt = forward_both(f, t, ids, m)
+    assert np.abs(yt).max() > 0.5  # unit-scale outputs (final LayerNorm)
+    np.testing.assert_allclose(y, yt, rtol=0, atol=ENCODER)
+
+
+@pytest.mark.parametrize("position", POSITIONS)
+@pytest.mark.parametrize("norm_first", [True, False])
+def test_six_layer_gradients_match(position, norm_first, rng):
+    cfg = small_config(position=position, norm_first=norm_first, n_layers=6, input_norm=True, padding_idx=0)
+    f, t = twins("TransformerEncoder", cfg)
+    ids, m = ids_and_mask(rng, cfg, "padding")
+    ids[:, -1] = 0  # the padding id occurs
+    cot = rng.standard_normal((B, L, cfg.d_model)).astype(np.float32)
+
+    @nnx.jit
+    def grads(model):
+        return nnx.grad(lambda mod: jnp.sum(mod(jnp.asarray(ids), jnp.asarray(m)) * cot))(model)
+
+    g = grads(f)
+    graphdef, state = nnx.split(f)
+    holder = nnx.merge(graphdef, state)
+    nnx.update(holder, g)
+    g_flax = fi.to_numpy_state_dict(holder)
+    (t(torch.from_numpy(ids), torch.from_numpy(m)) * torch.from_numpy(cot)).sum().backward()
+    for name, p in t.named_parameters():
+        scale = np.abs(p.grad.numpy()).max()
+        np.testing.assert_allclose(g_flax[name], p.grad.numpy(), rtol=0, atol=GRAD_REL * max(scale, 1e-30), err_msg=name)
+    assert np.all(g_flax["input.embed.weight"][0] == 0)  # padding row: exactly zero gradient
+
+
+def test_lesson_stack_parameter_count():
+    cfg = fi.EncoderConfig()  # 6 x 512, the lesson's exercise
+    model = fi.TransformerEncoder(cfg, rngs=nnx.Rngs(0))
+    assert fi.count_params(model.blocks) == 18_914_304
+    assert tr.count_params(tr.TransformerEncoder(cfg).blocks) == 18_914_304
+    embed = cfg.vocab_size * cfg.d_model
+    assert fi.count_params(model) == 18_914_304 + embed + 2 * cfg.d_model  # + embedding + final_norm
+
+
+def test_config_dict_drives_the_depth(rng):
+    d = small_config(n_layers=3).to_dict()
+    f = fi.TransformerEncoder(d, rngs=nnx.Rngs(0))
+    t = tr.TransformerEncoder(d)
+    assert len(t.blocks) == 3
+    assert f.blocks.ln1.scale[...].shape == (3, d["d_model"])  # stacked on a leading layer axis
+    with pytest.raises(TypeError, match="EncoderConfig or a dict"):
+        fi.TransformerEncoder([("n_layers", 3)], rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_scanned_equals_unrolled(remat, rng):
+    cfg = small_config(n_layers=3, position="rope", remat=remat)
+    scanned = fi.TransformerEncoder(cfg, rngs=nnx.Rngs(0))
+    unrolled = fi.TransformerEncoder(cfg.replace(scan_layers=False), rngs=nnx.Rngs(1))
+    fi.load_torch_state_dict(unrolled, fi.to_numpy_state_dict(scanned))
+    scanned.eval()
+    unrolled.eval()
+    ids, m = ids_and_mask(rng, cfg, "padding")
+    y1 = np.asarray(scanned(jnp.asarray(ids), jnp.asarray(m)))
+    y2 = np.asarray(unrolled(jnp.asarray(ids), jnp.asarray(m)))
+    np.testing.assert_allclose(y1, y2, rtol=0, atol=1e-6)
+    g1 = nnx.grad(lambda mod: mod(jnp.asarray(ids)).sum())(scanned)
+    g2 = nnx.grad(lambda mod: mod(jnp.asarray(ids)).sum())(unrolled)
+    np.testing.assert_allclose(
+        np.asarray(g1["blocks"]["ff"][0]["kernel"][...][2]), np.asarray(g2["blocks"][2]["ff"][0]["kernel"][...]),
+        rtol=0, atol=1e-5,
+    )
+
+
+def test_scanned_layers_draw_their_own_dropout_masks():
+    """Each scanned layer has its own dropout stream; two identical layers given the same input differ."""
+    cfg = small_config(n_layers=2, dropout=0.5, attention_dropout=0.0)
+    model = fi.TransformerEncoder(cfg, rngs=nnx.Rngs(0))
+    keys = nnx.state(model.blocks, nnx.RngKey)
+    leaves = [np.asarray(jax.random.key_data(k[...])) for k in jax.tree.leaves(keys, is_leaf=lambda x: isinstance(x, nnx.Variable))]
+    assert leaves and all(leaf.shape[0] == 2 and not np.array_equal(leaf[0], leaf[1]) for leaf in leaves)
+
+
+def test_no_retrace_for_same_shapes_and_one_trace_per_mode(rng):
+    cfg = small_config(dropout=0.1)
+    model = fi.TransformerEncoder(cfg, rngs=nnx.Rngs(0))
+    traces = []
+
+    @nnx.jit
+    def forward(m, ids):
+        traces.append(1)
+        return m(ids)
+
+    ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (B, L)))
+    model.train()
+    forward(model, ids)
+    forward(model, ids + 1)
+    assert len(traces) == 1
+    model.eval()
+    forward(model, ids)
+    forward(model, ids)
+    model.train()
+    forward(model, ids)
+    model.eval()
+    forward(model, ids)
+    assert len(traces) == 2  # one per mode, then cached
+    forward(model, jnp.zeros((B, L + 1), jnp.int32))  # a new shape traces once more
+    assert len(traces) == 3
+
+    grad_traces = []
+
+    @nnx.jit
+    def grad_step(m, ids):
+        grad_traces.append(1)
+        return nnx.grad(lambda mod: mod(ids).sum())(m)
+
+    grad_step(model, ids)
+    grad_step(model, ids)
+    assert len(grad_traces) == 1
+
+
+@pytest.mark.parametrize("n_layers", [1, 24])
+def test_scanned_program_size_is_flat_in_depth(n_layers):
+    """Compile time stays flat with scan: the traced program does not grow with the number of layers."""
+    cfg = small_config(n_layers=n_layers)
+    model = fi.TransformerEncoder(cfg, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    jaxpr = jax.make_jaxpr(lambda s, i: nnx.merge(graphdef, s)(i))(state, jnp.zeros((1, 4), jnp.int32))
+    n_eqns = len(jaxpr.jaxpr.eqns)
+    one = fi.TransformerEncoder(small_config(n_layers=1), rngs=nnx.Rngs(0))
+    g1, s1 = nnx.split(one)
+    n_one = len(jax.make_jaxpr(lambda s, i: nnx.merge(g1, s)(i))(s1, jnp.zeros((1, 4), jnp.int32)).jaxpr.eqns)
+    assert n_eqns == n_one
+
+
+def test_tied_lm_head_matches(rng):
+    cfg = small_config()
+    f, t = twins("TransformerEncoder", cfg)
+    ids = rng.integers(0, cfg.vocab_size, (B, L))
+    logits = np.asarray(f.logits(f(jnp.asarray(ids))))
+    with torch.no_grad():
+        logits_t = t.logits(t(torch.from_numpy(ids))).numpy()
+    assert logits.shape == (B, L, cfg.vocab_size)
+    np.testing.assert_allclose(logits, logits_t, rtol=0, atol=ENCODER * 10)  # a D-long sum of unit-scale terms
+
+
+def test_bad_input_raises_before_work(rng):
+    cfg = small_config(position="learned", max_len=8)
+    model = fi.TransformerEncoder(cfg, rngs=nnx.Rngs(0))
+    model.eval()
+    good = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 6)))
+    with pytest.raises(ValueError, match=r"shape \(2, 6\), got \(2, 5\)"):
+        model(good, jnp.ones((2, 5), jnp.int32))
+    with pytest.raises(TypeError, match="bool or integer"):
+        model(good, jnp.ones((2, 6), jnp.float32))
+    with pytest.raises(ValueError, match=r"\(B, L\)"):
+        model(good[0])
+    with pytest.raises(IndexError, match="max_len=8.*sequence length 9"):
+        model(jnp.zeros((2, 9), jnp.int32))
+    with pytest.raises(IndexError, match=f"token id {cfg.vocab_size} .*num_embeddings={cfg.vocab_size}"):
+        model(good.at[1, 2].set(cfg.vocab_size))
+    with pytest.raises(TypeError, match="integers"):
+        model(good.astype(jnp.float32))
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n_heads=st.sampled_from([1, 2, 4]),
+    head_dim=st.sampled_from([2, 4, 8]),
+    d_ff=st.integers(1, 24),
+    n_layers=st.integers(1, 3),
+    batch=st.integers(1, 3),
+    length=st.integers(1, 8),
+    position=st.sampled_from(POSITIONS),
+    rope_style=st.sampled_from(["half", "interleaved"]),
+    norm_first=st.booleans(),
+    activation=st.sampled_from(["gelu", "gelu_tanh", "relu"]),
+    causal=st.booleans(),
+    padded=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_random_configs_match(n_heads, head_dim, d_ff, n_layers, batch, length, position, rope_style, norm_first,
+                              activation, causal, padded, seed):
+    cfg = small_config(
+        d_model=n_heads * head_dim, n_heads=n_heads, d_ff=d_ff, n_layers=n_layers, position=position,
+        rope_style=rope_style, norm_first=norm_first, activation=activation, causal=causal, max_len=8,
+    )
+    f, t = twins("TransformerEncoder", cfg, seed=seed % 7)
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, cfg.vocab_size, (batch, length))
+    mask = None
+    if padded:
+        mask = (np.arange(length)[None, :] < rng.integers(1, length + 1, (batch, 1))).astype(np.int32)
+    y = np.asarray(f(jnp.asarray(ids), None if mask is None else jnp.asarray(mask)))
+    with torch.no_grad():
+        yt = t(torch.from_numpy(ids), None if mask is None else torch.from_numpy(mask)).numpy()
+    np.testing.assert_allclose(y, yt, rtol=0, atol=ENCODER)

@@ -1,0 +1,126 @@
+"""Weight conversion both ways: torch keys, bit-exact round trips, strict errors, safetensors checkpoints."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import small_config
+from flax import nnx
+from safetensors.torch import load_file as torch_load_file
+
+import flax_impl as fi
+import torch_ref as tr
+
+
+def assert_same_params(a, b):
+    sa, sb = fi.to_numpy_state_dict(a), fi.to_numpy_state_dict(b)
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        np.testing.assert_array_equal(sa[k], sb[k], err_msg=k)
+
+
+@pytest.mark.parametrize("scan", [True, False])
+@pytest.mark.parametrize("position", ["learned", "rope"])
+def test_keys_are_the_twins_and_round_trip_is_bit_exact(scan, position):
+    cfg = small_config(position=position, scan_layers=scan, input_norm=True)
+    model = fi.TransformerEncoder(cfg, rngs=nnx.Rngs(0))
+    twin = tr.TransformerEncoder(cfg)
+    sd = fi.to_torch_state_dict(model)
+    assert set(sd) == set(twin.state_dict())
+    for k, v in twin.state_dict().items():
+        assert tuple(sd[k].shape) == tuple(v.shape), k
+    twin.load_state_dict(sd)  # strict by default in torch
+    back = fi.TransformerEncoder(cfg, rngs=nnx.Rngs(1))
+    fi.load_torch_state_dict(back, twin.state_dict())
+    assert_same_params(model, back)
+    # and the torch side is bit-exact too
+    for k, v in twin.state_dict().items():
+        np.testing.assert_array_equal(v.numpy(), sd[k].numpy(), err_msg=k)
+
+
+def test_scanned_and_unrolled_share_the_checkpoint_format():
+    cfg = small_config(n_layers=3)
+    scanned = fi.TransformerEncoder(cfg, rngs=nnx.Rngs(0))
+    unrolled = fi.TransformerEncoder(cfg.replace(scan_layers=False), rngs=nnx.Rngs(5))
+    fi.load_torch_state_dict(unrolled, fi.to_numpy_state_dict(scanned))
+    assert_same_params(scanned, unrolled)
+
+
+def test_expected_torch_keys_for_the_lesson_layout():
+    cfg = small_config(position="learned", input_norm=True, n_layers=2)
+    keys = set(fi.to_numpy_state_dict(fi.TransformerEncoder(cfg, rngs=nnx.Rngs(0))))
+    for k in ["input.embed.weight", "input.pos.weight", "input.norm.weight", "input.norm.bias",
+              "blocks.0.attn.in_proj_weight", "blocks.0.attn.in_proj_bias", "blocks.1.attn.out_proj.weight",
+              "blocks.1.ln1.weight", "blocks.1.ln2.bias", "blocks.0.ff.0.weight", "blocks.0.ff.3.bias",
+              "final_norm.weight"]:
+        assert k in keys, k
+
+
+def test_strict_errors_name_every_bad_key():
+    cfg = small_config()
+    model = fi.TransformerEncoder(cfg, rngs=nnx.Rngs(0))
+    sd = fi.to_numpy_state_dict(model)
+    del sd["blocks.1.ln2.weight"]
+    sd["blocks.0.attn.bias_k"] = np.zeros(3, np.float32)
+    sd["blocks.0.ff.0.weight"] = np.zeros((5, 5), np.float32)
+    with pytest.raises(ValueError) as info:
+        fi.load_torch_state_dict(model, sd)
+    msg = str(info.value)
+    assert "missing key: blocks.1.ln2.weight" in msg
+    assert "unexpected key: blocks.0.attn.bias_k" in msg
+    assert "shape mismatch: blocks.0.ff.0.weight" in msg and "(5, 5)" in msg
+
+
+def test_non_strict_loads_what_matches():
+    cfg = small_config()
+    src, dst = fi.TransformerEncoder(cfg, rngs=nnx.Rngs(0)), fi.TransformerEncoder(cfg, rngs=nnx.Rngs(1))
+    before = fi.to_numpy_state_dict(dst)
+    sd = fi.to_numpy_state_dict(src)
+    del sd["final_norm.weight"]
+    fi.load_torch_state_dict(dst, sd, strict=False)
+    after = fi.to_numpy_state_dict(dst)
+    np.testing.assert_array_equal(after["final_norm.weight"], before["final_norm.weight"])
+    np.testing.assert_array_equal(after["blocks.1.ff.3.weight"], sd["blocks.1.ff.3.weight"])
+
+
+def test_bf16_torch_tensors_load():
+    cfg = small_config()
+    model = fi.TransformerEncoder(cfg, rngs=nnx.Rngs(0))
+    sd = {k: v.to(torch.bfloat16) for k, v in fi.to_torch_state_dict(model).items()}
+    fi.load_torch_state_dict(model, sd)
+    got = fi.to_numpy_state_dict(model)["input.embed.weight"]
+    np.testing.assert_array_equal(got, sd["input.embed.weight"].float().numpy())
+
+
+def test_save_load_safetensors_both_frameworks(tmp_path):
+    cfg = small_config(position="learned")
+    model = fi.TransformerEncoder(cfg, rngs=nnx.Rngs(0))
+    path = tmp_path / "model.safetensors"
+    fi.save(model, path)
+    twin = tr.TransformerEncoder(cfg)
+    twin.load_state_dict(torch_load_file(str(path)))  # the torch side reads it with safetensors.torch
+    back = fi.TransformerEncoder(cfg, rngs=nnx.Rngs(3))
+    fi.load(back, path)
+    assert_same_params(model, back)
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]  # no temp file left behind
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    cfg = small_config()
+    model = fi.TransformerEncoder(cfg, rngs=nnx.Rngs(0))
+    path = tmp_path / "model.safetensors"
+    fi.save(model, path)
+    before = path.read_bytes()
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("safetensors.numpy.save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        fi.save(fi.TransformerEncoder(cfg, rngs=nnx.Rngs(1)), path)
+    assert path.read_bytes() == before  # the old checkpoint is intact
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
+
+
+def test_count_params_both_sides():
+    cfg = small_config(position="learned")
+    assert fi.count_params(fi.TransformerEncoder(cfg, rngs=nnx.Rngs(0))) == tr.count_params(tr.TransformerEncoder(cfg))
