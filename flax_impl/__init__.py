@@ -24,6 +24,10 @@ _EXPORTS = {
     "from_torch_mha_mask": "flax_impl.attention",
     "TransformerBlock": "flax_impl.block",
     "TransformerInput": "flax_impl.pipeline",
+    "encode_text": "flax_impl.pipeline",
+    "ByteTokenizer": "flax_impl.tokenizer",
+    "as_tokenizer": "flax_impl.tokenizer",
+    "batch_encode": "flax_impl.tokenizer",
     "TransformerEncoder": "flax_impl.encoder",
     "to_torch_state_dict": "flax_impl.interop",
     "to_numpy_state_dict": "flax_impl.interop",
@@ -53,7 +57,7 @@ if TYPE_CHECKING:  # let type checkers and IDEs see the real names
         to_torch_encoder_layer,
         to_torch_state_dict,
     )
-    from flax_impl.pipeline import TransformerInput  # noqa: F401
+    from flax_impl.pipeline import TransformerInput, encode_text  # noqa: F401
     from flax_impl.positions import (  # noqa: F401
         LearnedPositions,
         alibi_bias,
@@ -61,6 +65,7 @@ if TYPE_CHECKING:  # let type checkers and IDEs see the real names
         apply_rope,
         sinusoidal_table,
     )
+    from flax_impl.tokenizer import ByteTokenizer, as_tokenizer, batch_encode  # noqa: F401
     from flax_impl.utils import count_params  # noqa: F401
 
 

@@ -126,3 +126,64 @@ def rope_width(head_dim: int, fraction: float) -> int:
 def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name}={value!r} is not one of {list(allowed)}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimiser hyper-parameters shared by `flax_impl.train` (optax) and `torch_ref.train` (torch.optim).
+
+    AdamW (Loshchilov & Hutter, 2019) with decoupled weight decay: p <- p - lr_t * (m_hat / (sqrt(v_hat) + eps)
+    + weight_decay * p), eps outside the square root, bias-corrected moments, on both sides. `weight_decay`
+    defaults to torch's 0.01 and is passed explicitly to optax.adamw (whose own default is 1e-4). Learning rate:
+    linear warmup 0 -> `learning_rate` over `warmup_steps`, then cosine decay to `end_lr_ratio * learning_rate`
+    at `total_steps` (and constant after). Gradients are clipped to global norm `clip_norm` (None = off) before
+    AdamW. `mask_prob` is the fraction of tokens the masked-token objective predicts.
+    """
+
+    learning_rate: float = 1e-3
+    warmup_steps: int = 100
+    total_steps: int = 1000
+    end_lr_ratio: float = 0.1
+    weight_decay: float = 0.01
+    b1: float = 0.9
+    b2: float = 0.99
+    eps: float = 1e-8
+    clip_norm: float | None = 1.0
+    mask_prob: float = 0.15
+
+    def __post_init__(self) -> None:
+        for name in ("warmup_steps", "total_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name}={value!r} must be an integer >= 0")
+        if self.total_steps <= self.warmup_steps:
+            raise ValueError(f"total_steps={self.total_steps} must be > warmup_steps={self.warmup_steps}")
+        if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0):
+            raise ValueError(f"learning_rate={self.learning_rate!r} must be > 0")
+        if not (isinstance(self.end_lr_ratio, (int, float)) and 0.0 <= self.end_lr_ratio <= 1.0):
+            raise ValueError(f"end_lr_ratio={self.end_lr_ratio!r} must be in [0, 1]")
+        for name in ("b1", "b2"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
+                raise ValueError(f"{name}={value!r} must be in [0, 1)")
+        if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay={self.weight_decay!r} must be >= 0")
+        if not (isinstance(self.eps, (int, float)) and self.eps > 0):
+            raise ValueError(f"eps={self.eps!r} must be > 0")
+        if self.clip_norm is not None and not (isinstance(self.clip_norm, (int, float)) and self.clip_norm > 0):
+            raise ValueError(f"clip_norm={self.clip_norm!r} must be > 0, or None for no clipping")
+        if not (isinstance(self.mask_prob, (int, float)) and 0.0 < self.mask_prob <= 1.0):
+            raise ValueError(f"mask_prob={self.mask_prob!r} must be in (0, 1]")
+
+    def to_dict(self) -> dict[str, Any]:
+        """All fields as a plain dict (JSON-serialisable)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """Build from a dict; an unknown key raises ValueError naming it."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig keys {unknown}; allowed: {sorted(known)}")
+        return cls(**d)

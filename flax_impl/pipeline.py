@@ -1,4 +1,5 @@
-"""The input pipeline of lesson 11: ids -> embedding -> + position -> optional LayerNorm -> dropout.
+"""The input pipeline of lesson 11: ids -> embedding -> + position -> optional LayerNorm -> dropout, as a module
+(`TransformerInput`, batched ids) and as one function from a string (`encode_text`, the lesson's exercise).
 
 Axes: B batch, L length, D model width, V vocabulary.
 """
@@ -6,6 +7,7 @@ Axes: B batch, L length, D model width, V vocabulary.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +18,7 @@ from flax_impl.config import EncoderConfig
 from flax_impl.dropout import Dropout
 from flax_impl.embedding import Embed
 from flax_impl.positions import LearnedPositions, scheme, sinusoidal_table
+from flax_impl.tokenizer import encode_checked
 
 
 class TransformerInput(nnx.Module):
@@ -62,3 +65,85 @@ class TransformerInput(nnx.Module):
         if cfg.input_norm:
             x = self.norm(x)
         return self.dropout(x)
+
+
+def _embedding_matrix(embedding: Any) -> jax.Array:
+    """The (V, D) matrix of an Embed / nnx.Embed module or a 2-D array."""
+    if isinstance(embedding, Embed):
+        return embedding.weight[...]
+    if isinstance(embedding, nnx.Embed):
+        return embedding.embedding[...]
+    if isinstance(embedding, nnx.Module) or not hasattr(embedding, "shape") or len(embedding.shape) != 2:
+        raise TypeError(
+            f"embedding must be a (V, D) array or an Embed module, got {type(embedding).__name__}"
+            f" of shape {getattr(embedding, 'shape', None)}"
+        )
+    return jnp.asarray(embedding)
+
+
+def encode_text(
+    text: str,
+    tokenizer: Any,
+    embedding: Any,
+    *,
+    position: str = "sinusoidal",
+    table: Any = None,
+    embed_scale: bool = False,
+    input_norm: bool = False,
+    eps: float = 1e-5,
+) -> jax.Array:
+    """One string -> the (L, D) input of the first Transformer block (lesson 11's exercise).
+
+    1. tokenize (`ByteTokenizer`, an HF `tokenizers.Tokenizer`, or any callable str -> list[int]);
+    2. look up `embedding` ((V, D) array, `Embed` or `nnx.Embed`): E[ids], x sqrt(D) if `embed_scale`;
+    3. add the position: "sinusoidal" adds `sinusoidal_table(L, D)` (Vaswani layout, sin on even dims);
+       "learned" adds rows 0..L-1 of `table` ((max_len, D) array or `LearnedPositions`); "rope", "alibi" and
+       "none" leave the embeddings unchanged (their position enters inside attention, or nowhere);
+    4. if `input_norm`: LayerNorm over D without affine parameters (gamma = 1, beta = 0), epsilon `eps`,
+       computed in float32.
+
+    Errors, raised before any lookup: an unknown `position` (ValueError), `table` missing for "learned" or given
+    for another scheme (ValueError), a token id >= V (IndexError naming the token and V), L > max_len of the
+    learned table (IndexError naming both). Empty text (or one that tokenizes to no ids) returns an empty (0, D)
+    array: there is no position to encode, and the shapes stay consistent with L = 0.
+
+    Example:
+        >>> from flax_impl.tokenizer import ByteTokenizer
+        >>> E = jax.random.normal(jax.random.key(0), (260, 16))
+        >>> encode_text("hello", ByteTokenizer(), E, position="sinusoidal").shape
+        (5, 16)
+    """
+    at_input = scheme(position).at_input  # ValueError for an unknown name
+    if (at_input == "param") != (table is not None):
+        raise ValueError(
+            "position='learned' needs table=<(max_len, D) array or LearnedPositions>"
+            if table is None
+            else f"table= is only used with position='learned', got position={position!r}"
+        )
+    if not eps > 0.0:
+        raise ValueError(f"eps={eps!r} must be > 0")
+    weight = _embedding_matrix(embedding)  # (V, D)
+    V, D = weight.shape
+    if isinstance(table, LearnedPositions):
+        table = table.weight[...]
+    if table is not None and (jnp.ndim(table) != 2 or jnp.shape(table)[1] != D):
+        raise ValueError(f"table must have shape (max_len, D={D}), got {jnp.shape(table)}")
+    ids = encode_checked(text, tokenizer, V)  # (L,) numpy, every id < V
+    L = ids.shape[0]
+    if table is not None and L > jnp.shape(table)[0]:
+        raise IndexError(
+            f"learned positions cover max_len={jnp.shape(table)[0]} positions; the text has L={L} tokens"
+        )
+    x = weight[jnp.asarray(ids, dtype=jnp.int32)]  # (L, D)
+    if embed_scale:
+        x = x * jnp.asarray(math.sqrt(D), x.dtype)
+    if at_input == "table":
+        x = x + sinusoidal_table(L, D).astype(x.dtype)
+    elif at_input == "param":
+        x = x + jnp.asarray(table)[:L].astype(x.dtype)
+    if input_norm:
+        xf = x.astype(jnp.float32)
+        mean = xf.mean(axis=-1, keepdims=True)  # (L, 1)
+        var = jnp.square(xf - mean).mean(axis=-1, keepdims=True)  # (L, 1), biased as torch's LayerNorm
+        x = ((xf - mean) * jax.lax.rsqrt(var + jnp.float32(eps))).astype(x.dtype)
+    return x

@@ -87,9 +87,14 @@ class LearnedPositions(nnx.Module):
         return self.weight[offset : offset + length]  # (L, D)
 
 
-def _rope_inv_freq(rotated: int, base: float) -> np.ndarray:
-    """theta_i = base^(-2i/r), i = 0 .. r/2 - 1, computed in float64, rounded to float32: (r/2,)."""
-    return (1.0 / np.power(base, np.arange(0, rotated, 2, dtype=np.float64) / rotated)).astype(np.float32)
+def _rope_inv_freq(rotated: int, base: float, scale: float = 1.0) -> np.ndarray:
+    """theta_i / scale, theta_i = base^(-2i/r), i = 0 .. r/2 - 1, computed in float64, rounded to float32: (r/2,).
+
+    The scale is folded in here because XLA's float32 division on CPU is not correctly rounded (p / 2.5 can be
+    off by an ulp, 1e-4 rad at p ~ 3000), while a float64 fold plus one float32 product is the same everywhere.
+    """
+    theta = 1.0 / np.power(base, np.arange(0, rotated, 2, dtype=np.float64) / rotated)
+    return (theta / scale).astype(np.float32)
 
 
 def apply_rope(
@@ -103,11 +108,12 @@ def apply_rope(
 ) -> jax.Array:
     """Rotary position embedding (Su et al., 2021, "RoFormer") of x (B, L, N, H) at `positions` (L,) or (B, L).
 
-    Pair (a, b) at position p is rotated by p / scale * theta_i, theta_i = base^(-2i/r) over the r rotated dims:
+    Pair (a, b) at position p is rotated by p * (theta_i / scale), theta_i = base^(-2i/r) over the r rotated dims:
     `style="half"` pairs x[i] with x[i + r/2] (GPT-NeoX, Llama's rotate_half); `"interleaved"` pairs x[2i] with
     x[2i+1] (RoFormer, GPT-J). `fraction` < 1 rotates only the first r = round(fraction * H) dims and passes the
     rest through (GPT-NeoX partial rotary). `scale` > 1 is linear position interpolation (Chen et al., 2023).
-    Positions may start at any offset. Angles and the rotation are computed in float32, cast back to x.dtype.
+    Positions may start at any offset. theta_i / scale is computed in float64 and rounded once to float32; the
+    angle p * (theta_i / scale) and the rotation are computed in float32, the result cast back to x.dtype.
     """
     if style not in ("half", "interleaved"):
         raise ValueError(f"rope style={style!r} is not one of ['half', 'interleaved']")
@@ -122,10 +128,10 @@ def apply_rope(
     positions = jnp.asarray(positions)
     if positions.shape not in ((L,), (B, L)):
         raise ValueError(f"positions must have shape (L,)=({L},) or (B, L)=({B}, {L}), got {positions.shape}")
+    if not scale > 0.0:
+        raise ValueError(f"rope scale={scale!r} must be > 0")
     pos = positions.astype(jnp.float32)
-    if scale != 1.0:
-        pos = pos / jnp.float32(scale)
-    angle = pos[..., None] * jnp.asarray(_rope_inv_freq(r, base))  # (L, r/2) or (B, L, r/2)
+    angle = pos[..., None] * jnp.asarray(_rope_inv_freq(r, base, scale))  # (L, r/2) or (B, L, r/2)
     angle = angle[..., None, :]  # (L, 1, r/2) or (B, L, 1, r/2): broadcast over heads
     cos, sin = jnp.cos(angle), jnp.sin(angle)
     xr = x[..., :r].astype(jnp.float32)  # (B, L, N, r)

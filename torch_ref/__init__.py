@@ -6,7 +6,7 @@ from torch_ref.config import EncoderConfig
 from torch_ref.dropout import Dropout
 from torch_ref.embedding import Embed
 from torch_ref.encoder import TransformerEncoder
-from torch_ref.pipeline import TransformerInput
+from torch_ref.pipeline import TransformerInput, encode_text
 from torch_ref.positions import (
     LearnedPositions,
     alibi_bias,
@@ -14,9 +14,11 @@ from torch_ref.positions import (
     apply_rope,
     sinusoidal_table,
 )
+from torch_ref.tokenizer import ByteTokenizer, as_tokenizer, batch_encode
 from torch_ref.utils import count_params
 
 __all__ = [
+    "ByteTokenizer",
     "Dropout",
     "Embed",
     "EncoderConfig",
@@ -28,7 +30,10 @@ __all__ = [
     "alibi_bias",
     "alibi_slopes",
     "apply_rope",
+    "as_tokenizer",
+    "batch_encode",
     "count_params",
+    "encode_text",
     "from_torch_mha_mask",
     "sinusoidal_table",
 ]

@@ -1,5 +1,6 @@
-"""The shared EncoderConfig (one definition, pure Python, in flax_impl/config.py); torch_ref reads it only."""
+"""The shared EncoderConfig and TrainConfig (one definition, pure Python, in flax_impl/config.py); torch_ref
+reads them only."""
 
-from flax_impl.config import EncoderConfig, rope_width
+from flax_impl.config import EncoderConfig, TrainConfig, rope_width
 
-__all__ = ["EncoderConfig", "rope_width"]
+__all__ = ["EncoderConfig", "TrainConfig", "rope_width"]

@@ -1,12 +1,19 @@
-"""Lesson 11's input pipeline in plain torch: ids -> embedding -> + position -> optional LayerNorm -> dropout."""
+"""Lesson 11's input pipeline in plain torch: ids -> embedding -> + position -> optional LayerNorm -> dropout, as
+a module (`TransformerInput`) and as one function from a string (`encode_text`)."""
 
 import math
+from typing import Any
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from torch_ref.config import EncoderConfig
 from torch_ref.embedding import Embed
 from torch_ref.positions import LearnedPositions, sinusoidal_table
+from torch_ref.tokenizer import encode_checked
+
+_POSITIONS = ("sinusoidal", "learned", "rope", "alibi", "none")
 
 
 class TransformerInput(nn.Module):
@@ -38,3 +45,57 @@ class TransformerInput(nn.Module):
         if cfg.input_norm:
             x = self.norm(x)
         return self.dropout(x)
+
+
+def encode_text(
+    text: str,
+    tokenizer: Any,
+    embedding: Any,
+    *,
+    position: str = "sinusoidal",
+    table: Any = None,
+    embed_scale: bool = False,
+    input_norm: bool = False,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """One string -> (L, D): tokenize, E[ids] (x sqrt(D) if embed_scale), + sinusoidal table or learned `table`
+    rows (nothing for rope / alibi / none), then LayerNorm without affine parameters if `input_norm`.
+
+    `embedding`: a (V, D) tensor or an nn.Embedding; `table`: a (max_len, D) tensor or LearnedPositions. Same
+    errors and empty-text result ((0, D)) as flax_impl.pipeline.encode_text.
+    """
+    if position not in _POSITIONS:
+        raise ValueError(f"position={position!r} is not one of {list(_POSITIONS)}")
+    if (position == "learned") != (table is not None):
+        raise ValueError(
+            "position='learned' needs table=<(max_len, D) tensor or LearnedPositions>"
+            if table is None
+            else f"table= is only used with position='learned', got position={position!r}"
+        )
+    if not eps > 0.0:
+        raise ValueError(f"eps={eps!r} must be > 0")
+    weight = embedding.weight if isinstance(embedding, nn.Embedding) else embedding
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise TypeError(
+            f"embedding must be a (V, D) tensor or an nn.Embedding, got {type(embedding).__name__}"
+            f" of shape {tuple(getattr(weight, 'shape', ()))}"
+        )
+    V, D = weight.shape
+    if isinstance(table, LearnedPositions):
+        table = table.weight
+    if table is not None and (table.dim() != 2 or table.shape[1] != D):
+        raise ValueError(f"table must have shape (max_len, D={D}), got {tuple(table.shape)}")
+    ids = torch.from_numpy(encode_checked(text, tokenizer, V))  # (L,) int64, every id < V
+    L = ids.shape[0]
+    if table is not None and L > table.shape[0]:
+        raise IndexError(f"learned positions cover max_len={table.shape[0]} positions; the text has L={L} tokens")
+    x = F.embedding(ids, weight)  # (L, D)
+    if embed_scale:
+        x = x * math.sqrt(D)
+    if position == "sinusoidal":
+        x = x + sinusoidal_table(L, D).to(x.dtype)
+    elif position == "learned":
+        x = x + table[:L].to(x.dtype)
+    if input_norm:
+        x = F.layer_norm(x.float(), (D,), eps=eps).to(x.dtype)
+    return x

@@ -20,7 +20,8 @@ def sinusoidal_table(length: int, d_model: int) -> torch.Tensor:
         raise ValueError(f"sinusoidal_table needs length >= 0 and d_model >= 1, got length={length}, d_model={d_model}")
     half = (d_model + 1) // 2
     pos = torch.arange(length, dtype=torch.float64).unsqueeze(1)  # (L, 1)
-    div = torch.pow(torch.tensor(10_000.0, dtype=torch.float64), 2.0 * torch.arange(half, dtype=torch.float64) / d_model)
+    exponent = 2.0 * torch.arange(half, dtype=torch.float64) / d_model  # (ceil(D/2),): 2i / D
+    div = torch.pow(torch.tensor(10_000.0, dtype=torch.float64), exponent)
     angle = pos / div  # (L, ceil(D/2))
     pe = torch.zeros(length, 2 * half, dtype=torch.float64)
     pe[:, 0::2] = torch.sin(angle)
@@ -49,7 +50,8 @@ def apply_rope(x, positions, *, base=10_000.0, style="half", fraction=1.0, scale
     """RoPE (Su et al., 2021) of x (B, L, N, H) at positions (L,) or (B, L); see flax_impl.positions.apply_rope.
 
     "half": pairs (x[i], x[i + r/2]) (GPT-NeoX / Llama rotate_half); "interleaved": (x[2i], x[2i+1]) (RoFormer,
-    GPT-J). The first r = round(fraction * H) dims rotate by (p / scale) * base^(-2i/r); float32 math.
+    GPT-J). The first r = round(fraction * H) dims rotate by p * (base^(-2i/r) / scale), the factor computed in
+    float64 and rounded once to float32; angles and rotation in float32.
     """
     if style not in ("half", "interleaved"):
         raise ValueError(f"rope style={style!r} is not one of ['half', 'interleaved']")
@@ -64,10 +66,10 @@ def apply_rope(x, positions, *, base=10_000.0, style="half", fraction=1.0, scale
     positions = torch.as_tensor(positions)
     if tuple(positions.shape) not in ((L,), (B, L)):
         raise ValueError(f"positions must have shape (L,)=({L},) or (B, L)=({B}, {L}), got {tuple(positions.shape)}")
-    inv_freq = (1.0 / base ** (torch.arange(0, r, 2, dtype=torch.float64) / r)).to(torch.float32)  # (r/2,)
+    if not scale > 0.0:
+        raise ValueError(f"rope scale={scale!r} must be > 0")
+    inv_freq = (1.0 / base ** (torch.arange(0, r, 2, dtype=torch.float64) / r) / scale).to(torch.float32)  # (r/2,)
     pos = positions.to(torch.float32)
-    if scale != 1.0:
-        pos = pos / torch.tensor(scale, dtype=torch.float32)
     angle = (pos.unsqueeze(-1) * inv_freq).unsqueeze(-2)  # (L, 1, r/2) or (B, L, 1, r/2)
     cos, sin = torch.cos(angle), torch.sin(angle)
     xr = x[..., :r].float()
