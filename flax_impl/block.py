@@ -12,10 +12,11 @@ from flax import nnx
 from flax_impl.attention import MultiHeadAttention
 from flax_impl.config import EncoderConfig
 from flax_impl.dropout import Dropout
+from flax_impl.sharding import COLUMN_BIAS, COLUMN_KERNEL, REPLICATED_VECTOR, ROW_KERNEL, param_metadata
 
 
 def activation_fn(name: str, x: jax.Array) -> jax.Array:
-    """"gelu" = exact erf GELU (torch.nn.GELU()), "gelu_tanh" = tanh approximation, "relu"."""
+    """ "gelu" = exact erf GELU (torch.nn.GELU()), "gelu_tanh" = tanh approximation, "relu"."""
     if name == "gelu":
         return jax.nn.gelu(x, approximate=False)
     if name == "gelu_tanh":
@@ -44,6 +45,8 @@ def layer_norm(config: EncoderConfig, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
         use_bias=config.bias,
         dtype=jnp.dtype(config.dtype),
         param_dtype=jnp.dtype(config.param_dtype),
+        scale_metadata=param_metadata(REPLICATED_VECTOR),
+        bias_metadata=param_metadata(REPLICATED_VECTOR),
         rngs=rngs,
     )
 
@@ -54,7 +57,8 @@ class TransformerBlock(nnx.Module):
     Pre-LN (`norm_first=True`, lesson 08): x + attn(ln1(x)), then x + ff(ln2(x)).
     Post-LN (`norm_first=False`, Vaswani et al. and nn.TransformerEncoderLayer's default): ln1(x + attn(x)),
     then ln2(x + ff(x)). `ff` = [Linear(D, F), activation, Dropout, Linear(F, D), Dropout], indexed as torch's
-    nn.Sequential (ff.0, ff.3 hold the weights).
+    nn.Sequential (ff.0, ff.3 hold the weights). Under a mesh (flax_impl.sharding), ff.0 is column-parallel and
+    ff.3 row-parallel on the `model` axis (Megatron); the norms are replicated.
     """
 
     def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs):
@@ -66,10 +70,28 @@ class TransformerBlock(nnx.Module):
         self.ln2 = layer_norm(config, rngs=rngs)
         self.ff = nnx.List(
             [
-                nnx.Linear(D, F, use_bias=config.bias, dtype=dtype, param_dtype=pdtype, rngs=rngs),
+                nnx.Linear(
+                    D,
+                    F,
+                    use_bias=config.bias,
+                    dtype=dtype,
+                    param_dtype=pdtype,
+                    rngs=rngs,
+                    kernel_metadata=param_metadata(COLUMN_KERNEL),
+                    bias_metadata=param_metadata(COLUMN_BIAS),
+                ),
                 Activation(config.activation),
                 Dropout(config.dropout, rngs=rngs),
-                nnx.Linear(F, D, use_bias=config.bias, dtype=dtype, param_dtype=pdtype, rngs=rngs),
+                nnx.Linear(
+                    F,
+                    D,
+                    use_bias=config.bias,
+                    dtype=dtype,
+                    param_dtype=pdtype,
+                    rngs=rngs,
+                    kernel_metadata=param_metadata(ROW_KERNEL),
+                    bias_metadata=param_metadata(REPLICATED_VECTOR),
+                ),
                 Dropout(config.dropout, rngs=rngs),
             ]
         )

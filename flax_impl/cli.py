@@ -15,7 +15,9 @@ SUBCOMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="flax-impl", description="Flax NNX Transformer blocks with PyTorch twins: parity, benchmarks, training.")
+    parser = argparse.ArgumentParser(
+        prog="flax-impl", description="Flax NNX Transformer blocks with PyTorch twins: parity, benchmarks, training."
+    )
     sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(SUBCOMMANDS) + "}")
     argv = sys.argv[1:] if argv is None else argv
     chosen = next((a for a in argv if not a.startswith("-")), None)

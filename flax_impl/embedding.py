@@ -8,6 +8,8 @@ import numpy as np
 from flax import nnx
 from jax.experimental import checkify
 
+from flax_impl.sharding import VOCAB_ROWS, param_metadata
+
 
 def check_ids(ids: object, num_embeddings: int) -> None:
     """Raise TypeError for non-integer ids and IndexError for an id outside [0, num_embeddings).
@@ -71,7 +73,7 @@ class Embed(nnx.Module):
         w = jax.random.normal(rngs.params(), (num_embeddings, features), param_dtype)
         if padding_idx is not None:
             w = w.at[padding_idx].set(0)
-        self.weight = nnx.Param(w)
+        self.weight = nnx.Param(w, **param_metadata(VOCAB_ROWS))  # vocab-parallel under a mesh
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         check_ids(ids, self.num_embeddings)

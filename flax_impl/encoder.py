@@ -15,13 +15,14 @@ from flax_impl.attention import check_attention_mask
 from flax_impl.block import TransformerBlock, layer_norm
 from flax_impl.config import EncoderConfig
 from flax_impl.pipeline import TransformerInput
+from flax_impl.sharding import BATCH_ACTIVATION, constrain
 
 
 def _stacked_blocks(config: EncoderConfig, rngs: nnx.Rngs) -> TransformerBlock:
     """n_layers blocks as one TransformerBlock whose every parameter (and rng stream) has a leading layer axis."""
 
     @nnx.split_rngs(splits=config.n_layers)
-    @nnx.vmap(in_axes=(0,), out_axes=0)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: None})  # layer axis: unsharded
     def make(rngs: nnx.Rngs) -> TransformerBlock:
         return TransformerBlock(config, rngs=rngs)
 
@@ -35,6 +36,8 @@ class TransformerEncoder(nnx.Module):
     (n_layers,) axis, applied with `nnx.scan`: compile time stays flat in depth. Otherwise `blocks` is an
     `nnx.List` of blocks, unrolled by jit. `config.remat` rematerialises each block in the backward pass.
     `attention_mask` takes the forms documented in `flax_impl.attention`. `logits(h)` is the tied LM head.
+    Parameters carry sharding annotations (flax_impl.sharding; the stacked layer axis is never sharded) and,
+    under a mesh, the (B, L, D) activations between blocks are split on `data`: see flax_impl.distributed.
 
     Example:
         >>> cfg = EncoderConfig(vocab_size=100, d_model=32, n_heads=4, d_ff=64, n_layers=2)
@@ -64,7 +67,7 @@ class TransformerEncoder(nnx.Module):
         B, L = jnp.shape(ids)
         if attention_mask is not None:
             check_attention_mask(attention_mask, B, cfg.n_heads, L, L)
-        x = self.input(ids)  # (B, L, D)
+        x = constrain(self.input(ids), BATCH_ACTIVATION)  # (B, L, D), split on B under a mesh
         if cfg.scan_layers:
             x = self._scan_blocks(x, attention_mask)
         else:
@@ -77,11 +80,12 @@ class TransformerEncoder(nnx.Module):
     def _apply_block(self, block: TransformerBlock, x: jax.Array, mask: jax.Array | None) -> jax.Array:
         if self.config.remat:
             return nnx.remat(_call_block)(block, x, mask)
-        return block(x, mask)
+        return _call_block(block, x, mask)
 
     def _scan_blocks(self, x: jax.Array, attention_mask: jax.Array | None) -> jax.Array:
         step = nnx.remat(_scan_step) if self.config.remat else _scan_step
-        scan = nnx.scan(step, in_axes=(nnx.Carry, 0, None), out_axes=nnx.Carry)
+        layer_axis = {nnx.PARTITION_NAME: None}  # the stacked layer axis is unsharded
+        scan = nnx.scan(step, in_axes=(nnx.Carry, 0, None), out_axes=nnx.Carry, transform_metadata=layer_axis)
         return scan(x, self.blocks, attention_mask)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
@@ -90,8 +94,8 @@ class TransformerEncoder(nnx.Module):
 
 
 def _call_block(block: TransformerBlock, x: jax.Array, mask: jax.Array | None) -> jax.Array:
-    return block(x, mask)
+    return constrain(block(x, mask), BATCH_ACTIVATION)
 
 
 def _scan_step(x: jax.Array, block: TransformerBlock, mask: jax.Array | None) -> jax.Array:
-    return block(x, mask)
+    return constrain(block(x, mask), BATCH_ACTIVATION)

@@ -186,8 +186,14 @@ def from_torch_encoder_layer(state_dict: dict[str, Any], prefix: str = "") -> di
     out = {}
     for key, value in state_dict.items():
         rest = key[len(prefix) :] if key.startswith(prefix) else None
-        new = next((ours + rest[len(theirs) :] for theirs, ours in TORCH_ENCODER_LAYER_KEYS.items()
-                    if rest is not None and rest.startswith(theirs)), None)
+        new = next(
+            (
+                ours + rest[len(theirs) :]
+                for theirs, ours in TORCH_ENCODER_LAYER_KEYS.items()
+                if rest is not None and rest.startswith(theirs)
+            ),
+            None,
+        )
         if new is None:
             raise ValueError(f"unexpected nn.TransformerEncoderLayer key {key!r}")
         out[new] = value
@@ -198,8 +204,10 @@ def to_torch_encoder_layer(state_dict: dict[str, Any]) -> dict[str, Any]:
     """Inverse of `from_torch_encoder_layer`: TransformerBlock keys -> nn.TransformerEncoderLayer keys."""
     out = {}
     for key, value in state_dict.items():
-        new = next((theirs + key[len(ours) :] for theirs, ours in TORCH_ENCODER_LAYER_KEYS.items()
-                    if key.startswith(ours)), None)
+        new = next(
+            (theirs + key[len(ours) :] for theirs, ours in TORCH_ENCODER_LAYER_KEYS.items() if key.startswith(ours)),
+            None,
+        )
         if new is None:
             raise ValueError(f"unexpected TransformerBlock key {key!r}")
         out[new] = value

@@ -84,8 +84,9 @@ def _rows(cfg: EncoderConfig, batch: int, length: int, table_len: int, seed: int
         f = fi.Embed(cfg.vocab_size, cfg.d_model, padding_idx=0, rngs=nnx.Rngs(seed))
         t = tr.Embed(cfg.vocab_size, cfg.d_model, padding_idx=0)
         t.load_state_dict(fi.to_torch_state_dict(f))
-        return Row("Embed", "padding_idx=0", _diff(f(jnp.asarray(ids)), t(torch.from_numpy(ids)).detach()),
-                   tolerances.EXACT)
+        return Row(
+            "Embed", "padding_idx=0", _diff(f(jnp.asarray(ids)), t(torch.from_numpy(ids)).detach()), tolerances.EXACT
+        )
 
     def table_row() -> Row:
         d = _diff(fi.sinusoidal_table(table_len, cfg.d_model), tr.sinusoidal_table(table_len, cfg.d_model))
@@ -162,8 +163,13 @@ def run(args: argparse.Namespace) -> int:
 
     jax.config.update("jax_default_matmul_precision", "highest")  # the CLI's own process: compare fp32 with fp32
     cfg = EncoderConfig(
-        vocab_size=1000, d_model=args.d_model, n_heads=args.n_heads, d_ff=args.d_ff, n_layers=args.n_layers,
-        max_len=max(args.length, 1), dropout=0.0,
+        vocab_size=1000,
+        d_model=args.d_model,
+        n_heads=args.n_heads,
+        d_ff=args.d_ff,
+        n_layers=args.n_layers,
+        max_len=max(args.length, 1),
+        dropout=0.0,
     )
     start = time.perf_counter()
     rows = []
@@ -178,12 +184,16 @@ def run(args: argparse.Namespace) -> int:
     width = max(len(r.module) for r in rows), max(len(r.case) for r in rows)
     print(f"{'module':<{width[0]}}  {'case':<{width[1]}}  {'max abs diff':>12}  {'tolerance':>9}  ok")
     for r in rows:
-        print(f"{r.module:<{width[0]}}  {r.case:<{width[1]}}  {r.max_abs_diff:12.3e}  {r.tolerance:9.1e}  "
-              f"{'yes' if r.ok else 'NO'}")
+        print(
+            f"{r.module:<{width[0]}}  {r.case:<{width[1]}}  {r.max_abs_diff:12.3e}  {r.tolerance:9.1e}  "
+            f"{'yes' if r.ok else 'NO'}"
+        )
     failed = [r for r in rows if not r.ok]
-    print(f"\n{len(rows) - len(failed)} of {len(rows)} within tolerance "
-          f"(fp32, D={cfg.d_model}, N={cfg.n_heads}, F={cfg.d_ff}, B={args.batch}, L={args.length}; "
-          f"{time.perf_counter() - start:.0f} s)")
+    print(
+        f"\n{len(rows) - len(failed)} of {len(rows)} within tolerance "
+        f"(fp32, D={cfg.d_model}, N={cfg.n_heads}, F={cfg.d_ff}, B={args.batch}, L={args.length}; "
+        f"{time.perf_counter() - start:.0f} s)"
+    )
     if args.json:
         with open(args.json, "w") as fh:
             json.dump([asdict(r) | {"ok": r.ok} for r in rows], fh, indent=1)

@@ -179,7 +179,9 @@ def test_dropout_applied_in_each_of_three_places(place, rng):
     assert not np.allclose(np.asarray(block(x)), y_eval, atol=1e-3)
     # and the torch twin has its dropout in the same three places
     t = tr.TransformerBlock(cfg)
-    assert isinstance(t.attn.dropout, nn.Dropout) and isinstance(t.ff[2], nn.Dropout) and isinstance(t.ff[4], nn.Dropout)
+    assert (
+        isinstance(t.attn.dropout, nn.Dropout) and isinstance(t.ff[2], nn.Dropout) and isinstance(t.ff[4], nn.Dropout)
+    )
 
 
 def _module_at(block, dotted):

@@ -66,7 +66,9 @@ def test_six_layer_gradients_match(position, norm_first, rng):
     (t(torch.from_numpy(ids), torch.from_numpy(m)) * torch.from_numpy(cot)).sum().backward()
     for name, p in t.named_parameters():
         scale = np.abs(p.grad.numpy()).max()
-        np.testing.assert_allclose(g_flax[name], p.grad.numpy(), rtol=0, atol=GRAD_REL * max(scale, 1e-30), err_msg=name)
+        np.testing.assert_allclose(
+            g_flax[name], p.grad.numpy(), rtol=0, atol=GRAD_REL * max(scale, 1e-30), err_msg=name
+        )
     assert np.all(g_flax["input.embed.weight"][0] == 0)  # padding row: exactly zero gradient
 
 
@@ -104,8 +106,10 @@ def test_scanned_equals_unrolled(remat, rng):
     g1 = nnx.grad(lambda mod: mod(jnp.asarray(ids)).sum())(scanned)
     g2 = nnx.grad(lambda mod: mod(jnp.asarray(ids)).sum())(unrolled)
     np.testing.assert_allclose(
-        np.asarray(g1["blocks"]["ff"][0]["kernel"][...][2]), np.asarray(g2["blocks"][2]["ff"][0]["kernel"][...]),
-        rtol=0, atol=1e-5,
+        np.asarray(g1["blocks"]["ff"][0]["kernel"][...][2]),
+        np.asarray(g2["blocks"][2]["ff"][0]["kernel"][...]),
+        rtol=0,
+        atol=1e-5,
     )
 
 
@@ -114,7 +118,10 @@ def test_scanned_layers_draw_their_own_dropout_masks():
     cfg = small_config(n_layers=2, dropout=0.5, attention_dropout=0.0)
     model = fi.TransformerEncoder(cfg, rngs=nnx.Rngs(0))
     keys = nnx.state(model.blocks, nnx.RngKey)
-    leaves = [np.asarray(jax.random.key_data(k[...])) for k in jax.tree.leaves(keys, is_leaf=lambda x: isinstance(x, nnx.Variable))]
+    leaves = [
+        np.asarray(jax.random.key_data(k[...]))
+        for k in jax.tree.leaves(keys, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    ]
     assert leaves and all(leaf.shape[0] == 2 and not np.array_equal(leaf[0], leaf[1]) for leaf in leaves)
 
 
@@ -200,6 +207,7 @@ def test_bad_input_raises_before_work(rng):
         model(good.astype(jnp.float32))
 
 
+@pytest.mark.slow
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     n_heads=st.sampled_from([1, 2, 4]),
@@ -216,11 +224,20 @@ def test_bad_input_raises_before_work(rng):
     padded=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_random_configs_match(n_heads, head_dim, d_ff, n_layers, batch, length, position, rope_style, norm_first,
-                              activation, causal, padded, seed):
+def test_random_configs_match(
+    n_heads, head_dim, d_ff, n_layers, batch, length, position, rope_style, norm_first, activation, causal, padded, seed
+):
     cfg = small_config(
-        d_model=n_heads * head_dim, n_heads=n_heads, d_ff=d_ff, n_layers=n_layers, position=position,
-        rope_style=rope_style, norm_first=norm_first, activation=activation, causal=causal, max_len=8,
+        d_model=n_heads * head_dim,
+        n_heads=n_heads,
+        d_ff=d_ff,
+        n_layers=n_layers,
+        position=position,
+        rope_style=rope_style,
+        norm_first=norm_first,
+        activation=activation,
+        causal=causal,
+        max_len=8,
     )
     f, t = twins("TransformerEncoder", cfg, seed=seed % 7)
     rng = np.random.default_rng(seed)

@@ -48,10 +48,20 @@ def test_scanned_and_unrolled_share_the_checkpoint_format():
 def test_expected_torch_keys_for_the_lesson_layout():
     cfg = small_config(position="learned", input_norm=True, n_layers=2)
     keys = set(fi.to_numpy_state_dict(fi.TransformerEncoder(cfg, rngs=nnx.Rngs(0))))
-    for k in ["input.embed.weight", "input.pos.weight", "input.norm.weight", "input.norm.bias",
-              "blocks.0.attn.in_proj_weight", "blocks.0.attn.in_proj_bias", "blocks.1.attn.out_proj.weight",
-              "blocks.1.ln1.weight", "blocks.1.ln2.bias", "blocks.0.ff.0.weight", "blocks.0.ff.3.bias",
-              "final_norm.weight"]:
+    for k in [
+        "input.embed.weight",
+        "input.pos.weight",
+        "input.norm.weight",
+        "input.norm.bias",
+        "blocks.0.attn.in_proj_weight",
+        "blocks.0.attn.in_proj_bias",
+        "blocks.1.attn.out_proj.weight",
+        "blocks.1.ln1.weight",
+        "blocks.1.ln2.bias",
+        "blocks.0.ff.0.weight",
+        "blocks.0.ff.3.bias",
+        "final_norm.weight",
+    ]:
         assert k in keys, k
 
 

@@ -2,21 +2,46 @@
 
 import json
 
+import pytest
+
 from flax_impl import tolerances
 from flax_impl.cli import main
 from flax_impl.config import POSITIONS
 
-SMALL = ["parity", "--d-model", "16", "--n-heads", "2", "--d-ff", "32", "--n-layers", "2", "--length", "8",
-         "--table-length", "64"]
+SMALL = [
+    "parity",
+    "--d-model",
+    "16",
+    "--n-heads",
+    "2",
+    "--d-ff",
+    "32",
+    "--n-layers",
+    "2",
+    "--length",
+    "8",
+    "--table-length",
+    "64",
+]
 
 
+@pytest.mark.slow
 def test_parity_cli_reports_every_module_and_scheme(tmp_path, capsys):
     out = tmp_path / "parity.json"
     assert main([*SMALL, "--json", str(out)]) == 0
     rows = json.loads(out.read_text())
     modules = {r["module"] for r in rows}
-    assert {"Dropout", "Embed", "sinusoidal_table", "apply_rope", "alibi_bias", "TransformerInput",
-            "MultiHeadAttention", "TransformerBlock", "TransformerEncoder"} <= modules
+    assert {
+        "Dropout",
+        "Embed",
+        "sinusoidal_table",
+        "apply_rope",
+        "alibi_bias",
+        "TransformerInput",
+        "MultiHeadAttention",
+        "TransformerBlock",
+        "TransformerEncoder",
+    } <= modules
     for module in ("TransformerInput", "MultiHeadAttention", "TransformerBlock", "TransformerEncoder"):
         cases = " ".join(r["case"] for r in rows if r["module"] == module)
         assert all(p in cases for p in POSITIONS), module
