@@ -37,6 +37,13 @@ _EXPORTS = {
     "save": "flax_impl.interop",
     "load": "flax_impl.interop",
     "count_params": "flax_impl.utils",
+    "TrainConfig": "flax_impl.config",
+    "train_step": "flax_impl.train",
+    "eval_step": "flax_impl.train",
+    "make_optimizer": "flax_impl.train",
+    "lr_schedule": "flax_impl.train",
+    "masked_token_batch": "flax_impl.train",
+    "next_token_batch": "flax_impl.train",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -44,7 +51,7 @@ __all__ = sorted(_EXPORTS)
 if TYPE_CHECKING:  # let type checkers and IDEs see the real names
     from flax_impl.attention import MultiHeadAttention, from_torch_mha_mask  # noqa: F401
     from flax_impl.block import TransformerBlock  # noqa: F401
-    from flax_impl.config import EncoderConfig  # noqa: F401
+    from flax_impl.config import EncoderConfig, TrainConfig  # noqa: F401
     from flax_impl.dropout import Dropout  # noqa: F401
     from flax_impl.embedding import Embed, check_ids  # noqa: F401
     from flax_impl.encoder import TransformerEncoder  # noqa: F401
@@ -66,6 +73,14 @@ if TYPE_CHECKING:  # let type checkers and IDEs see the real names
         sinusoidal_table,
     )
     from flax_impl.tokenizer import ByteTokenizer, as_tokenizer, batch_encode  # noqa: F401
+    from flax_impl.train import (  # noqa: F401
+        eval_step,
+        lr_schedule,
+        make_optimizer,
+        masked_token_batch,
+        next_token_batch,
+        train_step,
+    )
     from flax_impl.utils import count_params  # noqa: F401
 
 

@@ -2,7 +2,7 @@
 
 from torch_ref.attention import MultiHeadAttention, from_torch_mha_mask
 from torch_ref.block import TransformerBlock
-from torch_ref.config import EncoderConfig
+from torch_ref.config import EncoderConfig, TrainConfig
 from torch_ref.dropout import Dropout
 from torch_ref.embedding import Embed
 from torch_ref.encoder import TransformerEncoder
@@ -15,6 +15,7 @@ from torch_ref.positions import (
     sinusoidal_table,
 )
 from torch_ref.tokenizer import ByteTokenizer, as_tokenizer, batch_encode
+from torch_ref.train import lr_lambda, make_optimizer, train_step
 from torch_ref.utils import count_params
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "TransformerBlock",
     "TransformerEncoder",
     "TransformerInput",
+    "TrainConfig",
     "alibi_bias",
     "alibi_slopes",
     "apply_rope",
@@ -35,5 +37,8 @@ __all__ = [
     "count_params",
     "encode_text",
     "from_torch_mha_mask",
+    "lr_lambda",
+    "make_optimizer",
     "sinusoidal_table",
+    "train_step",
 ]

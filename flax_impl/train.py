@@ -1,0 +1,211 @@
+"""Training with optax: one `nnx.jit` AdamW step for the masked-token and the next-token objectives.
+
+Axes: B batch, L length, V vocabulary.
+
+Objective (chosen by `config.causal`), both through the tied head `TransformerEncoder.logits` (Embed.attend):
+- masked-token (causal=False), BERT's recipe (Devlin et al., 2019): every non-pad position is selected with
+  probability `mask_prob`; a selected token becomes `mask_id` (80%), a random regular token (10%) or stays (10%);
+  only selected positions count in the loss. The default `mask_id` is 3, ByteTokenizer's `<mask>` (pad = 0,
+  bos = 1, eos = 2, byte b = b + 4): any model with vocab_size >= 4 has that row.
+- next-token (causal=True): inputs = tokens[:, :-1], targets = tokens[:, 1:]; every non-pad target counts.
+
+A batch is a dict: `inputs` (B, L) int32, `targets` (B, L) int32, `weights` (B, L) float32 (1 = the position
+counts, 0 = ignored: padding, unselected), optionally `attention_mask` (B, L) int32 (1 = real token). Loss =
+sum(weights * CE) / max(sum(weights), 1), cross-entropy in nats, logits in float32.
+
+Optimiser (`TrainConfig`, shared with torch_ref.train): clip_by_global_norm -> optax.adamw(schedule, b1, b2,
+eps, weight_decay, mask) with linear warmup then cosine decay. Weight decay applies where `decay(path)` is True;
+the default decays the Linear kernels only (no biases, LayerNorm scales, token or position embeddings).
+Dropout: each Dropout owns an rng stream split from the model's `nnx.Rngs`; the step runs in train mode and
+advances every stream, so each step draws fresh masks and the same seed replays the same masks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from flax_impl.config import EncoderConfig, TrainConfig
+from flax_impl.tokenizer import MASK_ID, N_SPECIAL, PAD_ID
+
+Batch = dict[str, Any]
+DecayRule = Callable[[tuple[str, ...]], bool]
+
+
+# ----------------------------------------------------------------------------------------------- batches (numpy)
+def masked_token_batch(
+    tokens: np.ndarray,
+    *,
+    vocab_size: int,
+    rng: np.random.Generator,
+    mask_prob: float = 0.15,
+    mask_id: int = MASK_ID,
+    pad_id: int | None = PAD_ID,
+    first_regular_id: int = N_SPECIAL,
+) -> Batch:
+    """tokens (B, L) -> a masked-token batch (module docstring). Random replacements are drawn from the regular
+    ids [first_regular_id, vocab_size) (never pad/bos/eos/mask). Padding (`pad_id`) is never selected and is
+    masked out of attention. Reproducible: the same `rng` state gives the same batch."""
+    tokens = _check_tokens(tokens, vocab_size, min_len=1)
+    if not 0 <= mask_id < vocab_size:
+        raise ValueError(f"mask_id={mask_id} is not in the vocabulary [0, {vocab_size})")
+    if not 0 <= first_regular_id < vocab_size:
+        raise ValueError(f"first_regular_id={first_regular_id} must be in [0, vocab_size={vocab_size})")
+    if not 0.0 < mask_prob <= 1.0:
+        raise ValueError(f"mask_prob={mask_prob!r} must be in (0, 1]")
+    real = np.ones(tokens.shape, bool) if pad_id is None else tokens != pad_id  # (B, L)
+    selected = (rng.random(tokens.shape) < mask_prob) & real  # (B, L)
+    action = rng.random(tokens.shape)  # < 0.8: mask, < 0.9: random, else keep
+    random_ids = rng.integers(first_regular_id, vocab_size, size=tokens.shape)
+    inputs = np.where(selected & (action < 0.8), mask_id, tokens)
+    inputs = np.where(selected & (action >= 0.8) & (action < 0.9), random_ids, inputs)
+    batch = {"inputs": inputs.astype(np.int32), "targets": tokens, "weights": selected.astype(np.float32)}
+    if pad_id is not None and not real.all():
+        batch["attention_mask"] = real.astype(np.int32)
+    return batch
+
+
+def next_token_batch(tokens: np.ndarray, *, vocab_size: int, pad_id: int | None = PAD_ID) -> Batch:
+    """tokens (B, L + 1) -> a next-token batch: inputs tokens[:, :-1], targets tokens[:, 1:] (B, L), weight 0
+    on padding targets; padding inputs are masked out of attention."""
+    tokens = _check_tokens(tokens, vocab_size, min_len=2)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]  # (B, L) each
+    real_t = np.ones(targets.shape, bool) if pad_id is None else targets != pad_id
+    batch = {"inputs": inputs, "targets": targets, "weights": real_t.astype(np.float32)}
+    if pad_id is not None and (inputs == pad_id).any():
+        batch["attention_mask"] = (inputs != pad_id).astype(np.int32)
+    return batch
+
+
+def _check_tokens(tokens: np.ndarray, vocab_size: int, *, min_len: int) -> np.ndarray:
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 2 or tokens.shape[1] < min_len or tokens.shape[0] < 1:
+        raise ValueError(f"tokens must have shape (B, L) with B >= 1 and L >= {min_len}, got {tokens.shape}")
+    if not np.issubdtype(tokens.dtype, np.integer):
+        raise TypeError(f"tokens must be integer ids, got dtype {tokens.dtype}")
+    if tokens.min() < 0 or tokens.max() >= vocab_size:
+        bad = int(tokens[(tokens < 0) | (tokens >= vocab_size)][0])
+        raise IndexError(f"token id {bad} is out of range for vocab_size={vocab_size}")
+    return tokens.astype(np.int32)
+
+
+# --------------------------------------------------------------------------------------------------- optimiser
+def lr_schedule(tcfg: TrainConfig) -> optax.Schedule:
+    """Step t (0-based, the t-th update) -> learning rate: lr * t / warmup for t < warmup, then
+    lr * (r + (1 - r) * (1 + cos(pi * min(t - warmup, T) / T)) / 2), T = total - warmup, r = end_lr_ratio."""
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=tcfg.learning_rate,
+        warmup_steps=tcfg.warmup_steps,
+        decay_steps=tcfg.total_steps,
+        end_value=tcfg.learning_rate * tcfg.end_lr_ratio,
+    )
+
+
+def default_decay(path: tuple[str, ...]) -> bool:
+    """Weight decay for Linear kernels only (attention in/out projections, feed-forward): the last path entry is
+    "kernel". Biases, LayerNorm scales, token and learned-position embeddings are not decayed."""
+    return path[-1] == "kernel"
+
+
+def _key_name(k: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def decay_mask(params: Any, decay: DecayRule = default_decay) -> Any:
+    """The params pytree (an nnx.State, pure or of Variables) with a bool leaf per parameter: `decay(path)`,
+    path a tuple of str like ("blocks", "attn", "in_proj", "kernel")."""
+    return jax.tree_util.tree_map_with_path(
+        lambda p, _: bool(decay(tuple(_key_name(k) for k in p))), params, is_leaf=lambda x: isinstance(x, nnx.Variable)
+    )
+
+
+@functools.lru_cache(maxsize=32)
+def make_tx(tcfg: TrainConfig, *, decay: DecayRule = default_decay) -> optax.GradientTransformation:
+    """clip_by_global_norm(clip_norm) (if set) -> adamw with the schedule, TrainConfig's betas/eps and an explicit
+    weight_decay (optax's own default is 1e-4, torch's 0.01). Note: torch clips by max_norm / (norm + 1e-6),
+    optax by max_norm / norm: a relative difference of 1e-6 / norm, far below the parity tolerance.
+
+    Cached per (tcfg, decay): the transformation is stateless, and the optimizer's jit cache keys on its identity,
+    so equal settings reuse one compiled `train_step` instead of recompiling for every new optimizer."""
+    adamw = optax.adamw(
+        lr_schedule(tcfg),
+        b1=tcfg.b1,
+        b2=tcfg.b2,
+        eps=tcfg.eps,
+        eps_root=0.0,
+        weight_decay=tcfg.weight_decay,
+        mask=lambda params: decay_mask(params, decay),
+    )
+    if tcfg.clip_norm is None:
+        return adamw
+    return optax.chain(optax.clip_by_global_norm(tcfg.clip_norm), adamw)
+
+
+def make_optimizer(model: nnx.Module, tcfg: TrainConfig, *, decay: DecayRule = default_decay) -> nnx.Optimizer:
+    """nnx.Optimizer over the model's nnx.Param variables with `make_tx(tcfg, decay=decay)`."""
+    return nnx.Optimizer(model, make_tx(tcfg, decay=decay), wrt=nnx.Param)
+
+
+# ------------------------------------------------------------------------------------------------ loss and step
+def loss_sums(model: nnx.Module, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """(sum of weights * CE, sum of weights): CE of the tied-head logits (float32) against `targets`, in nats."""
+    hidden = model(batch["inputs"], batch.get("attention_mask"))  # (B, L, D)
+    logits = model.logits(hidden).astype(jnp.float32)  # (B, L, V)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])  # (B, L)
+    w = jnp.asarray(batch["weights"], jnp.float32)
+    return jnp.sum(ce * w), jnp.sum(w)
+
+
+def loss_fn(model: nnx.Module, batch: Batch) -> jax.Array:
+    """Mean cross-entropy (nats) over the positions with weight 1; 0 if no position counts."""
+    total, count = loss_sums(model, batch)
+    return total / jnp.maximum(count, 1.0)
+
+
+@nnx.jit
+def train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch) -> dict[str, jax.Array]:
+    """One AdamW update in place. Returns {"loss": loss before the update, "grad_norm": global norm of the
+    gradient before clipping}. Put the model in train mode (`model.train()`) for dropout."""
+    loss, grads = nnx.value_and_grad(loss_fn)(model, batch)
+    optimizer.update(model, grads)
+    return {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+
+
+@nnx.jit
+def eval_step(model: nnx.Module, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """`loss_sums` under jit, for held-out evaluation (call after `model.eval()`)."""
+    return loss_sums(model, batch)
+
+
+def make_batch(tokens: np.ndarray, config: EncoderConfig, tcfg: TrainConfig, rng: np.random.Generator) -> Batch:
+    """The objective's batch for `config`: next-token from (B, L + 1) tokens if causal, else masked-token."""
+    if config.causal:
+        return next_token_batch(tokens, vocab_size=config.vocab_size)
+    return masked_token_batch(tokens, vocab_size=config.vocab_size, rng=rng, mask_prob=tcfg.mask_prob)
+
+
+# ---------------------------------------------------------------------------------------------- `flax-impl train`
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `flax-impl train` (see flax_impl.train_cli)."""
+    from flax_impl.train_cli import add_arguments as add
+
+    add(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run `flax-impl train`; returns the exit code (0 ok, 1 non-finite loss, 2 bad input)."""
+    from flax_impl.train_cli import run as run_cli
+
+    return run_cli(args)

@@ -1,0 +1,120 @@
+"""Training twin in plain torch: torch.optim.AdamW, LambdaLR warmup + cosine, clip_grad_norm_, parameter groups.
+
+Axes: B batch, L length, V vocabulary. Batches as in flax_impl.train (same keys, torch tensors or numpy):
+`inputs` (B, L), `targets` (B, L), `weights` (B, L) (1 = counts in the loss), optional `attention_mask` (B, L)
+(1 = real token). Loss = sum(weights * CE) / max(sum(weights), 1), CE in nats through the tied head.
+
+AdamW (torch's decoupled form): p <- p * (1 - lr_t * weight_decay), then p <- p - lr_t * m_hat / (sqrt(v_hat) +
+eps), eps outside the square root, bias-corrected; TrainConfig gives every hyper-parameter explicitly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from torch_ref.config import TrainConfig
+
+DecayRule = Callable[[str, nn.Module], bool]
+
+
+def lr_lambda(tcfg: TrainConfig) -> Callable[[int], float]:
+    """Multiplier of the peak lr at update t (0-based): t / warmup during warmup, then
+    r + (1 - r) * (1 + cos(pi * min(t - warmup, T) / T)) / 2 with T = total - warmup, r = end_lr_ratio."""
+    warmup, span, r = tcfg.warmup_steps, tcfg.total_steps - tcfg.warmup_steps, tcfg.end_lr_ratio
+
+    def f(t: int) -> float:
+        if t < warmup:
+            return t / warmup
+        progress = min(t - warmup, span) / span
+        return r + (1.0 - r) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+def default_decay(name: str, module: nn.Module) -> bool:
+    """Weight decay for the weight matrices of nn.Linear and the attention's packed `in_proj_weight` only; no
+    decay for biases, LayerNorm weights, token or position embeddings. `name` is the parameter's own name
+    (e.g. "weight"), `module` the module that owns it."""
+    return (isinstance(module, nn.Linear) and name == "weight") or name == "in_proj_weight"
+
+
+def param_groups(model: nn.Module, weight_decay: float, decay: DecayRule = default_decay) -> list[dict[str, Any]]:
+    """Two AdamW groups: {"params": decayed, "weight_decay": weight_decay} and {"params": rest, 0.0}; each
+    group also lists the parameter `names` (state_dict keys)."""
+    groups = {True: ([], []), False: ([], [])}
+    for mod_name, module in model.named_modules():
+        for p_name, p in module.named_parameters(recurse=False):
+            params, names = groups[bool(decay(p_name, module))]
+            params.append(p)
+            names.append(f"{mod_name}.{p_name}" if mod_name else p_name)
+    return [
+        {"params": groups[True][0], "names": groups[True][1], "weight_decay": weight_decay},
+        {"params": groups[False][0], "names": groups[False][1], "weight_decay": 0.0},
+    ]
+
+
+def make_optimizer(
+    model: nn.Module, tcfg: TrainConfig, *, decay: DecayRule = default_decay
+) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over `param_groups` plus the LambdaLR schedule; call `scheduler.step()` after each
+    `optimizer.step()` (`train_step` does)."""
+    optimizer = torch.optim.AdamW(
+        param_groups(model, tcfg.weight_decay, decay),
+        lr=tcfg.learning_rate,
+        betas=(tcfg.b1, tcfg.b2),
+        eps=tcfg.eps,
+        weight_decay=tcfg.weight_decay,
+        amsgrad=False,
+        foreach=False,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg))
+    return optimizer, scheduler
+
+
+def _tensor(x: Any, dtype: torch.dtype) -> torch.Tensor:
+    return x.to(dtype) if isinstance(x, torch.Tensor) else torch.as_tensor(x).to(dtype)
+
+
+def loss_sums(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of weights * CE, sum of weights), CE of the tied-head logits against `targets`, in nats."""
+    mask = batch.get("attention_mask")
+    mask = None if mask is None else _tensor(mask, torch.long)
+    hidden = model(_tensor(batch["inputs"], torch.long), mask)  # (B, L, D)
+    logits = model.logits(hidden).float()  # (B, L, V)
+    targets = _tensor(batch["targets"], torch.long)
+    ce = nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")  # (B*L,)
+    w = _tensor(batch["weights"], torch.float32).flatten()
+    return (ce * w).sum(), w.sum()
+
+
+def loss_fn(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    """Mean cross-entropy (nats) over the positions with weight 1."""
+    total, count = loss_sums(model, batch)
+    return total / count.clamp(min=1.0)
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    batch: dict[str, Any],
+    clip_norm: float | None,
+) -> dict[str, float]:
+    """zero_grad -> loss.backward -> clip_grad_norm_ (if clip_norm) -> optimizer.step -> scheduler.step.
+    Returns {"loss": loss before the update, "grad_norm": gradient norm before clipping}."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = loss_fn(model, batch)
+    loss.backward()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if clip_norm is not None:
+        norm = nn.utils.clip_grad_norm_(params, clip_norm)
+    else:
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+    optimizer.step()
+    scheduler.step()
+    return {"loss": float(loss.detach()), "grad_norm": float(norm)}
