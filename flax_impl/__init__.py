@@ -37,6 +37,16 @@ _EXPORTS = {
     "save": "flax_impl.interop",
     "load": "flax_impl.interop",
     "count_params": "flax_impl.utils",
+    "make_mesh": "flax_impl.distributed",
+    "parse_mesh": "flax_impl.distributed",
+    "check_shardable": "flax_impl.distributed",
+    "create_sharded_model": "flax_impl.distributed",
+    "create_sharded_optimizer": "flax_impl.distributed",
+    "shard_batch": "flax_impl.distributed",
+    "sharded_forward": "flax_impl.distributed",
+    "sharded_train_step": "flax_impl.distributed",
+    "param_shardings": "flax_impl.distributed",
+    "reshard": "flax_impl.distributed",
     "TrainConfig": "flax_impl.config",
     "train_step": "flax_impl.train",
     "eval_step": "flax_impl.train",
@@ -52,6 +62,18 @@ if TYPE_CHECKING:  # let type checkers and IDEs see the real names
     from flax_impl.attention import MultiHeadAttention, from_torch_mha_mask  # noqa: F401
     from flax_impl.block import TransformerBlock  # noqa: F401
     from flax_impl.config import EncoderConfig, TrainConfig  # noqa: F401
+    from flax_impl.distributed import (  # noqa: F401
+        check_shardable,
+        create_sharded_model,
+        create_sharded_optimizer,
+        make_mesh,
+        param_shardings,
+        parse_mesh,
+        reshard,
+        shard_batch,
+        sharded_forward,
+        sharded_train_step,
+    )
     from flax_impl.dropout import Dropout  # noqa: F401
     from flax_impl.embedding import Embed, check_ids  # noqa: F401
     from flax_impl.encoder import TransformerEncoder  # noqa: F401

@@ -14,6 +14,7 @@ POSITIONS = ("sinusoidal", "learned", "rope", "alibi", "none")
 ROPE_STYLES = ("half", "interleaved")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu")
 DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_IMPLS = ("auto", "einsum", "dot_product_attention")
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,8 @@ class EncoderConfig:
     ("rope"), biasing the attention scores ("alibi"), or nowhere ("none"). `activation` names the GELU variant
     explicitly: "gelu" is the exact erf form (torch.nn.GELU()), "gelu_tanh" the tanh approximation. `dtype` is
     the Flax compute dtype, `param_dtype` the storage dtype; torch_ref ignores both (it follows its tensors).
+    `attention_impl` picks the Flax attention kernel ("auto": `jax.nn.dot_product_attention` on GPU/TPU when no
+    attention dropout is active, else "einsum", an explicit softmax chunked over queries); same results.
     """
 
     vocab_size: int = 10_000
@@ -53,6 +56,7 @@ class EncoderConfig:
     remat: bool = False
     dtype: str = "float32"
     param_dtype: str = "float32"
+    attention_impl: str = "auto"  # Flax only; see flax_impl.attention
 
     def __post_init__(self) -> None:
         if self.attention_dropout is None:
@@ -70,6 +74,7 @@ class EncoderConfig:
         _check_choice("activation", self.activation, ACTIVATIONS)
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("param_dtype", self.param_dtype, DTYPES)
+        _check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
         if self.d_model % self.n_heads:
             raise ValueError(f"n_heads={self.n_heads} must divide d_model={self.d_model}")
         if not self.rope_base > 1.0:

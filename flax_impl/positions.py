@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from flax_impl.config import EncoderConfig, rope_width
+from flax_impl.sharding import REPLICATED_MATRIX, param_metadata
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,8 @@ class LearnedPositions(nnx.Module):
 
     def __init__(self, max_len: int, d_model: int, *, param_dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
         self.max_len = max_len
-        self.weight = nnx.Param(jax.random.normal(rngs.params(), (max_len, d_model), param_dtype))
+        w = jax.random.normal(rngs.params(), (max_len, d_model), param_dtype)
+        self.weight = nnx.Param(w, **param_metadata(REPLICATED_MATRIX))  # replicated under a mesh
 
     def __call__(self, length: int, offset: int = 0) -> jax.Array:
         if offset < 0 or offset + length > self.max_len:

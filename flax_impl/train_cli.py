@@ -12,6 +12,7 @@ Batches depend only on (seed, step), so a resumed run replays the uninterrupted 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -58,6 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--plot", default=None, help="PNG of train/eval loss [OUT/loss.png]; 'none' to skip")
     a("--corpus", default=None, help="a text file or directory instead of the standard library's source")
     a("--corpus-mb", type=float, default=4.0, help="read at most this many MB of text [4]")
+    a("--mesh", default=None, help="data=D,model=M: train sharded on a device mesh (flax_impl.distributed) [off]")
 
 
 def _fail(msg: str) -> int:
@@ -253,6 +255,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     try:
         cfg, tcfg = _configs(args)
+        mesh = _mesh(args, cfg)
         ckpt = checkpoint_dir(out)
         if args.resume and ckpt is None:
             raise ValueError(f"--resume: no checkpoint in {str(out)!r}")
@@ -277,7 +280,26 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as e:
         return _fail(str(e))
     out.mkdir(parents=True, exist_ok=True)
-    return _train(args, cfg, tcfg, corpus, ckpt, out, window)
+    if mesh is None:
+        return _train(args, cfg, tcfg, corpus, ckpt, out, window)
+    import jax
+
+    with jax.set_mesh(mesh):
+        return _train(args, cfg, tcfg, corpus, ckpt, out, window, mesh)
+
+
+def _mesh(args: argparse.Namespace, cfg: EncoderConfig) -> Any:
+    """--mesh -> a (data, model) Mesh, or None; ValueError if it does not fit the devices, the model or the batch."""
+    if args.mesh is None:
+        return None
+    from flax_impl.distributed import check_shardable, make_mesh, parse_mesh
+
+    mesh = make_mesh(**parse_mesh(args.mesh))
+    check_shardable(cfg, mesh)
+    if args.batch_size % mesh.shape["data"]:
+        raise ValueError(f"--batch-size={args.batch_size} is not divisible by the mesh's data axis size "
+                         f"{mesh.shape['data']}")
+    return mesh
 
 
 def _train(
@@ -288,6 +310,7 @@ def _train(
     ckpt: Path | None,
     out: Path,
     window: int,
+    mesh: Any = None,
 ) -> int:
     import jax
     from flax import nnx
@@ -295,15 +318,27 @@ def _train(
     from flax_impl.corpus import even_windows, sample_windows, unigram_entropy
     from flax_impl.encoder import TransformerEncoder
     from flax_impl.interop import load
-    from flax_impl.train import eval_step, lr_schedule, make_batch, make_optimizer, train_step
+    from flax_impl.train import eval_step, lr_schedule, make_batch, make_optimizer, make_tx, train_step
 
-    model = TransformerEncoder(cfg, rngs=nnx.Rngs(params=args.seed, dropout=args.seed + 1))
-    _scale_embedding(model)
-    optimizer = make_optimizer(model, tcfg)
+    rngs = nnx.Rngs(params=args.seed, dropout=args.seed + 1)
+    if mesh is None:
+        model = TransformerEncoder(cfg, rngs=rngs)
+        _scale_embedding(model)
+        optimizer, step_fn = make_optimizer(model, tcfg), train_step
+    else:  # sharded init (the same values as unsharded for the same seed), sharded optimizer state and step
+        from flax_impl import distributed
+
+        model = distributed.create_sharded_model(cfg, mesh, rngs=rngs)
+        _scale_embedding(model)
+        optimizer = distributed.create_sharded_optimizer(model, make_tx(tcfg), mesh)
+        step_fn = functools.partial(distributed.sharded_train_step, mesh=mesh)
     history: dict[str, list[float]] = {"train_step": [], "train_loss": [], "eval_step": [], "eval_loss": []}
     if ckpt is not None:
         load(model, ckpt / "model.safetensors")
         history = _load_state(ckpt / "train_state.npz", model, optimizer)
+        if mesh is not None:  # loaded values are plain arrays: back to their shards
+            distributed.reshard(model, mesh)
+            distributed.reshard(optimizer, mesh)
     start = int(optimizer.step[...])
     stop = args.stop_at or args.steps
     objective = "next-token" if cfg.causal else f"masked-token (mask id {ByteTokenizer.mask_id})"
@@ -311,6 +346,7 @@ def _train(
         f"corpus {corpus.source}: {corpus.train.size:,} train / {corpus.heldout.size:,} held-out byte tokens "
         f"({corpus.n_train_files} / {corpus.n_heldout_files} files); {objective}, {cfg.position} positions, "
         f"{cfg.n_layers} x {cfg.d_model}; steps {start} -> {stop} of {args.steps}"
+        + ("" if mesh is None else f"; mesh data={mesh.shape['data']} x model={mesh.shape['model']}")
     )
     heldout = even_windows(corpus.heldout, args.eval_batches * args.batch_size, window)
     eval_batches = [
@@ -336,7 +372,7 @@ def _train(
         rng = np.random.default_rng([args.seed, step])
         batch = make_batch(sample_windows(corpus.train, args.batch_size, window, rng), cfg, tcfg, rng)
         t0 = time.perf_counter()
-        metrics = train_step(model, optimizer, batch)
+        metrics = step_fn(model, optimizer, batch)
         loss, gnorm = float(metrics["loss"]), float(metrics["grad_norm"])
         dt = time.perf_counter() - t0
         if t_first is None:

@@ -1,0 +1,69 @@
+"""Sharding annotations for the SPMD partitioner: which mesh axis each parameter and activation is split on.
+
+Mesh axes: `data` (batch, data parallel) and `model` (Megatron-style tensor parallel, Shoeybi et al., 2019).
+Axes: B batch, L length, D model width, N heads, H head dim, F feed-forward width, V vocabulary.
+
+Parameters (the spec of each array axis, `None` = replicated along it):
+
+    input.embed.weight        (V, D)   ("model", None)  vocab-parallel: each device holds V/M token rows
+    input.pos.weight          (Lmax, D) (None, None)    replicated (small; added to every batch row)
+    attn.in_proj.kernel       (D, 3D)  (None, "model")  column-parallel (output features)
+    attn.in_proj.bias         (3D,)    ("model",)
+    attn.out_proj.kernel      (D, D)   ("model", None)  row-parallel (input features)
+    ff.0.kernel / ff.0.bias   (D, F) / (F,)  (None, "model") / ("model",)   column-parallel
+    ff.3.kernel               (F, D)   ("model", None)  row-parallel
+    out_proj / ff.3 biases, LayerNorm scales and biases: replicated.
+    A scanned stack prepends the layer axis, never sharded: blocks.attn.in_proj.kernel (n_layers, D, 3D) is
+    (None, None, "model").
+
+The packed `in_proj` kernel keeps torch's column order [q | k | v] (checkpoints unchanged). Its contiguous
+column chunks do not hold whole heads of q, k and v (with M = 2, device 0 holds q and half of k), so the
+attention constrains the projected (B, L, 3, N, H) activations to be split on the head axis N: every device
+then runs the softmax of whole heads, and the partitioner inserts one re-layout of those activations per
+layer. Activations at block boundaries (B, L, D) are split on `data` along B.
+
+The annotations are `out_sharding` metadata on each nnx.Param, with `eager_sharding=False`: nothing is placed
+at construction (without a mesh a model behaves exactly as an unannotated one). `flax_impl.distributed`
+applies them under a mesh; `constrain` is a no-op unless a mesh with the named axes is set (`jax.set_mesh`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+from jax.sharding import PartitionSpec
+
+DATA = "data"
+MODEL = "model"
+
+# One spec per parameter role; the modules cite these names.
+COLUMN_KERNEL = (None, MODEL)  # (in, out): split the output features
+COLUMN_BIAS = (MODEL,)
+ROW_KERNEL = (MODEL, None)  # (in, out): split the input features
+REPLICATED_VECTOR = (None,)  # row-parallel biases, LayerNorm scale / bias
+VOCAB_ROWS = (MODEL, None)  # (V, D) token embedding
+REPLICATED_MATRIX = (None, None)  # (Lmax, D) learned positions
+BATCH_ACTIVATION = (DATA, None, None)  # (B, L, D)
+QKV_ACTIVATION = (DATA, None, None, MODEL, None)  # (B, L, 3, N, H)
+
+
+def param_metadata(spec: tuple[str | None, ...]) -> dict[str, Any]:
+    """Variable metadata for a parameter split as `spec` (one entry per array axis); for `kernel_metadata=`,
+    `bias_metadata=`, `scale_metadata=` of nnx layers, or `nnx.Param(value, **param_metadata(spec))`."""
+    return {"out_sharding": tuple(spec), "eager_sharding": False}
+
+
+def constrain(x: jax.Array, spec: tuple[str | None, ...]) -> jax.Array:
+    """`jax.lax.with_sharding_constraint(x, P(*spec))` under a mesh (`jax.set_mesh`), else x unchanged.
+
+    Axis names the current mesh does not have are treated as None (replicated), so a mesh with only a
+    `data` axis still works.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    if len(spec) != x.ndim:
+        raise ValueError(f"sharding spec {spec} has {len(spec)} entries for an array of shape {x.shape}")
+    names = set(mesh.axis_names)
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(*(a if a in names else None for a in spec)))
