@@ -92,12 +92,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--torch-compile", action="store_true", help="also measure torch.compile (slow to compile)")
     parser.add_argument("--flax-jit", choices=["split", "nnx"], default="split",
                         help="split: jax.jit over nnx.split state (default); nnx: nnx.jit in graph mode")
-    parser.add_argument("--rng-impl", default="philox4x32",
+    parser.add_argument("--rng-impl", default=None,
                         choices=["philox4x32", "threefry4x32", "philox2x32", "rbg", "unsafe_rbg", "threefry2x32"],
-                        help="JAX PRNG of the Flax dropout stream (default philox4x32: cheapest bits measured on CPU)")
+                        help="JAX PRNG of the Flax dropout stream (default philox4x32, the cheapest bits measured on "
+                             "CPU; threefry2x32 with --mesh, where jax 0.10.2 fails to compile a sharded init of "
+                             "philox keys)")
     parser.add_argument("--compile-layers",
                         help="Flax compile time of scanned encoders of these depths (default 1,2,24; quick 1,24)")
     parser.add_argument("--matmul-size", type=int, default=2048, help="n of the n x n matmul peak (default 2048)")
+    parser.add_argument("--mesh", metavar="data=D,model=M",
+                        help="run the Flax side sharded on a (data, model) device mesh (flax_impl.distributed); on "
+                             "CPU simulate devices with XLA_FLAGS=--xla_force_host_platform_device_count=8")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="PATH", help="write every measurement as JSON")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG of tokens/s against length (needs matplotlib)")
@@ -220,21 +225,42 @@ def _flax_train_fn(gdef: Any) -> Callable:
 class FlaxSide:
     """The Flax encoder and its jitted forward / train step (`--flax-jit split` or `nnx`)."""
 
-    def __init__(self, config: EncoderConfig, args: argparse.Namespace, device: Any):
+    def __init__(self, config: EncoderConfig, args: argparse.Namespace, device: Any, mesh: Any = None):
         import jax
         from flax import nnx
 
+        from flax_impl.distributed import create_sharded_model
         from flax_impl.encoder import TransformerEncoder
 
-        self.jax, self.nnx, self.device, self.flax_jit = jax, nnx, device, args.flax_jit
+        self.jax, self.nnx, self.device, self.flax_jit, self.mesh = jax, nnx, device, args.flax_jit, mesh
         rngs = nnx.Rngs(params=args.seed, dropout=jax.random.key(args.seed, impl=args.rng_impl))
-        self.model = TransformerEncoder(config, rngs=rngs)
+        if mesh is None:
+            self.model = TransformerEncoder(config, rngs=rngs)
+        else:  # every parameter on its partition spec, initialised shard by shard
+            self.model = create_sharded_model(config, mesh, rngs=rngs)
         self._fns: dict[str, Callable] = {}
 
     def runner(self, mode: str, ids: np.ndarray, target: np.ndarray) -> Callable[[], None]:
+        step = self._runner(mode, ids, target)
+        if self.mesh is None:
+            return step
+        mesh = self.mesh
+
+        def on_mesh() -> None:  # the mesh is set while tracing, so activation constraints apply
+            with self.jax.set_mesh(mesh):
+                step()
+
+        return on_mesh
+
+    def _runner(self, mode: str, ids: np.ndarray, target: np.ndarray) -> Callable[[], None]:
         jax, nnx = self.jax, self.nnx
-        ids_j = jax.device_put(ids, self.device)
-        target_j = jax.device_put(target, self.device)
+        if self.mesh is None:
+            ids_j = jax.device_put(ids, self.device)
+            target_j = jax.device_put(target, self.device)
+        else:
+            from flax_impl.distributed import shard_batch
+
+            ids_j, target_j = shard_batch(ids, self.mesh), shard_batch(target, self.mesh)
         if mode == "forward":
             self.model.eval()
             if self.flax_jit == "nnx":
@@ -459,6 +485,19 @@ def _build_config(args: argparse.Namespace, max_length: int) -> EncoderConfig:
     return config
 
 
+def _build_mesh(args: argparse.Namespace, config: EncoderConfig, shapes: list[tuple[int, int]]) -> Any:
+    """The --mesh Mesh; sizes, shardable shapes and batch sizes are checked before any measurement."""
+    from flax_impl.distributed import check_shardable, make_mesh, parse_mesh
+
+    mesh = make_mesh(**parse_mesh(args.mesh))
+    check_shardable(config, mesh)
+    bad = [B for B, _ in shapes if B % mesh.shape["data"]]
+    if bad:
+        n = mesh.shape["data"]
+        raise ValueError(f"--mesh {args.mesh}: batch sizes {bad} are not divisible by the data axis size {n}")
+    return mesh
+
+
 def _jax_backend() -> str:
     import jax
 
@@ -517,6 +556,9 @@ def run(args: argparse.Namespace) -> int:
             except ImportError as err:
                 raise ValueError("--plot needs matplotlib: pip install matplotlib") from err
         platform_name, jax_device, torch_device = _choose_devices(args, frameworks)
+        mesh = _build_mesh(args, config, shapes) if args.mesh else None
+        if args.rng_impl is None:
+            args.rng_impl = "threefry2x32" if mesh is not None else "philox4x32"
     except (ValueError, OSError) as err:
         print(f"flax-impl bench: error: {err}", file=sys.stderr)
         return 2
@@ -526,7 +568,7 @@ def run(args: argparse.Namespace) -> int:
     wall = time.perf_counter()
     with jax.default_device(jax_device):
         result = _run_measurements(args, config, shapes, modes, frameworks, repeats, compile_layers,
-                                   platform_name, jax_device, torch_device)
+                                   platform_name, jax_device, torch_device, mesh)
     result["wall_s"] = time.perf_counter() - wall
     print(format_table(result))
     if args.json:
@@ -541,7 +583,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_measurements(args: argparse.Namespace, config: EncoderConfig, shapes: list[tuple[int, int]],
                       modes: list[str], frameworks: list[str], repeats: int, compile_layers: list[int],
-                      platform_name: str, jax_device: Any, torch_device: str | None) -> dict[str, Any]:
+                      platform_name: str, jax_device: Any, torch_device: str | None,
+                      mesh: Any = None) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
 
@@ -555,7 +598,7 @@ def _run_measurements(args: argparse.Namespace, config: EncoderConfig, shapes: l
     mm_jax = jax_device if "flax" in frameworks else None
     peaks = matmul_peak(mm_shapes, dtype, mm_jax, torch_device)
     progress.step("building models", 2)
-    flax_side = FlaxSide(config, args, jax_device) if "flax" in frameworks else None
+    flax_side = FlaxSide(config, args, jax_device, mesh) if "flax" in frameworks else None
     torch_side = TorchSide(config, flax_side.model if flax_side else None, args, torch_device) if torch_device else None
     rng = np.random.default_rng(args.seed)
     records: list[Record] = []
@@ -620,6 +663,7 @@ def _run_measurements(args: argparse.Namespace, config: EncoderConfig, shapes: l
         "flop_formula": FLOP_FORMULA, "memory": "peak_rss_mb: process VmHWM during one steady step (reset before)",
         "config": config.to_dict(), "precision": args.precision, "position": config.position,
         "flax_jit": args.flax_jit, "rng_impl": args.rng_impl, "warmup": args.warmup, "repeats": repeats,
+        "mesh": dict(mesh.shape) if mesh is not None else None, "jax_device_count": jax.device_count(),
         "jnp_default_int": str(jnp.asarray(0).dtype),
         "results": [asdict(r) for r in records], "compile_scaling": scaling,
     }
@@ -640,6 +684,8 @@ def format_table(result: dict[str, Any]) -> str:
         f"{'framework':<14}{'mode':<8}{'B':>4}{'L':>6}{'tok/s med':>11}{'(min - max)':>18}{'ms/step':>9}"
         f"{'compile s':>10}{'GFLOP/s':>9}{'% peak':>8}{'RSS MB':>8}{'vs torch':>9}",
     ]
+    if result.get("mesh"):
+        lines.insert(2, f"flax sharded on mesh {result['mesh']} over {result['jax_device_count']} devices")
     for r in result["results"]:
         t = r["tokens_per_s"]
         vs = f"{r['speedup_vs_torch_eager']:.2f}x" if r["speedup_vs_torch_eager"] is not None else "-"

@@ -94,6 +94,18 @@ def _cli_losses() -> dict[str, list[float]]:
     return out
 
 
+def _cli_bench() -> dict:
+    """`flax-impl bench --mesh data=4,model=2` on a tiny encoder, both frameworks: the JSON it writes."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "bench.json")
+        code = cli_main(["bench", "--mesh", "data=4,model=2", "--layers", "1", "--d-model", "32", "--heads", "4",
+                         "--vocab", "64", "--shapes", "4x8", "--repeats", "2", "--warmup", "0", "--matmul-size", "64",
+                         "--compile-layers", "1", "--json", path])
+        assert code == 0, f"flax-impl bench --mesh exited {code}"
+        with open(path) as fh:
+            return json.load(fh)
+
+
 def main() -> dict:
     assert jax.device_count() == 8, f"expected 8 simulated devices, got {jax.device_count()}"
     batch = _batch()
@@ -137,6 +149,7 @@ def main() -> dict:
         "batch": _error(lambda: dist.shard_batch(np.zeros((3, L), np.int32), mesh)),
     }
     out["cli"] = _cli_losses()
+    out["bench"] = _cli_bench()
     return out
 
 

@@ -108,6 +108,16 @@ def test_cli_train_with_mesh_matches_single_device(report):
     np.testing.assert_allclose(mesh, single, rtol=TRAIN_REL, atol=0)
 
 
+@pytest.mark.slow
+def test_cli_bench_with_mesh_runs_and_reports(report):
+    """`flax-impl bench --mesh data=4,model=2` runs sharded over the 8 simulated devices and reports it."""
+    bench = report["bench"]
+    assert bench["mesh"] == {"data": 4, "model": 2} and bench["jax_device_count"] == 8
+    flax_rows = [r for r in bench["results"] if r["framework"] == "flax"]
+    assert {r["mode"] for r in flax_rows} == {"forward", "train"}
+    assert all(r["tokens_per_s"]["median"] > 0 for r in bench["results"])
+
+
 # ------------------------------------------------------------------------- in this process (one device)
 def test_parse_mesh():
     assert dist.parse_mesh("data=4,model=2") == {"data": 4, "model": 2}
