@@ -24,15 +24,7 @@ from flax import nnx
 from flax_impl.config import EncoderConfig
 from flax_impl.dropout import Dropout
 from flax_impl.positions import rotate_qk, score_bias
-from flax_impl.sharding import (
-    COLUMN_BIAS,
-    COLUMN_KERNEL,
-    QKV_ACTIVATION,
-    REPLICATED_VECTOR,
-    ROW_KERNEL,
-    constrain,
-    param_metadata,
-)
+from flax_impl.sharding import QKV_ACTIVATION, constrain, parallel_linear
 
 
 def from_torch_mha_mask(mask: jax.Array) -> jax.Array:
@@ -103,15 +95,11 @@ class MultiHeadAttention(nnx.Module):
     """
 
     def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs):
-        D, dtype, pdtype = config.d_model, jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
+        D = config.d_model
         self.config = config
         # Megatron tensor parallelism under a mesh (flax_impl.sharding): in_proj column-, out_proj row-parallel.
-        self.in_proj = nnx.Linear(D, 3 * D, use_bias=config.bias, dtype=dtype, param_dtype=pdtype, rngs=rngs,
-                                  kernel_metadata=param_metadata(COLUMN_KERNEL),
-                                  bias_metadata=param_metadata(COLUMN_BIAS))
-        self.out_proj = nnx.Linear(D, D, use_bias=config.bias, dtype=dtype, param_dtype=pdtype, rngs=rngs,
-                                   kernel_metadata=param_metadata(ROW_KERNEL),
-                                   bias_metadata=param_metadata(REPLICATED_VECTOR))
+        self.in_proj = parallel_linear(config, D, 3 * D, "column", rngs=rngs)
+        self.out_proj = parallel_linear(config, D, D, "row", rngs=rngs)
         self.dropout = Dropout(config.attention_dropout, rngs=rngs)
 
     def __call__(

@@ -12,7 +12,7 @@ from flax import nnx
 from flax_impl.attention import MultiHeadAttention
 from flax_impl.config import EncoderConfig
 from flax_impl.dropout import Dropout
-from flax_impl.sharding import COLUMN_BIAS, COLUMN_KERNEL, REPLICATED_VECTOR, ROW_KERNEL, param_metadata
+from flax_impl.sharding import REPLICATED_VECTOR, parallel_linear, param_metadata
 
 
 def activation_fn(name: str, x: jax.Array) -> jax.Array:
@@ -63,35 +63,16 @@ class TransformerBlock(nnx.Module):
 
     def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs):
         D, F = config.d_model, config.d_ff
-        dtype, pdtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
         self.norm_first = config.norm_first
         self.attn = MultiHeadAttention(config, rngs=rngs)
         self.ln1 = layer_norm(config, rngs=rngs)
         self.ln2 = layer_norm(config, rngs=rngs)
         self.ff = nnx.List(
             [
-                nnx.Linear(
-                    D,
-                    F,
-                    use_bias=config.bias,
-                    dtype=dtype,
-                    param_dtype=pdtype,
-                    rngs=rngs,
-                    kernel_metadata=param_metadata(COLUMN_KERNEL),
-                    bias_metadata=param_metadata(COLUMN_BIAS),
-                ),
+                parallel_linear(config, D, F, "column", rngs=rngs),
                 Activation(config.activation),
                 Dropout(config.dropout, rngs=rngs),
-                nnx.Linear(
-                    F,
-                    D,
-                    use_bias=config.bias,
-                    dtype=dtype,
-                    param_dtype=pdtype,
-                    rngs=rngs,
-                    kernel_metadata=param_metadata(ROW_KERNEL),
-                    bias_metadata=param_metadata(REPLICATED_VECTOR),
-                ),
+                parallel_linear(config, F, D, "row", rngs=rngs),
                 Dropout(config.dropout, rngs=rngs),
             ]
         )

@@ -8,7 +8,27 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
+
+_C = TypeVar("_C", bound="_DictMixin")
+
+
+class _DictMixin:
+    """to_dict / from_dict for the frozen config dataclasses below."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """All fields as a plain dict (JSON-serialisable)."""
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls: type[_C], d: dict[str, Any]) -> _C:
+        """Build from a dict; an unknown key raises ValueError naming it."""
+        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} keys {unknown}; allowed: {sorted(known)}")
+        return cls(**d)
+
 
 POSITIONS = ("sinusoidal", "learned", "rope", "alibi", "none")
 ROPE_STYLES = ("half", "interleaved")
@@ -18,7 +38,7 @@ ATTENTION_IMPLS = ("auto", "einsum", "dot_product_attention")
 
 
 @dataclass(frozen=True)
-class EncoderConfig:
+class EncoderConfig(_DictMixin):
     """Hyper-parameters of the encoder stack; the defaults are lesson 08's 6 x 512 encoder.
 
     `position` selects where position enters: added at the input ("sinusoidal", "learned"), rotating q and k
@@ -100,19 +120,6 @@ class EncoderConfig:
         """H = D / N."""
         return self.d_model // self.n_heads
 
-    def to_dict(self) -> dict[str, Any]:
-        """All fields as a plain dict (JSON-serialisable)."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> EncoderConfig:
-        """Build from a dict; an unknown key raises ValueError naming it."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown EncoderConfig keys {unknown}; allowed: {sorted(known)}")
-        return cls(**d)
-
     def replace(self, **changes: Any) -> EncoderConfig:
         """A copy with some fields changed (validated again)."""
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
@@ -134,7 +141,7 @@ def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(_DictMixin):
     """Optimiser hyper-parameters shared by `flax_impl.train` (optax) and `torch_ref.train` (torch.optim).
 
     AdamW (Loshchilov & Hutter, 2019) with decoupled weight decay: p <- p - lr_t * (m_hat / (sqrt(v_hat) + eps)
@@ -179,16 +186,3 @@ class TrainConfig:
             raise ValueError(f"clip_norm={self.clip_norm!r} must be > 0, or None for no clipping")
         if not (isinstance(self.mask_prob, (int, float)) and 0.0 < self.mask_prob <= 1.0):
             raise ValueError(f"mask_prob={self.mask_prob!r} must be in (0, 1]")
-
-    def to_dict(self) -> dict[str, Any]:
-        """All fields as a plain dict (JSON-serialisable)."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        """Build from a dict; an unknown key raises ValueError naming it."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig keys {unknown}; allowed: {sorted(known)}")
-        return cls(**d)

@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 
@@ -51,6 +52,21 @@ def _diff(a: object, b: object) -> float:
     return float(np.max(np.abs(a - b))) if a.size else 0.0
 
 
+def build_twins(name: str, config: EncoderConfig, seed: int = 0) -> tuple[Any, Any]:
+    """flax_impl.<name>(config) and torch_ref.<name>(config), the Flax weights copied into torch, both in eval."""
+    from flax import nnx
+
+    import flax_impl as fi
+    import torch_ref as tr
+
+    flax_module = getattr(fi, name)(config, rngs=nnx.Rngs(seed))
+    torch_module = getattr(tr, name)(config)
+    torch_module.load_state_dict(fi.to_torch_state_dict(flax_module))
+    flax_module.eval()
+    torch_module.eval()
+    return flax_module, torch_module
+
+
 def _rows(cfg: EncoderConfig, batch: int, length: int, table_len: int, seed: int) -> Iterator[Callable[[], Row]]:
     import jax.numpy as jnp
     import torch
@@ -65,13 +81,8 @@ def _rows(cfg: EncoderConfig, batch: int, length: int, table_len: int, seed: int
     mask = np.ones((batch, length), np.int32)
     mask[-1, length // 2 :] = 0  # one padded sequence
 
-    def twins(name: str, c: EncoderConfig):
-        f = getattr(fi, name)(c, rngs=nnx.Rngs(seed))
-        t = getattr(tr, name)(c)
-        t.load_state_dict(fi.to_torch_state_dict(f))
-        f.eval()
-        t.eval()
-        return f, t
+    def twins(name: str, c: EncoderConfig) -> tuple[Any, Any]:
+        return build_twins(name, c, seed)
 
     def dropout_row() -> Row:
         xs = rng.uniform(0.5, 2.0, 100_000).astype(np.float32)

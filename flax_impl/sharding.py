@@ -32,6 +32,8 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+from flax import nnx
 from jax.sharding import PartitionSpec
 
 DATA = "data"
@@ -67,3 +69,19 @@ def constrain(x: jax.Array, spec: tuple[str | None, ...]) -> jax.Array:
         raise ValueError(f"sharding spec {spec} has {len(spec)} entries for an array of shape {x.shape}")
     names = set(mesh.axis_names)
     return jax.lax.with_sharding_constraint(x, PartitionSpec(*(a if a in names else None for a in spec)))
+
+
+def parallel_linear(config: Any, d_in: int, d_out: int, style: str, *, rngs: nnx.Rngs) -> nnx.Linear:
+    """nnx.Linear(d_in, d_out) with the config's bias and dtypes, annotated Megatron-style: "column" splits the
+    output features (kernel (None, model), bias (model,)), "row" the input features (bias replicated)."""
+    kernel, bias = {"column": (COLUMN_KERNEL, COLUMN_BIAS), "row": (ROW_KERNEL, REPLICATED_VECTOR)}[style]
+    return nnx.Linear(
+        d_in,
+        d_out,
+        use_bias=config.bias,
+        dtype=jnp.dtype(config.dtype),
+        param_dtype=jnp.dtype(config.param_dtype),
+        kernel_metadata=param_metadata(kernel),
+        bias_metadata=param_metadata(bias),
+        rngs=rngs,
+    )

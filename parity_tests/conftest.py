@@ -7,14 +7,13 @@ jax.config.update("jax_default_matmul_precision", "highest")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from flax import nnx  # noqa: E402
 
 import flax_impl as fi  # noqa: E402
-import torch_ref as tr  # noqa: E402
+from flax_impl.config import POSITIONS  # noqa: E402, F401  (re-exported to the tests)
+from flax_impl.parity import build_twins  # noqa: E402
 
 torch.set_num_threads(2)
 
-POSITIONS = ("sinusoidal", "learned", "rope", "alibi", "none")
 
 
 def small_config(**changes) -> fi.EncoderConfig:
@@ -24,14 +23,8 @@ def small_config(**changes) -> fi.EncoderConfig:
     return fi.EncoderConfig(**base)
 
 
-def twins(cls_name: str, config: fi.EncoderConfig, seed: int = 0):
-    """Build flax_impl.<cls_name> and torch_ref.<cls_name>, copy the Flax weights into torch, both in eval."""
-    flax_mod = getattr(fi, cls_name)(config, rngs=nnx.Rngs(seed))
-    torch_mod = getattr(tr, cls_name)(config)
-    torch_mod.load_state_dict(fi.to_torch_state_dict(flax_mod))
-    flax_mod.eval()
-    torch_mod.eval()
-    return flax_mod, torch_mod
+# twins("TransformerBlock", cfg) -> (flax module, torch module), Flax weights copied into torch, both in eval
+twins = build_twins
 
 
 def randn(rng: np.random.Generator, *shape: int) -> np.ndarray:
