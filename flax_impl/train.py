@@ -34,6 +34,7 @@ import optax
 from flax import nnx
 
 from flax_impl.config import EncoderConfig, TrainConfig
+from flax_impl.embedding import check_ids
 from flax_impl.tokenizer import MASK_ID, N_SPECIAL, PAD_ID
 
 Batch = dict[str, Any]
@@ -89,11 +90,7 @@ def _check_tokens(tokens: np.ndarray, vocab_size: int, *, min_len: int) -> np.nd
     tokens = np.asarray(tokens)
     if tokens.ndim != 2 or tokens.shape[1] < min_len or tokens.shape[0] < 1:
         raise ValueError(f"tokens must have shape (B, L) with B >= 1 and L >= {min_len}, got {tokens.shape}")
-    if not np.issubdtype(tokens.dtype, np.integer):
-        raise TypeError(f"tokens must be integer ids, got dtype {tokens.dtype}")
-    if tokens.min() < 0 or tokens.max() >= vocab_size:
-        bad = int(tokens[(tokens < 0) | (tokens >= vocab_size)][0])
-        raise IndexError(f"token id {bad} is out of range for vocab_size={vocab_size}")
+    check_ids(tokens, vocab_size)  # TypeError for non-integer ids, IndexError naming an id outside [0, V)
     return tokens.astype(np.int32)
 
 

@@ -382,3 +382,14 @@ def test_cli_bad_input_fails_before_training(tmp_path, capsys):
         cli_main([*TINY, "--out", str(tmp_path / "e"), "--bogus-option"])
     assert e.value.code == 2 and "unrecognized arguments: --bogus-option" in capsys.readouterr().err
     assert not any((tmp_path / d / "checkpoint").exists() for d in "abcde")
+
+
+def test_batches_reject_bad_token_ids():
+    """Batch builders use Embed's id check: an id outside [0, V) or a float id fails before any work."""
+    good = np.full((2, 8), 10, np.int64)
+    with pytest.raises(IndexError, match="token id 260 .*num_embeddings=260"):
+        ftrain.masked_token_batch(good + 250, vocab_size=260, rng=np.random.default_rng(0))
+    with pytest.raises(IndexError, match="token id -1"):
+        ftrain.next_token_batch(good - 11, vocab_size=260)
+    with pytest.raises(TypeError, match="integers"):
+        ftrain.next_token_batch(good.astype(np.float32), vocab_size=260)
