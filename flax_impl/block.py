@@ -18,12 +18,36 @@ from flax_impl.sharding import REPLICATED_VECTOR, parallel_linear, param_metadat
 def activation_fn(name: str, x: jax.Array) -> jax.Array:
     """ "gelu" = exact erf GELU (torch.nn.GELU()), "gelu_tanh" = tanh approximation, "relu"."""
     if name == "gelu":
-        return jax.nn.gelu(x, approximate=False)
+        return gelu_exact(x)
     if name == "gelu_tanh":
         return jax.nn.gelu(x, approximate=True)
     if name == "relu":
         return jax.nn.relu(x)
     raise ValueError(f"activation={name!r} is not one of ['gelu', 'gelu_tanh', 'relu']")
+
+
+_SQRT_HALF = 2.0**-0.5
+_INV_SQRT_2PI = (2.0 * 3.141592653589793) ** -0.5
+
+
+@jax.custom_jvp
+def gelu_exact(x: jax.Array) -> jax.Array:
+    """GELU(x) = x * Phi(x) = x * 0.5 * (1 + erf(x / sqrt 2)), elementwise, any shape: torch.nn.GELU()'s formula.
+
+    Its derivative Phi(x) + x * phi(x) (phi the normal density) is one custom JVP, so reverse mode keeps one
+    array for the backward pass and evaluates erf once. Differentiating jax.nn.gelu(approximate=False) (an erfc
+    form) instead measured 1.7x slower forward + backward on a (1024, 2048) array on CPU, and in the encoder's
+    train step XLA recomputed its erfc in several fusions.
+    """
+    return x * (0.5 * (1.0 + jax.lax.erf(x * _SQRT_HALF)))
+
+
+@gelu_exact.defjvp
+def _gelu_exact_jvp(primals: tuple[jax.Array], tangents: tuple[jax.Array]) -> tuple[jax.Array, jax.Array]:
+    (x,), (dx,) = primals, tangents
+    cdf = 0.5 * (1.0 + jax.lax.erf(x * _SQRT_HALF))  # Phi(x)
+    pdf = jnp.exp(-0.5 * x * x) * _INV_SQRT_2PI  # phi(x)
+    return x * cdf, dx * (cdf + x * pdf)
 
 
 class Activation(nnx.Module):

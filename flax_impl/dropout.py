@@ -39,7 +39,19 @@ class Dropout(nnx.Module):
             return jnp.zeros_like(x)
         if self.rngs is None:
             raise ValueError("Dropout in train mode needs rngs=nnx.Rngs(dropout=...) at construction")
-        keep = 1.0 - self.rate
-        mask = jax.random.bernoulli(self.rngs(), p=keep, shape=x.shape)
-        # x * fl(1 / keep), the scale rounded once from float64, as torch does: bit-equal kept values.
-        return jnp.where(mask, x * jnp.asarray(1.0 / keep, x.dtype), jnp.zeros_like(x))
+        return dropout(x, self.rate, self.rngs())
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
+    """Inverted dropout of x (any shape) with the given key, 0 <= rate < 1: the function behind `Dropout`.
+
+    The boolean keep-mask is materialised once (an optimization barrier): otherwise XLA fuses the random-bit
+    generator into both the forward select and its gradient, drawing every bit twice per train step (measured
+    10% of a 6 x 512 encoder's train step at B=4, L=512 on CPU). The mask is the same either way.
+    """
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"dropout rate={rate!r} must be in [0, 1) here (rate 1 gives zeros: see Dropout)")
+    keep = 1.0 - rate
+    mask = jax.lax.optimization_barrier(jax.random.bernoulli(key, p=keep, shape=x.shape))
+    # x * fl(1 / keep), the scale rounded once from float64, as torch does: bit-equal kept values.
+    return jnp.where(mask, x * jnp.asarray(1.0 / keep, x.dtype), jnp.zeros_like(x))

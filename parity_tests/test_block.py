@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 from conftest import POSITIONS, randn, small_config, twins
 from flax import nnx
-from tolerances import BLOCK, GRAD_REL
+from tolerances import BLOCK, ELEMENTWISE, GRAD_REL
 
 import flax_impl as fi
 import torch_ref as tr
@@ -163,6 +163,21 @@ def test_activation_variants_against_formula(activation, rng):
     from flax_impl.block import activation_fn
 
     np.testing.assert_allclose(np.asarray(activation_fn(activation, jnp.asarray(x))), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_exact_gelu_derivative_against_formula(rng):
+    """gelu_exact's custom JVP against Phi(x) + x phi(x) in float64, and against torch autograd's GELU."""
+    from flax_impl.block import gelu_exact
+
+    x = np.concatenate([randn(rng, 1000) * 3, np.float32([0.0, -8.0, 8.0, -30.0])])
+    erf = np.vectorize(__import__("math").erf)
+    x64 = x.astype(np.float64)
+    expected = 0.5 * (1 + erf(x64 / np.sqrt(2))) + x64 * np.exp(-0.5 * x64**2) / np.sqrt(2 * np.pi)
+    grad = np.asarray(jax.vmap(jax.grad(gelu_exact))(jnp.asarray(x)))
+    np.testing.assert_allclose(grad, expected, rtol=0, atol=ELEMENTWISE)
+    xt = torch.tensor(x, requires_grad=True)
+    torch.nn.functional.gelu(xt).sum().backward()
+    np.testing.assert_allclose(grad, xt.grad.numpy(), rtol=0, atol=ELEMENTWISE)
 
 
 @pytest.mark.parametrize("place", ["attn.dropout", "ff.2", "ff.4"])

@@ -1,11 +1,12 @@
 """Dropout tested by its law (PITFALLS: random bits cannot match torch's) and against torch's semantics."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 from flax import nnx
-from tolerances import DROPOUT_SIGMAS
+from tolerances import DROPOUT_SIGMAS, FLOAT32_REL
 
 import flax_impl as fi
 
@@ -93,3 +94,27 @@ def test_bad_rate(rate):
 def test_train_mode_without_rngs_is_a_clear_error():
     with pytest.raises(ValueError, match="rngs"):
         fi.Dropout(0.5)(jnp.ones(3))
+
+
+def test_dropout_function_checks_rate():
+    from flax_impl.dropout import dropout
+
+    with pytest.raises(ValueError, match="rate=1.0"):
+        dropout(jnp.ones(3), 1.0, jax.random.key(0))
+
+
+def test_mask_drawn_once_in_a_jitted_train_step(rng):
+    """Under jit + grad, forward and gradient see the same mask (it is materialised once, then reused)."""
+    p = 0.5
+    x = jnp.asarray(rng.standard_normal((64, 64)).astype(np.float32))
+    drop = fi.Dropout(p, rngs=nnx.Rngs(dropout=11))
+
+    @nnx.jit
+    def step(m, x):
+        return nnx.value_and_grad(lambda m, x: (m(x) * x).sum(), argnums=1)(m, x)
+
+    _, g = step(drop, x)  # d/dx sum(mask * x / keep * x) = 2 * mask * x / keep
+    kept = np.asarray(g) != 0
+    y = np.asarray(g) / (2 * np.asarray(x))
+    assert 0.3 < kept.mean() < 0.7
+    np.testing.assert_allclose(y[kept], 1 / (1 - p), rtol=FLOAT32_REL)  # one mask: 2/keep, two masks: 1/keep
