@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 
@@ -45,13 +46,26 @@ class Dropout(nnx.Module):
 def dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
     """Inverted dropout of x (any shape) with the given key, 0 <= rate < 1: the function behind `Dropout`.
 
-    The boolean keep-mask is materialised once (an optimization barrier): otherwise XLA fuses the random-bit
-    generator into both the forward select and its gradient, drawing every bit twice per train step (measured
-    10% of a 6 x 512 encoder's train step at B=4, L=512 on CPU). The mask is the same either way.
+    Each element is kept with probability 1 - rate by its own Bernoulli draw (jax.random.bernoulli). The keep
+    mask is packed eight elements to a uint8 by a sum over a trailing axis of 8, then unpacked where it is used.
+    Why: XLA's CPU fusion treats the random-bit generator as cheap elementwise code and duplicates it into every
+    consumer, so a plain mask was drawn twice per train step (in the forward select and again in its gradient);
+    a reduction is not duplicated, so the bits are drawn once and the backward pass reads one bit per element.
+    Measured on the 6 x 512 encoder's train step (CPU, B=4, L=512, unrolled layers): 1.12x torch eager against
+    1.03x with the plain mask; no difference at B=8, L=128.
     """
     if not 0.0 <= rate < 1.0:
         raise ValueError(f"dropout rate={rate!r} must be in [0, 1) here (rate 1 gives zeros: see Dropout)")
     keep = 1.0 - rate
-    mask = jax.lax.optimization_barrier(jax.random.bernoulli(key, p=keep, shape=x.shape))
+    shape = x.shape or (1,)
+    n = shape[-1]
+    draws = jax.random.bernoulli(key, p=keep, shape=shape[:-1] + (-(-n // 8), 8))  # (..., ceil(n/8), 8)
+    packed = jnp.sum(jnp.where(draws, _BIT_WEIGHTS, jnp.uint8(0)), axis=-1, dtype=jnp.uint8)  # (..., ceil(n/8))
+    bits = (packed[..., None] >> _BIT_SHIFTS) & jnp.uint8(1)  # (..., ceil(n/8), 8)
+    mask = bits.reshape(shape[:-1] + (-1,))[..., :n].astype(jnp.bool_).reshape(x.shape)
     # x * fl(1 / keep), the scale rounded once from float64, as torch does: bit-equal kept values.
     return jnp.where(mask, x * jnp.asarray(1.0 / keep, x.dtype), jnp.zeros_like(x))
+
+
+_BIT_SHIFTS = np.arange(8, dtype=np.uint8)
+_BIT_WEIGHTS = np.left_shift(np.uint8(1), _BIT_SHIFTS)  # 1, 2, 4, ..., 128

@@ -118,3 +118,18 @@ def test_mask_drawn_once_in_a_jitted_train_step(rng):
     y = np.asarray(g) / (2 * np.asarray(x))
     assert 0.3 < kept.mean() < 0.7
     np.testing.assert_allclose(y[kept], 1 / (1 - p), rtol=FLOAT32_REL)  # one mask: 2/keep, two masks: 1/keep
+
+
+@pytest.mark.parametrize("width", [1, 13, 64])
+def test_every_position_is_an_independent_draw(width):
+    """The mask is packed eight to a byte and unpacked: every column (also past a multiple of 8) is dropped with
+    probability p, and neighbouring elements agree as often as independent draws do (p^2 + (1 - p)^2)."""
+    p, rows = 0.3, 4000
+    y = np.asarray(fi.Dropout(p, rngs=nnx.Rngs(dropout=3))(jnp.ones((rows, width))))
+    dropped = y == 0
+    sigma = np.sqrt(p * (1 - p) / rows)
+    assert np.all(np.abs(dropped.mean(axis=0) - p) < DROPOUT_SIGMAS * sigma)
+    pairs = [dropped[:, 1:] == dropped[:, :-1], dropped[1:] == dropped[:-1]]  # along and across rows
+    for same in (s for s in pairs if s.size):
+        q = p**2 + (1 - p) ** 2
+        assert abs(same.mean() - q) < DROPOUT_SIGMAS * np.sqrt(q * (1 - q) / same.size)
