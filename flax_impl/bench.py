@@ -83,6 +83,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vocab", type=int, default=1000, help="vocabulary size (default 1000)")
     parser.add_argument("--unrolled", action="store_true",
                         help="scan_layers=False: a Python loop of blocks (slower compile, faster train step on CPU)")
+    parser.add_argument("--scan-unroll", type=int, default=None, metavar="N",
+                        help="scan_unroll=N: layers per iteration of the scanned loop (n_layers: fully unrolled)")
     parser.add_argument("--position", choices=["sinusoidal", "learned", "rope", "alibi", "none"])
     parser.add_argument("--dropout", type=float, help="dropout of the train step (default: the config's, 0.1)")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
@@ -309,7 +311,7 @@ def flax_compile_seconds(
 
     from flax_impl.encoder import TransformerEncoder
 
-    cfg = config.replace(n_layers=n_layers, scan_layers=True)
+    cfg = config.replace(n_layers=n_layers, scan_layers=True, scan_unroll=1)
     model = nnx.eval_shape(
         lambda: TransformerEncoder(cfg, rngs=nnx.Rngs(params=0, dropout=jax.random.key(0, impl=rng_impl)))
     )
@@ -475,6 +477,8 @@ def _build_config(args: argparse.Namespace, max_length: int) -> EncoderConfig:
         fields["position"] = args.position
     if args.unrolled:
         fields["scan_layers"] = False
+    if args.scan_unroll is not None:
+        fields["scan_unroll"] = args.scan_unroll
     if args.dropout is not None:
         fields["dropout"] = args.dropout
     if args.precision == "bf16":
@@ -669,6 +673,13 @@ def _run_measurements(args: argparse.Namespace, config: EncoderConfig, shapes: l
     }
 
 
+def _layers_text(cfg: dict[str, Any]) -> str:
+    if not cfg["scan_layers"]:
+        return "unrolled layers"
+    unroll = min(cfg.get("scan_unroll", 1), cfg["n_layers"])
+    return "scanned layers" if unroll == 1 else f"scanned layers, {unroll} per loop iteration"
+
+
 def format_table(result: dict[str, Any]) -> str:
     """The terminal report: one row per measurement, then the compile-time scaling."""
     cfg = result["config"]
@@ -677,7 +688,7 @@ def format_table(result: dict[str, Any]) -> str:
         f"matmul peak {result['matmul_peak_flops'] / 1e9:.1f} GFLOP/s ({result['matmul_dtype']}, "
         + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in result["matmul_peak"].items()) + ")",
         f"encoder: {cfg['n_layers']} x {cfg['d_model']} (N={cfg['n_heads']}, F={cfg['d_ff']}, V={cfg['vocab_size']}, "
-        f"{'scanned' if cfg['scan_layers'] else 'unrolled'} layers), "
+        f"{_layers_text(cfg)}), "
         f"position={result['position']}, precision={result['precision']}, dropout(train)={cfg['dropout']}, "
         f"repeats={result['repeats']}",
         "",

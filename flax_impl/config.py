@@ -47,6 +47,10 @@ class EncoderConfig(_DictMixin):
     the Flax compute dtype, `param_dtype` the storage dtype; torch_ref ignores both (it follows its tensors).
     `attention_impl` picks the Flax attention kernel ("auto": `jax.nn.dot_product_attention` on GPU/TPU when no
     attention dropout is active, else "einsum", an explicit softmax chunked over queries); same results.
+    `scan_unroll` (with `scan_layers`) puts that many layers in each iteration of the scanned loop: n_layers
+    unrolls it fully, so XLA sees every layer (on CPU the train step then runs as fast as `scan_layers=False`,
+    9-17 % faster than the rolled loop at 6 x 512) while the parameters keep their stacked layout; compile time
+    then grows with depth.
     """
 
     vocab_size: int = 10_000
@@ -73,6 +77,7 @@ class EncoderConfig(_DictMixin):
     bias: bool = True
     tie_lm_head: bool = False
     scan_layers: bool = True
+    scan_unroll: int = 1  # layers per iteration of the scanned loop; >= n_layers unrolls it fully (Flax only)
     remat: bool = False
     dtype: str = "float32"
     param_dtype: str = "float32"
@@ -81,7 +86,7 @@ class EncoderConfig(_DictMixin):
     def __post_init__(self) -> None:
         if self.attention_dropout is None:
             object.__setattr__(self, "attention_dropout", self.dropout)
-        for name in ("vocab_size", "d_model", "n_heads", "d_ff", "n_layers", "max_len"):
+        for name in ("vocab_size", "d_model", "n_heads", "d_ff", "n_layers", "max_len", "scan_unroll"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be an integer >= 1")

@@ -35,6 +35,8 @@ def test_attention_dropout_defaults_to_dropout_but_can_differ():
         ("n_heads", 0, "n_heads=0"),
         ("d_ff", 1.5, "d_ff=1.5"),
         ("n_layers", 0, "n_layers=0"),
+        ("scan_unroll", 0, "scan_unroll=0"),
+        ("scan_unroll", True, "scan_unroll=True"),
         ("max_len", 0, "max_len=0"),
         ("dropout", 1.5, "dropout=1.5"),
         ("dropout", -0.1, "dropout=-0.1"),

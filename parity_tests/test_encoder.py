@@ -9,7 +9,7 @@ from conftest import POSITIONS, small_config, twins
 from flax import nnx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tolerances import ENCODER, GRAD_REL
+from tolerances import ELEMENTWISE, ENCODER, GRAD_REL
 
 import flax_impl as fi
 import torch_ref as tr
@@ -111,6 +111,30 @@ def test_scanned_equals_unrolled(remat, rng):
         rtol=0,
         atol=1e-5,
     )
+
+
+@pytest.mark.parametrize("unroll", [2, 5])
+def test_scan_unroll_computes_the_same(unroll, rng):
+    """scan_unroll only regroups the loop: same parameters (stacked), same dropout masks, same outputs and
+    gradients as the rolled scan; with unroll >= n_layers no loop is left in the lowered program."""
+    cfg = small_config(n_layers=3, dropout=0.3)
+    rngs = lambda: nnx.Rngs(params=0, dropout=jax.random.key(0, impl="philox4x32"))  # noqa: E731 (compiles faster)
+    rolled = fi.TransformerEncoder(cfg, rngs=rngs())
+    unrolled = fi.TransformerEncoder(cfg.replace(scan_unroll=unroll), rngs=rngs())
+    ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 8)))
+    forward = nnx.jit(lambda m, i: m(i))
+    grad = nnx.jit(nnx.grad(lambda m, i: m(i).sum()))
+    y1, y2 = np.asarray(forward(rolled, ids)), np.asarray(forward(unrolled, ids))  # train mode: dropout on
+    assert np.any(y1 != np.asarray(forward(rolled, ids)))  # fresh masks per call: dropout is really on
+    forward(unrolled, ids)  # keep both dropout streams at the same position
+    np.testing.assert_allclose(y2, y1, rtol=0, atol=ELEMENTWISE)
+    g1, g2 = grad(rolled, ids), grad(unrolled, ids)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=GRAD_REL * np.abs(a).max())
+    unrolled.eval()  # no dropout: the layer loop is the program's only loop
+    graphdef, state = nnx.split(unrolled)
+    hlo = jax.jit(lambda s, i: nnx.merge(graphdef, s)(i)).lower(state, ids).as_text()
+    assert hlo.count("stablehlo.while") == (1 if unroll < cfg.n_layers else 0)
 
 
 def test_scanned_layers_draw_their_own_dropout_masks():
