@@ -96,3 +96,16 @@ def test_bad_arguments_exit_2_before_work(capsys):
     assert "BxL" in capsys.readouterr().err
     assert main(["bench", "--modes", "backward"]) == 2
     assert "--modes" in capsys.readouterr().err
+
+
+def test_layer_options_reach_the_config_and_the_table():
+    parser = __import__("argparse").ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--layers", "6", "--scan-unroll", "6"])
+    cfg = bench._build_config(args, max_length=128)
+    assert (cfg.n_layers, cfg.scan_layers, cfg.scan_unroll) == (6, True, 6)
+    assert bench._layers_text(cfg.to_dict()) == "scanned layers, 6 per loop iteration"
+    assert bench._layers_text(cfg.replace(scan_unroll=1).to_dict()) == "scanned layers"
+    unrolled = bench._build_config(parser.parse_args(["--unrolled"]), max_length=128)
+    assert bench._layers_text(unrolled.to_dict()) == "unrolled layers"
+    assert main(["bench", "--scan-unroll", "0"]) == 2  # a bad value is an argument error, before any work
