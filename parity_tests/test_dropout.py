@@ -104,7 +104,7 @@ def test_dropout_function_checks_rate():
 
 
 def test_mask_drawn_once_in_a_jitted_train_step(rng):
-    """Under jit + grad, forward and gradient see the same mask (it is materialised once, then reused)."""
+    """Under jit + grad, the forward pass and its gradient use one and the same mask."""
     p = 0.5
     x = jnp.asarray(rng.standard_normal((64, 64)).astype(np.float32))
     drop = fi.Dropout(p, rngs=nnx.Rngs(dropout=11))
