@@ -86,9 +86,12 @@ class TransformerEncoder(nnx.Module):
     def _scan_blocks(self, x: jax.Array, attention_mask: jax.Array | None) -> jax.Array:
         step = nnx.remat(_scan_step) if self.config.remat else _scan_step
         layer_axis = {nnx.PARTITION_NAME: None}  # the stacked layer axis is unsharded
-        unroll = min(self.config.scan_unroll, self.config.n_layers)
-        scan = nnx.scan(
-            step, in_axes=(nnx.Carry, 0, None), out_axes=nnx.Carry, transform_metadata=layer_axis, unroll=unroll
+        scan = nnx.scan(  # lax.scan itself caps unroll at the loop length
+            step,
+            in_axes=(nnx.Carry, 0, None),
+            out_axes=nnx.Carry,
+            transform_metadata=layer_axis,
+            unroll=self.config.scan_unroll,
         )
         return scan(x, self.blocks, attention_mask)
 

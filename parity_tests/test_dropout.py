@@ -103,7 +103,7 @@ def test_dropout_function_checks_rate():
         dropout(jnp.ones(3), 1.0, jax.random.key(0))
 
 
-def test_mask_drawn_once_in_a_jitted_train_step(rng):
+def test_forward_and_gradient_share_one_mask_under_jit(rng):
     """Under jit + grad, the forward pass and its gradient use one and the same mask."""
     p = 0.5
     x = jnp.asarray(rng.standard_normal((64, 64)).astype(np.float32))
