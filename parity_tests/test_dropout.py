@@ -133,3 +133,29 @@ def test_every_position_is_an_independent_draw(width):
     for same in (s for s in pairs if s.size):
         q = p**2 + (1 - p) ** 2
         assert abs(same.mean() - q) < DROPOUT_SIGMAS * np.sqrt(q * (1 - q) / same.size)
+
+
+def test_keep_bits_for_fused_kernels():
+    """Dropout.keep_bits gives the packed mask a fused kernel applies itself (attention): None when the layer is
+    the identity; else uint8 (..., ceil(n/8)) whose unpacked bits keep each element with probability 1 - p."""
+    from flax_impl.dropout import unpack_keep_bits
+
+    p, shape = 0.3, (4000, 13)
+    drop = fi.Dropout(p, rngs=nnx.Rngs(dropout=5))
+    bits = drop.keep_bits(shape)
+    assert bits.dtype == jnp.uint8 and bits.shape == (4000, 2)
+    dropped = ~np.asarray(unpack_keep_bits(bits, shape))
+    n = dropped.size
+    assert abs(dropped.mean() - p) < DROPOUT_SIGMAS * np.sqrt(p * (1 - p) / n)
+    assert not np.array_equal(np.asarray(drop.keep_bits(shape)), np.asarray(bits))  # fresh bits per call
+    assert drop.keep_bits(shape, deterministic=True) is None
+    assert fi.Dropout(0.0, rngs=nnx.Rngs(dropout=5)).keep_bits(shape) is None
+    drop.eval()
+    assert drop.keep_bits(shape) is None
+
+
+def test_keep_bits_checks_rate():
+    from flax_impl.dropout import keep_bits
+
+    with pytest.raises(ValueError, match="rate=1.5"):
+        keep_bits(jax.random.key(0), 1.5, (3,))
