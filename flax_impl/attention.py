@@ -16,13 +16,15 @@ when no attention dropout is active, the einsum path otherwise.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from flax_impl.config import EncoderConfig
-from flax_impl.dropout import Dropout
+from flax_impl.dropout import Dropout, apply_keep_bits, keep_scale, unpack_keep_bits
 from flax_impl.positions import rotate_qk, score_bias
 from flax_impl.sharding import QKV_ACTIVATION, constrain, parallel_linear
 
@@ -132,9 +134,9 @@ class MultiHeadAttention(nnx.Module):
                 v.transpose(0, 2, 1, 3),  # (B, N, S, H)
                 bias,
                 allowed,
-                self.dropout,
-                query_chunk(B, N, L, L),
-            )  # (B, L, N, H)
+                self.dropout.keep_bits((B, N, L, L)),
+                self.dropout.rate,
+            ).transpose(0, 2, 1, 3)  # (B, L, N, H)
         return self.out_proj(out.reshape(B, L, D))
 
     def _use_dot_product_attention(self) -> bool:
@@ -180,36 +182,132 @@ def _einsum_attention(
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,
-    bias: jax.Array | None,
-    allowed: jax.Array | None,
-    dropout: Dropout,
-    chunk: int,
+    bias: jax.Array | None = None,
+    allowed: jax.Array | None = None,
+    keep: jax.Array | None = None,
+    rate: float = 0.0,
+    chunk: int | None = None,
 ) -> jax.Array:
-    """softmax(q.k^T + bias, masked) . v, heads-major, one query chunk at a time: q (B, N, L, H) (already scaled),
-    k, v (B, N, S, H), bias float (B|1, N|1, L|1, S), allowed bool (same broadcast) -> (B, L, N, H).
+    """softmax(q.k^T + bias, masked), dropped out, . v, heads-major: q (B, N, L, H) (already scaled), k, v
+    (B, N, S, H), bias float (B|1, N|1, L|1, S), allowed bool (same broadcast; True = may attend), keep the
+    packed dropout mask of (B, N, L, S) from `flax_impl.dropout.keep_bits` (None: no dropout) -> (B, N, L, H).
 
-    Per chunk: scores in float32, e = exp(s - rowmax) (unnormalised), dropout on e, then (e . v) / rowsum(e):
-    the normalisation is applied to the (c, H) output rather than the (c, S) probabilities (the same value:
-    dropout(p) = dropout(e) / rowsum(e)). Rows with no key to attend to give zeros.
+    Computed one chunk of `chunk` queries at a time (default `query_chunk`): scores in float32,
+    e = exp(s - rowmax), dropout on e, out = (e . v) / rowsum(e), the normalisation applied to the (c, H) output
+    rather than the (c, S) probabilities (the same value: dropout(p) = dropout(e) / rowsum(e)). Rows with no key
+    to attend to give zeros.
+
+    The gradient is written out (as in FlashAttention, Dao et al. 2022) rather than left to autodiff: the
+    backward keeps q, k, v, the output and the row log-sum-exp, and recomputes each chunk's probabilities from
+    them. Autodiff keeps two (B, N, L, S) float32 arrays per layer instead (the probabilities before and after
+    dropout), which a scan over layers stacks and copies every step.
     """
     B, N, L, H = q.shape
-    outs = []
-    for start in range(0, L, chunk):
-        rows = slice(start, min(start + chunk, L))
-        scores = jnp.einsum("bnlh,bnsh->bnls", q[:, :, rows], k, preferred_element_type=jnp.float32)  # (B, N, c, S)
-        if bias is not None:
-            scores = scores + _rows(bias, rows)
-        mask = _rows(allowed, rows)
-        if mask is not None:
-            scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-        e = jnp.exp(scores - jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))  # (B, N, c, S), <= 1
+    return _attention(q, k, v, bias, allowed, keep, rate, chunk or query_chunk(B, N, L, k.shape[2]))
+
+
+def _row_chunks(q_len: int, chunk: int) -> list[slice]:
+    return [slice(start, min(start + chunk, q_len)) for start in range(0, q_len, chunk)]
+
+
+def _chunk_scores(
+    q_c: jax.Array, k: jax.Array, bias: jax.Array | None, allowed: jax.Array | None, rows: slice
+) -> tuple[jax.Array, jax.Array | None]:
+    """Scores (B, N, c, S) in float32 of one query chunk, bias added, masked entries at float32 min; its mask."""
+    scores = jnp.einsum("bnlh,bnsh->bnls", q_c, k, preferred_element_type=jnp.float32)
+    if bias is not None:
+        scores = scores + _rows(bias, rows)
+    mask = _rows(allowed, rows)
+    if mask is not None:
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    return scores, mask
+
+
+_Residuals = tuple[jax.Array, ...]
+
+
+def _attention_fwd(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    bias: jax.Array | None,
+    allowed: jax.Array | None,
+    keep: jax.Array | None,
+    rate: float,
+    chunk: int,
+) -> tuple[jax.Array, _Residuals]:
+    outs, lses = [], []
+    for rows in _row_chunks(q.shape[2], chunk):
+        scores, mask = _chunk_scores(q[:, :, rows], k, bias, allowed, rows)
+        rowmax = jnp.max(scores, axis=-1, keepdims=True)  # (B, N, c, 1)
+        e = jnp.exp(scores - rowmax)  # (B, N, c, S), <= 1
         denom = jnp.sum(e, axis=-1, keepdims=True)  # (B, N, c, 1), >= 1
-        e = dropout(e.astype(v.dtype))
+        e = e.astype(v.dtype)
+        if keep is not None:
+            e = apply_keep_bits(e, keep[:, :, rows], rate)
         out = jnp.einsum("bnls,bnsh->bnlh", e, v, preferred_element_type=jnp.float32) / denom  # (B, N, c, H)
         if mask is not None:  # a row with no key to attend to gives zeros, not a uniform average
             out = jnp.where(jnp.any(mask, axis=-1, keepdims=True), out, 0.0)
-        outs.append(out.astype(v.dtype).transpose(0, 2, 1, 3))  # (B, c, N, H)
-    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)  # (B, L, N, H)
+        outs.append(out.astype(v.dtype))
+        lses.append(rowmax + jnp.log(denom))
+    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)  # (B, N, L, H)
+    lse = lses[0] if len(lses) == 1 else jnp.concatenate(lses, axis=2)  # (B, N, L, 1)
+    return out, (q, k, v, bias, allowed, keep, out, lse)
+
+
+def _attention_bwd(rate: float, chunk: int, residuals: _Residuals, d_out: jax.Array) -> tuple:
+    """dV = Pd^T dO, dPd = dO V^T, dP = dropout(dPd), dS = P (dP - rowsum(dO * O)), dQ = dS K, dK = dS^T Q."""
+    q, k, v, bias, allowed, keep, out, lse = residuals  # out (B, N, L, H), lse (B, N, L, 1)
+    scale = keep_scale(rate, v.dtype)
+    dq, dk, dv, dbias = [], jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32), []
+    for rows in _row_chunks(q.shape[2], chunk):
+        q_c, do_c = q[:, :, rows], d_out[:, :, rows]  # (B, N, c, H)
+        scores, mask = _chunk_scores(q_c, k, bias, allowed, rows)
+        p = jnp.exp(scores - lse[:, :, rows])  # (B, N, c, S) probabilities
+        if mask is not None:  # rows with no key gave zeros: no gradient flows through them
+            do_c = jnp.where(jnp.any(mask, axis=-1, keepdims=True), do_c, jnp.zeros((), do_c.dtype))
+        dp = jnp.einsum("bnlh,bnsh->bnls", do_c, v, preferred_element_type=jnp.float32)  # (B, N, c, S)
+        pd = p.astype(v.dtype)
+        if keep is not None:
+            kept = unpack_keep_bits(keep[:, :, rows], p.shape)
+            pd = jnp.where(kept, pd * jnp.asarray(scale, pd.dtype), jnp.zeros((), pd.dtype))
+            dp = jnp.where(kept, dp * jnp.float32(scale), 0.0)
+        row_dot = jnp.sum(do_c.astype(jnp.float32) * out[:, :, rows].astype(jnp.float32), -1, keepdims=True)
+        ds = p * (dp - row_dot)  # (B, N, c, S) gradient of the scores
+        dv = dv + jnp.einsum("bnls,bnlh->bnsh", pd, do_c, preferred_element_type=jnp.float32)
+        ds_q = ds.astype(q.dtype)
+        dq.append(jnp.einsum("bnls,bnsh->bnlh", ds_q, k, preferred_element_type=jnp.float32).astype(q.dtype))
+        dk = dk + jnp.einsum("bnls,bnlh->bnsh", ds_q, q_c, preferred_element_type=jnp.float32)
+        if bias is not None:  # undo the broadcast of bias to (B, N, c, S)
+            dbias.append(_sum_to(ds, bias.shape[:2] + (1 if bias.shape[2] == 1 else ds.shape[2], bias.shape[3])))
+    dq = dq[0] if len(dq) == 1 else jnp.concatenate(dq, axis=2)
+    if bias is not None:
+        dbias = sum(dbias) if bias.shape[2] == 1 else jnp.concatenate(dbias, axis=2)
+        dbias = dbias.astype(bias.dtype)
+    return dq, dk.astype(k.dtype), dv.astype(v.dtype), dbias if bias is not None else None, None, None
+
+
+def _sum_to(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Sum x over the axes where `shape` has size 1 (undo a broadcast), keeping them."""
+    axes = tuple(i for i, (a, b) in enumerate(zip(x.shape, shape, strict=True)) if b == 1 and a != 1)
+    return jnp.sum(x, axis=axes, keepdims=True) if axes else x
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    bias: jax.Array | None,
+    allowed: jax.Array | None,
+    keep: jax.Array | None,
+    rate: float,
+    chunk: int,
+) -> jax.Array:
+    return _attention_fwd(q, k, v, bias, allowed, keep, rate, chunk)[0]
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def _dot_product_attention(

@@ -1,14 +1,18 @@
 """MultiHeadAttention, Flax vs torch_ref: every position scheme and mask form; masks against their meaning."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 from conftest import POSITIONS, randn, small_config, twins
-from tolerances import BLOCK
+from flax import nnx
+from tolerances import BLOCK, GRAD_REL
 
 import flax_impl as fi
 import torch_ref as tr
+from flax_impl.attention import _einsum_attention
+from flax_impl.dropout import keep_bits, unpack_keep_bits
 
 B, L = 2, 7
 
@@ -116,3 +120,69 @@ def test_bad_masks_raise(mask, error, words, rng):
     f, _ = twins("MultiHeadAttention", cfg)
     with pytest.raises(error, match=words):
         f(jnp.asarray(randn(rng, B, L, cfg.d_model)), jnp.asarray(mask))
+
+
+def _softmax_attention_formula(q, k, v, bias, allowed, keep, rate):
+    """softmax(q.k^T + bias, masked) (dead rows zero), dropped out with the same packed mask, . v: plain jnp."""
+    scores = jnp.einsum("bnlh,bnsh->bnls", q, k) + (0.0 if bias is None else bias)
+    if allowed is not None:
+        scores = jnp.where(allowed, scores, -1e30)
+    p = jax.nn.softmax(scores, axis=-1)
+    if allowed is not None:
+        p = p * jnp.any(allowed, axis=-1, keepdims=True)
+    if keep is not None:
+        p = jnp.where(unpack_keep_bits(keep, p.shape), p / (1.0 - rate), 0.0)
+    return jnp.einsum("bnls,bnsh->bnlh", p, v)
+
+
+@pytest.mark.parametrize("chunk", [None, 3])
+@pytest.mark.parametrize("case", ["plain", "bias", "mask+bias+dropout", "row-broadcast mask+bias+dropout"])
+def test_written_out_gradient_matches_autodiff_of_the_formula(case, chunk, rng):
+    """The einsum path's gradient (probabilities recomputed from the row log-sum-exp, dropout from the packed
+    bits, query chunks) against jax.grad of plain softmax attention with the same mask: q, k, v and the bias."""
+    Bq, N, Lq, H, rate = 2, 3, 11, 4, 0.25
+    q, k, v, w = (jnp.asarray(randn(rng, Bq, N, Lq, H)) for _ in range(4))
+    bias = jnp.asarray(randn(rng, 1, N, Lq, Lq)) if case != "plain" else None
+    allowed = keep = None
+    if "mask" in case:
+        allowed = rng.random((Bq, 1, Lq, Lq)) > 0.3
+        allowed[0, 0, 4] = False  # a query with no key: zeros, and no gradient through it
+        allowed = jnp.asarray(allowed)
+        keep = keep_bits(jax.random.key(0), rate, (Bq, N, Lq, Lq))
+    if "row-broadcast" in case:
+        bias, allowed = bias[:, :, :1], allowed[:, :, :1]
+    drop = rate if keep is not None else 0.0
+
+    def ours(q, k, v, bias):
+        return jnp.sum(_einsum_attention(q, k, v, bias, allowed, keep, drop, chunk) * w)
+
+    def formula(q, k, v, bias):
+        return jnp.sum(_softmax_attention_formula(q, k, v, bias, allowed, keep, drop) * w)
+
+    y = _einsum_attention(q, k, v, bias, allowed, keep, drop, chunk)
+    np.testing.assert_allclose(y, _softmax_attention_formula(q, k, v, bias, allowed, keep, drop), rtol=0, atol=BLOCK)
+    argnums = (0, 1, 2) if bias is None else (0, 1, 2, 3)
+    grads = jax.grad(ours, argnums)(q, k, v, bias)
+    expected = jax.grad(formula, argnums)(q, k, v, bias)
+    for name, g, e in zip("qkvb"[: len(argnums)], grads, expected, strict=True):
+        assert g.shape == e.shape, name
+        np.testing.assert_allclose(g, e, rtol=0, atol=GRAD_REL * float(jnp.max(jnp.abs(e))), err_msg=name)
+
+
+def test_backward_keeps_no_score_sized_array(rng):
+    """In train mode with attention dropout, what the backward keeps is O(L) per query: q, k, v, the output,
+    the row log-sum-exp and the packed mask, and no float (B, N, L, S) array (autodiff kept two)."""
+    cfg = small_config(attention_dropout=0.1)
+    attn = fi.MultiHeadAttention(cfg, rngs=nnx.Rngs(params=0, dropout=1))
+    attn.train()
+    graph, params, rest = nnx.split(attn, nnx.Param, ...)
+    x = jnp.asarray(randn(rng, B, L, cfg.d_model))
+
+    def loss(params, x, rest):
+        return jnp.sum(nnx.merge(graph, params, rest)(x))
+
+    _, backward = jax.vjp(loss, params, x, rest)
+    saved = jax.tree.leaves(backward)  # the residuals jax.vjp keeps for the backward pass
+    scores_sized = [a for a in saved if a.shape[-2:] == (L, L) and jnp.issubdtype(a.dtype, jnp.floating)]
+    assert not scores_sized, scores_sized
+    assert any(a.dtype == jnp.uint8 and a.shape == (B, cfg.n_heads, L, 1) for a in saved)  # the packed mask
