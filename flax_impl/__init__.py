@@ -23,6 +23,7 @@ _EXPORTS = {
     "MultiHeadAttention": "flax_impl.attention",
     "from_torch_mha_mask": "flax_impl.attention",
     "TransformerBlock": "flax_impl.block",
+    "LayerNorm": "flax_impl.block",
     "TransformerInput": "flax_impl.pipeline",
     "encode_text": "flax_impl.pipeline",
     "ByteTokenizer": "flax_impl.tokenizer",
@@ -60,7 +61,7 @@ __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # let type checkers and IDEs see the real names
     from flax_impl.attention import MultiHeadAttention, from_torch_mha_mask  # noqa: F401
-    from flax_impl.block import TransformerBlock  # noqa: F401
+    from flax_impl.block import LayerNorm, TransformerBlock  # noqa: F401
     from flax_impl.config import EncoderConfig, TrainConfig  # noqa: F401
     from flax_impl.distributed import (  # noqa: F401
         check_shardable,

@@ -5,6 +5,9 @@ Axes: B batch, L length, D model width, F feed-forward width.
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -61,9 +64,81 @@ class Activation(nnx.Module):
         return activation_fn(self.name, x)
 
 
-def layer_norm(config: EncoderConfig, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
+class LayerNorm(nnx.Module):
+    """LayerNorm over the last axis (Ba et al., 2016): (x - mean) / sqrt(var + epsilon) * scale + bias,
+    x (..., D) -> (..., D) in `dtype` (default x's), as torch.nn.LayerNorm: biased variance from the centred
+    values (two passes), statistics and arithmetic in float32. Parameters `scale` (ones) and `bias` (zeros,
+    absent if not `use_bias`) of shape (D,), named as in nnx.LayerNorm.
+
+    The gradient is written out: the backward keeps x and the per-row mean and 1/std, and recomputes the
+    normalised values. Autodiff of the same formula keeps four (..., D) float32 arrays per norm, which a scan
+    over layers stacks and copies every step.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        epsilon: float = 1e-5,
+        use_bias: bool = True,
+        dtype: jnp.dtype | None = None,
+        param_dtype: jnp.dtype = jnp.float32,
+        scale_metadata: dict[str, Any] | None = None,
+        bias_metadata: dict[str, Any] | None = None,
+    ):
+        if not epsilon > 0.0:
+            raise ValueError(f"epsilon={epsilon!r} must be > 0")
+        self.num_features, self.epsilon, self.dtype = num_features, float(epsilon), dtype
+        self.scale = nnx.Param(jnp.ones((num_features,), param_dtype), **(scale_metadata or {}))
+        bias = nnx.Param(jnp.zeros((num_features,), param_dtype), **(bias_metadata or {}))
+        self.bias = bias if use_bias else nnx.data(None)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if x.shape[-1:] != (self.num_features,):
+            raise ValueError(f"LayerNorm over {self.num_features} features got input of shape {x.shape}")
+        bias = None if self.bias is None else self.bias[...]
+        return _layer_norm(x, self.scale[...], bias, self.epsilon, jnp.dtype(self.dtype or x.dtype))
+
+
+def _layer_norm_fwd(
+    x: jax.Array, scale: jax.Array, bias: jax.Array | None, epsilon: float, dtype: jnp.dtype
+) -> tuple[jax.Array, tuple]:
+    x32 = x.astype(jnp.float32)  # (..., D)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)  # (..., 1)
+    centred = x32 - mean
+    rstd = jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + epsilon)  # (..., 1)
+    y = centred * rstd * scale.astype(jnp.float32)
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
+    return y.astype(dtype), (x, mean, rstd, scale, bias)
+
+
+def _layer_norm_bwd(epsilon: float, dtype: jnp.dtype, residuals: tuple, g: jax.Array) -> tuple:
+    """dx = rstd * (dxh - mean(dxh) - xh * mean(dxh * xh)) with xh the normalised x and dxh = g * scale."""
+    x, mean, rstd, scale, bias = residuals
+    g32 = g.astype(jnp.float32)
+    xh = (x.astype(jnp.float32) - mean) * rstd
+    dxh = g32 * scale.astype(jnp.float32)
+    dx = rstd * (dxh - jnp.mean(dxh, axis=-1, keepdims=True) - xh * jnp.mean(dxh * xh, axis=-1, keepdims=True))
+    rows = tuple(range(x.ndim - 1))
+    dscale = jnp.sum(g32 * xh, axis=rows).astype(scale.dtype)
+    dbias = None if bias is None else jnp.sum(g32, axis=rows).astype(bias.dtype)
+    return dx.astype(x.dtype), dscale, dbias
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _layer_norm(
+    x: jax.Array, scale: jax.Array, bias: jax.Array | None, epsilon: float, dtype: jnp.dtype
+) -> jax.Array:
+    return _layer_norm_fwd(x, scale, bias, epsilon, dtype)[0]
+
+
+_layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+def layer_norm(config: EncoderConfig) -> LayerNorm:
     """LayerNorm over D with the config's epsilon (torch's 1e-5 by default, not Flax's 1e-6)."""
-    return nnx.LayerNorm(
+    return LayerNorm(
         config.d_model,
         epsilon=config.layer_norm_eps,
         use_bias=config.bias,
@@ -71,7 +146,6 @@ def layer_norm(config: EncoderConfig, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
         param_dtype=jnp.dtype(config.param_dtype),
         scale_metadata=param_metadata(REPLICATED_VECTOR),
         bias_metadata=param_metadata(REPLICATED_VECTOR),
-        rngs=rngs,
     )
 
 
@@ -89,8 +163,8 @@ class TransformerBlock(nnx.Module):
         D, F = config.d_model, config.d_ff
         self.norm_first = config.norm_first
         self.attn = MultiHeadAttention(config, rngs=rngs)
-        self.ln1 = layer_norm(config, rngs=rngs)
-        self.ln2 = layer_norm(config, rngs=rngs)
+        self.ln1 = layer_norm(config)
+        self.ln2 = layer_norm(config)
         self.ff = nnx.List(
             [
                 parallel_linear(config, D, F, "column", rngs=rngs),

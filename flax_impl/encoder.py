@@ -59,7 +59,7 @@ class TransformerEncoder(nnx.Module):
         else:
             self.blocks = nnx.List([TransformerBlock(config, rngs=rngs) for _ in range(config.n_layers)])
         if config.final_norm:
-            self.final_norm = layer_norm(config, rngs=rngs)
+            self.final_norm = layer_norm(config)
 
     def __call__(self, ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
         cfg = self.config

@@ -4,7 +4,7 @@ Torch keys are the twin's `state_dict()` keys. The only rules are layout rules:
 - nnx.Linear `kernel` (in, out) <-> torch `weight` (out, in): transposed;
 - the attention's `in_proj.kernel` / `in_proj.bias` <-> `in_proj_weight` (3D, D) / `in_proj_bias` (3D,), packed
   [q; k; v] as nn.MultiheadAttention;
-- nnx.LayerNorm `scale` <-> `weight`;
+- LayerNorm `scale` <-> `weight`;
 - a scanned encoder's stacked `blocks.*` (n_layers, ...) <-> per-layer `blocks.{i}.*`.
 Values are copied exactly (transposes and stacking only): flax -> torch -> flax is bit-exact.
 """

@@ -43,7 +43,7 @@ class TransformerInput(nnx.Module):
                 config.max_len, config.d_model, param_dtype=jnp.dtype(config.param_dtype), rngs=rngs
             )
         if config.input_norm:
-            self.norm = layer_norm(config, rngs=rngs)
+            self.norm = layer_norm(config)
         self.dropout = Dropout(config.dropout, rngs=rngs)
 
     def __call__(self, ids: jax.Array) -> jax.Array:

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import POSITIONS, small_config, twins
+from conftest import POSITIONS, randn, small_config, twins
 from flax import nnx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -123,7 +123,8 @@ def test_scan_unroll_computes_the_same(unroll, rng):
     unrolled = fi.TransformerEncoder(cfg.replace(scan_unroll=unroll), rngs=rngs())
     ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 8)))
     forward = nnx.jit(lambda m, i: m(i))
-    grad = nnx.jit(nnx.grad(lambda m, i: m(i).sum()))
+    w = jnp.asarray(randn(rng, 2, 8, cfg.d_model))  # a plain sum of final-LayerNorm outputs has zero gradient
+    grad = nnx.jit(nnx.grad(lambda m, i: (m(i) * w).sum()))
     y1, y2 = np.asarray(forward(rolled, ids)), np.asarray(forward(unrolled, ids))  # train mode: dropout on
     assert np.any(y1 != np.asarray(forward(rolled, ids)))  # fresh masks per call: dropout is really on
     forward(unrolled, ids)  # keep both dropout streams at the same position

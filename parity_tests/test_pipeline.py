@@ -193,7 +193,7 @@ def test_encode_text_matches_transformer_input(rng, position):
     kw = dict(position=position, embed_scale=True, input_norm=True)
     a = fi.encode_text(text, tok, f.embed, table=f.pos if position == "learned" else None, **kw)
     b = tr.encode_text(text, tok, t.embed, table=t.pos if position == "learned" else None, **kw)
-    assert_close(a, f(ids)[0], tol.LAYER_NORM)  # our float32 LayerNorm vs nnx.LayerNorm
+    assert_close(a, f(ids)[0], tol.LAYER_NORM)  # encode_text's LayerNorm formula vs the LayerNorm module
     assert_close(b.detach().numpy(), t(torch.from_numpy(ids))[0].detach().numpy(), tol.LAYER_NORM)
 
 
