@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from flax_impl.config import EncoderConfig
-from flax_impl.dropout import Dropout, apply_keep_bits, keep_scale, unpack_keep_bits
+from flax_impl.dropout import Dropout, keep_scale, scale_kept
 from flax_impl.positions import rotate_qk, score_bias
 from flax_impl.sharding import QKV_ACTIVATION, constrain, parallel_linear
 
@@ -236,6 +236,7 @@ def _attention_fwd(
     rate: float,
     chunk: int,
 ) -> tuple[jax.Array, _Residuals]:
+    scale = keep_scale(rate, v.dtype)
     outs, lses = [], []
     for rows in _row_chunks(q.shape[2], chunk):
         scores, mask = _chunk_scores(q[:, :, rows], k, bias, allowed, rows)
@@ -244,7 +245,7 @@ def _attention_fwd(
         denom = jnp.sum(e, axis=-1, keepdims=True)  # (B, N, c, 1), >= 1
         e = e.astype(v.dtype)
         if keep is not None:
-            e = apply_keep_bits(e, keep[:, :, rows], rate)
+            e = scale_kept(e, keep[:, :, rows], scale)
         out = jnp.einsum("bnls,bnsh->bnlh", e, v, preferred_element_type=jnp.float32) / denom  # (B, N, c, H)
         if mask is not None:  # a row with no key to attend to gives zeros, not a uniform average
             out = jnp.where(jnp.any(mask, axis=-1, keepdims=True), out, 0.0)
@@ -268,10 +269,8 @@ def _attention_bwd(rate: float, chunk: int, residuals: _Residuals, d_out: jax.Ar
             do_c = jnp.where(jnp.any(mask, axis=-1, keepdims=True), do_c, jnp.zeros((), do_c.dtype))
         dp = jnp.einsum("bnlh,bnsh->bnls", do_c, v, preferred_element_type=jnp.float32)  # (B, N, c, S)
         pd = p.astype(v.dtype)
-        if keep is not None:
-            kept = unpack_keep_bits(keep[:, :, rows], p.shape)
-            pd = jnp.where(kept, pd * jnp.asarray(scale, pd.dtype), jnp.zeros((), pd.dtype))
-            dp = jnp.where(kept, dp * jnp.float32(scale), 0.0)
+        if keep is not None:  # the forward's dropout, and its gradient
+            pd, dp = scale_kept(pd, keep[:, :, rows], scale), scale_kept(dp, keep[:, :, rows], scale)
         row_dot = jnp.sum(do_c.astype(jnp.float32) * out[:, :, rows].astype(jnp.float32), -1, keepdims=True)
         ds = p * (dp - row_dot)  # (B, N, c, S) gradient of the scores
         dv = dv + jnp.einsum("bnls,bnlh->bnsh", pd, do_c, preferred_element_type=jnp.float32)

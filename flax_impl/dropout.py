@@ -104,21 +104,23 @@ def apply_keep_bits(x: jax.Array, bits: jax.Array, rate: float) -> jax.Array:
     return _apply_keep_bits(x, bits, keep_scale(rate, x.dtype))
 
 
-def _masked_scale(x: jax.Array, bits: jax.Array, scale: float) -> jax.Array:
+def scale_kept(x: jax.Array, bits: jax.Array, scale: float) -> jax.Array:
+    """where(keep, x * scale, 0), keep unpacked from `bits` to x's shape: the arithmetic of the dropout forward
+    and of its gradient, for kernels that write their own backward (attention)."""
     return jnp.where(unpack_keep_bits(bits, x.shape), x * jnp.asarray(scale, x.dtype), jnp.zeros((), x.dtype))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _apply_keep_bits(x: jax.Array, bits: jax.Array, scale: float) -> jax.Array:
-    return _masked_scale(x, bits, scale)
+    return scale_kept(x, bits, scale)
 
 
 def _apply_keep_bits_fwd(x: jax.Array, bits: jax.Array, scale: float) -> tuple[jax.Array, jax.Array]:
-    return _masked_scale(x, bits, scale), bits
+    return scale_kept(x, bits, scale), bits
 
 
 def _apply_keep_bits_bwd(scale: float, bits: jax.Array, g: jax.Array) -> tuple[jax.Array, None]:
-    return _masked_scale(g, bits, scale), None  # the integer bits get no cotangent
+    return scale_kept(g, bits, scale), None  # the integer bits get no cotangent
 
 
 _apply_keep_bits.defvjp(_apply_keep_bits_fwd, _apply_keep_bits_bwd)
