@@ -9,7 +9,7 @@ from conftest import POSITIONS, randn, small_config, twins
 from flax import nnx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tolerances import ELEMENTWISE, ENCODER, GRAD_REL
+from tolerances import ELEMENTWISE, ENCODER, GRAD_REL, RECOMPILED
 
 import flax_impl as fi
 import torch_ref as tr
@@ -102,15 +102,13 @@ def test_scanned_equals_unrolled(remat, rng):
     ids, m = ids_and_mask(rng, cfg, "padding")
     y1 = np.asarray(scanned(jnp.asarray(ids), jnp.asarray(m)))
     y2 = np.asarray(unrolled(jnp.asarray(ids), jnp.asarray(m)))
-    np.testing.assert_allclose(y1, y2, rtol=0, atol=1e-6)
-    g1 = nnx.grad(lambda mod: mod(jnp.asarray(ids)).sum())(scanned)
-    g2 = nnx.grad(lambda mod: mod(jnp.asarray(ids)).sum())(unrolled)
-    np.testing.assert_allclose(
-        np.asarray(g1["blocks"]["ff"][0]["kernel"][...][2]),
-        np.asarray(g2["blocks"][2]["ff"][0]["kernel"][...]),
-        rtol=0,
-        atol=1e-5,
-    )
+    np.testing.assert_allclose(y1, y2, rtol=0, atol=RECOMPILED)
+    w = jnp.asarray(randn(rng, *y1.shape))  # a plain sum of final-LayerNorm outputs has zero gradient
+    g1 = nnx.grad(lambda mod: (mod(jnp.asarray(ids)) * w).sum())(scanned)
+    g2 = nnx.grad(lambda mod: (mod(jnp.asarray(ids)) * w).sum())(unrolled)
+    k1 = np.asarray(g1["blocks"]["ff"][0]["kernel"][...][2])
+    k2 = np.asarray(g2["blocks"][2]["ff"][0]["kernel"][...])
+    np.testing.assert_allclose(k1, k2, rtol=0, atol=GRAD_REL * np.abs(k2).max())
 
 
 @pytest.mark.parametrize("unroll", [2, 5])
