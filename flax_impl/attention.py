@@ -127,17 +127,19 @@ class MultiHeadAttention(nnx.Module):
             bias = additive
         if self._use_dot_product_attention():
             out = _dot_product_attention(q, k, v, bias, allowed)  # (B, L, N, H)
-        else:
-            out = _einsum_attention(
-                q.transpose(0, 2, 1, 3),  # (B, N, L, H)
-                k.transpose(0, 2, 1, 3),  # (B, N, S, H)
-                v.transpose(0, 2, 1, 3),  # (B, N, S, H)
-                bias,
-                allowed,
-                self.dropout.keep_bits((B, N, L, L)),
-                self.dropout.rate,
-            ).transpose(0, 2, 1, 3)  # (B, L, N, H)
-        return self.out_proj(out.reshape(B, L, D))
+            return self.out_proj(out.reshape(B, L, D))
+        out = _einsum_attention(
+            q.transpose(0, 2, 1, 3),  # (B, N, L, H)
+            k.transpose(0, 2, 1, 3),  # (B, N, S, H)
+            v.transpose(0, 2, 1, 3),  # (B, N, S, H)
+            bias,
+            allowed,
+            self.dropout.keep_bits((B, N, L, L)),
+            self.dropout.rate,
+        )  # (B, N, L, H)
+        # The backward pass redoes the (B, N, L, H) -> (B, L, D) transpose for out_proj's weight gradient, so that
+        # only the heads-major output, which the attention gradient keeps anyway, is kept.
+        return nnx.remat(_merge_heads_project)(self.out_proj, out)
 
     def _use_dot_product_attention(self) -> bool:
         """`attention_impl`: "auto" takes jax.nn.dot_product_attention on GPU/TPU unless attention dropout is
@@ -152,6 +154,12 @@ class MultiHeadAttention(nnx.Module):
         if impl == "auto":
             return not dropout_active and jax.default_backend() in ("gpu", "cuda", "rocm", "tpu")
         return impl == "dot_product_attention"
+
+
+def _merge_heads_project(out_proj: nnx.Linear, out: jax.Array) -> jax.Array:
+    """out_proj of the heads-major attention output: (B, N, L, H) -> (B, L, N * H) -> (B, L, D)."""
+    B, N, L, H = out.shape
+    return out_proj(out.transpose(0, 2, 1, 3).reshape(B, L, N * H))
 
 
 # Query chunking of the einsum path: the float32 score block (B, N, c, S) of one chunk is kept under this size, so

@@ -14,7 +14,7 @@ from flax import nnx
 
 from flax_impl.attention import MultiHeadAttention
 from flax_impl.config import EncoderConfig
-from flax_impl.dropout import Dropout
+from flax_impl.dropout import Dropout, apply_keep_bits
 from flax_impl.sharding import REPLICATED_VECTOR, parallel_linear, param_metadata
 
 
@@ -131,9 +131,7 @@ def _layer_norm_bwd(epsilon: float, dtype: jnp.dtype, residuals: tuple, g: jax.A
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _layer_norm(
-    x: jax.Array, scale: jax.Array, bias: jax.Array | None, epsilon: float, dtype: jnp.dtype
-) -> jax.Array:
+def _layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array | None, epsilon: float, dtype: jnp.dtype) -> jax.Array:
     return _layer_norm_fwd(x, scale, bias, epsilon, dtype)[0]
 
 
@@ -151,6 +149,14 @@ def layer_norm(config: EncoderConfig) -> LayerNorm:
         scale_metadata=param_metadata(REPLICATED_VECTOR),
         bias_metadata=param_metadata(REPLICATED_VECTOR),
     )
+
+
+def _activation_dropout_linear(
+    activation: Activation, linear: nnx.Linear, h: jax.Array, bits: jax.Array | None, rate: float
+) -> jax.Array:
+    """linear(dropout(activation(h))), the keep mask given packed (None: no dropout): (B, L, F) -> (B, L, D)."""
+    a = activation(h)
+    return linear(a if bits is None else apply_keep_bits(a, bits, rate))
 
 
 class TransformerBlock(nnx.Module):
@@ -180,9 +186,13 @@ class TransformerBlock(nnx.Module):
         )
 
     def feed_forward(self, x: jax.Array) -> jax.Array:
-        for layer in self.ff:
-            x = layer(x)
-        return x
+        """ff(x): (B, L, D) -> (B, L, D). The backward pass recomputes dropout(activation(h)) from the hidden h
+        (B, L, F) and the packed keep bits, so training keeps one (B, L, F) array per block, not two."""
+        h = self.ff[0](x)  # (B, L, F)
+        bits = self.ff[2].keep_bits(h.shape)  # None when dropout is off
+        recompute = nnx.remat(_activation_dropout_linear, static_argnums=(4,))
+        y = recompute(self.ff[1], self.ff[3], h, bits, self.ff[2].rate)  # (B, L, D)
+        return self.ff[4](y)  # (B, L, D)
 
     def __call__(
         self, x: jax.Array, attention_mask: jax.Array | None = None, *, positions: jax.Array | None = None
