@@ -12,7 +12,8 @@ target, dropout on) it reports:
   for (`block_until_ready` on JAX, `torch.cuda.synchronize` on GPU); tokens/s = B * L / step time;
 - achieved FLOP/s from the analytic count below, and its fraction of this machine's matmul peak, measured in the
   same run (at its start and at its end): the best FLOP/s of JAX and torch over repeated (n x n) @ (n x n) and
-  (B*L x D) @ (D x F) matmuls (the encoder's widest, at the sweep's largest B*L) in the compute dtype;
+  (B*L x D) @ (D x F) matmuls (the encoder's widest, at the sweep's largest B*L) in the compute dtype, each
+  framework's calls back to back (interleaved, either slowed the other's: worker threads still spinning);
 - peak memory: on CPU the process's resident-set high-water mark (VmHWM) during one steady-state step, reset
   just before it via /proc/self/clear_refs. It is process-wide: it includes both frameworks' weights and
   allocator caches; `rss_step_mb` is how far the step pushed it above the resident size just before.
@@ -421,8 +422,8 @@ def measure_interleaved(
 def matmul_peak(
     shapes: list[tuple[int, int, int]], dtype: str, jax_device: Any, torch_device: str | None, repeats: int = 8
 ) -> dict[str, float]:
-    """Best FLOP/s of (m, k) @ (k, n) matmuls over `shapes` and `repeats` calls, in the compute dtype, per
-    framework (2 m k n FLOPs each)."""
+    """Best FLOP/s of (m, k) @ (k, n) matmuls over `shapes` and `repeats` consecutive calls of each, in the
+    compute dtype, per framework (2 m k n FLOPs each)."""
     rng = np.random.default_rng(0)
     fns: list[tuple[str, float, Callable[[], None]]] = []
     for m, k, n in shapes:
@@ -448,10 +449,9 @@ def matmul_peak(
 
             fns.append(("torch", 2.0 * m * k * n, torch_mm))
     best = {name: 0.0 for name, _, _ in fns}
-    for _, _, fn in fns:
+    for name, flops, fn in fns:  # one shape of one framework at a time: not slowed by the other's threads
         fn()
-    for _ in range(repeats):
-        for name, flops, fn in fns:
+        for _ in range(repeats):
             start = time.perf_counter()
             fn()
             best[name] = max(best[name], flops / (time.perf_counter() - start))
