@@ -139,7 +139,7 @@ class MultiHeadAttention(nnx.Module):
         )  # (B, N, L, H)
         # The backward pass redoes the (B, N, L, H) -> (B, L, D) transpose for out_proj's weight gradient, so that
         # only the heads-major output, which the attention gradient keeps anyway, is kept.
-        return nnx.remat(_merge_heads_project)(self.out_proj, out)
+        return _merge_heads_project(self.out_proj, out)
 
     def _use_dot_product_attention(self) -> bool:
         """`attention_impl`: "auto" takes jax.nn.dot_product_attention on GPU/TPU unless attention dropout is
@@ -156,6 +156,7 @@ class MultiHeadAttention(nnx.Module):
         return impl == "dot_product_attention"
 
 
+@nnx.remat
 def _merge_heads_project(out_proj: nnx.Linear, out: jax.Array) -> jax.Array:
     """out_proj of the heads-major attention output: (B, N, L, H) -> (B, L, N * H) -> (B, L, D)."""
     B, N, L, H = out.shape

@@ -131,7 +131,9 @@ def _layer_norm_bwd(epsilon: float, dtype: jnp.dtype, residuals: tuple, g: jax.A
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array | None, epsilon: float, dtype: jnp.dtype) -> jax.Array:
+def _layer_norm(
+    x: jax.Array, scale: jax.Array, bias: jax.Array | None, epsilon: float, dtype: jnp.dtype
+) -> jax.Array:
     return _layer_norm_fwd(x, scale, bias, epsilon, dtype)[0]
 
 
@@ -151,6 +153,7 @@ def layer_norm(config: EncoderConfig) -> LayerNorm:
     )
 
 
+@nnx.remat(static_argnums=(4,))  # the backward pass recomputes it from h and the bits
 def _activation_dropout_linear(
     activation: Activation, linear: nnx.Linear, h: jax.Array, bits: jax.Array | None, rate: float
 ) -> jax.Array:
@@ -190,8 +193,7 @@ class TransformerBlock(nnx.Module):
         (B, L, F) and the packed keep bits, so training keeps one (B, L, F) array per block, not two."""
         h = self.ff[0](x)  # (B, L, F)
         bits = self.ff[2].keep_bits(h.shape)  # None when dropout is off
-        recompute = nnx.remat(_activation_dropout_linear, static_argnums=(4,))
-        y = recompute(self.ff[1], self.ff[3], h, bits, self.ff[2].rate)  # (B, L, D)
+        y = _activation_dropout_linear(self.ff[1], self.ff[3], h, bits, self.ff[2].rate)  # (B, L, D)
         return self.ff[4](y)  # (B, L, D)
 
     def __call__(

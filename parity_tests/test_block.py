@@ -292,8 +292,7 @@ def test_block_backward_keeps_one_hidden_array(dropout, rng):
 
     def saved(apply):
         graph, params, rest = nnx.split(block, nnx.Param, ...)
-        fresh = lambda: jax.tree.map(lambda a: a, rest)  # noqa: E731 (the dropout counter is updated inside vjp)
-        _, backward = jax.vjp(lambda p, x: jnp.sum(apply(nnx.merge(graph, p, fresh()), x)), params, x)
+        _, backward = jax.vjp(lambda p, x, r: jnp.sum(apply(nnx.merge(graph, p, r), x)), params, x, rest)
         return [a for a in jax.tree.leaves(backward) if jnp.issubdtype(a.dtype, jnp.floating)]
 
     def plain_feed_forward(blk, x):  # the same layers applied one after the other, as torch's nn.Sequential
