@@ -266,10 +266,19 @@ def _attention_fwd(
 
 
 def _attention_bwd(rate: float, chunk: int, residuals: _Residuals, d_out: jax.Array) -> tuple:
-    """dV = Pd^T dO, dPd = dO V^T, dP = dropout(dPd), dS = P (dP - rowsum(dO * O)), dQ = dS K, dK = dS^T Q."""
+    """dV = Pd^T dO, dPd = dO V^T, dP = dropout(dPd), dS = P (dP - rowsum(dO * O)), dQ = dS K, dK = dS^T Q.
+
+    dK and dV are accumulated transposed, (B, N, H, S) = Q^T dS and dO^T Pd, and transposed once at the end
+    (behind an optimisation barrier, so that XLA does not fold the transpose back into the matmuls): XLA's CPU
+    matmul of the (c, S) operand contracted over its rows ran at 40-60 GFLOP/s, the same product with the small
+    (c, H) operand transposed at ~100. Forward + backward at 4 x 8 x 512 x 64 (dropout 0.1): 111 -> 102 ms, at
+    2 x 8 x 1024 x 64: 212 -> 184 ms.
+    """
     q, k, v, bias, allowed, keep, out, lse = residuals  # out (B, N, L, H), lse (B, N, L, 1)
     scale = keep_scale(rate, v.dtype)
-    dq, dk, dv, dbias = [], jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32), []
+    B, N, S, H = k.shape
+    dq, dbias = [], []
+    dk_t, dv_t = jnp.zeros((B, N, H, S), jnp.float32), jnp.zeros((B, N, H, S), jnp.float32)  # dK^T, dV^T
     for rows in _row_chunks(q.shape[2], chunk):
         q_c, do_c = q[:, :, rows], d_out[:, :, rows]  # (B, N, c, H)
         scores, mask = _chunk_scores(q_c, k, bias, allowed, rows)
@@ -282,13 +291,15 @@ def _attention_bwd(rate: float, chunk: int, residuals: _Residuals, d_out: jax.Ar
             pd, dp = scale_kept(pd, keep[:, :, rows], scale), scale_kept(dp, keep[:, :, rows], scale)
         row_dot = jnp.sum(do_c.astype(jnp.float32) * out[:, :, rows].astype(jnp.float32), -1, keepdims=True)
         ds = p * (dp - row_dot)  # (B, N, c, S) gradient of the scores
-        dv = dv + jnp.einsum("bnls,bnlh->bnsh", pd, do_c, preferred_element_type=jnp.float32)
+        dv_t = dv_t + jnp.einsum("bnlh,bnls->bnhs", do_c, pd, preferred_element_type=jnp.float32)
         ds_q = ds.astype(q.dtype)
         dq.append(jnp.einsum("bnls,bnsh->bnlh", ds_q, k, preferred_element_type=jnp.float32).astype(q.dtype))
-        dk = dk + jnp.einsum("bnls,bnlh->bnsh", ds_q, q_c, preferred_element_type=jnp.float32)
+        dk_t = dk_t + jnp.einsum("bnlh,bnls->bnhs", q_c, ds_q, preferred_element_type=jnp.float32)
         if bias is not None:  # undo the broadcast of bias to (B, N, c, S)
             dbias.append(_sum_to(ds, bias.shape[:2] + (1 if bias.shape[2] == 1 else ds.shape[2], bias.shape[3])))
     dq = dq[0] if len(dq) == 1 else jnp.concatenate(dq, axis=2)
+    dk_t, dv_t = jax.lax.optimization_barrier((dk_t, dv_t))
+    dk, dv = jnp.swapaxes(dk_t, 2, 3), jnp.swapaxes(dv_t, 2, 3)
     if bias is not None:
         dbias = sum(dbias) if bias.shape[2] == 1 else jnp.concatenate(dbias, axis=2)
         dbias = dbias.astype(bias.dtype)
