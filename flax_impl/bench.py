@@ -13,7 +13,7 @@ target, dropout on) it reports:
 - achieved FLOP/s from the analytic count below, and its fraction of this machine's matmul peak, measured in the
   same run (at its start and at its end): the best FLOP/s of JAX and torch over repeated (n x n) @ (n x n) and
   (B*L x D) @ (D x F) matmuls (the encoder's widest, at the sweep's largest B*L) in the compute dtype, each
-  framework's calls back to back (interleaved, either slowed the other's: worker threads still spinning);
+  framework's calls back to back (interleaved, each was slowed by the other's still-spinning worker threads);
 - peak memory: on CPU the process's resident-set high-water mark (VmHWM) during one steady-state step, reset
   just before it via /proc/self/clear_refs. It is process-wide: it includes both frameworks' weights and
   allocator caches; `rss_step_mb` is how far the step pushed it above the resident size just before.
