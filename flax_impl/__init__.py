@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "EncoderConfig": "flax_impl.config",
+    "TransformerConfig": "flax_impl.config",
+    "FlaxConfig": "flax_impl.config",
     "Dropout": "flax_impl.dropout",
     "Embed": "flax_impl.embedding",
     "check_ids": "flax_impl.embedding",
@@ -23,7 +24,7 @@ _EXPORTS = {
     "MultiHeadAttention": "flax_impl.attention",
     "from_torch_mha_mask": "flax_impl.attention",
     "TransformerBlock": "flax_impl.block",
-    "LayerNorm": "flax_impl.block",
+    "LayerNorm": "flax_impl.norm",
     "TransformerInput": "flax_impl.pipeline",
     "encode_text": "flax_impl.pipeline",
     "ByteTokenizer": "flax_impl.tokenizer",
@@ -61,8 +62,8 @@ __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # let type checkers and IDEs see the real names
     from flax_impl.attention import MultiHeadAttention, from_torch_mha_mask  # noqa: F401
-    from flax_impl.block import LayerNorm, TransformerBlock  # noqa: F401
-    from flax_impl.config import EncoderConfig, TrainConfig  # noqa: F401
+    from flax_impl.block import TransformerBlock  # noqa: F401
+    from flax_impl.config import FlaxConfig, TrainConfig, TransformerConfig  # noqa: F401
     from flax_impl.distributed import (  # noqa: F401
         check_shardable,
         create_sharded_model,
@@ -87,6 +88,7 @@ if TYPE_CHECKING:  # let type checkers and IDEs see the real names
         to_torch_encoder_layer,
         to_torch_state_dict,
     )
+    from flax_impl.norm import LayerNorm  # noqa: F401
     from flax_impl.pipeline import TransformerInput, encode_text  # noqa: F401
     from flax_impl.positions import (  # noqa: F401
         LearnedPositions,

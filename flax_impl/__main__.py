@@ -2,6 +2,6 @@
 
 import sys
 
-from flax_impl.cli import main
+from flax_impl.apps.cli import main
 
 sys.exit(main())

@@ -1,7 +1,7 @@
-"""EncoderConfig: the one configuration both twins read (pure Python: imports neither jax nor torch).
+"""Configs by who reads them (pure Python: imports neither jax nor torch).
 
-Axis legend used throughout the project: B batch, L query length, S key length, D model width (d_model),
-N heads, H head dim (D / N), F feed-forward width (d_ff), V vocabulary.
+`TransformerConfig` is the architecture both twins read; `FlaxConfig` the Flax-only execution settings;
+`TrainConfig` the optimiser both training steps read.
 """
 
 from __future__ import annotations
@@ -38,19 +38,19 @@ ATTENTION_IMPLS = ("auto", "einsum", "dot_product_attention")
 
 
 @dataclass(frozen=True)
-class EncoderConfig(_DictMixin):
-    """Hyper-parameters of the encoder stack; the defaults are lesson 08's 6 x 512 encoder.
+class TransformerConfig(_DictMixin):
+    """The architecture, read by both twins; the defaults are lesson 08's 6 x 512 encoder.
 
     `position` selects where position enters: added at the input ("sinusoidal", "learned"), rotating q and k
     ("rope"), biasing the attention scores ("alibi"), or nowhere ("none"). `activation` names the GELU variant
-    explicitly: "gelu" is the exact erf form (torch.nn.GELU()), "gelu_tanh" the tanh approximation. `dtype` is
-    the Flax compute dtype, `param_dtype` the storage dtype; torch_ref ignores both (it follows its tensors).
-    `attention_impl` picks the Flax attention kernel ("auto": `jax.nn.dot_product_attention` on GPU/TPU when no
-    attention dropout is active, else "einsum", an explicit softmax chunked over queries); same results.
-    `scan_unroll` (with `scan_layers`) puts that many layers in each iteration of the scanned loop: n_layers
-    unrolls it fully, so XLA sees every layer (on CPU the train step then runs as fast as `scan_layers=False`,
-    8-12 % faster than the rolled loop at 6 x 512, B=8, L=128) while the parameters keep their stacked layout;
-    compile time then grows with depth.
+    explicitly: "gelu" is the exact erf form (torch.nn.GELU()), "gelu_tanh" the tanh approximation. `causal`
+    masks future keys (a decoder-only stack); `norm_first` chooses pre-LN (lesson 08) or post-LN. How the Flax
+    side computes (dtypes, scanned layers, the attention kernel) is `FlaxConfig`'s, not this config's.
+
+    Example:
+        >>> cfg = TransformerConfig.from_dict({"d_model": 256, "n_heads": 4, "n_layers": 2})
+        >>> cfg.head_dim
+        64
     """
 
     vocab_size: int = 10_000
@@ -68,28 +68,19 @@ class EncoderConfig(_DictMixin):
     rope_scale: float = 1.0  # linear position interpolation: positions are divided by this
     norm_first: bool = True
     activation: str = "gelu"
-    layer_norm_eps: float = 1e-5
+    norm_eps: float = 1e-5
     causal: bool = False
     padding_idx: int | None = None
     input_norm: bool = False
     final_norm: bool = True
     embed_scale: bool = False
     bias: bool = True
-    tie_lm_head: bool = False
-    scan_layers: bool = True
-    scan_unroll: int = 1  # layers per iteration of the scanned loop; >= n_layers unrolls it fully (Flax only)
-    remat: bool = False
-    dtype: str = "float32"
-    param_dtype: str = "float32"
-    attention_impl: str = "auto"  # Flax only; see flax_impl.attention
 
     def __post_init__(self) -> None:
         if self.attention_dropout is None:
             object.__setattr__(self, "attention_dropout", self.dropout)
-        for name in ("vocab_size", "d_model", "n_heads", "d_ff", "n_layers", "max_len", "scan_unroll"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be an integer >= 1")
+        for name in ("vocab_size", "d_model", "n_heads", "d_ff", "n_layers", "max_len"):
+            _check_positive_int(name, getattr(self, name))
         for name in ("dropout", "attention_dropout"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
@@ -97,9 +88,6 @@ class EncoderConfig(_DictMixin):
         _check_choice("position", self.position, POSITIONS)
         _check_choice("rope_style", self.rope_style, ROPE_STYLES)
         _check_choice("activation", self.activation, ACTIVATIONS)
-        _check_choice("dtype", self.dtype, DTYPES)
-        _check_choice("param_dtype", self.param_dtype, DTYPES)
-        _check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
         if self.d_model % self.n_heads:
             raise ValueError(f"n_heads={self.n_heads} must divide d_model={self.d_model}")
         if not self.rope_base > 1.0:
@@ -115,24 +103,81 @@ class EncoderConfig(_DictMixin):
                     f"RoPE rotates pairs: rotated width {rotated} (head_dim={self.head_dim} x "
                     f"rope_fraction={self.rope_fraction}) must be even"
                 )
-        if not self.layer_norm_eps > 0.0:
-            raise ValueError(f"layer_norm_eps={self.layer_norm_eps!r} must be > 0")
+        if not self.norm_eps > 0.0:
+            raise ValueError(f"norm_eps={self.norm_eps!r} must be > 0")
         if self.padding_idx is not None and not 0 <= self.padding_idx < self.vocab_size:
             raise ValueError(f"padding_idx={self.padding_idx!r} must be in [0, vocab_size={self.vocab_size})")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TransformerConfig:
+        """Build from a dict; an unknown key raises ValueError naming it (a Flax-only key names FlaxConfig)."""
+        flax_only = sorted(set(d) & {f.name for f in dataclasses.fields(FlaxConfig)})
+        if flax_only:
+            raise ValueError(
+                f"{flax_only} are Flax execution settings, not architecture: pass them as FlaxConfig(...) "
+                "(flax_config=...) to the Flax module"
+            )
+        return super().from_dict(d)
 
     @property
     def head_dim(self) -> int:
         """H = D / N."""
         return self.d_model // self.n_heads
 
-    def replace(self, **changes: Any) -> EncoderConfig:
+    def replace(self, **changes: Any) -> TransformerConfig:
         """A copy with some fields changed (validated again)."""
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
         if unknown:
-            raise ValueError(f"unknown EncoderConfig keys {unknown}")
+            raise ValueError(f"unknown TransformerConfig keys {unknown}")
         if "dropout" in changes and "attention_dropout" not in changes:
             changes["attention_dropout"] = None if self.attention_dropout == self.dropout else self.attention_dropout
         return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class FlaxConfig(_DictMixin):
+    """How the Flax side computes; torch_ref reads none of it (it follows its tensors' dtypes).
+
+    `dtype` is the compute dtype, `param_dtype` the storage dtype. `scan_layers` stacks the blocks' parameters on
+    a leading (n_layers,) axis and applies them with `nnx.scan` (compile time flat in depth); `scan_unroll` puts
+    that many layers in each iteration of the scanned loop (n_layers unrolls it fully, so XLA sees every layer;
+    compile time then grows with depth); `remat` recomputes each block in the backward pass. `attention_impl`
+    picks the attention kernel (same results to float32 rounding): "einsum" (the chunked softmax of
+    `flax_impl._kernels.attention`), "dot_product_attention" (`jax.nn.dot_product_attention`, cuDNN on GPU, no
+    attention dropout), or "auto": the latter on GPU/TPU when no attention dropout is active, else "einsum".
+
+    Example:
+        >>> FlaxConfig(dtype="bfloat16", scan_layers=False).param_dtype
+        'float32'
+    """
+
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    scan_layers: bool = True
+    scan_unroll: int = 1
+    remat: bool = False
+    attention_impl: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check_choice("dtype", self.dtype, DTYPES)
+        _check_choice("param_dtype", self.param_dtype, DTYPES)
+        _check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
+        _check_positive_int("scan_unroll", self.scan_unroll)
+        for name in ("scan_layers", "remat"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name}={getattr(self, name)!r} must be a bool")
+
+    def replace(self, **changes: Any) -> FlaxConfig:
+        """A copy with some fields changed (validated again)."""
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ValueError(f"unknown FlaxConfig keys {unknown}")
+        return dataclasses.replace(self, **changes)
+
+
+def _check_positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r} must be an integer >= 1")
 
 
 def rope_width(head_dim: int, fraction: float) -> int:

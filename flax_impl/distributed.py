@@ -7,7 +7,7 @@ split on is listed in `flax_impl.sharding`. The model code is the single-device 
 
 Example (8 devices; on CPU: XLA_FLAGS=--xla_force_host_platform_device_count=8):
     >>> mesh = make_mesh(**parse_mesh("data=4,model=2"))
-    >>> cfg = EncoderConfig(vocab_size=1024, d_model=64, n_heads=4, d_ff=256, n_layers=2, dropout=0.0)
+    >>> cfg = TransformerConfig(vocab_size=1024, d_model=64, n_heads=4, d_ff=256, n_layers=2, dropout=0.0)
     >>> model = create_sharded_model(cfg, mesh, seed=0)      # initialised shard by shard, under jit
     >>> model.blocks.attn.in_proj.kernel.sharding.spec       # (n_layers, D, 3D)
     PartitionSpec(None, None, 'model')
@@ -27,9 +27,10 @@ import optax
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from flax_impl.config import EncoderConfig
+from flax_impl.config import FlaxConfig, TransformerConfig
 from flax_impl.encoder import TransformerEncoder
 from flax_impl.sharding import DATA, MODEL
+from flax_impl.train import loss_fn as default_loss_fn
 
 AXES = (DATA, MODEL)
 LossFn = Callable[[nnx.Module, dict[str, Any]], jax.Array]
@@ -73,7 +74,7 @@ def make_mesh(data: int = 1, model: int = 1, *, devices: Sequence[Any] | None = 
     return Mesh(grid, AXES, axis_types=(AxisType.Auto, AxisType.Auto))
 
 
-def check_shardable(config: EncoderConfig, mesh: Mesh) -> None:
+def check_shardable(config: TransformerConfig, mesh: Mesh) -> None:
     """Raise ValueError if a dimension split on `model` is not divisible by its size: n_heads (and so
     d_model = n_heads * head_dim, whole heads per device), d_ff and vocab_size (vocab-parallel embedding)."""
     if tuple(mesh.axis_names) != AXES:
@@ -86,10 +87,16 @@ def check_shardable(config: EncoderConfig, mesh: Mesh) -> None:
 
 
 def create_sharded_model(
-    config: EncoderConfig, mesh: Mesh, *, seed: int = 0, rngs: nnx.Rngs | None = None
+    config: TransformerConfig,
+    mesh: Mesh,
+    *,
+    flax_config: FlaxConfig | None = None,
+    seed: int = 0,
+    rngs: nnx.Rngs | None = None,
 ) -> TransformerEncoder:
-    """`TransformerEncoder(config, rngs=rngs or nnx.Rngs(seed))`, initialised under jit with every parameter
-    constrained to its partition spec: each device computes only its own shards (no full copy on one device).
+    """`TransformerEncoder(config, flax_config=flax_config, rngs=rngs or nnx.Rngs(seed))`, initialised under jit
+    with every parameter constrained to its partition spec: each device computes only its own shards (no full copy
+    on one device).
     The values equal the unsharded model's for the same rngs (threefry random bits do not depend on the
     sharding). Shapes the mesh cannot split raise ValueError first (`check_shardable`)."""
     check_shardable(config, mesh)
@@ -97,7 +104,7 @@ def create_sharded_model(
 
     @nnx.jit
     def init(rngs: nnx.Rngs) -> TransformerEncoder:
-        model = TransformerEncoder(config, rngs=rngs)
+        model = TransformerEncoder(config, flax_config=flax_config, rngs=rngs)
         _constrain_state(model)
         return model
 
@@ -178,7 +185,7 @@ def sharded_train_step(
     optimizer state keep their partition specs. `loss_fn(model, batch) -> scalar` defaults to
     `flax_impl.train.loss_fn` (masked-token / next-token cross-entropy through the tied head)."""
     if loss_fn is None:
-        from flax_impl.train import loss_fn
+        loss_fn = default_loss_fn
     batch = shard_batch(batch, mesh)
     with jax.set_mesh(mesh):
         return _train_step(model, optimizer, batch, loss_fn)

@@ -1,4 +1,4 @@
-"""The N-layer encoder of lesson 08's exercise, driven by an EncoderConfig (or its dict).
+"""The N-layer encoder of lesson 08's exercise, driven by an TransformerConfig (or its dict).
 
 Axes: B batch, L length, D model width, V vocabulary.
 """
@@ -12,19 +12,20 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flax_impl.attention import check_attention_mask
-from flax_impl.block import TransformerBlock, layer_norm
-from flax_impl.config import EncoderConfig
+from flax_impl.block import TransformerBlock
+from flax_impl.config import FlaxConfig, TransformerConfig
+from flax_impl.norm import layer_norm
 from flax_impl.pipeline import TransformerInput
 from flax_impl.sharding import BATCH_ACTIVATION, constrain
 
 
-def _stacked_blocks(config: EncoderConfig, rngs: nnx.Rngs) -> TransformerBlock:
+def _stacked_blocks(config: TransformerConfig, flax_config: FlaxConfig, rngs: nnx.Rngs) -> TransformerBlock:
     """n_layers blocks as one TransformerBlock whose every parameter (and rng stream) has a leading layer axis."""
 
     @nnx.split_rngs(splits=config.n_layers)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: None})  # layer axis: unsharded
     def make(rngs: nnx.Rngs) -> TransformerBlock:
-        return TransformerBlock(config, rngs=rngs)
+        return TransformerBlock(config, flax_config=flax_config, rngs=rngs)
 
     return make(rngs)
 
@@ -32,34 +33,45 @@ def _stacked_blocks(config: EncoderConfig, rngs: nnx.Rngs) -> TransformerBlock:
 class TransformerEncoder(nnx.Module):
     """ids (B, L) -> hidden states (B, L, D): `input` -> `blocks` x n_layers -> `final_norm` (if configured).
 
-    With `config.scan_layers` (default) `blocks` is one TransformerBlock with parameters stacked on a leading
-    (n_layers,) axis, applied with `nnx.scan`: compile time stays flat in depth (`config.scan_unroll` layers per
+    With `flax_config.scan_layers` (default) `blocks` is one TransformerBlock with parameters stacked on a leading
+    (n_layers,) axis, applied with `nnx.scan`: compile time stays flat in depth (`flax_config.scan_unroll` layers per
     loop iteration; n_layers unrolls the loop fully, faster on CPU, compile time growing with depth). Otherwise
-    `blocks` is an `nnx.List` of blocks, unrolled by jit. `config.remat` rematerialises each block in the backward pass.
+    `blocks` is an `nnx.List` of blocks, unrolled by jit. `flax_config.remat` rematerialises each block in the
+    backward pass.
     `attention_mask` takes the forms documented in `flax_impl.attention`. `logits(h)` is the tied LM head.
     Parameters carry sharding annotations (flax_impl.sharding; the stacked layer axis is never sharded) and,
     under a mesh, the (B, L, D) activations between blocks are split on `data`: see flax_impl.distributed.
 
     Example:
-        >>> cfg = EncoderConfig(vocab_size=100, d_model=32, n_heads=4, d_ff=64, n_layers=2)
+        >>> cfg = TransformerConfig(vocab_size=100, d_model=32, n_heads=4, d_ff=64, n_layers=2)
         >>> model = TransformerEncoder(cfg, rngs=nnx.Rngs(0)); model.eval()
         >>> model(jnp.ones((2, 5), jnp.int32)).shape
         (2, 5, 32)
     """
 
-    def __init__(self, config: EncoderConfig | dict[str, Any], *, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        config: TransformerConfig | dict[str, Any],
+        *,
+        flax_config: FlaxConfig | None = None,
+        rngs: nnx.Rngs,
+    ):
         if isinstance(config, dict):
-            config = EncoderConfig.from_dict(config)
-        if not isinstance(config, EncoderConfig):
-            raise TypeError(f"config must be an EncoderConfig or a dict, got {type(config).__name__}")
-        self.config = config
-        self.input = TransformerInput(config, rngs=rngs)
-        if config.scan_layers:
-            self.blocks = _stacked_blocks(config, rngs)
+            config = TransformerConfig.from_dict(config)
+        if not isinstance(config, TransformerConfig):
+            raise TypeError(f"config must be an TransformerConfig or a dict, got {type(config).__name__}")
+        flax_config = FlaxConfig() if flax_config is None else flax_config
+        if not isinstance(flax_config, FlaxConfig):
+            raise TypeError(f"flax_config must be a FlaxConfig or None, got {type(flax_config).__name__}")
+        self.config, self.flax_config = config, flax_config
+        self.input = TransformerInput(config, flax_config=flax_config, rngs=rngs)
+        if flax_config.scan_layers:
+            self.blocks = _stacked_blocks(config, flax_config, rngs)
         else:
-            self.blocks = nnx.List([TransformerBlock(config, rngs=rngs) for _ in range(config.n_layers)])
+            blocks = [TransformerBlock(config, flax_config=flax_config, rngs=rngs) for _ in range(config.n_layers)]
+            self.blocks = nnx.List(blocks)
         if config.final_norm:
-            self.final_norm = layer_norm(config)
+            self.final_norm = layer_norm(config, flax_config)
 
     def __call__(self, ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
         cfg = self.config
@@ -69,7 +81,7 @@ class TransformerEncoder(nnx.Module):
         if attention_mask is not None:
             check_attention_mask(attention_mask, B, cfg.n_heads, L, L)
         x = constrain(self.input(ids), BATCH_ACTIVATION)  # (B, L, D), split on B under a mesh
-        if cfg.scan_layers:
+        if self.flax_config.scan_layers:
             x = self._scan_blocks(x, attention_mask)
         else:
             for block in self.blocks:
@@ -79,19 +91,19 @@ class TransformerEncoder(nnx.Module):
         return x
 
     def _apply_block(self, block: TransformerBlock, x: jax.Array, mask: jax.Array | None) -> jax.Array:
-        if self.config.remat:
+        if self.flax_config.remat:
             return nnx.remat(_call_block)(block, x, mask)
         return _call_block(block, x, mask)
 
     def _scan_blocks(self, x: jax.Array, attention_mask: jax.Array | None) -> jax.Array:
-        step = nnx.remat(_scan_step) if self.config.remat else _scan_step
+        step = nnx.remat(_scan_step) if self.flax_config.remat else _scan_step
         layer_axis = {nnx.PARTITION_NAME: None}  # the stacked layer axis is unsharded
         scan = nnx.scan(  # lax.scan itself caps unroll at the loop length
             step,
             in_axes=(nnx.Carry, 0, None),
             out_axes=nnx.Carry,
             transform_metadata=layer_axis,
-            unroll=self.config.scan_unroll,
+            unroll=self.flax_config.scan_unroll,
         )
         return scan(x, self.blocks, attention_mask)
 

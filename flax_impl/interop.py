@@ -38,7 +38,7 @@ def _stacked_prefixes(module: nnx.Module) -> dict[Path, int]:
 
     found = {}
     for path, node in nnx.iter_graph(module):
-        if isinstance(node, TransformerEncoder) and node.config.scan_layers:
+        if isinstance(node, TransformerEncoder) and node.flax_config.scan_layers:
             found[tuple(path) + ("blocks",)] = node.config.n_layers
     return found
 
@@ -182,7 +182,7 @@ TORCH_ENCODER_LAYER_KEYS = {
 def from_torch_encoder_layer(state_dict: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """Rename an nn.TransformerEncoderLayer state dict to TransformerBlock keys (self_attn -> attn, linear1 ->
     ff.0, linear2 -> ff.3, norm1 -> ln1, norm2 -> ln2). Set the config's activation, norm_first and
-    layer_norm_eps to the layer's. Keys outside those five groups raise ValueError."""
+    norm_eps to the layer's. Keys outside those five groups raise ValueError."""
     out = {}
     for key, value in state_dict.items():
         rest = key[len(prefix) :] if key.startswith(prefix) else None

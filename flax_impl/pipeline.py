@@ -13,10 +13,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flax_impl.block import layer_norm
-from flax_impl.config import EncoderConfig
+from flax_impl.config import FlaxConfig, TransformerConfig
 from flax_impl.dropout import Dropout
 from flax_impl.embedding import Embed
+from flax_impl.norm import layer_norm
 from flax_impl.positions import LearnedPositions, scheme, sinusoidal_table
 from flax_impl.tokenizer import encode_checked
 
@@ -29,21 +29,22 @@ class TransformerInput(nnx.Module):
     Submodules (checkpoint keys): `embed`, `pos` (learned only), `norm` (input_norm only).
     """
 
-    def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs):
-        self.config = config
+    def __init__(self, config: TransformerConfig, *, flax_config: FlaxConfig | None = None, rngs: nnx.Rngs):
+        flax_config = FlaxConfig() if flax_config is None else flax_config
+        self.config, self.flax_config = config, flax_config
         self.embed = Embed(
             config.vocab_size,
             config.d_model,
             padding_idx=config.padding_idx,
-            param_dtype=jnp.dtype(config.param_dtype),
+            param_dtype=jnp.dtype(flax_config.param_dtype),
             rngs=rngs,
         )
         if scheme(config.position).at_input == "param":
             self.pos = LearnedPositions(
-                config.max_len, config.d_model, param_dtype=jnp.dtype(config.param_dtype), rngs=rngs
+                config.max_len, config.d_model, param_dtype=jnp.dtype(flax_config.param_dtype), rngs=rngs
             )
         if config.input_norm:
-            self.norm = layer_norm(config)
+            self.norm = layer_norm(config, flax_config)
         self.dropout = Dropout(config.dropout, rngs=rngs)
 
     def __call__(self, ids: jax.Array) -> jax.Array:
@@ -57,7 +58,7 @@ class TransformerInput(nnx.Module):
             pos = sinusoidal_table(L, cfg.d_model)
         elif at_input == "param":
             pos = self.pos(L)
-        x = self.embed(ids).astype(jnp.dtype(cfg.dtype))  # (B, L, D)
+        x = self.embed(ids).astype(jnp.dtype(self.flax_config.dtype))  # (B, L, D)
         if cfg.embed_scale:
             x = x * jnp.asarray(math.sqrt(cfg.d_model), x.dtype)
         if pos is not None:

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from flax_impl.config import EncoderConfig, rope_width
+from flax_impl.config import TransformerConfig, rope_width
 from flax_impl.sharding import REPLICATED_MATRIX, param_metadata
 
 
@@ -181,7 +181,9 @@ def alibi_bias(q_len: int, k_len: int, slopes: jax.Array, *, causal: bool = Fals
     return -jnp.asarray(slopes, jnp.float32)[:, None, None] * dist[None]  # (N, L, S)
 
 
-def rotate_qk(config: EncoderConfig, q: jax.Array, k: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+def rotate_qk(
+    config: TransformerConfig, q: jax.Array, k: jax.Array, positions: jax.Array
+) -> tuple[jax.Array, jax.Array]:
     """Apply the scheme's q/k rotation: RoPE for "rope", identity otherwise. q, k: (B, L, N, H)."""
     if not scheme(config.position).rotates_qk:
         return q, k
@@ -189,7 +191,7 @@ def rotate_qk(config: EncoderConfig, q: jax.Array, k: jax.Array, positions: jax.
     return apply_rope(q, positions, **kw), apply_rope(k, positions, **kw)
 
 
-def score_bias(config: EncoderConfig, q_len: int, k_len: int) -> jax.Array | None:
+def score_bias(config: TransformerConfig, q_len: int, k_len: int) -> jax.Array | None:
     """The scheme's additive score bias (N, L, S): ALiBi for "alibi", None otherwise."""
     if not scheme(config.position).biases_scores:
         return None

@@ -22,7 +22,6 @@ advances every stream, so each step draws fresh masks and the same seed replays 
 
 from __future__ import annotations
 
-import argparse
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -33,7 +32,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from flax_impl.config import EncoderConfig, TrainConfig
+from flax_impl.config import TrainConfig, TransformerConfig
 from flax_impl.embedding import check_ids
 from flax_impl.tokenizer import MASK_ID, N_SPECIAL, PAD_ID
 
@@ -186,23 +185,8 @@ def eval_step(model: nnx.Module, batch: Batch) -> tuple[jax.Array, jax.Array]:
     return loss_sums(model, batch)
 
 
-def make_batch(tokens: np.ndarray, config: EncoderConfig, tcfg: TrainConfig, rng: np.random.Generator) -> Batch:
+def make_batch(tokens: np.ndarray, config: TransformerConfig, tcfg: TrainConfig, rng: np.random.Generator) -> Batch:
     """The objective's batch for `config`: next-token from (B, L + 1) tokens if causal, else masked-token."""
     if config.causal:
         return next_token_batch(tokens, vocab_size=config.vocab_size)
     return masked_token_batch(tokens, vocab_size=config.vocab_size, rng=rng, mask_prob=tcfg.mask_prob)
-
-
-# ---------------------------------------------------------------------------------------------- `flax-impl train`
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of `flax-impl train` (see flax_impl.train_cli)."""
-    from flax_impl.train_cli import add_arguments as add
-
-    add(parser)
-
-
-def run(args: argparse.Namespace) -> int:
-    """Run `flax-impl train`; returns the exit code (0 ok, 1 non-finite loss, 2 bad input)."""
-    from flax_impl.train_cli import run as run_cli
-
-    return run_cli(args)

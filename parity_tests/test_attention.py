@@ -5,14 +5,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import POSITIONS, randn, small_config, twins
 from flax import nnx
-from tolerances import BLOCK, EXACT, GRAD_REL
+from helpers import POSITIONS, randn, small_config, twins
 
 import flax_impl as fi
 import torch_ref as tr
-from flax_impl.attention import _einsum_attention
-from flax_impl.dropout import keep_bits, unpack_keep_bits
+from flax_impl._kernels.attention import chunked_attention
+from flax_impl._kernels.dropout import keep_bits, unpack_keep_bits
+from flax_impl.tolerances import BLOCK, EXACT, GRAD_REL
 
 B, L = 2, 7
 
@@ -155,12 +155,12 @@ def test_written_out_gradient_matches_autodiff_of_the_formula(case, chunk, rng):
     drop = rate if keep is not None else 0.0
 
     def ours(q, k, v, bias):
-        return jnp.sum(_einsum_attention(q, k, v, bias, allowed, keep, drop, chunk) * w)
+        return jnp.sum(chunked_attention(q, k, v, bias, allowed, keep, drop, chunk) * w)
 
     def formula(q, k, v, bias):
         return jnp.sum(_softmax_attention_formula(q, k, v, bias, allowed, keep, drop) * w)
 
-    y = _einsum_attention(q, k, v, bias, allowed, keep, drop, chunk)
+    y = chunked_attention(q, k, v, bias, allowed, keep, drop, chunk)
     np.testing.assert_allclose(y, _softmax_attention_formula(q, k, v, bias, allowed, keep, drop), rtol=0, atol=BLOCK)
     argnums = (0, 1, 2) if bias is None else (0, 1, 2, 3)
     grads = jax.grad(ours, argnums)(q, k, v, bias)

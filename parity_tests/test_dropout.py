@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from tolerances import DROPOUT_SIGMAS, FLOAT32_REL
 
 import flax_impl as fi
+from flax_impl.tolerances import DROPOUT_SIGMAS, FLOAT32_REL
 
 N = 1_000_000
 
@@ -138,7 +138,7 @@ def test_every_position_is_an_independent_draw(width):
 def test_keep_bits_for_fused_kernels():
     """Dropout.keep_bits gives the packed mask a fused kernel applies itself (attention): None when the layer is
     the identity; else uint8 (..., ceil(n/8)) whose unpacked bits keep each element with probability 1 - p."""
-    from flax_impl.dropout import unpack_keep_bits
+    from flax_impl._kernels.dropout import unpack_keep_bits
 
     p, shape = 0.3, (4000, 13)
     drop = fi.Dropout(p, rngs=nnx.Rngs(dropout=5))
@@ -155,7 +155,7 @@ def test_keep_bits_for_fused_kernels():
 
 
 def test_keep_bits_checks_rate():
-    from flax_impl.dropout import keep_bits
+    from flax_impl._kernels.dropout import keep_bits
 
     with pytest.raises(ValueError, match="rate=1.5"):
         keep_bits(jax.random.key(0), 1.5, (3,))

@@ -7,10 +7,10 @@ import pytest
 import torch
 from flax import nnx
 from jax.experimental import checkify
-from tolerances import EXACT, FLOAT32_REL, SHORT_SUM
 
 import flax_impl as fi
 import torch_ref as tr
+from flax_impl.tolerances import EXACT, FLOAT32_REL, SHORT_SUM
 
 V, D = 11, 6
 

@@ -5,14 +5,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import POSITIONS, randn, small_config, twins
 from flax import nnx
+from helpers import POSITIONS, randn, small_config, twins
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tolerances import ELEMENTWISE, ENCODER, GRAD_REL, RECOMPILED
 
 import flax_impl as fi
 import torch_ref as tr
+from flax_impl.tolerances import ELEMENTWISE, ENCODER, GRAD_REL, RECOMPILED
 
 B, L = 2, 9
 
@@ -73,7 +73,7 @@ def test_six_layer_gradients_match(position, norm_first, rng):
 
 
 def test_lesson_stack_parameter_count():
-    cfg = fi.EncoderConfig()  # 6 x 512, the lesson's exercise
+    cfg = fi.TransformerConfig()  # 6 x 512, the lesson's exercise
     model = fi.TransformerEncoder(cfg, rngs=nnx.Rngs(0))
     assert fi.count_params(model.blocks) == 18_914_304
     assert tr.count_params(tr.TransformerEncoder(cfg).blocks) == 18_914_304
@@ -87,15 +87,16 @@ def test_config_dict_drives_the_depth(rng):
     t = tr.TransformerEncoder(d)
     assert len(t.blocks) == 3
     assert f.blocks.ln1.scale[...].shape == (3, d["d_model"])  # stacked on a leading layer axis
-    with pytest.raises(TypeError, match="EncoderConfig or a dict"):
+    with pytest.raises(TypeError, match="TransformerConfig or a dict"):
         fi.TransformerEncoder([("n_layers", 3)], rngs=nnx.Rngs(0))
 
 
 @pytest.mark.parametrize("remat", [False, True])
 def test_scanned_equals_unrolled(remat, rng):
-    cfg = small_config(n_layers=3, position="rope", remat=remat)
-    scanned = fi.TransformerEncoder(cfg, rngs=nnx.Rngs(0))
-    unrolled = fi.TransformerEncoder(cfg.replace(scan_layers=False), rngs=nnx.Rngs(1))
+    cfg = small_config(n_layers=3, position="rope")
+    fcfg = fi.FlaxConfig(remat=remat)
+    scanned = fi.TransformerEncoder(cfg, flax_config=fcfg, rngs=nnx.Rngs(0))
+    unrolled = fi.TransformerEncoder(cfg, flax_config=fcfg.replace(scan_layers=False), rngs=nnx.Rngs(1))
     fi.load_torch_state_dict(unrolled, fi.to_numpy_state_dict(scanned))
     scanned.eval()
     unrolled.eval()
@@ -118,7 +119,7 @@ def test_scan_unroll_computes_the_same(unroll, rng):
     cfg = small_config(n_layers=3, dropout=0.3)
     rngs = lambda: nnx.Rngs(params=0, dropout=jax.random.key(0, impl="philox4x32"))  # noqa: E731 (compiles faster)
     rolled = fi.TransformerEncoder(cfg, rngs=rngs())
-    unrolled = fi.TransformerEncoder(cfg.replace(scan_unroll=unroll), rngs=rngs())
+    unrolled = fi.TransformerEncoder(cfg, flax_config=fi.FlaxConfig(scan_unroll=unroll), rngs=rngs())
     ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 8)))
     forward = nnx.jit(lambda m, i: m(i))
     w = jnp.asarray(randn(rng, 2, 8, cfg.d_model))  # a plain sum of final-LayerNorm outputs has zero gradient

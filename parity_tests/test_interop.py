@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import torch
-from conftest import small_config
 from flax import nnx
+from helpers import small_config
 from safetensors.torch import load_file as torch_load_file
 
 import flax_impl as fi
@@ -21,15 +21,15 @@ def assert_same_params(a, b):
 @pytest.mark.parametrize("scan", [True, False])
 @pytest.mark.parametrize("position", ["learned", "rope"])
 def test_keys_are_the_twins_and_round_trip_is_bit_exact(scan, position):
-    cfg = small_config(position=position, scan_layers=scan, input_norm=True)
-    model = fi.TransformerEncoder(cfg, rngs=nnx.Rngs(0))
+    cfg = small_config(position=position, input_norm=True)
+    model = fi.TransformerEncoder(cfg, flax_config=fi.FlaxConfig(scan_layers=scan), rngs=nnx.Rngs(0))
     twin = tr.TransformerEncoder(cfg)
     sd = fi.to_torch_state_dict(model)
     assert set(sd) == set(twin.state_dict())
     for k, v in twin.state_dict().items():
         assert tuple(sd[k].shape) == tuple(v.shape), k
     twin.load_state_dict(sd)  # strict by default in torch
-    back = fi.TransformerEncoder(cfg, rngs=nnx.Rngs(1))
+    back = fi.TransformerEncoder(cfg, flax_config=fi.FlaxConfig(scan_layers=scan), rngs=nnx.Rngs(1))
     fi.load_torch_state_dict(back, twin.state_dict())
     assert_same_params(model, back)
     # and the torch side is bit-exact too
@@ -40,7 +40,7 @@ def test_keys_are_the_twins_and_round_trip_is_bit_exact(scan, position):
 def test_scanned_and_unrolled_share_the_checkpoint_format():
     cfg = small_config(n_layers=3)
     scanned = fi.TransformerEncoder(cfg, rngs=nnx.Rngs(0))
-    unrolled = fi.TransformerEncoder(cfg.replace(scan_layers=False), rngs=nnx.Rngs(5))
+    unrolled = fi.TransformerEncoder(cfg, flax_config=fi.FlaxConfig(scan_layers=False), rngs=nnx.Rngs(5))
     fi.load_torch_state_dict(unrolled, fi.to_numpy_state_dict(scanned))
     assert_same_params(scanned, unrolled)
 

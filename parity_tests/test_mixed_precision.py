@@ -9,14 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import POSITIONS, small_config, twins
 from flax import nnx
-from tolerances import BF16_REL, ENCODER
+from helpers import POSITIONS, small_config, twins
 
 import flax_impl as fi
 import torch_ref.positions as torch_positions
+from flax_impl.tolerances import BF16_REL, ENCODER
 
-BF16 = dict(dtype="bfloat16", param_dtype="float32")
+BF16 = fi.FlaxConfig(dtype="bfloat16", param_dtype="float32")
 
 
 def _ids_and_mask(seed: int, B: int = 2, L: int = 16) -> tuple[np.ndarray, np.ndarray]:
@@ -37,7 +37,7 @@ def test_bf16_encoder_matches_torch_autocast(position, norm_first):
     """Same float32 weights; Flax computes in bf16, torch under autocast. Both are within BF16_REL of each other
     and of torch in float32, while the float32 Flax path is thousands of times closer (ENCODER)."""
     kw = dict(position=position, norm_first=norm_first)
-    flax_bf16, twin = twins("TransformerEncoder", small_config(**kw, **BF16), seed=3)
+    flax_bf16, twin = twins("TransformerEncoder", small_config(**kw), seed=3, flax_config=BF16)
     flax_f32 = fi.TransformerEncoder(small_config(**kw), rngs=nnx.Rngs(3))
     flax_f32.eval()
     ids, mask = _ids_and_mask(seed=3)
@@ -72,7 +72,7 @@ def _rope_angles_in_bf16(x, positions, *, base=10_000.0, style="half", fraction=
 def test_bf16_tolerance_catches_rope_angles_in_bf16(rng, monkeypatch):
     """At positions 1000..1015 a RoPE whose angles are rounded to bf16 (ulp(1000) = 4 rad) is far outside
     BF16_REL; the real one (angles in float32 on both sides) is inside. Block level, unit-scale inputs."""
-    flax_block, twin = twins("TransformerBlock", small_config(position="rope", **BF16), seed=1)
+    flax_block, twin = twins("TransformerBlock", small_config(position="rope"), seed=1, flax_config=BF16)
     x = rng.standard_normal((2, 16, 32)).astype(np.float32)
     pos = np.arange(1000, 1016)
     y = np.asarray(flax_block(jnp.asarray(x), positions=jnp.asarray(pos)).astype(jnp.float32))
@@ -104,8 +104,8 @@ def _primitives(jaxpr, found: list) -> list:
 def test_bf16_keeps_params_float32_and_norms_softmax_rope_in_float32(position):
     """Parameters stay float32; every matmul takes bf16 operands; every exp (softmax), cos / sin (RoPE angles),
     rsqrt (LayerNorm) and reduction (LayerNorm statistics, softmax max and sum) runs in float32."""
-    cfg = small_config(position=position, input_norm=True, **BF16)
-    model = fi.TransformerEncoder(cfg, rngs=nnx.Rngs(0))
+    cfg = small_config(position=position, input_norm=True)
+    model = fi.TransformerEncoder(cfg, flax_config=BF16, rngs=nnx.Rngs(0))
     model.eval()
     dtypes = {str(v[...].dtype) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     assert dtypes == {"float32"}

@@ -8,14 +8,14 @@ import math
 
 import numpy as np
 import pytest
-import tolerances as tol
 import torch
-from conftest import POSITIONS, small_config, twins
 from flax import nnx
+from helpers import POSITIONS, small_config, twins
 
 import flax_impl as fi
 import flax_impl.positions as fp
 import torch_ref.positions as tp
+from flax_impl import tolerances as tol
 
 # --------------------------------------------------------------------------------------------------------------
 # Independent references (numpy, float64 unless the docstring of the scheme says float32).

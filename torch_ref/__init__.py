@@ -2,10 +2,11 @@
 
 from torch_ref.attention import MultiHeadAttention, from_torch_mha_mask
 from torch_ref.block import TransformerBlock
-from torch_ref.config import EncoderConfig, TrainConfig
+from torch_ref.config import TrainConfig, TransformerConfig
 from torch_ref.dropout import Dropout
 from torch_ref.embedding import Embed
 from torch_ref.encoder import TransformerEncoder
+from torch_ref.norm import LayerNorm
 from torch_ref.pipeline import TransformerInput, encode_text
 from torch_ref.positions import (
     LearnedPositions,
@@ -22,7 +23,8 @@ __all__ = [
     "ByteTokenizer",
     "Dropout",
     "Embed",
-    "EncoderConfig",
+    "TransformerConfig",
+    "LayerNorm",
     "LearnedPositions",
     "MultiHeadAttention",
     "TransformerBlock",

@@ -10,7 +10,7 @@ import math
 import torch
 from torch import nn
 
-from torch_ref.config import EncoderConfig
+from torch_ref.config import TransformerConfig
 from torch_ref.positions import rotate_qk, score_bias
 
 
@@ -46,7 +46,7 @@ class MultiHeadAttention(nn.Module):
     Initialised as nn.MultiheadAttention: xavier-uniform in_proj_weight, zero biases.
     """
 
-    def __init__(self, config: EncoderConfig):
+    def __init__(self, config: TransformerConfig):
         super().__init__()
         D = config.d_model
         self.config = config

@@ -3,7 +3,8 @@
 from torch import nn
 
 from torch_ref.block import TransformerBlock
-from torch_ref.config import EncoderConfig
+from torch_ref.config import TransformerConfig
+from torch_ref.norm import layer_norm
 from torch_ref.pipeline import TransformerInput
 
 
@@ -17,12 +18,12 @@ class TransformerEncoder(nn.Module):
     def __init__(self, config):
         super().__init__()
         if isinstance(config, dict):
-            config = EncoderConfig.from_dict(config)
+            config = TransformerConfig.from_dict(config)
         self.config = config
         self.input = TransformerInput(config)
         self.blocks = nn.ModuleList([TransformerBlock(config) for _ in range(config.n_layers)])
         if config.final_norm:
-            self.final_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps, bias=config.bias)
+            self.final_norm = layer_norm(config)
 
     def forward(self, ids, attention_mask=None):
         x = self.input(ids)

@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torch_ref.config import EncoderConfig
+from torch_ref.config import TransformerConfig
 from torch_ref.embedding import Embed
+from torch_ref.norm import layer_norm
 from torch_ref.positions import LearnedPositions, sinusoidal_table
 from torch_ref.tokenizer import encode_checked
 
@@ -19,14 +20,14 @@ _POSITIONS = ("sinusoidal", "learned", "rope", "alibi", "none")
 class TransformerInput(nn.Module):
     """ids (B, L) -> (B, L, D). Submodules: `embed`, `pos` (learned only), `norm` (input_norm only)."""
 
-    def __init__(self, config: EncoderConfig):
+    def __init__(self, config: TransformerConfig):
         super().__init__()
         self.config = config
         self.embed = Embed(config.vocab_size, config.d_model, padding_idx=config.padding_idx)
         if config.position == "learned":
             self.pos = LearnedPositions(config.max_len, config.d_model)
         if config.input_norm:
-            self.norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps, bias=config.bias)
+            self.norm = layer_norm(config)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, ids):

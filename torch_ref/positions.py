@@ -8,7 +8,7 @@ import math
 import torch
 from torch import nn
 
-from torch_ref.config import EncoderConfig, rope_width
+from torch_ref.config import TransformerConfig, rope_width
 
 
 def sinusoidal_table(length: int, d_model: int) -> torch.Tensor:
@@ -113,7 +113,7 @@ def alibi_bias(q_len: int, k_len: int, slopes: torch.Tensor, *, causal: bool = F
     return -torch.as_tensor(slopes, dtype=torch.float32)[:, None, None] * dist  # (N, L, S)
 
 
-def rotate_qk(config: EncoderConfig, q, k, positions):
+def rotate_qk(config: TransformerConfig, q, k, positions):
     """RoPE on q and k (B, L, N, H) when config.position == "rope", identity otherwise."""
     if config.position != "rope":
         return q, k
@@ -121,7 +121,7 @@ def rotate_qk(config: EncoderConfig, q, k, positions):
     return apply_rope(q, positions, **kw), apply_rope(k, positions, **kw)
 
 
-def score_bias(config: EncoderConfig, q_len: int, k_len: int):
+def score_bias(config: TransformerConfig, q_len: int, k_len: int):
     """ALiBi bias (N, L, S) when config.position == "alibi", None otherwise."""
     if config.position != "alibi":
         return None

@@ -8,9 +8,9 @@ import importlib
 import sys
 
 SUBCOMMANDS = {
-    "parity": ("flax_impl.parity", "max abs difference Flax vs torch_ref for every module and position scheme"),
-    "bench": ("flax_impl.bench", "jit benchmark side by side with PyTorch"),
-    "train": ("flax_impl.train", "train a small encoder on the Python standard library's source"),
+    "parity": ("flax_impl.apps.parity", "max abs difference Flax vs torch_ref for every module and position scheme"),
+    "bench": ("flax_impl.apps.bench", "jit benchmark side by side with PyTorch"),
+    "train": ("flax_impl.apps.train", "train a small encoder on the Python standard library's source"),
 }
 
 

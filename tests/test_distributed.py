@@ -15,10 +15,10 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from tolerances import ENCODER, GRAD_REL, TRAIN_REL
 
 from flax_impl import distributed as dist
 from flax_impl.sharding import constrain
+from flax_impl.tolerances import ENCODER, GRAD_REL, TRAIN_REL
 
 MESHES = ((8, 1), (4, 2), (2, 4), (1, 8))
 WORKER = Path(__file__).with_name("distributed_worker.py")
@@ -140,7 +140,7 @@ def test_make_mesh_checks_the_device_count():
 
 
 def test_cli_rejects_a_mesh_that_does_not_fit_before_any_work(tmp_path, capsys):
-    from flax_impl.cli import main as cli_main
+    from flax_impl.apps.cli import main as cli_main
 
     n = jax.device_count()
     out = tmp_path / "run"

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from flax_impl import tolerances
-from flax_impl.config import POSITIONS, EncoderConfig
+from flax_impl.config import POSITIONS, FlaxConfig, TransformerConfig
 
 
 @dataclass
@@ -52,14 +52,26 @@ def _diff(a: object, b: object) -> float:
     return float(np.max(np.abs(a - b))) if a.size else 0.0
 
 
-def build_twins(name: str, config: EncoderConfig, seed: int = 0) -> tuple[Any, Any]:
-    """flax_impl.<name>(config) and torch_ref.<name>(config), the Flax weights copied into torch, both in eval."""
+def build_twins(
+    name: str, config: TransformerConfig, seed: int = 0, *, flax_config: FlaxConfig | None = None
+) -> tuple[Any, Any]:
+    """flax_impl.<name>(config) and torch_ref.<name>(config), the Flax weights copied into torch, both in eval.
+
+    Args:
+        name: a module both packages export: "MultiHeadAttention", "TransformerBlock", "TransformerInput",
+            "TransformerEncoder".
+        config: the architecture both twins read.
+        seed: the Flax initialisation seed.
+        flax_config: the Flax side's execution settings (default FlaxConfig()).
+    Returns:
+        (flax module, torch module), both in eval mode, with equal weights.
+    """
     from flax import nnx
 
     import flax_impl as fi
     import torch_ref as tr
 
-    flax_module = getattr(fi, name)(config, rngs=nnx.Rngs(seed))
+    flax_module = getattr(fi, name)(config, flax_config=flax_config, rngs=nnx.Rngs(seed))
     torch_module = getattr(tr, name)(config)
     torch_module.load_state_dict(fi.to_torch_state_dict(flax_module))
     flax_module.eval()
@@ -67,7 +79,7 @@ def build_twins(name: str, config: EncoderConfig, seed: int = 0) -> tuple[Any, A
     return flax_module, torch_module
 
 
-def _rows(cfg: EncoderConfig, batch: int, length: int, table_len: int, seed: int) -> Iterator[Callable[[], Row]]:
+def _rows(cfg: TransformerConfig, batch: int, length: int, table_len: int, seed: int) -> Iterator[Callable[[], Row]]:
     import jax.numpy as jnp
     import torch
     from flax import nnx
@@ -81,7 +93,7 @@ def _rows(cfg: EncoderConfig, batch: int, length: int, table_len: int, seed: int
     mask = np.ones((batch, length), np.int32)
     mask[-1, length // 2 :] = 0  # one padded sequence
 
-    def twins(name: str, c: EncoderConfig) -> tuple[Any, Any]:
+    def twins(name: str, c: TransformerConfig) -> tuple[Any, Any]:
         return build_twins(name, c, seed)
 
     def dropout_row() -> Row:
@@ -129,7 +141,7 @@ def _rows(cfg: EncoderConfig, batch: int, length: int, table_len: int, seed: int
     for position in POSITIONS:
         c = cfg.replace(position=position, input_norm=True)
 
-        def input_row(c: EncoderConfig = c) -> Row:
+        def input_row(c: TransformerConfig = c) -> Row:
             f, t = twins("TransformerInput", c)
             with torch.no_grad():
                 d = _diff(f(jnp.asarray(ids)), t(torch.from_numpy(ids)))
@@ -141,7 +153,7 @@ def _rows(cfg: EncoderConfig, batch: int, length: int, table_len: int, seed: int
         for position in POSITIONS:
             c = cfg.replace(position=position)
 
-            def module_row(name: str = name, c: EncoderConfig = c, tol: float = tol) -> Row:
+            def module_row(name: str = name, c: TransformerConfig = c, tol: float = tol) -> Row:
                 f, t = twins(name, c)
                 with torch.no_grad():
                     d = _diff(f(jnp.asarray(x), jnp.asarray(mask)), t(torch.from_numpy(x), torch.from_numpy(mask)))
@@ -153,7 +165,7 @@ def _rows(cfg: EncoderConfig, batch: int, length: int, table_len: int, seed: int
         for causal in (False, True):
             c = cfg.replace(position=position, causal=causal)
 
-            def encoder_row(c: EncoderConfig = c) -> Row:
+            def encoder_row(c: TransformerConfig = c) -> Row:
                 f, t = twins("TransformerEncoder", c)
                 y = nnx.jit(lambda m, i, a: m(i, a))(f, jnp.asarray(ids), jnp.asarray(mask))
                 with torch.no_grad():
@@ -173,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
     import jax
 
     jax.config.update("jax_default_matmul_precision", "highest")  # the CLI's own process: compare fp32 with fp32
-    cfg = EncoderConfig(
+    cfg = TransformerConfig(
         vocab_size=1000,
         d_model=args.d_model,
         n_heads=args.n_heads,

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from flax_impl import tolerances
-from flax_impl.cli import main
+from flax_impl.apps.cli import main
 from flax_impl.config import POSITIONS
 
 SMALL = [

@@ -4,7 +4,7 @@ library's source, byte-tokenized; held-out evaluation, atomic resumable checkpoi
 Checkpoint layout (OUT/checkpoint/, replaced as a whole, never half-written):
   model.safetensors  parameters with torch_ref key names (flax_impl.save): `torch_ref.TransformerEncoder(cfg)`
                      + `safetensors.torch.load_file` + `load_state_dict` reads it;
-  config.json        {"model": EncoderConfig dict, "train": TrainConfig dict, "step": ..., "seed": ...};
+  config.json        {"model": TransformerConfig dict, "train": TrainConfig dict, "step": ..., "seed": ...};
   train_state.npz    optimizer state (AdamW moments, counts), dropout rng keys/counts, step, loss history.
 Batches depend only on (seed, step), so a resumed run replays the uninterrupted run's batches and masks.
 """
@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from flax_impl.config import POSITIONS, EncoderConfig, TrainConfig
+from flax_impl.config import POSITIONS, TrainConfig, TransformerConfig
 from flax_impl.tokenizer import PAD_ID, ByteTokenizer
 
 CKPT, OLD = "checkpoint", "checkpoint.old"
@@ -67,7 +67,7 @@ def _fail(msg: str) -> int:
     return 2
 
 
-def _configs(args: argparse.Namespace) -> tuple[EncoderConfig, TrainConfig]:
+def _configs(args: argparse.Namespace) -> tuple[TransformerConfig, TrainConfig]:
     """Validate the options (ValueError naming the option) and build the two configs, before any work."""
     for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "n_layers", "d_model", "n_heads"):
         if getattr(args, name) < 1:
@@ -83,7 +83,7 @@ def _configs(args: argparse.Namespace) -> tuple[EncoderConfig, TrainConfig]:
             f"--seq-len={args.seq_len} is above --max-len={args.max_len}: learned positions have no row past "
             "max_len (raise --max-len or shorten --seq-len)"
         )
-    cfg = EncoderConfig(
+    cfg = TransformerConfig(
         vocab_size=ByteTokenizer.vocab_size,
         d_model=args.d_model,
         n_heads=args.n_heads,
@@ -250,7 +250,7 @@ def _scale_embedding(model: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Exit code: 0 done, 1 stopped on a non-finite loss (last good checkpoint kept), 2 bad input."""
-    from flax_impl.corpus import load_corpus
+    from flax_impl.apps.corpus import load_corpus
 
     out = Path(args.out)
     try:
@@ -288,7 +288,7 @@ def run(args: argparse.Namespace) -> int:
         return _train(args, cfg, tcfg, corpus, ckpt, out, window, mesh)
 
 
-def _mesh(args: argparse.Namespace, cfg: EncoderConfig) -> Any:
+def _mesh(args: argparse.Namespace, cfg: TransformerConfig) -> Any:
     """--mesh -> a (data, model) Mesh, or None; ValueError if it does not fit the devices, the model or the batch."""
     if args.mesh is None:
         return None
@@ -304,7 +304,7 @@ def _mesh(args: argparse.Namespace, cfg: EncoderConfig) -> Any:
 
 def _train(
     args: argparse.Namespace,
-    cfg: EncoderConfig,
+    cfg: TransformerConfig,
     tcfg: TrainConfig,
     corpus: Any,
     ckpt: Path | None,
@@ -315,7 +315,7 @@ def _train(
     import jax
     from flax import nnx
 
-    from flax_impl.corpus import even_windows, sample_windows, unigram_entropy
+    from flax_impl.apps.corpus import even_windows, sample_windows, unigram_entropy
     from flax_impl.encoder import TransformerEncoder
     from flax_impl.interop import load
     from flax_impl.train import eval_step, lr_schedule, make_batch, make_optimizer, make_tx, train_step

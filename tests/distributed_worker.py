@@ -23,15 +23,15 @@ from jax.sharding import NamedSharding  # noqa: E402
 
 from flax_impl import distributed as dist  # noqa: E402
 from flax_impl import train as ftrain  # noqa: E402
-from flax_impl.cli import main as cli_main  # noqa: E402
-from flax_impl.config import EncoderConfig  # noqa: E402
+from flax_impl.apps.cli import main as cli_main  # noqa: E402
+from flax_impl.config import TransformerConfig  # noqa: E402
 from flax_impl.encoder import TransformerEncoder  # noqa: E402
 from flax_impl.tokenizer import PAD_ID  # noqa: E402
 
 MESHES = ((8, 1), (4, 2), (2, 4), (1, 8))
 # Tiny, but every split is real on every mesh: 8 heads (model axis up to 8), d_ff and vocab divisible by 8.
 # RoPE with base 10 so that the key third of in_proj's bias gets a real gradient (see test_train.py).
-CONFIG = EncoderConfig(vocab_size=64, d_model=32, n_heads=8, d_ff=64, n_layers=2, max_len=16, dropout=0.0,
+CONFIG = TransformerConfig(vocab_size=64, d_model=32, n_heads=8, d_ff=64, n_layers=2, max_len=16, dropout=0.0,
                        position="rope", rope_base=10.0, padding_idx=PAD_ID)
 B, L, LR = 8, 8, 0.5
 

@@ -7,9 +7,9 @@ import math
 
 import pytest
 
-from flax_impl import bench
-from flax_impl.cli import main
-from flax_impl.config import EncoderConfig
+from flax_impl.apps import bench
+from flax_impl.apps.cli import main
+from flax_impl.config import TransformerConfig
 
 TINY = ["--layers", "1", "--d-model", "32", "--heads", "4", "--vocab", "50", "--shapes", "2x8", "--repeats", "2",
         "--warmup", "0", "--matmul-size", "64", "--compile-layers", "1,2"]
@@ -71,7 +71,7 @@ def test_compile_scaling_and_plot(report):
 
 @pytest.mark.parametrize("mode", ["forward", "train"])
 def test_flop_count_matches_matmul_by_matmul(mode):
-    cfg = EncoderConfig(vocab_size=11, d_model=48, n_heads=6, d_ff=80, n_layers=3)
+    cfg = TransformerConfig(vocab_size=11, d_model=48, n_heads=6, d_ff=80, n_layers=3)
     B, L, D, F, N, H = 2, 7, 48, 80, 6, 8
     per_layer = (
         3 * 2 * (B * L) * D * D  # q, k, v projections
@@ -102,10 +102,10 @@ def test_layer_options_reach_the_config_and_the_table():
     parser = __import__("argparse").ArgumentParser()
     bench.add_arguments(parser)
     args = parser.parse_args(["--layers", "6", "--scan-unroll", "6"])
-    cfg = bench._build_config(args, max_length=128)
-    assert (cfg.n_layers, cfg.scan_layers, cfg.scan_unroll) == (6, True, 6)
-    assert bench._layers_text(cfg.to_dict()) == "scanned layers, 6 per loop iteration"
-    assert bench._layers_text(cfg.replace(scan_unroll=1).to_dict()) == "scanned layers"
-    unrolled = bench._build_config(parser.parse_args(["--unrolled"]), max_length=128)
-    assert bench._layers_text(unrolled.to_dict()) == "unrolled layers"
+    cfg, fcfg = bench._build_config(args, max_length=128)
+    assert (cfg.n_layers, fcfg.scan_layers, fcfg.scan_unroll) == (6, True, 6)
+    assert bench._layers_text(cfg.to_dict(), fcfg.to_dict()) == "scanned layers, 6 per loop iteration"
+    assert bench._layers_text(cfg.to_dict(), fcfg.replace(scan_unroll=1).to_dict()) == "scanned layers"
+    cfg, unrolled = bench._build_config(parser.parse_args(["--unrolled"]), max_length=128)
+    assert bench._layers_text(cfg.to_dict(), unrolled.to_dict()) == "unrolled layers"
     assert main(["bench", "--scan-unroll", "0"]) == 2  # a bad value is an argument error, before any work

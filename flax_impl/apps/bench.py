@@ -45,14 +45,14 @@ from typing import Any
 
 import numpy as np
 
-from flax_impl.config import EncoderConfig
+from flax_impl.config import FlaxConfig, TransformerConfig
 
 QUICK_SHAPES = ((8, 128), (4, 512))
 DEFAULT_SHAPES = ((8, 64), (8, 128), (8, 256), (4, 512))
 FLOP_FORMULA = "forward = n_layers*B*L*(2*(4*D^2 + 2*D*F) + 4*L*D); train = 3*forward"
 
 
-def encoder_flops(config: EncoderConfig, batch: int, length: int, mode: str) -> float:
+def encoder_flops(config: TransformerConfig, batch: int, length: int, mode: str) -> float:
     """Analytic matmul FLOPs of one forward ("forward") or forward + backward ("train") pass (module docstring)."""
     D, F = config.d_model, config.d_ff
     forward = config.n_layers * batch * length * (2 * (4 * D * D + 2 * D * F) + 4 * length * D)
@@ -60,7 +60,7 @@ def encoder_flops(config: EncoderConfig, batch: int, length: int, mode: str) -> 
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
-    """"8x128,4x512" -> [(8, 128), (4, 512)]; anything else raises ValueError naming the bad item."""
+    """ "8x128,4x512" -> [(8, 128), (4, 512)]; anything else raises ValueError naming the bad item."""
     shapes = []
     for item in text.split(","):
         parts = item.strip().lower().split("x")
@@ -77,36 +77,58 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modes", default="forward,train", help="forward, train or both (default: both)")
     parser.add_argument("--repeats", type=int, help="timed calls per framework and shape (default 10; quick 3)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls after the first (default 1)")
-    parser.add_argument("--config", help="JSON file of EncoderConfig fields (default: the lesson's 6 x 512 encoder)")
+    parser.add_argument(
+        "--config", help="JSON file of TransformerConfig fields (default: the lesson's 6 x 512 encoder)"
+    )
     parser.add_argument("--layers", type=int, help="override n_layers")
     parser.add_argument("--d-model", type=int, help="override d_model (d_ff follows as 4 * d_model)")
     parser.add_argument("--heads", type=int, help="override n_heads")
     parser.add_argument("--vocab", type=int, default=1000, help="vocabulary size (default 1000)")
-    parser.add_argument("--unrolled", action="store_true",
-                        help="scan_layers=False: a Python loop of blocks (slower compile; its CPU train step "
-                             "measured -3 to +10 %% against the scanned one side by side)")
-    parser.add_argument("--scan-unroll", type=int, default=None, metavar="N",
-                        help="scan_unroll=N: layers per iteration of the scanned loop (n_layers: fully unrolled)")
+    parser.add_argument(
+        "--unrolled",
+        action="store_true",
+        help="scan_layers=False: a Python loop of blocks (slower compile; its CPU train step "
+        "measured -3 to +10 %% against the scanned one side by side)",
+    )
+    parser.add_argument(
+        "--scan-unroll",
+        type=int,
+        default=None,
+        metavar="N",
+        help="scan_unroll=N: layers per iteration of the scanned loop (n_layers: fully unrolled)",
+    )
     parser.add_argument("--position", choices=["sinusoidal", "learned", "rope", "alibi", "none"])
     parser.add_argument("--dropout", type=float, help="dropout of the train step (default: the config's, 0.1)")
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                        help="bf16 = bfloat16 compute with float32 parameters")
+    parser.add_argument(
+        "--precision", choices=["fp32", "bf16"], default="fp32", help="bf16 = bfloat16 compute with float32 parameters"
+    )
     parser.add_argument("--device", choices=["auto", "cpu", "gpu", "tpu"], default="auto")
     parser.add_argument("--frameworks", help="flax, torch or both (default: both; flax alone on TPU)")
     parser.add_argument("--torch-compile", action="store_true", help="also measure torch.compile (slow to compile)")
-    parser.add_argument("--flax-jit", choices=["split", "nnx"], default="split",
-                        help="split: jax.jit over nnx.split state (default); nnx: nnx.jit in graph mode")
-    parser.add_argument("--rng-impl", default=None,
-                        choices=["philox4x32", "threefry4x32", "philox2x32", "rbg", "unsafe_rbg", "threefry2x32"],
-                        help="JAX PRNG of the Flax dropout stream (default philox4x32, the cheapest bits measured on "
-                             "CPU; threefry2x32 with --mesh, where jax 0.10.2 fails to compile a sharded init of "
-                             "philox keys)")
-    parser.add_argument("--compile-layers",
-                        help="Flax compile time of scanned encoders of these depths (default 1,2,24; quick 1,24)")
+    parser.add_argument(
+        "--flax-jit",
+        choices=["split", "nnx"],
+        default="split",
+        help="split: jax.jit over nnx.split state (default); nnx: nnx.jit in graph mode",
+    )
+    parser.add_argument(
+        "--rng-impl",
+        default=None,
+        choices=["philox4x32", "threefry4x32", "philox2x32", "rbg", "unsafe_rbg", "threefry2x32"],
+        help="JAX PRNG of the Flax dropout stream (default philox4x32, the cheapest bits measured on "
+        "CPU; threefry2x32 with --mesh, where jax 0.10.2 fails to compile a sharded init of "
+        "philox keys)",
+    )
+    parser.add_argument(
+        "--compile-layers", help="Flax compile time of scanned encoders of these depths (default 1,2,24; quick 1,24)"
+    )
     parser.add_argument("--matmul-size", type=int, default=2048, help="n of the n x n matmul peak (default 2048)")
-    parser.add_argument("--mesh", metavar="data=D,model=M",
-                        help="run the Flax side sharded on a (data, model) device mesh (flax_impl.distributed); on "
-                             "CPU simulate devices with XLA_FLAGS=--xla_force_host_platform_device_count=8")
+    parser.add_argument(
+        "--mesh",
+        metavar="data=D,model=M",
+        help="run the Flax side sharded on a (data, model) device mesh (flax_impl.distributed); on "
+        "CPU simulate devices with XLA_FLAGS=--xla_force_host_platform_device_count=8",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="PATH", help="write every measurement as JSON")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG of tokens/s against length (needs matplotlib)")
@@ -229,7 +251,14 @@ def _flax_train_fn(gdef: Any) -> Callable:
 class FlaxSide:
     """The Flax encoder and its jitted forward / train step (`--flax-jit split` or `nnx`)."""
 
-    def __init__(self, config: EncoderConfig, args: argparse.Namespace, device: Any, mesh: Any = None):
+    def __init__(
+        self,
+        config: TransformerConfig,
+        flax_config: FlaxConfig,
+        args: argparse.Namespace,
+        device: Any,
+        mesh: Any = None,
+    ):
         import jax
         from flax import nnx
 
@@ -239,9 +268,9 @@ class FlaxSide:
         self.jax, self.nnx, self.device, self.flax_jit, self.mesh = jax, nnx, device, args.flax_jit, mesh
         rngs = nnx.Rngs(params=args.seed, dropout=jax.random.key(args.seed, impl=args.rng_impl))
         if mesh is None:
-            self.model = TransformerEncoder(config, rngs=rngs)
+            self.model = TransformerEncoder(config, flax_config=flax_config, rngs=rngs)
         else:  # every parameter on its partition spec, initialised shard by shard
-            self.model = create_sharded_model(config, mesh, rngs=rngs)
+            self.model = create_sharded_model(config, mesh, flax_config=flax_config, rngs=rngs)
         self._fns: dict[str, Callable] = {}
 
     def runner(self, mode: str, ids: np.ndarray, target: np.ndarray) -> Callable[[], None]:
@@ -303,7 +332,7 @@ def _nnx_train_step(model: Any, ids: Any, target: Any) -> Any:
 
 
 def flax_compile_seconds(
-    config: EncoderConfig, n_layers: int, mode: str, batch: int, length: int, rng_impl: str
+    config: TransformerConfig, flax_config: FlaxConfig, n_layers: int, mode: str, batch: int, length: int, rng_impl: str
 ) -> float:
     """Trace + lower + compile time of the Flax forward or train step for a scanned encoder of `n_layers`
     (abstract weights from nnx.eval_shape: nothing is allocated or run)."""
@@ -313,9 +342,12 @@ def flax_compile_seconds(
 
     from flax_impl.encoder import TransformerEncoder
 
-    cfg = config.replace(n_layers=n_layers, scan_layers=True, scan_unroll=1)
+    cfg = config.replace(n_layers=n_layers)
+    fcfg = flax_config.replace(scan_layers=True, scan_unroll=1)
     model = nnx.eval_shape(
-        lambda: TransformerEncoder(cfg, rngs=nnx.Rngs(params=0, dropout=jax.random.key(0, impl=rng_impl)))
+        lambda: TransformerEncoder(
+            cfg, flax_config=fcfg, rngs=nnx.Rngs(params=0, dropout=jax.random.key(0, impl=rng_impl))
+        )
     )
     ids = jax.ShapeDtypeStruct((batch, length), jnp.int32)
     start = time.perf_counter()
@@ -335,7 +367,7 @@ def flax_compile_seconds(
 class TorchSide:
     """torch_ref's encoder with the Flax weights copied in; eager and (optionally) torch.compile runners."""
 
-    def __init__(self, config: EncoderConfig, flax_model: Any, args: argparse.Namespace, device: str):
+    def __init__(self, config: TransformerConfig, flax_model: Any, args: argparse.Namespace, device: str):
         import contextlib
 
         import torch
@@ -460,13 +492,14 @@ def matmul_peak(
 
 
 # ----------------------------------------------------------------------------------------------- the command
-def _build_config(args: argparse.Namespace, max_length: int) -> EncoderConfig:
+def _build_config(args: argparse.Namespace, max_length: int) -> tuple[TransformerConfig, FlaxConfig]:
     fields: dict[str, Any] = {}
+    flax_fields: dict[str, Any] = {}
     if args.config:
         with open(args.config) as f:
             fields = json.load(f)
         if not isinstance(fields, dict):
-            raise ValueError(f"--config {args.config} must hold a JSON object of EncoderConfig fields")
+            raise ValueError(f"--config {args.config} must hold a JSON object of TransformerConfig fields")
     fields.setdefault("vocab_size", args.vocab)
     if args.layers is not None:
         fields["n_layers"] = args.layers
@@ -477,20 +510,20 @@ def _build_config(args: argparse.Namespace, max_length: int) -> EncoderConfig:
     if args.position is not None:
         fields["position"] = args.position
     if args.unrolled:
-        fields["scan_layers"] = False
+        flax_fields["scan_layers"] = False
     if args.scan_unroll is not None:
-        fields["scan_unroll"] = args.scan_unroll
+        flax_fields["scan_unroll"] = args.scan_unroll
     if args.dropout is not None:
         fields["dropout"] = args.dropout
     if args.precision == "bf16":
-        fields["dtype"], fields["param_dtype"] = "bfloat16", "float32"
-    config = EncoderConfig.from_dict(fields)
+        flax_fields["dtype"], flax_fields["param_dtype"] = "bfloat16", "float32"
+    config = TransformerConfig.from_dict(fields)
     if config.position == "learned" and config.max_len < max_length:
         config = config.replace(max_len=max_length)
-    return config
+    return config, FlaxConfig(**flax_fields)
 
 
-def _build_mesh(args: argparse.Namespace, config: EncoderConfig, shapes: list[tuple[int, int]]) -> Any:
+def _build_mesh(args: argparse.Namespace, config: TransformerConfig, shapes: list[tuple[int, int]]) -> Any:
     """The --mesh Mesh; sizes, shardable shapes and batch sizes are checked before any measurement."""
     from flax_impl.distributed import check_shardable, make_mesh, parse_mesh
 
@@ -554,7 +587,7 @@ def run(args: argparse.Namespace) -> int:
         compile_layers = [int(x) for x in items if x.isdigit()]
         if len(compile_layers) != len(items) or any(n < 1 for n in compile_layers):
             raise ValueError(f"--compile-layers {layers_text!r} must be positive integers")
-        config = _build_config(args, max(L for _, L in shapes))
+        config, flax_config = _build_config(args, max(L for _, L in shapes))
         if args.plot:
             try:
                 import matplotlib  # noqa: F401
@@ -572,8 +605,20 @@ def run(args: argparse.Namespace) -> int:
 
     wall = time.perf_counter()
     with jax.default_device(jax_device):
-        result = _run_measurements(args, config, shapes, modes, frameworks, repeats, compile_layers,
-                                   platform_name, jax_device, torch_device, mesh)
+        result = _run_measurements(
+            args,
+            config,
+            flax_config,
+            shapes,
+            modes,
+            frameworks,
+            repeats,
+            compile_layers,
+            platform_name,
+            jax_device,
+            torch_device,
+            mesh,
+        )
     result["wall_s"] = time.perf_counter() - wall
     print(format_table(result))
     if args.json:
@@ -586,10 +631,20 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_measurements(args: argparse.Namespace, config: EncoderConfig, shapes: list[tuple[int, int]],
-                      modes: list[str], frameworks: list[str], repeats: int, compile_layers: list[int],
-                      platform_name: str, jax_device: Any, torch_device: str | None,
-                      mesh: Any = None) -> dict[str, Any]:
+def _run_measurements(
+    args: argparse.Namespace,
+    config: TransformerConfig,
+    flax_config: FlaxConfig,
+    shapes: list[tuple[int, int]],
+    modes: list[str],
+    frameworks: list[str],
+    repeats: int,
+    compile_layers: list[int],
+    platform_name: str,
+    jax_device: Any,
+    torch_device: str | None,
+    mesh: Any = None,
+) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
 
@@ -603,7 +658,7 @@ def _run_measurements(args: argparse.Namespace, config: EncoderConfig, shapes: l
     mm_jax = jax_device if "flax" in frameworks else None
     peaks = matmul_peak(mm_shapes, dtype, mm_jax, torch_device)
     progress.step("building models", 2)
-    flax_side = FlaxSide(config, args, jax_device, mesh) if "flax" in frameworks else None
+    flax_side = FlaxSide(config, flax_config, args, jax_device, mesh) if "flax" in frameworks else None
     torch_side = TorchSide(config, flax_side.model if flax_side else None, args, torch_device) if torch_device else None
     rng = np.random.default_rng(args.seed)
     records: list[Record] = []
@@ -622,14 +677,29 @@ def _run_measurements(args: argparse.Namespace, config: EncoderConfig, shapes: l
             flops = encoder_flops(config, B, L, mode)
             for name, m in raw.items():
                 tps, step = _stats(m["times"], B * L)
-                records.append(Record(
-                    framework=name, mode=mode, batch=B, length=L, position=config.position, precision=args.precision,
-                    tokens_per_s=tps, step_s=step, compile_s=max(m["first"] - step["median"], 0.0),
-                    first_call_s=m["first"], flops=flops, achieved_flops=flops / step["median"],
-                    peak_fraction=math.nan, peak_rss_mb=m["peak_rss_mb"],
-                    rss_step_mb=m["rss_step_mb"], repeats=repeats, times_s=m["times"]))
-            eager = next((r for r in records[-len(raw):] if r.framework == "torch"), None)
-            for r in records[-len(raw):]:
+                records.append(
+                    Record(
+                        framework=name,
+                        mode=mode,
+                        batch=B,
+                        length=L,
+                        position=config.position,
+                        precision=args.precision,
+                        tokens_per_s=tps,
+                        step_s=step,
+                        compile_s=max(m["first"] - step["median"], 0.0),
+                        first_call_s=m["first"],
+                        flops=flops,
+                        achieved_flops=flops / step["median"],
+                        peak_fraction=math.nan,
+                        peak_rss_mb=m["peak_rss_mb"],
+                        rss_step_mb=m["rss_step_mb"],
+                        repeats=repeats,
+                        times_s=m["times"],
+                    )
+                )
+            eager = next((r for r in records[-len(raw) :] if r.framework == "torch"), None)
+            for r in records[-len(raw) :]:
                 if eager is not None and r is not eager:
                     r.speedup_vs_torch_eager = r.tokens_per_s["median"] / eager.tokens_per_s["median"]
     scaling = []
@@ -640,10 +710,11 @@ def _run_measurements(args: argparse.Namespace, config: EncoderConfig, shapes: l
             for _ in range(2 if args.quick else 3):  # best of rounds: the first pays one-off tracing caches
                 for n in compile_layers:
                     progress.step(f"compile time: {mode}, {n} scanned layers", 0)
-                    best[n] = min(best[n], flax_compile_seconds(config, n, mode, B, L, args.rng_impl))
+                    best[n] = min(best[n], flax_compile_seconds(config, flax_config, n, mode, B, L, args.rng_impl))
                     progress.step(f"compile time: {mode}, {n} scanned layers")
-            scaling.append({"mode": mode, "batch": B, "length": L,
-                            "compile_s": {str(n): best[n] for n in compile_layers}})
+            scaling.append(
+                {"mode": mode, "batch": B, "length": L, "compile_s": {str(n): best[n] for n in compile_layers}}
+            )
     progress.step("matmul peak (again)", 0)
     for name, flops_per_s in matmul_peak(mm_shapes, dtype, mm_jax, torch_device).items():  # best of start and end
         peaks[name] = max(peaks[name], flops_per_s)
@@ -654,30 +725,50 @@ def _run_measurements(args: argparse.Namespace, config: EncoderConfig, shapes: l
     progress.close()
     import flax
 
-    versions = {"python": platform.python_version(), "jax": jax.__version__, "flax": flax.__version__,
-                "numpy": np.__version__}
+    versions = {
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "flax": flax.__version__,
+        "numpy": np.__version__,
+    }
     torch_threads = None
     if torch_side:
         versions["torch"] = torch_side.torch.__version__
         torch_threads = torch_side.torch.get_num_threads()
     device_name = jax_device.device_kind if platform_name != "cpu" else _cpu_name()
     return {
-        "device": platform_name, "device_name": device_name, "torch_device": torch_device,
-        "cores": os.cpu_count(), "torch_threads": torch_threads, "versions": versions,
-        "matmul_peak_flops": peak, "matmul_peak": peaks, "matmul_shapes": mm_shapes, "matmul_dtype": dtype,
-        "flop_formula": FLOP_FORMULA, "memory": "peak_rss_mb: process VmHWM during one steady step (reset before)",
-        "config": config.to_dict(), "precision": args.precision, "position": config.position,
-        "flax_jit": args.flax_jit, "rng_impl": args.rng_impl, "warmup": args.warmup, "repeats": repeats,
-        "mesh": dict(mesh.shape) if mesh is not None else None, "jax_device_count": jax.device_count(),
+        "device": platform_name,
+        "device_name": device_name,
+        "torch_device": torch_device,
+        "cores": os.cpu_count(),
+        "torch_threads": torch_threads,
+        "versions": versions,
+        "matmul_peak_flops": peak,
+        "matmul_peak": peaks,
+        "matmul_shapes": mm_shapes,
+        "matmul_dtype": dtype,
+        "flop_formula": FLOP_FORMULA,
+        "memory": "peak_rss_mb: process VmHWM during one steady step (reset before)",
+        "config": config.to_dict(),
+        "flax_config": flax_config.to_dict(),
+        "precision": args.precision,
+        "position": config.position,
+        "flax_jit": args.flax_jit,
+        "rng_impl": args.rng_impl,
+        "warmup": args.warmup,
+        "repeats": repeats,
+        "mesh": dict(mesh.shape) if mesh is not None else None,
+        "jax_device_count": jax.device_count(),
         "jnp_default_int": str(jnp.asarray(0).dtype),
-        "results": [asdict(r) for r in records], "compile_scaling": scaling,
+        "results": [asdict(r) for r in records],
+        "compile_scaling": scaling,
     }
 
 
-def _layers_text(cfg: dict[str, Any]) -> str:
-    if not cfg["scan_layers"]:
+def _layers_text(cfg: dict[str, Any], flax_cfg: dict[str, Any]) -> str:
+    if not flax_cfg["scan_layers"]:
         return "unrolled layers"
-    unroll = min(cfg.get("scan_unroll", 1), cfg["n_layers"])
+    unroll = min(flax_cfg.get("scan_unroll", 1), cfg["n_layers"])
     return "scanned layers" if unroll == 1 else f"scanned layers, {unroll} per loop iteration"
 
 
@@ -687,9 +778,10 @@ def format_table(result: dict[str, Any]) -> str:
     lines = [
         f"device: {result['device']} ({result['device_name']}, {result['cores']} cores)  "
         f"matmul peak {result['matmul_peak_flops'] / 1e9:.1f} GFLOP/s ({result['matmul_dtype']}, "
-        + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in result["matmul_peak"].items()) + ")",
+        + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in result["matmul_peak"].items())
+        + ")",
         f"encoder: {cfg['n_layers']} x {cfg['d_model']} (N={cfg['n_heads']}, F={cfg['d_ff']}, V={cfg['vocab_size']}, "
-        f"{_layers_text(cfg)}), "
+        f"{_layers_text(cfg, result['flax_config'])}), "
         f"position={result['position']}, precision={result['precision']}, dropout(train)={cfg['dropout']}, "
         f"repeats={result['repeats']}",
         "",
@@ -725,18 +817,26 @@ def write_plot(result: dict[str, Any], path: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), squeeze=False)
     for ax, mode in zip(axes[0], ("forward", "train"), strict=True):
         for fw in dict.fromkeys(r["framework"] for r in result["results"]):
-            rows = sorted((r for r in result["results"] if r["framework"] == fw and r["mode"] == mode),
-                          key=lambda r: r["length"])
+            rows = sorted(
+                (r for r in result["results"] if r["framework"] == fw and r["mode"] == mode), key=lambda r: r["length"]
+            )
             if not rows:
                 continue
             x = [r["length"] for r in rows]
             y = [r["tokens_per_s"]["median"] for r in rows]
-            err = [[a - r["tokens_per_s"]["min"] for a, r in zip(y, rows, strict=True)],
-                   [r["tokens_per_s"]["max"] - a for a, r in zip(y, rows, strict=True)]]
+            err = [
+                [a - r["tokens_per_s"]["min"] for a, r in zip(y, rows, strict=True)],
+                [r["tokens_per_s"]["max"] - a for a, r in zip(y, rows, strict=True)],
+            ]
             ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=f"{fw} {mode}")
             for r in rows:
-                ax.annotate(f"B={r['batch']}", (r["length"], r["tokens_per_s"]["median"]), fontsize=7,
-                            textcoords="offset points", xytext=(4, 4))
+                ax.annotate(
+                    f"B={r['batch']}",
+                    (r["length"], r["tokens_per_s"]["median"]),
+                    fontsize=7,
+                    textcoords="offset points",
+                    xytext=(4, 4),
+                )
         ax.set_xscale("log", base=2)
         ax.set_xlabel("sequence length L")
         ax.set_ylabel("tokens / s")

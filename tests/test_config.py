@@ -1,0 +1,117 @@
+"""TransformerConfig and FlaxConfig: dict round trip, validation of every field, the split between them."""
+
+import subprocess
+import sys
+
+import pytest
+
+from flax_impl.config import FlaxConfig, TransformerConfig
+
+
+def test_dict_round_trip():
+    cfg = TransformerConfig(
+        vocab_size=123, d_model=64, n_heads=4, position="rope", rope_style="interleaved", causal=True
+    )
+    assert TransformerConfig.from_dict(cfg.to_dict()) == cfg
+    assert TransformerConfig.from_dict(TransformerConfig().to_dict()) == TransformerConfig()
+
+
+def test_defaults_are_the_lesson_encoder():
+    cfg = TransformerConfig()
+    assert (cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.n_layers, cfg.dropout) == (512, 8, 2048, 6, 0.1)
+    assert cfg.attention_dropout == cfg.dropout
+    assert cfg.norm_eps == 1e-5  # torch's default, not Flax's 1e-6
+    assert cfg.head_dim == 64
+
+
+def test_attention_dropout_defaults_to_dropout_but_can_differ():
+    assert TransformerConfig(dropout=0.3).attention_dropout == 0.3
+    assert TransformerConfig(dropout=0.3, attention_dropout=0.0).attention_dropout == 0.0
+
+
+@pytest.mark.parametrize(
+    "field, value, words",
+    [
+        ("vocab_size", 0, "vocab_size=0"),
+        ("d_model", -8, "d_model=-8"),
+        ("n_heads", 0, "n_heads=0"),
+        ("d_ff", 1.5, "d_ff=1.5"),
+        ("n_layers", 0, "n_layers=0"),
+        ("max_len", 0, "max_len=0"),
+        ("dropout", 1.5, "dropout=1.5"),
+        ("dropout", -0.1, "dropout=-0.1"),
+        ("attention_dropout", 2.0, "attention_dropout=2.0"),
+        ("position", "absolute", "position='absolute'"),
+        ("rope_style", "neox", "rope_style='neox'"),
+        ("activation", "swish", "activation='swish'"),
+        ("norm_eps", 0.0, "norm_eps=0.0"),
+        ("rope_base", 1.0, "rope_base=1.0"),
+        ("rope_fraction", 0.0, "rope_fraction=0.0"),
+        ("rope_scale", 0.0, "rope_scale=0.0"),
+        ("padding_idx", 10_000, "padding_idx=10000"),
+    ],
+)
+def test_invalid_field_names_field_and_value(field, value, words):
+    with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(".", r"\.")):
+        TransformerConfig(**{field: value})
+
+
+@pytest.mark.parametrize(
+    "field, value, words",
+    [
+        ("scan_unroll", 0, "scan_unroll=0"),
+        ("scan_unroll", True, "scan_unroll=True"),
+        ("dtype", "float8", "dtype='float8'"),
+        ("param_dtype", "int8", "param_dtype='int8'"),
+        ("attention_impl", "flash", "attention_impl='flash'"),
+    ],
+)
+def test_invalid_flax_field_names_field_and_value(field, value, words):
+    with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(".", r"\.")):
+        FlaxConfig(**{field: value})
+
+
+@pytest.mark.parametrize("field", ["scan_layers", "remat"])
+def test_flax_switches_must_be_bool(field):
+    with pytest.raises(TypeError, match=f"{field}='no' must be a bool"):
+        FlaxConfig(**{field: "no"})
+
+
+def test_architecture_and_flax_settings_are_apart():
+    arch = {f for f in TransformerConfig().to_dict()}
+    flax_only = {f for f in FlaxConfig().to_dict()}
+    assert not arch & flax_only
+    assert FlaxConfig.from_dict(FlaxConfig(dtype="bfloat16").to_dict()) == FlaxConfig(dtype="bfloat16")
+    with pytest.raises(ValueError, match=r"\['scan_layers'\] are Flax execution settings"):
+        TransformerConfig.from_dict({"d_model": 64, "scan_layers": False})
+
+
+def test_heads_must_divide_width():
+    with pytest.raises(ValueError, match="n_heads=6 must divide d_model=512"):
+        TransformerConfig(n_heads=6)
+
+
+def test_rope_needs_even_rotated_width():
+    with pytest.raises(ValueError, match="rotated width 3"):
+        TransformerConfig(d_model=12, n_heads=4, position="rope")  # head_dim 3
+    TransformerConfig(d_model=12, n_heads=4, position="sinusoidal")  # fine without RoPE
+    with pytest.raises(ValueError, match="rotated width 5"):
+        TransformerConfig(d_model=40, n_heads=4, position="rope", rope_fraction=0.5)  # 0.5 * 10
+
+
+def test_unknown_keys_are_named():
+    with pytest.raises(ValueError, match=r"unknown TransformerConfig keys \['n_head'\]"):
+        TransformerConfig.from_dict({"n_head": 8})
+    with pytest.raises(ValueError, match="unknown TransformerConfig keys"):
+        TransformerConfig().replace(depth=3)
+
+
+def test_frozen():
+    with pytest.raises(AttributeError):
+        TransformerConfig().d_model = 3
+
+
+def test_config_module_imports_neither_jax_nor_torch():
+    code = "import sys, flax_impl.config; print(any(m in sys.modules for m in ('jax', 'torch', 'flax')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
