@@ -1,0 +1,118 @@
+"""Read and write Hugging Face model folders (config.json + safetensors): bert, gpt2, llama, mistral, qwen2,
+bloom, mpt. Local folders only; nothing is downloaded, and neither torch nor transformers is imported.
+
+    cfg, model = flax_impl.hf.from_pretrained("path/to/gpt2-folder")      # TransformerConfig, TransformerEncoder
+    flax_impl.hf.save_pretrained(model, "out/", model_type="gpt2")        # transformers.AutoModel* loads out/
+
+Each family is a declarative table in `flax_impl.hf.families` (config fields with named converters, refused
+options, weight-key templates with named layouts); `flax_impl.hf.convert` holds the two engines that read them.
+Weights pass through torch_ref's state-dict names (`flax_impl.interop`), the stable interchange format.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from flax import nnx
+
+from flax_impl.config import FlaxConfig, TransformerConfig
+from flax_impl.encoder import TransformerEncoder
+from flax_impl.hf.convert import (
+    check_checkpoint,
+    config_from_hf,
+    config_to_hf,
+    family,
+    normalize_keys,
+    to_hf,
+    to_ours,
+    weight_plan,
+)
+from flax_impl.hf.families import FAMILIES
+from flax_impl.hf.io import read_config, read_headers, read_tensor, weight_files, write_folder
+from flax_impl.interop import load_torch_state_dict, to_numpy_state_dict
+
+__all__ = ["FAMILIES", "from_pretrained", "save_pretrained", "to_hf_state_dict"]
+
+
+def from_pretrained(
+    path: str | os.PathLike, *, flax_config: FlaxConfig | None = None, rngs_seed: int = 0
+) -> tuple[TransformerConfig, TransformerEncoder]:
+    """Load a local Hugging Face model folder into a TransformerEncoder, in eval mode (as transformers does).
+
+    The folder holds config.json and model.safetensors, or model.safetensors.index.json and its shards. Keys with
+    or without the base-model prefix ("transformer.", "model.", "bert.") are accepted, so both XModel and
+    XForCausalLM checkpoints load; task heads we do not model (BERT's pooler and MLM head) are dropped. The
+    hidden states of `model(ids, attention_mask)` are transformers' `last_hidden_state`; `model.logits(h)` is
+    the LM head.
+
+    Args:
+        path: the folder.
+        flax_config: how the Flax model computes (dtype, scanned layers, ...); the weights are cast to its
+            param_dtype.
+        rngs_seed: seeds the model's rngs (the random init, overwritten, and dropout in train mode).
+    Returns:
+        (config, model).
+    Raises:
+        FileNotFoundError: the folder, config.json, the weights or a shard is missing.
+        ValueError: before any weight is read: an unsupported model_type or option (one message naming every
+            one); then, from the headers only: one message listing every missing, unexpected and misshaped key.
+    """
+    hf = read_config(path)
+    fam, cfg = config_from_hf(hf)
+    files = weight_files(path)
+    header = read_headers(files)
+    model = TransformerEncoder(cfg, flax_config=flax_config, rngs=nnx.Rngs(rngs_seed))
+    plan = weight_plan(fam, cfg, {k: v.shape for k, v in to_numpy_state_dict(model).items()})
+    names = normalize_keys(fam, cfg, list(header))
+    check_checkpoint(fam, cfg, plan, {short: header[full][0] for short, full in names.items()})
+    state = {}
+    for entry in plan:
+        tensors = [read_tensor(header[names[k]][1], names[k]) for k in entry.hf_keys]
+        state[entry.ours] = to_ours(entry, tensors, cfg)
+    load_torch_state_dict(model, state)
+    model.eval()
+    return cfg, model
+
+
+def to_hf_state_dict(model: TransformerEncoder, model_type: str) -> dict[str, np.ndarray]:
+    """The model's parameters as the checkpoint tensors of family `model_type`: the keys and layouts that
+    `save_pretrained` writes (with the XForCausalLM / XModel prefix), numpy arrays in the param_dtype.
+
+    Raises:
+        TypeError: `model` is not a TransformerEncoder.
+        ValueError: an unsupported model_type, or a config the family cannot hold (see `save_pretrained`).
+    """
+    if not isinstance(model, TransformerEncoder):
+        raise TypeError(f"model must be a TransformerEncoder, got {type(model).__name__}")
+    fam = family(model_type)
+    cfg = model.config
+    config_to_hf(fam, cfg)  # refuses a config the family cannot hold, before any tensor is converted
+    state = to_numpy_state_dict(model)
+    plan = weight_plan(fam, cfg, {k: v.shape for k, v in state.items()})
+    tensors = {}
+    for entry in plan:
+        for key, tensor in zip(entry.hf_keys, to_hf(entry, state[entry.ours], cfg), strict=True):
+            tensors[(fam.prefix if entry.base else "") + key] = tensor
+    return tensors
+
+
+def save_pretrained(model: TransformerEncoder, path: str | os.PathLike, *, model_type: str) -> None:
+    """Write `model` as a Hugging Face folder (config.json + model.safetensors) of family `model_type`.
+
+    transformers loads it with AutoModel (bert) or AutoModelForCausalLM (the decoder families) and computes the
+    same outputs. Only the architecture is written: token ids (bos/eos; pad where it is not the embedding's
+    padding_idx) take transformers' defaults. Tensors keep the model's param_dtype.
+
+    Args:
+        model: the TransformerEncoder.
+        path: the folder (created if absent; config.json and model.safetensors are replaced).
+        model_type: one of `FAMILIES`.
+    Raises:
+        TypeError: `model` is not a TransformerEncoder.
+        ValueError: before anything is written: an unsupported model_type, or a config the family cannot hold
+            (one message naming every field that would not survive, e.g. rmsnorm for gpt2).
+    """
+    tensors = to_hf_state_dict(model, model_type)
+    hf = config_to_hf(family(model_type), model.config, dtype=model.flax_config.param_dtype)
+    write_folder(path, hf, tensors)
