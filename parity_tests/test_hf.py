@@ -60,6 +60,12 @@ SPECS = {
         ),
         "GPT2LMHeadModel",
     ),
+    # 6 heads: not a power of two, so the ALiBi slope order (Press et al.'s) is exercised.
+    "bloom": Spec(
+        "BloomConfig",
+        dict(_TINY, hidden_size=48, n_head=6, n_layer=2, bos_token_id=1, eos_token_id=2),
+        "BloomForCausalLM",
+    ),
 }
 FAMILIES = sorted(SPECS)
 
@@ -238,6 +244,7 @@ def test_unsupported_model_type(built, tmp_path):
 
 
 UNSUPPORTED = {
+    "bloom": ({"apply_residual_connection_post_layernorm": True}, ""),
     "gpt2": ({"scale_attn_by_inverse_layer_idx": True, "reorder_and_upcast_attn": True}, "scale_attn_by_inverse"),
 }
 

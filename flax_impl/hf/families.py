@@ -7,7 +7,7 @@ flax_impl does not. Our key names are torch_ref's state-dict names (`flax_impl.i
 
 from __future__ import annotations
 
-from flax_impl.hf.spec import ACTIVATION, Family, Field, Key, Require, inner_or_4d
+from flax_impl.hf.spec import ACTIVATION, Family, Field, Key, Require, inner_or_4d, width_times
 
 # Options that are not about one family: a decoder with cross-attention, and pruned heads (uneven head counts).
 _NO_CROSS_ATTENTION = Require("add_cross_attention", False, (False,), why="cross-attention layers are not implemented")
@@ -90,4 +90,61 @@ GPT2 = Family(
     ),
 )
 
-FAMILIES: dict[str, Family] = {f.model_type: f for f in (GPT2,)}
+BLOOM = Family(
+    model_type="bloom",
+    architecture="BloomForCausalLM",
+    prefix="transformer.",
+    config=(
+        Field("vocab_size", "vocab_size", 250880),
+        Field("hidden_size", "d_model", 64),
+        Field("hidden_size", "d_ff", 64, width_times(4, "hidden_size")),  # BloomMLP: dense_h_to_4h
+        Field("n_head", "n_heads", 8),
+        Field("n_layer", "n_layers", 2),
+        Field("layer_norm_epsilon", "norm_eps", 1e-5),
+        Field("hidden_dropout", "dropout", 0.0),
+        Field("attention_dropout", "attention_dropout", 0.0),
+    ),
+    fixed=dict(
+        position="alibi",  # Press et al.'s slope order, as _get_alibi_slopes
+        activation="gelu_tanh",  # bloom_gelu_forward: the tanh form, its constant written 0.79788456
+        norm_first=True,
+        input_norm=True,  # word_embeddings_layernorm
+        final_norm=True,
+        causal=True,
+        bias=True,
+        embed_scale=False,
+        padding_idx=None,
+        max_len=2048,  # BLOOM's config has no length: ALiBi has none; BLOOM was trained at 2048
+    ),
+    require=(
+        Require(
+            "apply_residual_connection_post_layernorm",
+            False,
+            (False,),
+            why="residuals taken after the norm are not implemented",
+        ),
+        Require("tie_word_embeddings", True, (True,), why="an untied LM head is not implemented yet"),
+    ),
+    keys=(
+        Key("word_embeddings.weight", "input.embed.weight"),
+        Key("word_embeddings_layernorm.{p}", "input.norm.{p}"),
+        Key("h.{i}.input_layernorm.{p}", "blocks.{i}.ln1.{p}"),
+        Key("h.{i}.self_attention.query_key_value.weight", "blocks.{i}.attn.in_proj_weight", "qkv_per_head"),
+        Key("h.{i}.self_attention.query_key_value.bias", "blocks.{i}.attn.in_proj_bias", "qkv_per_head"),
+        Key("h.{i}.self_attention.dense.{p}", "blocks.{i}.attn.out_proj.{p}"),
+        Key("h.{i}.post_attention_layernorm.{p}", "blocks.{i}.ln2.{p}"),
+        Key("h.{i}.mlp.dense_h_to_4h.{p}", "blocks.{i}.ff.0.{p}"),
+        Key("h.{i}.mlp.dense_4h_to_h.{p}", "blocks.{i}.ff.3.{p}"),
+        Key("ln_f.{p}", "final_norm.{p}"),
+    ),
+    unrepresented=("max_len",),
+    ignored_hf=_COMMON_IGNORED
+    + (
+        "pad_token_id",  # BLOOM's embedding has no padding_idx
+        # Megatron tensor-parallel slicing of the two output projections: the same sums in another order.
+        "pretraining_tp",
+        "slow_but_exact",
+    ),
+)
+
+FAMILIES: dict[str, Family] = {f.model_type: f for f in (GPT2, BLOOM)}
