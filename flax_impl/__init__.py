@@ -25,6 +25,7 @@ _EXPORTS = {
     "from_torch_mha_mask": "flax_impl.attention",
     "TransformerBlock": "flax_impl.block",
     "LayerNorm": "flax_impl.norm",
+    "RMSNorm": "flax_impl.norm",
     "TransformerInput": "flax_impl.pipeline",
     "encode_text": "flax_impl.pipeline",
     "ByteTokenizer": "flax_impl.tokenizer",
@@ -88,7 +89,7 @@ if TYPE_CHECKING:  # let type checkers and IDEs see the real names
         to_torch_encoder_layer,
         to_torch_state_dict,
     )
-    from flax_impl.norm import LayerNorm  # noqa: F401
+    from flax_impl.norm import LayerNorm, RMSNorm  # noqa: F401
     from flax_impl.pipeline import TransformerInput, encode_text  # noqa: F401
     from flax_impl.positions import (  # noqa: F401
         LearnedPositions,

@@ -16,7 +16,7 @@ from flax import nnx
 from flax_impl.config import FlaxConfig, TransformerConfig
 from flax_impl.dropout import Dropout
 from flax_impl.embedding import Embed
-from flax_impl.norm import layer_norm
+from flax_impl.norm import make_norm
 from flax_impl.positions import LearnedPositions, scheme, sinusoidal_table
 from flax_impl.tokenizer import encode_checked
 
@@ -43,14 +43,23 @@ class TransformerInput(nnx.Module):
             self.pos = LearnedPositions(
                 config.max_len, config.d_model, param_dtype=jnp.dtype(flax_config.param_dtype), rngs=rngs
             )
+        if config.type_vocab_size:  # BERT's segment embeddings
+            self.token_type = Embed(
+                config.type_vocab_size, config.d_model, param_dtype=jnp.dtype(flax_config.param_dtype), rngs=rngs
+            )
         if config.input_norm:
-            self.norm = layer_norm(config, flax_config)
+            self.norm = make_norm(config, flax_config)
         self.dropout = Dropout(config.dropout, rngs=rngs)
 
-    def __call__(self, ids: jax.Array) -> jax.Array:
+    def __call__(self, ids: jax.Array, token_type_ids: jax.Array | None = None) -> jax.Array:
         cfg = self.config
         if jnp.ndim(ids) != 2:
             raise ValueError(f"ids must have shape (B, L), got {jnp.shape(ids)}")
+        if token_type_ids is not None:
+            if not cfg.type_vocab_size:
+                raise ValueError("token_type_ids given, but the config has type_vocab_size=0 (no token types)")
+            if jnp.shape(token_type_ids) != jnp.shape(ids):
+                raise ValueError(f"token_type_ids shape {jnp.shape(token_type_ids)} != ids shape {jnp.shape(ids)}")
         L = jnp.shape(ids)[1]
         at_input = scheme(cfg.position).at_input
         pos = None  # (L, D): computed first so that L > max_len fails before any other work
@@ -61,6 +70,9 @@ class TransformerInput(nnx.Module):
         x = self.embed(ids).astype(jnp.dtype(self.flax_config.dtype))  # (B, L, D)
         if cfg.embed_scale:
             x = x * jnp.asarray(math.sqrt(cfg.d_model), x.dtype)
+        if cfg.type_vocab_size:  # BERT's order: word + token type, then + position
+            types = jnp.zeros_like(ids) if token_type_ids is None else token_type_ids
+            x = x + self.token_type(types).astype(x.dtype)
         if pos is not None:
             x = x + pos.astype(x.dtype)[None]
         if cfg.input_norm:

@@ -71,15 +71,17 @@ def constrain(x: jax.Array, spec: tuple[str | None, ...]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, PartitionSpec(*(a if a in names else None for a in spec)))
 
 
-def parallel_linear(config: Any, flax_config: Any, d_in: int, d_out: int, style: str, *, rngs: nnx.Rngs) -> nnx.Linear:
-    """nnx.Linear(d_in, d_out) with the architecture's bias switch and the FlaxConfig's dtypes, annotated
+def parallel_linear(
+    flax_config: Any, d_in: int, d_out: int, style: str, *, use_bias: bool, rngs: nnx.Rngs
+) -> nnx.Linear:
+    """nnx.Linear(d_in, d_out) with or without bias and the FlaxConfig's dtypes, annotated
     Megatron-style: "column" splits the output features (kernel (None, model), bias (model,)), "row" the input
     features (bias replicated)."""
     kernel, bias = {"column": (COLUMN_KERNEL, COLUMN_BIAS), "row": (ROW_KERNEL, REPLICATED_VECTOR)}[style]
     return nnx.Linear(
         d_in,
         d_out,
-        use_bias=config.bias,
+        use_bias=use_bias,
         dtype=jnp.dtype(flax_config.dtype),
         param_dtype=jnp.dtype(flax_config.param_dtype),
         kernel_metadata=param_metadata(kernel),

@@ -6,7 +6,7 @@ import flax_impl as fi
 from flax_impl.apps.parity import build_twins
 from flax_impl.config import POSITIONS
 
-__all__ = ["POSITIONS", "SENTENCES", "randn", "small_config", "twins"]
+__all__ = ["POSITIONS", "SENTENCES", "perturbed_twins", "randn", "small_config", "twins"]
 
 SENTENCES = [
     "Position is information, and the architecture chooses where it enters.",
@@ -31,3 +31,21 @@ twins = build_twins
 def randn(rng: np.random.Generator, *shape: int) -> np.ndarray:
     """Non-trivial unit-scale float32 input."""
     return rng.standard_normal(shape).astype(np.float32)
+
+
+def perturbed_twins(name: str, config: fi.TransformerConfig, rng: np.random.Generator, **kw):
+    """`twins`, then every Flax parameter (norm scales and biases included, which initialise to 1 and 0) moved by
+    random noise of its init's spread (0.5 for constant inits), and copied into torch again: a swapped bias or
+    norm cannot hide, and activations stay near unit scale."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    f, t = build_twins(name, config, **kw)
+    state = nnx.state(f, nnx.Param)
+    for _, var in nnx.to_flat_state(state):
+        value = np.asarray(var[...])
+        spread = float(value.std()) or 0.5  # a kernel keeps its init's scale; ones and zeros move by ~0.5
+        var[...] = jnp.asarray(value + rng.standard_normal(value.shape).astype(np.float32) * spread)
+    nnx.update(f, state)
+    t.load_state_dict(fi.to_torch_state_dict(f))
+    return f, t

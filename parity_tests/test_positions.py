@@ -405,3 +405,31 @@ def test_unknown_scheme_raises():
     with pytest.raises(ValueError, match="position='xpos'"):
         small_config(position="xpos")
     assert set(fp.SCHEMES) == set(POSITIONS)
+
+
+def mpt_gen_slopes(n_heads: int, alibi_bias_max: float) -> np.ndarray:
+    """MPT's slope rule as its source writes it (transformers' build_mpt_alibi_tensor): the slopes of the next
+    power of two n2, base_h = h * alibi_bias_max / n2, then the odd-indexed ones first."""
+    n2 = 2 ** math.ceil(math.log2(n_heads))
+    slopes = 1.0 / 2.0 ** (np.arange(1, n2 + 1, dtype=np.float64) * (alibi_bias_max / n2))
+    if n2 != n_heads:
+        slopes = np.concatenate([slopes[1::2], slopes[::2]])[:n_heads]
+    return slopes
+
+
+@pytest.mark.parametrize("max_bias", [8.0, 4.0, 16.0])
+@pytest.mark.parametrize("n_heads", [1, 3, 4, 6, 12, 20])
+def test_alibi_slopes_with_max_bias_match_mpt_rule_on_both_sides(n_heads, max_bias):
+    """alibi_slopes(n, max_bias) (Press et al.'s order, BLOOM's) equals MPT's gen_slopes for any head count and
+    alibi_bias_max: the two orders are one list; MPT only scales the 8."""
+    want = mpt_gen_slopes(n_heads, max_bias)
+    a, b = fi.alibi_slopes(n_heads, max_bias), tp.alibi_slopes(n_heads, max_bias).numpy()
+    np.testing.assert_allclose(a, want, rtol=tol.FLOAT32_REL, atol=0)
+    assert_close(a, b, tol.EXACT)
+
+
+@pytest.mark.parametrize("max_bias", [0.0, -8.0, float("inf"), float("nan"), True, "8"])
+def test_alibi_max_bias_must_be_finite_and_positive(max_bias):
+    for slopes in (fi.alibi_slopes, tp.alibi_slopes):
+        with pytest.raises(ValueError, match="max_bias="):
+            slopes(4, max_bias)

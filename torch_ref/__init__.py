@@ -6,7 +6,7 @@ from torch_ref.config import TrainConfig, TransformerConfig
 from torch_ref.dropout import Dropout
 from torch_ref.embedding import Embed
 from torch_ref.encoder import TransformerEncoder
-from torch_ref.norm import LayerNorm
+from torch_ref.norm import LayerNorm, RMSNorm
 from torch_ref.pipeline import TransformerInput, encode_text
 from torch_ref.positions import (
     LearnedPositions,
@@ -27,6 +27,7 @@ __all__ = [
     "LayerNorm",
     "LearnedPositions",
     "MultiHeadAttention",
+    "RMSNorm",
     "TransformerBlock",
     "TransformerEncoder",
     "TransformerInput",

@@ -10,7 +10,7 @@ from torch import nn
 
 from torch_ref.config import TransformerConfig
 from torch_ref.embedding import Embed
-from torch_ref.norm import layer_norm
+from torch_ref.norm import make_norm
 from torch_ref.positions import LearnedPositions, sinusoidal_table
 from torch_ref.tokenizer import encode_checked
 
@@ -18,7 +18,8 @@ _POSITIONS = ("sinusoidal", "learned", "rope", "alibi", "none")
 
 
 class TransformerInput(nn.Module):
-    """ids (B, L) -> (B, L, D). Submodules: `embed`, `pos` (learned only), `norm` (input_norm only)."""
+    """ids (B, L) [+ token_type_ids (B, L)] -> (B, L, D). Submodules: `embed`, `pos` (learned only),
+    `token_type` (type_vocab_size > 0), `norm` (input_norm only)."""
 
     def __init__(self, config: TransformerConfig):
         super().__init__()
@@ -26,11 +27,13 @@ class TransformerInput(nn.Module):
         self.embed = Embed(config.vocab_size, config.d_model, padding_idx=config.padding_idx)
         if config.position == "learned":
             self.pos = LearnedPositions(config.max_len, config.d_model)
+        if config.type_vocab_size:  # BERT's segment embeddings
+            self.token_type = Embed(config.type_vocab_size, config.d_model)
         if config.input_norm:
-            self.norm = layer_norm(config)
+            self.norm = make_norm(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, ids):
+    def forward(self, ids, token_type_ids=None):
         cfg = self.config
         L = ids.shape[1]
         pos = None
@@ -41,6 +44,8 @@ class TransformerInput(nn.Module):
         x = self.embed(ids)  # (B, L, D)
         if cfg.embed_scale:
             x = x * math.sqrt(cfg.d_model)
+        if cfg.type_vocab_size:
+            x = x + self.token_type(torch.zeros_like(ids) if token_type_ids is None else token_type_ids)
         if pos is not None:
             x = x + pos
         if cfg.input_norm:
