@@ -1,6 +1,17 @@
 """flax_impl: Transformer building blocks in JAX/Flax NNX, each with a PyTorch twin in torch_ref.
 
-Attributes are imported on first use, so that `flax_impl.config` (pure Python) can be read without jax.
+Attributes are imported on first use, so that `flax_impl.config` (pure Python) can be read without jax. The
+library imports neither torch_ref nor argparse, and torch only inside `to_torch_state_dict`; the `flax-impl`
+command lives in `flax_impl.apps`.
+
+Example:
+    >>> import flax_impl as fi
+    >>> from flax import nnx
+    >>> cfg = fi.TransformerConfig(vocab_size=260, d_model=64, n_heads=4, d_ff=256, n_layers=2)
+    >>> model = fi.TransformerEncoder(cfg, rngs=nnx.Rngs(0)); model.eval()
+    >>> ids, mask = fi.batch_encode(["hello", "hi"], fi.ByteTokenizer())    # (B, L) each
+    >>> model(ids, mask).shape                                              # (B, L, D)
+    (2, 5, 64)
 """
 
 from __future__ import annotations

@@ -4,5 +4,12 @@ from torch import nn
 
 
 def count_params(module: nn.Module) -> int:
-    """Number of trainable scalars in `module`."""
+    """Number of scalars in `module`'s parameters (trainable or not).
+
+    Args:
+        module: any module.
+
+    Returns:
+        The count, equal to flax_impl.utils.count_params of the twin.
+    """
     return sum(p.numel() for p in module.parameters())
