@@ -1,8 +1,8 @@
 """flax_impl: Transformer building blocks in JAX/Flax NNX, each with a PyTorch twin in torch_ref.
 
 Attributes are imported on first use, so that `flax_impl.config` (pure Python) can be read without jax. The
-library imports neither torch_ref nor argparse, and torch only inside `to_torch_state_dict`; the `flax-impl`
-command lives in `flax_impl.apps`.
+library imports neither torch, torch_ref nor argparse (weights reach torch as numpy:
+`torch_ref.from_numpy_state_dict(to_numpy_state_dict(model))`); the `flax-impl` command lives in `flax_impl.apps`.
 
 Example:
     >>> import flax_impl as fi
@@ -43,7 +43,6 @@ _EXPORTS = {
     "as_tokenizer": "flax_impl.tokenizer",
     "batch_encode": "flax_impl.tokenizer",
     "TransformerEncoder": "flax_impl.encoder",
-    "to_torch_state_dict": "flax_impl.interop",
     "to_numpy_state_dict": "flax_impl.interop",
     "load_torch_state_dict": "flax_impl.interop",
     "from_torch_encoder_layer": "flax_impl.interop",
@@ -98,7 +97,6 @@ if TYPE_CHECKING:  # let type checkers and IDEs see the real names
         save,
         to_numpy_state_dict,
         to_torch_encoder_layer,
-        to_torch_state_dict,
     )
     from flax_impl.norm import LayerNorm, RMSNorm  # noqa: F401
     from flax_impl.pipeline import TransformerInput, encode_text  # noqa: F401

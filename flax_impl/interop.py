@@ -11,7 +11,7 @@ Values are copied exactly (transposes and stacking only): flax -> torch -> flax 
 Example:
     >>> model = TransformerEncoder(cfg, rngs=nnx.Rngs(0))
     >>> twin = torch_ref.TransformerEncoder(cfg)
-    >>> twin.load_state_dict(to_torch_state_dict(model))      # strict: every key and shape matches
+    >>> twin.load_state_dict(tr.from_numpy_state_dict(to_numpy_state_dict(model)))  # strict: all keys, shapes
     >>> load_torch_state_dict(model, twin.state_dict())       # and back
     >>> save(model, "model.safetensors"); load(model, "model.safetensors")
 """
@@ -98,22 +98,6 @@ def to_numpy_state_dict(module: nnx.Module) -> dict[str, np.ndarray]:
         a = a[e.layer] if e.layer is not None else a
         out[e.torch_key] = np.ascontiguousarray(a.T if e.transpose else a)
     return out
-
-
-def to_torch_state_dict(module: nnx.Module) -> dict[str, Any]:
-    """The module's parameters as torch tensors keyed like its twin: `twin.load_state_dict(...)` just works.
-
-    Needs torch installed (imported on call).
-
-    Args:
-        module: any flax_impl module.
-
-    Returns:
-        {torch key: CPU tensor}, the values of `to_numpy_state_dict(module)`.
-    """
-    import torch
-
-    return {k: torch.from_numpy(np.array(v)) for k, v in to_numpy_state_dict(module).items()}
 
 
 def _as_numpy(value: Any) -> np.ndarray:
@@ -262,7 +246,7 @@ def to_torch_encoder_layer(state_dict: dict[str, Any]) -> dict[str, Any]:
     """Inverse of `from_torch_encoder_layer`: TransformerBlock keys -> nn.TransformerEncoderLayer keys.
 
     Args:
-        state_dict: torch-keyed TransformerBlock weights, e.g. `to_torch_state_dict(block)`.
+        state_dict: torch-keyed TransformerBlock weights, e.g. `to_numpy_state_dict(block)`.
 
     Returns:
         The same values under nn.TransformerEncoderLayer keys.

@@ -95,7 +95,7 @@ def test_from_torch_mha_mask_matches_nn_multihead_attention(rng):
     cfg = small_config()
     f, _ = twins("MultiHeadAttention", cfg)
     mha = torch.nn.MultiheadAttention(cfg.d_model, cfg.n_heads, batch_first=True).eval()
-    mha.load_state_dict({k.removeprefix(""): v for k, v in fi.to_torch_state_dict(f).items()})
+    mha.load_state_dict({k.removeprefix(""): v for k, v in tr.from_numpy_state_dict(fi.to_numpy_state_dict(f)).items()})
     x = randn(rng, B, L, cfg.d_model)
     torch_mask = torch.triu(torch.ones(L, L, dtype=torch.bool), 1)  # causal: True above the diagonal = masked
     ref, _ = mha(*(torch.from_numpy(x),) * 3, attn_mask=torch_mask, need_weights=False)

@@ -110,7 +110,7 @@ def test_lesson_block_loads_unchanged_both_ways(rng):
     # and out of ours into the lesson's
     fresh = fi.TransformerBlock(cfg, rngs=nnx.Rngs(7))
     fresh.eval()
-    lesson.load_state_dict(fi.to_torch_state_dict(fresh))
+    lesson.load_state_dict(tr.from_numpy_state_dict(fi.to_numpy_state_dict(fresh)))
     np.testing.assert_allclose(
         lesson(torch.from_numpy(x)).detach().numpy(), np.asarray(fresh(jnp.asarray(x))), rtol=0, atol=BLOCK
     )
@@ -133,7 +133,7 @@ def test_torch_transformer_encoder_layer_both_ways(norm_first, activation, rng):
     # out of ours: a fresh Flax block's weights drive torch's layer
     fresh = fi.TransformerBlock(cfg, rngs=nnx.Rngs(9))
     fresh.eval()
-    layer.load_state_dict(fi.to_torch_encoder_layer(fi.to_torch_state_dict(fresh)))
+    layer.load_state_dict(fi.to_torch_encoder_layer(tr.from_numpy_state_dict(fi.to_numpy_state_dict(fresh))))
     with torch.no_grad():
         ref = layer(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(np.asarray(fresh(jnp.asarray(x))), ref, rtol=0, atol=BLOCK)
