@@ -1,6 +1,17 @@
 """flax_impl: Transformer building blocks in JAX/Flax NNX, each with a PyTorch twin in torch_ref.
 
-Attributes are imported on first use, so that `flax_impl.config` (pure Python) can be read without jax.
+Attributes are imported on first use, so that `flax_impl.config` (pure Python) can be read without jax. The
+library imports neither torch, torch_ref nor argparse (weights reach torch as numpy:
+`torch_ref.from_numpy_state_dict(to_numpy_state_dict(model))`); the `flax-impl` command lives in `flax_impl.apps`.
+
+Example:
+    >>> import flax_impl as fi
+    >>> from flax import nnx
+    >>> cfg = fi.TransformerConfig(vocab_size=260, d_model=64, n_heads=4, d_ff=256, n_layers=2)
+    >>> model = fi.TransformerEncoder(cfg, rngs=nnx.Rngs(0)); model.eval()
+    >>> ids, mask = fi.batch_encode(["hello", "hi"], fi.ByteTokenizer())    # (B, L) each
+    >>> model(ids, mask).shape                                              # (B, L, D)
+    (2, 5, 64)
 """
 
 from __future__ import annotations
@@ -25,13 +36,13 @@ _EXPORTS = {
     "from_torch_mha_mask": "flax_impl.attention",
     "TransformerBlock": "flax_impl.block",
     "LayerNorm": "flax_impl.norm",
+    "RMSNorm": "flax_impl.norm",
     "TransformerInput": "flax_impl.pipeline",
     "encode_text": "flax_impl.pipeline",
     "ByteTokenizer": "flax_impl.tokenizer",
     "as_tokenizer": "flax_impl.tokenizer",
     "batch_encode": "flax_impl.tokenizer",
     "TransformerEncoder": "flax_impl.encoder",
-    "to_torch_state_dict": "flax_impl.interop",
     "to_numpy_state_dict": "flax_impl.interop",
     "load_torch_state_dict": "flax_impl.interop",
     "from_torch_encoder_layer": "flax_impl.interop",
@@ -86,9 +97,8 @@ if TYPE_CHECKING:  # let type checkers and IDEs see the real names
         save,
         to_numpy_state_dict,
         to_torch_encoder_layer,
-        to_torch_state_dict,
     )
-    from flax_impl.norm import LayerNorm  # noqa: F401
+    from flax_impl.norm import LayerNorm, RMSNorm  # noqa: F401
     from flax_impl.pipeline import TransformerInput, encode_text  # noqa: F401
     from flax_impl.positions import (  # noqa: F401
         LearnedPositions,

@@ -65,7 +65,7 @@ def check_attention_mask(mask: object, batch: int, n_heads: int, q_len: int, k_l
 
 
 def _allowed_and_additive(
-    mask: jax.Array | None, q_len: int, k_len: int, causal: bool
+    mask: jax.Array | None, q_len: int, k_len: int, causal: bool, window: int | None = None
 ) -> tuple[jax.Array | None, jax.Array | None]:
     """Split a mask into a bool 'may attend' (broadcastable to (B, N, L, S)) and an additive float part."""
     allowed, additive = None, None
@@ -80,8 +80,12 @@ def _allowed_and_additive(
             allowed = ~jnp.isneginf(additive)
             additive = jnp.where(allowed, additive, 0.0)
     if causal:
-        i = jnp.arange(k_len - q_len, k_len)[:, None]
-        tril = (jnp.arange(k_len)[None, :] <= i)[None, None]  # (1, 1, L, S)
+        i = jnp.arange(k_len - q_len, k_len)[:, None]  # (L, 1) absolute query positions
+        j = jnp.arange(k_len)[None, :]  # (1, S)
+        tril = j <= i
+        if window is not None:  # sliding window: the last `window` positions, the query's own included
+            tril = tril & (i - j < window)
+        tril = tril[None, None]  # (1, 1, L, S)
         allowed = tril if allowed is None else allowed & tril
     return allowed, additive
 
@@ -89,19 +93,24 @@ def _allowed_and_additive(
 class MultiHeadAttention(nnx.Module):
     """Self-attention over x (B, L, D) -> (B, L, D).
 
-    Parameters: `in_proj` (D -> 3D, columns [q | k | v], head h = columns h*H:(h+1)*H of each) and `out_proj`
-    (D -> D): the transpose of nn.MultiheadAttention's `in_proj_weight` (3D, D) and `out_proj.weight`. Scores
-    q.k / sqrt(H), softmax in float32, dropout on the probabilities (train mode), RoPE on q and k and ALiBi on
-    the scores according to `config.position`, causal masking if `config.causal`.
+    Parameters: `in_proj` (D -> (N + 2K) H, columns [q (N H) | k (K H) | v (K H)], head h = columns h*H:(h+1)*H
+    of each; with K = N the transpose of nn.MultiheadAttention's `in_proj_weight` (3D, D)) and `out_proj`
+    (D -> D). Scores q.k / sqrt(H), softmax in float32, dropout on the probabilities (train mode), RoPE on q and
+    k and ALiBi on the scores according to `config.position`, causal masking if `config.causal` (within the last
+    `config.sliding_window` positions if set). Grouped-query attention (K = `n_kv_heads` < N): query head n
+    reads kv head n // (N / K).
     """
 
     def __init__(self, config: TransformerConfig, *, flax_config: FlaxConfig | None = None, rngs: nnx.Rngs):
         D = config.d_model
         flax_config = FlaxConfig() if flax_config is None else flax_config
         self.config, self.flax_config = config, flax_config
+        N, K, H = config.n_heads, config.n_kv_heads, config.head_dim
         # Megatron tensor parallelism under a mesh (flax_impl.sharding): in_proj column-, out_proj row-parallel.
-        self.in_proj = parallel_linear(config, flax_config, D, 3 * D, "column", rngs=rngs)
-        self.out_proj = parallel_linear(config, flax_config, D, D, "row", rngs=rngs)
+        self.in_proj = parallel_linear(
+            flax_config, D, (N + 2 * K) * H, "column", use_bias=config.qkv_bias, rngs=rngs
+        )
+        self.out_proj = parallel_linear(flax_config, D, D, "row", use_bias=config.out_bias, rngs=rngs)
         self.dropout = Dropout(config.attention_dropout, rngs=rngs)
 
     def __call__(
@@ -114,13 +123,20 @@ class MultiHeadAttention(nnx.Module):
             raise ValueError(f"attention input width {D} != d_model={cfg.d_model}")
         if attention_mask is not None:
             check_attention_mask(attention_mask, B, N, L, L)
-        qkv = self.in_proj(x).reshape(B, L, 3, N, H)  # (B, L, 3, N, H)
-        qkv = constrain(qkv, QKV_ACTIVATION)  # under a mesh: whole heads per device (no-op without one)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, L, N, H)
+        K = cfg.n_kv_heads
+        if K == N:
+            qkv = self.in_proj(x).reshape(B, L, 3, N, H)  # (B, L, 3, N, H)
+            qkv = constrain(qkv, QKV_ACTIVATION)  # under a mesh: whole heads per device (no-op without one)
+            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, L, N, H)
+        else:  # grouped-query: K kv heads, query head n reads kv head n // (N / K) (repeat, not tile)
+            qkv = self.in_proj(x)  # (B, L, (N + 2K) H)
+            q = qkv[..., : N * H].reshape(B, L, N, H)
+            k = jnp.repeat(qkv[..., N * H : (N + K) * H].reshape(B, L, K, H), N // K, axis=2)  # (B, L, N, H)
+            v = jnp.repeat(qkv[..., (N + K) * H :].reshape(B, L, K, H), N // K, axis=2)  # (B, L, N, H)
         q, k = rotate_qk(cfg, q, k, jnp.arange(L) if positions is None else positions)
         q = q * jnp.asarray(H**-0.5, q.dtype)
         bias = score_bias(cfg, L, L)  # (N, L, S) or None
-        allowed, additive = _allowed_and_additive(attention_mask, L, L, cfg.causal)
+        allowed, additive = _allowed_and_additive(attention_mask, L, L, cfg.causal, cfg.sliding_window)
         if bias is not None:
             bias = bias[None] if additive is None else bias[None] + additive  # (B|1, N|1, L|1, S)
         elif additive is not None:

@@ -14,19 +14,21 @@ from flax_impl._kernels.gelu import gelu_exact
 from flax_impl.attention import MultiHeadAttention
 from flax_impl.config import FlaxConfig, TransformerConfig
 from flax_impl.dropout import Dropout
-from flax_impl.norm import layer_norm
+from flax_impl.norm import make_norm
 from flax_impl.sharding import parallel_linear
 
 
 def activation_fn(name: str, x: jax.Array) -> jax.Array:
-    """ "gelu" = exact erf GELU (torch.nn.GELU()), "gelu_tanh" = tanh approximation, "relu"."""
+    """ "gelu" = exact erf GELU (torch.nn.GELU()), "gelu_tanh" = tanh approximation, "relu", "silu" (x sigmoid(x))."""
     if name == "gelu":
         return gelu_exact(x)
     if name == "gelu_tanh":
         return jax.nn.gelu(x, approximate=True)
     if name == "relu":
         return jax.nn.relu(x)
-    raise ValueError(f"activation={name!r} is not one of ['gelu', 'gelu_tanh', 'relu']")
+    if name == "silu":
+        return jax.nn.silu(x)
+    raise ValueError(f"activation={name!r} is not one of ['gelu', 'gelu_tanh', 'relu', 'silu']")
 
 
 class Activation(nnx.Module):
@@ -40,36 +42,74 @@ class Activation(nnx.Module):
         return activation_fn(self.name, x)
 
 
+class GatedMLP(nnx.Module):
+    """down(act(gate(x)) * up(x)), then dropout: (B, L, D) -> (B, L, D) (Shazeer, 2020, "GLU Variants Improve
+    Transformer": SwiGLU with act = silu, as Llama's MLP; GeGLU with a GELU). `gate` and `up` (D -> F) are
+    column-parallel, `down` (F -> D) row-parallel under a mesh.
+
+    Args:
+        config: the architecture (d_model, d_ff, activation, mlp_bias, dropout).
+        flax_config: dtypes.
+        rngs: parameter and dropout streams.
+    """
+
+    def __init__(self, config: TransformerConfig, flax_config: FlaxConfig, *, rngs: nnx.Rngs):
+        D, F, bias = config.d_model, config.d_ff, config.mlp_bias
+        self.gate = parallel_linear(flax_config, D, F, "column", use_bias=bias, rngs=rngs)
+        self.up = parallel_linear(flax_config, D, F, "column", use_bias=bias, rngs=rngs)
+        self.down = parallel_linear(flax_config, F, D, "row", use_bias=bias, rngs=rngs)
+        self.act = Activation(config.activation)
+        self.dropout = Dropout(config.dropout, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.dropout(self.down(self.act(self.gate(x)) * self.up(x)))  # (B, L, D)
+
+
 class TransformerBlock(nnx.Module):
     """x (B, L, D) -> (B, L, D).
 
     Pre-LN (`norm_first=True`, lesson 08): x + attn(ln1(x)), then x + ff(ln2(x)).
     Post-LN (`norm_first=False`, Vaswani et al. and nn.TransformerEncoderLayer's default): ln1(x + attn(x)),
-    then ln2(x + ff(x)). `ff` = [Linear(D, F), activation, Dropout, Linear(F, D), Dropout], indexed as torch's
-    nn.Sequential (ff.0, ff.3 hold the weights). Under a mesh (flax_impl.sharding), ff.0 is column-parallel and
-    ff.3 row-parallel on the `model` axis (Megatron); the norms are replicated.
+    then ln2(x + ff(x)). Parallel residual (`parallel_residual`, GPT-J / GPT-NeoX): x + attn(ln1(x)) +
+    ff(ln2(x)), or ff(ln1(x)) with one shared norm (`parallel_shared_norm`; then there is no ln2). The norms are
+    LayerNorm or RMSNorm (`config.norm`). `ff` is the plain MLP [Linear(D, F), activation, Dropout,
+    Linear(F, D), Dropout], indexed as torch's nn.Sequential (ff.0, ff.3 hold the weights), or a `GatedMLP`
+    (`mlp="gated"`). Under a mesh (flax_impl.sharding), the D -> F layers are column-parallel and the F -> D
+    ones row-parallel on the `model` axis (Megatron); the norms are replicated.
+
+    Args:
+        config: the architecture.
+        flax_config: the Flax execution settings (default FlaxConfig()).
+        rngs: parameter and dropout streams.
     """
 
     def __init__(self, config: TransformerConfig, *, flax_config: FlaxConfig | None = None, rngs: nnx.Rngs):
         D, F = config.d_model, config.d_ff
         flax_config = FlaxConfig() if flax_config is None else flax_config
-        self.norm_first = config.norm_first
+        self.norm_first, self.parallel = config.norm_first, config.parallel_residual
         self.attn = MultiHeadAttention(config, flax_config=flax_config, rngs=rngs)
-        self.ln1 = layer_norm(config, flax_config)
-        self.ln2 = layer_norm(config, flax_config)
-        self.ff = nnx.List(
-            [
-                parallel_linear(config, flax_config, D, F, "column", rngs=rngs),
-                Activation(config.activation),
-                Dropout(config.dropout, rngs=rngs),
-                parallel_linear(config, flax_config, F, D, "row", rngs=rngs),
-                Dropout(config.dropout, rngs=rngs),
-            ]
-        )
+        self.ln1 = make_norm(config, flax_config)
+        shared = config.parallel_residual and config.parallel_shared_norm
+        self.ln2 = nnx.data(None) if shared else make_norm(config, flax_config)
+        if config.mlp == "gated":
+            self.ff = GatedMLP(config, flax_config, rngs=rngs)
+        else:
+            bias = config.mlp_bias
+            self.ff = nnx.List(
+                [
+                    parallel_linear(flax_config, D, F, "column", use_bias=bias, rngs=rngs),
+                    Activation(config.activation),
+                    Dropout(config.dropout, rngs=rngs),
+                    parallel_linear(flax_config, F, D, "row", use_bias=bias, rngs=rngs),
+                    Dropout(config.dropout, rngs=rngs),
+                ]
+            )
 
     def feed_forward(self, x: jax.Array) -> jax.Array:
-        """ff(x): (B, L, D) -> (B, L, D). The backward pass recomputes dropout(activation(h)) from the hidden h
-        (B, L, F) and the packed keep bits, so training keeps one (B, L, F) array per block, not two."""
+        """ff(x): (B, L, D) -> (B, L, D). For the plain MLP the backward pass recomputes dropout(activation(h))
+        from the hidden h (B, L, F) and the packed keep bits, so training keeps one (B, L, F) array per block."""
+        if isinstance(self.ff, GatedMLP):
+            return self.ff(x)
         h = self.ff[0](x)  # (B, L, F)
         bits = self.ff[2].keep_bits(h.shape)  # None when dropout is off
         y = activation_dropout_linear(self.ff[1], self.ff[3], h, bits, self.ff[2].rate)  # (B, L, D)
@@ -78,6 +118,11 @@ class TransformerBlock(nnx.Module):
     def __call__(
         self, x: jax.Array, attention_mask: jax.Array | None = None, *, positions: jax.Array | None = None
     ) -> jax.Array:
+        if self.parallel:
+            h = self.ln1(x)
+            return x + self.attn(h, attention_mask, positions=positions) + self.feed_forward(
+                h if self.ln2 is None else self.ln2(x)
+            )
         if self.norm_first:
             x = x + self.attn(self.ln1(x), attention_mask, positions=positions)
             return x + self.feed_forward(self.ln2(x))

@@ -32,7 +32,11 @@ class _DictMixin:
 
 POSITIONS = ("sinusoidal", "learned", "rope", "alibi", "none")
 ROPE_STYLES = ("half", "interleaved")
-ACTIVATIONS = ("gelu", "gelu_tanh", "relu")
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("plain", "gated")
+LM_HEADS = ("tied", "untied")
+BIAS_SWITCHES = ("qkv_bias", "out_bias", "mlp_bias", "norm_bias")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("auto", "einsum", "dot_product_attention")
 
@@ -46,6 +50,16 @@ class TransformerConfig(_DictMixin):
     explicitly: "gelu" is the exact erf form (torch.nn.GELU()), "gelu_tanh" the tanh approximation. `causal`
     masks future keys (a decoder-only stack); `norm_first` chooses pre-LN (lesson 08) or post-LN. How the Flax
     side computes (dtypes, scanned layers, the attention kernel) is `FlaxConfig`'s, not this config's.
+
+    Decoder families (docs/models.md): `n_kv_heads` K < N is grouped-query attention (query head n reads kv head
+    n // (N / K)); `norm` "rmsnorm" (Zhang & Sennrich, 2019) replaces LayerNorm; `mlp` "gated" is
+    down(act(gate(x)) * up(x)) (Shazeer, 2020: SwiGLU with activation "silu", GeGLU with "gelu"/"gelu_tanh");
+    `bias` switches every bias, and `qkv_bias`, `out_bias`, `mlp_bias`, `norm_bias` (None: follow `bias`) each
+    one group; `parallel_residual` computes x + attn(n1(x)) + mlp(n2(x)) from the same x (one shared norm when
+    `parallel_shared_norm`); `sliding_window` W lets query i see keys i - W < j <= i (with `causal`);
+    `alibi_max_bias` is the 8 of ALiBi's slopes 2^(-8h/N); `lm_head` "untied" adds its own (V, D) output
+    matrix (with a bias if `lm_head_bias`) instead of reusing the embedding; `type_vocab_size` > 0 adds BERT's
+    token-type embeddings at the input.
 
     Example:
         >>> cfg = TransformerConfig.from_dict({"d_model": 256, "n_heads": 4, "n_layers": 2})
@@ -75,12 +89,62 @@ class TransformerConfig(_DictMixin):
     final_norm: bool = True
     embed_scale: bool = False
     bias: bool = True
+    n_kv_heads: int | None = None  # None -> n_heads
+    norm: str = "layernorm"
+    mlp: str = "plain"
+    qkv_bias: bool | None = None  # None -> bias (likewise the three below)
+    out_bias: bool | None = None
+    mlp_bias: bool | None = None
+    norm_bias: bool | None = None
+    parallel_residual: bool = False
+    parallel_shared_norm: bool = True
+    sliding_window: int | None = None
+    alibi_max_bias: float = 8.0
+    lm_head: str = "tied"
+    lm_head_bias: bool = False
+    type_vocab_size: int = 0
 
     def __post_init__(self) -> None:
         if self.attention_dropout is None:
             object.__setattr__(self, "attention_dropout", self.dropout)
-        for name in ("vocab_size", "d_model", "n_heads", "d_ff", "n_layers", "max_len"):
+        for name in (
+            "norm_first",
+            "causal",
+            "input_norm",
+            "final_norm",
+            "embed_scale",
+            "bias",
+            "parallel_residual",
+            "parallel_shared_norm",
+            "lm_head_bias",
+        ):
+            _check_bool(name, getattr(self, name))
+        for name in BIAS_SWITCHES:
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, self.bias)
+            _check_bool(name, getattr(self, name))
+        if self.n_kv_heads is None:
+            object.__setattr__(self, "n_kv_heads", self.n_heads)
+        for name in ("vocab_size", "d_model", "n_heads", "d_ff", "n_layers", "max_len", "n_kv_heads"):
             _check_positive_int(name, getattr(self, name))
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
+        if self.sliding_window is not None:
+            _check_positive_int("sliding_window", self.sliding_window)
+            if not self.causal:
+                raise ValueError(f"sliding_window={self.sliding_window} needs causal=True (a window of past keys)")
+        if (
+            isinstance(self.type_vocab_size, bool)
+            or not isinstance(self.type_vocab_size, int)
+            or self.type_vocab_size < 0
+        ):
+            raise ValueError(f"type_vocab_size={self.type_vocab_size!r} must be an integer >= 0 (0: no token types)")
+        if (
+            isinstance(self.alibi_max_bias, bool)
+            or not isinstance(self.alibi_max_bias, (int, float))
+            or not (0.0 < self.alibi_max_bias < float("inf"))
+        ):
+            raise ValueError(f"alibi_max_bias={self.alibi_max_bias!r} must be a finite number > 0")
         for name in ("dropout", "attention_dropout"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
@@ -88,6 +152,13 @@ class TransformerConfig(_DictMixin):
         _check_choice("position", self.position, POSITIONS)
         _check_choice("rope_style", self.rope_style, ROPE_STYLES)
         _check_choice("activation", self.activation, ACTIVATIONS)
+        _check_choice("norm", self.norm, NORMS)
+        _check_choice("mlp", self.mlp, MLPS)
+        _check_choice("lm_head", self.lm_head, LM_HEADS)
+        if self.parallel_residual and not self.norm_first:
+            raise ValueError("parallel_residual=True needs norm_first=True (both branches read the normalised input)")
+        if self.lm_head_bias and self.lm_head != "untied":
+            raise ValueError("lm_head_bias=True needs lm_head='untied' (a tied head reuses the embedding, no bias)")
         if self.d_model % self.n_heads:
             raise ValueError(f"n_heads={self.n_heads} must divide d_model={self.d_model}")
         if not self.rope_base > 1.0:
@@ -131,6 +202,12 @@ class TransformerConfig(_DictMixin):
             raise ValueError(f"unknown TransformerConfig keys {unknown}")
         if "dropout" in changes and "attention_dropout" not in changes:
             changes["attention_dropout"] = None if self.attention_dropout == self.dropout else self.attention_dropout
+        if "bias" in changes:  # a switch that followed `bias` keeps following it
+            for name in BIAS_SWITCHES:
+                if name not in changes and getattr(self, name) == self.bias:
+                    changes[name] = None
+        if "n_heads" in changes and "n_kv_heads" not in changes and self.n_kv_heads == self.n_heads:
+            changes["n_kv_heads"] = None
         return dataclasses.replace(self, **changes)
 
 
@@ -164,8 +241,7 @@ class FlaxConfig(_DictMixin):
         _check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
         _check_positive_int("scan_unroll", self.scan_unroll)
         for name in ("scan_layers", "remat"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name}={getattr(self, name)!r} must be a bool")
+            _check_bool(name, getattr(self, name))
 
     def replace(self, **changes: Any) -> FlaxConfig:
         """A copy with some fields changed (validated again)."""
@@ -173,6 +249,11 @@ class FlaxConfig(_DictMixin):
         if unknown:
             raise ValueError(f"unknown FlaxConfig keys {unknown}")
         return dataclasses.replace(self, **changes)
+
+
+def _check_bool(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}={value!r} must be a bool (True or False)")
 
 
 def _check_positive_int(name: str, value: object) -> None:

@@ -39,7 +39,14 @@ LossFn = Callable[[nnx.Module, dict[str, Any]], jax.Array]
 def parse_mesh(text: str) -> dict[str, int]:
     """"data=4,model=2" -> {"data": 4, "model": 2}; an axis left out has size 1 ("data=8" -> model=1).
 
-    Unknown or repeated axis names, and sizes that are not positive integers, raise ValueError naming them.
+    Args:
+        text: comma-separated `axis=size` items, axes `data` and `model`.
+
+    Returns:
+        {"data": size, "model": size}, ready for `make_mesh(**...)`.
+
+    Raises:
+        ValueError: an unknown or repeated axis name, or a size that is not an integer >= 1, named.
     """
     sizes: dict[str, int] = {}
     for item in str(text).split(","):
@@ -56,9 +63,18 @@ def parse_mesh(text: str) -> dict[str, int]:
 
 
 def make_mesh(data: int = 1, model: int = 1, *, devices: Sequence[Any] | None = None) -> Mesh:
-    """A (data, model) Mesh over `devices` (default: all of `jax.devices()`), both axes `AxisType.Auto`.
+    """A (data, model) Mesh over `devices`, both axes `AxisType.Auto`.
 
-    data * model must equal the number of devices, else ValueError naming the sizes and the device count.
+    Args:
+        data: the size of the `data` axis (the batch B is split on it).
+        model: the size of the `model` axis (tensor parallelism).
+        devices: the devices, data * model of them; None: all of `jax.devices()`.
+
+    Returns:
+        The mesh, devices laid out row-major as (data, model).
+
+    Raises:
+        ValueError: a size that is not an integer >= 1, or data * model != the number of devices (naming both).
     """
     for name, size in ((DATA, data), (MODEL, model)):
         if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
@@ -75,8 +91,17 @@ def make_mesh(data: int = 1, model: int = 1, *, devices: Sequence[Any] | None = 
 
 
 def check_shardable(config: TransformerConfig, mesh: Mesh) -> None:
-    """Raise ValueError if a dimension split on `model` is not divisible by its size: n_heads (and so
-    d_model = n_heads * head_dim, whole heads per device), d_ff and vocab_size (vocab-parallel embedding)."""
+    """Check that `mesh` can split `config`'s model: whole heads, feed-forward columns and vocabulary rows.
+
+    Args:
+        config: reads n_heads (and so d_model = n_heads * head_dim: whole heads per device), d_ff and vocab_size
+            (the vocab-parallel embedding).
+        mesh: from `make_mesh`.
+
+    Raises:
+        ValueError: the mesh's axes are not (data, model), or one of those sizes is not divisible by the `model`
+            axis size (naming it).
+    """
     if tuple(mesh.axis_names) != AXES:
         raise ValueError(f"the mesh must have axes {AXES} (see make_mesh), got {tuple(mesh.axis_names)}")
     m = mesh.shape[MODEL]
@@ -94,11 +119,25 @@ def create_sharded_model(
     seed: int = 0,
     rngs: nnx.Rngs | None = None,
 ) -> TransformerEncoder:
-    """`TransformerEncoder(config, flax_config=flax_config, rngs=rngs or nnx.Rngs(seed))`, initialised under jit
-    with every parameter constrained to its partition spec: each device computes only its own shards (no full copy
-    on one device).
-    The values equal the unsharded model's for the same rngs (threefry random bits do not depend on the
-    sharding). Shapes the mesh cannot split raise ValueError first (`check_shardable`)."""
+    """`TransformerEncoder(config, flax_config=flax_config, rngs=rngs or nnx.Rngs(seed))`, built sharded.
+
+    Initialised under jit with every parameter constrained to its partition spec: each device computes only its
+    own shards (no full copy on one device). The values equal the unsharded model's for the same rngs (threefry
+    random bits do not depend on the sharding).
+
+    Args:
+        config: the architecture.
+        mesh: from `make_mesh`.
+        flax_config: the execution settings; None: `FlaxConfig()`.
+        seed: for `nnx.Rngs(seed)` when `rngs` is None.
+        rngs: the model's rngs; overrides `seed`.
+
+    Returns:
+        The encoder, parameters placed on the mesh.
+
+    Raises:
+        ValueError: shapes the mesh cannot split (`check_shardable`), before any work.
+    """
     check_shardable(config, mesh)
     rngs = nnx.Rngs(seed) if rngs is None else rngs
 
@@ -115,8 +154,20 @@ def create_sharded_model(
 def create_sharded_optimizer(
     model: nnx.Module, tx: optax.GradientTransformation, mesh: Mesh, *, wrt: Any = nnx.Param
 ) -> nnx.Optimizer:
-    """`nnx.Optimizer(model, tx, wrt=wrt)` built under jit: each optimizer moment is sharded like its parameter
-    (the moments inherit the parameters' partition metadata), step counters replicated."""
+    """`nnx.Optimizer(model, tx, wrt=wrt)` built under jit, its state placed on the mesh.
+
+    Each optimizer moment is sharded like its parameter (the moments inherit the parameters' partition metadata);
+    step counters are replicated.
+
+    Args:
+        model: a sharded model, e.g. from `create_sharded_model`.
+        tx: the optax transformation, e.g. `flax_impl.train.make_tx(tcfg)`.
+        mesh: the model's mesh.
+        wrt: the variables to optimise.
+
+    Returns:
+        The optimizer, for `sharded_train_step`.
+    """
 
     @nnx.jit
     def init(model: nnx.Module) -> nnx.Optimizer:
@@ -129,16 +180,32 @@ def create_sharded_optimizer(
 
 
 def reshard(node: nnx.Module | nnx.Optimizer, mesh: Mesh) -> None:
-    """Move every variable of `node` to its partition spec on `mesh`, in place (e.g. after loading a checkpoint
-    into a sharded model, which writes plain single-device arrays)."""
+    """Move every variable of `node` to its partition spec on `mesh`, in place.
+
+    For instance after loading a checkpoint into a sharded model, which writes plain single-device arrays.
+
+    Args:
+        node: a model or optimizer whose variables carry partition metadata.
+        mesh: the mesh to place them on.
+    """
     state = nnx.state(node)
     shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), nnx.get_partition_spec(state))
     nnx.update(node, jax.device_put(state, shardings))
 
 
 def shard_batch(batch: Any, mesh: Mesh) -> Any:
-    """Place every array of `batch` (an array or a dict of arrays, leading axis B) on the mesh, split on `data`
-    along B and replicated on `model`. B not divisible by the data axis raises ValueError."""
+    """Place every array of `batch` on the mesh, split on `data` along B and replicated on `model`.
+
+    Args:
+        batch: an array or a pytree (e.g. a dict) of arrays, each with leading axis B.
+        mesh: from `make_mesh`.
+
+    Returns:
+        The same structure of jax arrays, placed on the mesh.
+
+    Raises:
+        ValueError: a scalar, or B not divisible by the `data` axis size.
+    """
     n = mesh.shape[DATA]
 
     def put(x: Any) -> jax.Array:
@@ -153,9 +220,23 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
 def sharded_forward(
     model: TransformerEncoder, ids: Any, attention_mask: Any = None, *, mesh: Mesh
 ) -> jax.Array:
-    """ids (B, L) -> hidden (B, L, D) split on `data` along B; `attention_mask` as in TransformerEncoder (a (B, S)
-    or (B, N|1, L, S) mask is split along B too, a (1, N|1, L, S) one replicated). Call `model.eval()` first for
-    inference (no dropout)."""
+    """The encoder's forward pass on the mesh: ids (B, L) -> hidden (B, L, D), split on `data` along B.
+
+    Call `model.eval()` first for inference (no dropout).
+
+    Args:
+        model: a sharded encoder, e.g. from `create_sharded_model`.
+        ids: (B, L) integer ids, B divisible by the `data` axis size.
+        attention_mask: as in TransformerEncoder: a (B, S) or (B, N|1, L, S) mask is split along B too, a
+            (1, N|1, L, S) one replicated; None: every key.
+        mesh: the model's mesh.
+
+    Returns:
+        (B, L, D), split on `data` along B.
+
+    Raises:
+        ValueError: B not divisible by the `data` axis size; a malformed mask (from TransformerEncoder).
+    """
     ids = shard_batch(ids, mesh)
     if attention_mask is not None:
         if np.ndim(attention_mask) == 4 and np.shape(attention_mask)[0] == 1:
@@ -179,11 +260,25 @@ def sharded_train_step(
     mesh: Mesh,
     loss_fn: LossFn | None = None,
 ) -> dict[str, jax.Array]:
-    """One optimizer update in place on the mesh; the batch (flax_impl.train's dict: inputs, targets, weights,
-    optional attention_mask, each (B, L)) is split on `data`. Returns {"loss": loss before the update,
-    "grad_norm": global gradient norm before clipping}, as `flax_impl.train.train_step`. Parameters and
-    optimizer state keep their partition specs. `loss_fn(model, batch) -> scalar` defaults to
-    `flax_impl.train.loss_fn` (masked-token / next-token cross-entropy through the tied head)."""
+    """One optimizer update of `model` and `optimizer` in place on the mesh, as `flax_impl.train.train_step`.
+
+    Parameters and optimizer state keep their partition specs.
+
+    Args:
+        model: a sharded model.
+        optimizer: from `create_sharded_optimizer`.
+        batch: flax_impl.train's dict (inputs, targets, weights, optional attention_mask, each (B, L)); split on
+            `data` along B.
+        mesh: the model's mesh.
+        loss_fn: (model, batch) -> scalar loss; None: `flax_impl.train.loss_fn` (masked-token / next-token
+            cross-entropy through the tied head).
+
+    Returns:
+        {"loss": the loss before the update, "grad_norm": the global gradient norm before clipping}.
+
+    Raises:
+        ValueError: B not divisible by the `data` axis size.
+    """
     if loss_fn is None:
         loss_fn = default_loss_fn
     batch = shard_batch(batch, mesh)
@@ -207,8 +302,15 @@ def _constrain_state(node: nnx.Module | nnx.Optimizer) -> None:
 
 
 def param_shardings(model: nnx.Module) -> dict[str, tuple[PartitionSpec, tuple[int, ...], tuple[int, ...]]]:
-    """{"blocks.attn.in_proj.kernel": (spec, global shape, shape of one device's shard), ...} for every
-    nnx.Param: what `flax-impl bench --mesh` reports, and a quick way to see that parameters are split."""
+    """How each parameter is split: what `flax-impl bench --mesh` reports.
+
+    Args:
+        model: any module.
+
+    Returns:
+        {"blocks.attn.in_proj.kernel": (spec, global shape, shape of one device's shard), ...} for every
+        nnx.Param; spec is PartitionSpec() for an array that is not NamedSharding-placed.
+    """
     out = {}
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         value = var[...]

@@ -24,6 +24,14 @@ class Dropout(nnx.Module):
     come from the `dropout` stream of the `nnx.Rngs` given at construction: the same seed gives the same mask,
     each call advances the stream so successive calls draw fresh masks. Any shape in, same shape out.
 
+    Args:
+        rate: the probability of zeroing an element, in [0, 1].
+        deterministic: the initial mode (False: train mode, random); `eval()` / `train()` set it.
+        rngs: its `dropout` stream draws the masks. Needed for train mode with 0 < rate < 1; may be None otherwise.
+
+    Raises:
+        ValueError: `rate` is not a number in [0, 1].
+
     Example:
         >>> drop = Dropout(0.5, rngs=nnx.Rngs(dropout=0))
         >>> y = drop(jnp.ones((2, 8)))          # train mode: entries are 0 or 2
@@ -38,6 +46,18 @@ class Dropout(nnx.Module):
         self.rngs = rngs["dropout"].fork() if rngs is not None and rate > 0.0 else nnx.data(None)
 
     def __call__(self, x: jax.Array, *, deterministic: bool | None = None) -> jax.Array:
+        """Apply dropout to x.
+
+        Args:
+            x: any shape (...), e.g. (B, L, D).
+            deterministic: True for the identity, False for random; None: the layer's mode.
+
+        Returns:
+            The shape and dtype of x.
+
+        Raises:
+            ValueError: random mode with 0 < rate < 1 and no `rngs` given at construction.
+        """
         deterministic = self.deterministic if deterministic is None else deterministic
         if deterministic or self.rate == 0.0:
             return x
@@ -46,8 +66,19 @@ class Dropout(nnx.Module):
         return apply_keep_bits(x, self.keep_bits(x.shape), self.rate)
 
     def keep_bits(self, shape: tuple[int, ...], *, deterministic: bool | None = None) -> jax.Array | None:
-        """A fresh packed keep mask for an array of `shape` (see `keep_bits`), or None when this layer is the
-        identity (deterministic or rate 0). For fused kernels that apply the mask themselves (attention)."""
+        """A fresh packed keep mask, for fused kernels that apply the mask themselves (attention).
+
+        Args:
+            shape: the shape (..., n) of the array the mask is for, e.g. (B, N, L, S).
+            deterministic: as in `__call__`.
+
+        Returns:
+            uint8 (..., ceil(n / 8)) from `flax_impl._kernels.dropout.keep_bits`, or None when this layer is the
+            identity (deterministic or rate 0).
+
+        Raises:
+            ValueError: random mode and no `rngs` given at construction.
+        """
         deterministic = self.deterministic if deterministic is None else deterministic
         if deterministic or self.rate == 0.0:
             return None
@@ -57,7 +88,19 @@ class Dropout(nnx.Module):
 
 
 def dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
-    """Inverted dropout of x (any shape) with the given key, 0 <= rate < 1: the function behind `Dropout`."""
+    """Inverted dropout of x with an explicit key: the function behind `Dropout`.
+
+    Args:
+        x: any shape.
+        rate: the probability of zeroing an element, in [0, 1) (rate 1 gives zeros: use `Dropout`).
+        key: a jax.random key.
+
+    Returns:
+        The shape and dtype of x: kept elements times fl(1 / (1 - rate)), the others 0.
+
+    Raises:
+        ValueError: `rate` outside [0, 1).
+    """
     if not 0.0 <= rate < 1.0:
         raise ValueError(f"dropout rate={rate!r} must be in [0, 1) here (rate 1 gives zeros: see Dropout)")
     return apply_keep_bits(x, draw_keep_bits(key, rate, x.shape), rate)

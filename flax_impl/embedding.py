@@ -12,9 +12,18 @@ from flax_impl.sharding import VOCAB_ROWS, param_metadata
 
 
 def check_ids(ids: object, num_embeddings: int) -> None:
-    """Raise TypeError for non-integer ids and IndexError for an id outside [0, num_embeddings).
+    """Check token ids against an embedding of `num_embeddings` rows, before any lookup.
 
-    Works on concrete values only (numpy, lists, un-traced jax arrays); tracers pass through untouched.
+    Concrete values (numpy arrays, lists, un-traced jax arrays) are checked in full. A tracer (under `jit`) has
+    no values to inspect: only its dtype is checked.
+
+    Args:
+        ids: token ids of any shape (...).
+        num_embeddings: V, the number of rows.
+
+    Raises:
+        TypeError: `ids` are not integers.
+        IndexError: an id is outside [0, V); the message names the first such id and counts them.
     """
     if isinstance(ids, jax.core.Tracer):
         if not jnp.issubdtype(ids.dtype, jnp.integer):
@@ -42,6 +51,18 @@ class Embed(nnx.Module):
     and float ids raise TypeError, before any work. Under `jit` ids are tracers and cannot be inspected: the
     unchecked path returns a NaN row for any out-of-range id (never another token's row); with `checked=True`
     the traced path emits a `checkify` check instead, so `checkify.checkify(f)` reports the bad id.
+
+    Args:
+        num_embeddings: V >= 1, the number of rows.
+        features: D >= 1, the width of a row.
+        padding_idx: the row that starts at zero and gets no gradient, in [-V, V) (negative counts from the
+            end, as torch); None: no such row.
+        checked: under `jit`, emit a `checkify` check for out-of-range ids.
+        param_dtype: dtype of `weight`.
+        rngs: `rngs.params()` draws the initial table.
+
+    Raises:
+        ValueError: V or D < 1, or `padding_idx` outside [-V, V).
 
     Example:
         >>> emb = Embed(10, 4, padding_idx=0, rngs=nnx.Rngs(0))
@@ -76,6 +97,18 @@ class Embed(nnx.Module):
         self.weight = nnx.Param(w, **param_metadata(VOCAB_ROWS))  # vocab-parallel under a mesh
 
     def __call__(self, ids: jax.Array) -> jax.Array:
+        """Look up rows: ids (...) -> weight[ids] (..., D).
+
+        Args:
+            ids: integer token ids, any shape (...); usually (B, L).
+
+        Returns:
+            (..., D) in `weight`'s dtype. Under `jit`, an out-of-range id gives a NaN row.
+
+        Raises:
+            TypeError: non-integer ids.
+            IndexError: a concrete id outside [0, V).
+        """
         check_ids(ids, self.num_embeddings)
         ids = jnp.asarray(ids)
         weight = self.weight[...]
@@ -92,5 +125,12 @@ class Embed(nnx.Module):
         return out
 
     def attend(self, x: jax.Array) -> jax.Array:
-        """Tied output logits: (..., D) -> (..., V) = x @ weight.T."""
+        """Tied output logits: x @ weight.T.
+
+        Args:
+            x: (..., D), usually (B, L, D).
+
+        Returns:
+            (..., V) in x's dtype.
+        """
         return jnp.einsum("...d,vd->...v", x, self.weight[...].astype(x.dtype))

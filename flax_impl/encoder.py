@@ -14,9 +14,9 @@ from flax import nnx
 from flax_impl.attention import check_attention_mask
 from flax_impl.block import TransformerBlock
 from flax_impl.config import FlaxConfig, TransformerConfig
-from flax_impl.norm import layer_norm
+from flax_impl.norm import make_norm
 from flax_impl.pipeline import TransformerInput
-from flax_impl.sharding import BATCH_ACTIVATION, constrain
+from flax_impl.sharding import BATCH_ACTIVATION, constrain, parallel_linear
 
 
 def _stacked_blocks(config: TransformerConfig, flax_config: FlaxConfig, rngs: nnx.Rngs) -> TransformerBlock:
@@ -71,24 +71,59 @@ class TransformerEncoder(nnx.Module):
             blocks = [TransformerBlock(config, flax_config=flax_config, rngs=rngs) for _ in range(config.n_layers)]
             self.blocks = nnx.List(blocks)
         if config.final_norm:
-            self.final_norm = layer_norm(config, flax_config)
+            self.final_norm = make_norm(config, flax_config)
+        if config.lm_head == "untied":
+            D, V = config.d_model, config.vocab_size
+            self.lm_head = parallel_linear(flax_config, D, V, "column", use_bias=config.lm_head_bias, rngs=rngs)
 
-    def __call__(self, ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
-        cfg = self.config
-        if jnp.ndim(ids) != 2:
-            raise ValueError(f"ids must have shape (B, L), got {jnp.shape(ids)}")
-        B, L = jnp.shape(ids)
-        if attention_mask is not None:
-            check_attention_mask(attention_mask, B, cfg.n_heads, L, L)
-        x = constrain(self.input(ids), BATCH_ACTIVATION)  # (B, L, D), split on B under a mesh
+    def __call__(
+        self, ids: jax.Array, attention_mask: jax.Array | None = None, *, token_type_ids: jax.Array | None = None
+    ) -> jax.Array:
+        x = self._input(ids, attention_mask, token_type_ids)  # (B, L, D)
         if self.flax_config.scan_layers:
             x = self._scan_blocks(x, attention_mask)
         else:
             for block in self.blocks:
                 x = self._apply_block(block, x, attention_mask)
-        if cfg.final_norm:
+        if self.config.final_norm:
             x = self.final_norm(x)
         return x
+
+    def hidden_states(
+        self, ids: jax.Array, attention_mask: jax.Array | None = None, *, token_type_ids: jax.Array | None = None
+    ) -> jax.Array:
+        """Every layer's output, for locating where two implementations part ways.
+
+        Args:
+            ids: (B, L) int token ids.
+            attention_mask: as for `__call__`.
+            token_type_ids: (B, L) ints below `type_vocab_size`, or None (zeros).
+        Returns:
+            (n_layers + 1, B, L, D): the input of block 1, then the output of each block (before `final_norm`).
+        """
+        x = self._input(ids, attention_mask, token_type_ids)
+        if self.flax_config.scan_layers:
+            scan = nnx.scan(
+                lambda h, block, mask: (_scan_step(h, block, mask),) * 2,
+                in_axes=(nnx.Carry, 0, None),
+                out_axes=(nnx.Carry, 0),
+                transform_metadata={nnx.PARTITION_NAME: None},
+            )
+            _, outs = scan(x, self.blocks, attention_mask)
+            return jnp.concatenate([x[None], outs], axis=0)
+        outs = [x]
+        for block in self.blocks:
+            outs.append(_call_block(block, outs[-1], attention_mask))
+        return jnp.stack(outs)
+
+    def _input(self, ids: jax.Array, attention_mask: jax.Array | None, token_type_ids: jax.Array | None) -> jax.Array:
+        if jnp.ndim(ids) != 2:
+            raise ValueError(f"ids must have shape (B, L), got {jnp.shape(ids)}")
+        B, L = jnp.shape(ids)
+        if attention_mask is not None:
+            check_attention_mask(attention_mask, B, self.config.n_heads, L, L)
+        x = self.input(ids, token_type_ids)  # (B, L, D)
+        return constrain(x, BATCH_ACTIVATION)  # split on B under a mesh
 
     def _apply_block(self, block: TransformerBlock, x: jax.Array, mask: jax.Array | None) -> jax.Array:
         if self.flax_config.remat:
@@ -108,7 +143,10 @@ class TransformerEncoder(nnx.Module):
         return scan(x, self.blocks, attention_mask)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
-        """Tied LM head: (B, L, D) -> (B, L, V) = hidden @ input.embed.weight.T."""
+        """LM head: (B, L, D) -> (B, L, V) logits in the compute dtype: hidden @ input.embed.weight.T when tied,
+        else the `lm_head` Linear (D -> V, bias if `lm_head_bias`)."""
+        if self.config.lm_head == "untied":
+            return self.lm_head(hidden)
         return self.input.embed.attend(hidden)
 
 

@@ -7,6 +7,13 @@ Torch keys are the twin's `state_dict()` keys. The only rules are layout rules:
 - LayerNorm `scale` <-> `weight`;
 - a scanned encoder's stacked `blocks.*` (n_layers, ...) <-> per-layer `blocks.{i}.*`.
 Values are copied exactly (transposes and stacking only): flax -> torch -> flax is bit-exact.
+
+Example:
+    >>> model = TransformerEncoder(cfg, rngs=nnx.Rngs(0))
+    >>> twin = torch_ref.TransformerEncoder(cfg)
+    >>> twin.load_state_dict(tr.from_numpy_state_dict(to_numpy_state_dict(model)))  # strict: all keys, shapes
+    >>> load_torch_state_dict(model, twin.state_dict())       # and back
+    >>> save(model, "model.safetensors"); load(model, "model.safetensors")
 """
 
 from __future__ import annotations
@@ -76,7 +83,14 @@ def _entries(module: nnx.Module) -> list[_Entry]:
 
 
 def to_numpy_state_dict(module: nnx.Module) -> dict[str, np.ndarray]:
-    """The module's parameters as numpy arrays keyed like its torch twin's state_dict()."""
+    """The module's parameters as numpy arrays keyed like its torch twin's state_dict().
+
+    Args:
+        module: any flax_impl module (a scanned encoder's stacked layers come out per layer).
+
+    Returns:
+        {torch key: array in torch's layout}, e.g. "blocks.0.attn.in_proj_weight": (3D, D).
+    """
     values = {tuple(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
     out = {}
     for e in _entries(module):
@@ -84,13 +98,6 @@ def to_numpy_state_dict(module: nnx.Module) -> dict[str, np.ndarray]:
         a = a[e.layer] if e.layer is not None else a
         out[e.torch_key] = np.ascontiguousarray(a.T if e.transpose else a)
     return out
-
-
-def to_torch_state_dict(module: nnx.Module) -> dict[str, Any]:
-    """The module's parameters as torch tensors keyed like its twin: `twin.load_state_dict(...)` just works."""
-    import torch
-
-    return {k: torch.from_numpy(np.array(v)) for k, v in to_numpy_state_dict(module).items()}
 
 
 def _as_numpy(value: Any) -> np.ndarray:
@@ -103,10 +110,19 @@ def _as_numpy(value: Any) -> np.ndarray:
 
 
 def load_torch_state_dict(module: nnx.Module, state_dict: dict[str, Any], *, strict: bool = True) -> None:
-    """Copy a torch-keyed state dict (torch tensors or numpy arrays) into `module`, in place.
+    """Copy a torch-keyed state dict into `module`, in place, cast to each parameter's dtype.
 
-    strict=True: one ValueError lists every missing key, unexpected key and shape mismatch. strict=False
-    loads what matches by key and shape and leaves the rest untouched (shape mismatches still raise).
+    Nothing is written unless every check passes.
+
+    Args:
+        module: any flax_impl module.
+        state_dict: {torch key: torch tensor or numpy array}, e.g. a twin's `state_dict()`; bfloat16 tensors are
+            widened losslessly.
+        strict: True: every key of the module must be present and nothing else. False: load what matches by key
+            and leave the rest untouched.
+
+    Raises:
+        ValueError: one message listing every shape mismatch and, if `strict`, every missing and unexpected key.
     """
     entries = _entries(module)
     expected = {e.torch_key: e for e in entries}
@@ -146,7 +162,12 @@ def load_torch_state_dict(module: nnx.Module, state_dict: dict[str, Any], *, str
 def save(module: nnx.Module, path: str | os.PathLike) -> None:
     """Write the module's parameters to a safetensors file with torch_ref's key names, atomically.
 
-    The torch side reads it with `safetensors.torch.load_file(path)` + `twin.load_state_dict(...)`.
+    The torch side reads it with `safetensors.torch.load_file(path)` + `twin.load_state_dict(...)`. Readers see
+    the old file or the new one, never half of one.
+
+    Args:
+        module: any flax_impl module.
+        path: the file to write; its folder must exist.
     """
     from safetensors.numpy import save_file
 
@@ -164,7 +185,16 @@ def save(module: nnx.Module, path: str | os.PathLike) -> None:
 
 
 def load(module: nnx.Module, path: str | os.PathLike, *, strict: bool = True) -> None:
-    """Load a safetensors checkpoint (torch_ref key names) into `module`, in place."""
+    """Load a safetensors checkpoint (torch_ref key names) into `module`, in place.
+
+    Args:
+        module: any flax_impl module.
+        path: a file written by `save` or by `safetensors.torch.save_file(twin.state_dict(), path)`.
+        strict: as in `load_torch_state_dict`.
+
+    Raises:
+        ValueError: as in `load_torch_state_dict`.
+    """
     from safetensors.numpy import load_file
 
     load_torch_state_dict(module, load_file(os.fspath(path)), strict=strict)
@@ -180,9 +210,21 @@ TORCH_ENCODER_LAYER_KEYS = {
 
 
 def from_torch_encoder_layer(state_dict: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Rename an nn.TransformerEncoderLayer state dict to TransformerBlock keys (self_attn -> attn, linear1 ->
-    ff.0, linear2 -> ff.3, norm1 -> ln1, norm2 -> ln2). Set the config's activation, norm_first and
-    norm_eps to the layer's. Keys outside those five groups raise ValueError."""
+    """Rename an nn.TransformerEncoderLayer state dict to TransformerBlock keys.
+
+    self_attn -> attn, linear1 -> ff.0, linear2 -> ff.3, norm1 -> ln1, norm2 -> ln2; the values are kept as they
+    are. Set the config's activation, norm_first and norm_eps to the layer's.
+
+    Args:
+        state_dict: the layer's state dict.
+        prefix: stripped from every key first (e.g. "layers.0." for one layer of an nn.TransformerEncoder).
+
+    Returns:
+        The same values under torch_ref.TransformerBlock keys, ready for `load_torch_state_dict`.
+
+    Raises:
+        ValueError: a key outside those five groups, or without `prefix`.
+    """
     out = {}
     for key, value in state_dict.items():
         rest = key[len(prefix) :] if key.startswith(prefix) else None
@@ -201,7 +243,17 @@ def from_torch_encoder_layer(state_dict: dict[str, Any], prefix: str = "") -> di
 
 
 def to_torch_encoder_layer(state_dict: dict[str, Any]) -> dict[str, Any]:
-    """Inverse of `from_torch_encoder_layer`: TransformerBlock keys -> nn.TransformerEncoderLayer keys."""
+    """Inverse of `from_torch_encoder_layer`: TransformerBlock keys -> nn.TransformerEncoderLayer keys.
+
+    Args:
+        state_dict: torch-keyed TransformerBlock weights, e.g. `to_numpy_state_dict(block)`.
+
+    Returns:
+        The same values under nn.TransformerEncoderLayer keys.
+
+    Raises:
+        ValueError: a key outside attn, ff.0, ff.3, ln1 and ln2.
+    """
     out = {}
     for key, value in state_dict.items():
         new = next(

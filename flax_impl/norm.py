@@ -1,4 +1,4 @@
-"""Normalisation layers: LayerNorm (Ba et al., 2016) with torch.nn.LayerNorm's arithmetic.
+"""Normalisation layers: LayerNorm (Ba et al., 2016) with torch.nn.LayerNorm's arithmetic, and RMSNorm.
 
 Axes: D model width.
 """
@@ -56,14 +56,61 @@ class LayerNorm(nnx.Module):
         return layer_norm_kernel(x, self.scale[...], bias, self.epsilon, jnp.dtype(self.dtype or x.dtype))
 
 
-def layer_norm(config: TransformerConfig, flax_config: FlaxConfig) -> LayerNorm:
-    """LayerNorm over D with the config's epsilon (torch's 1e-5 by default, not Flax's 1e-6)."""
+class RMSNorm(nnx.Module):
+    """RMSNorm over the last axis (Zhang & Sennrich, 2019): x / sqrt(mean(x^2) + epsilon) * scale, x (..., D) ->
+    (..., D) in `dtype` (default x's), statistics and arithmetic in float32 (as Llama's LlamaRMSNorm; it rounds
+    to the input dtype before the scale, which only matters below float32). Parameter `scale` (ones) of shape
+    (D,), torch's `weight`. No mean is subtracted and there is no bias.
+
+    Args:
+        num_features: D.
+        epsilon: added to mean(x^2); > 0 (Llama uses 1e-6 or 1e-5, by config).
+        dtype: output dtype (default: x's).
+        param_dtype: dtype of `scale`.
+        scale_metadata: sharding metadata of `scale` (flax_impl.sharding).
+    Raises:
+        ValueError: epsilon <= 0 (here), or an input whose last axis is not D (at call).
+
+    Example:
+        >>> rms = RMSNorm(4, epsilon=1e-6)
+        >>> rms(jnp.array([[1.0, -1.0, 1.0, -1.0]]))           # (B, D) = (1, 4): ~[1, -1, 1, -1]
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        epsilon: float = 1e-6,
+        dtype: jnp.dtype | None = None,
+        param_dtype: jnp.dtype = jnp.float32,
+        scale_metadata: dict[str, Any] | None = None,
+    ):
+        if not epsilon > 0.0:
+            raise ValueError(f"epsilon={epsilon!r} must be > 0")
+        self.num_features, self.epsilon, self.dtype = num_features, float(epsilon), dtype
+        self.scale = nnx.Param(jnp.ones((num_features,), param_dtype), **(scale_metadata or {}))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if x.shape[-1:] != (self.num_features,):
+            raise ValueError(f"RMSNorm over {self.num_features} features got input of shape {x.shape}")
+        x32 = x.astype(jnp.float32)  # (..., D)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.epsilon)
+        return (y * self.scale[...].astype(jnp.float32)).astype(self.dtype or x.dtype)
+
+
+def make_norm(config: TransformerConfig, flax_config: FlaxConfig) -> LayerNorm | RMSNorm:
+    """The config's norm over D: LayerNorm (bias if `norm_bias`) or RMSNorm, epsilon `norm_eps` (torch's 1e-5 by
+    default, not Flax's 1e-6), dtypes from the FlaxConfig, parameters replicated under a mesh."""
+    dtypes = dict(dtype=jnp.dtype(flax_config.dtype), param_dtype=jnp.dtype(flax_config.param_dtype))
+    if config.norm == "rmsnorm":
+        return RMSNorm(
+            config.d_model, epsilon=config.norm_eps, scale_metadata=param_metadata(REPLICATED_VECTOR), **dtypes
+        )
     return LayerNorm(
         config.d_model,
         epsilon=config.norm_eps,
-        use_bias=config.bias,
-        dtype=jnp.dtype(flax_config.dtype),
-        param_dtype=jnp.dtype(flax_config.param_dtype),
+        use_bias=config.norm_bias,
         scale_metadata=param_metadata(REPLICATED_VECTOR),
         bias_metadata=param_metadata(REPLICATED_VECTOR),
+        **dtypes,
     )

@@ -1,7 +1,5 @@
 """The input pipeline of lesson 11: ids -> embedding -> + position -> optional LayerNorm -> dropout, as a module
 (`TransformerInput`, batched ids) and as one function from a string (`encode_text`, the lesson's exercise).
-
-Axes: B batch, L length, D model width, V vocabulary.
 """
 
 from __future__ import annotations
@@ -16,7 +14,7 @@ from flax import nnx
 from flax_impl.config import FlaxConfig, TransformerConfig
 from flax_impl.dropout import Dropout
 from flax_impl.embedding import Embed
-from flax_impl.norm import layer_norm
+from flax_impl.norm import make_norm
 from flax_impl.positions import LearnedPositions, scheme, sinusoidal_table
 from flax_impl.tokenizer import encode_checked
 
@@ -24,9 +22,24 @@ from flax_impl.tokenizer import encode_checked
 class TransformerInput(nnx.Module):
     """ids (B, L) -> (B, L, D), the input of the first block.
 
-    embed(ids) (x sqrt(D) if `embed_scale`) + position (sinusoidal table or learned `pos`; nothing for rope,
-    alibi and none, whose position enters inside attention) -> `norm` (if `input_norm`) -> dropout.
-    Submodules (checkpoint keys): `embed`, `pos` (learned only), `norm` (input_norm only).
+    embed(ids) (x sqrt(D) if `embed_scale`) + token type (BERT's, if `type_vocab_size`) + position (sinusoidal
+    table or learned `pos`; nothing for rope, alibi and none, whose position enters inside attention) -> `norm`
+    (if `input_norm`) -> dropout. Submodules (checkpoint keys): `embed`, `token_type`, `pos` (learned only),
+    `norm` (input_norm only).
+
+    Args:
+        config: the architecture (vocab_size, d_model, padding_idx, position, max_len, embed_scale, input_norm,
+            type_vocab_size, dropout, norm, norm_eps, norm_bias).
+        flax_config: dtype and param_dtype; None: `FlaxConfig()`.
+        rngs: initialises the embedding and learned positions; its `dropout` stream draws the masks.
+
+    Raises:
+        ValueError: from `Embed` (padding_idx outside the vocabulary).
+
+    Example:
+        >>> cfg = TransformerConfig(vocab_size=100, d_model=32, n_heads=4, d_ff=64, n_layers=1, dropout=0.0)
+        >>> TransformerInput(cfg, rngs=nnx.Rngs(0))(jnp.ones((2, 5), jnp.int32)).shape
+        (2, 5, 32)
     """
 
     def __init__(self, config: TransformerConfig, *, flax_config: FlaxConfig | None = None, rngs: nnx.Rngs):
@@ -43,14 +56,37 @@ class TransformerInput(nnx.Module):
             self.pos = LearnedPositions(
                 config.max_len, config.d_model, param_dtype=jnp.dtype(flax_config.param_dtype), rngs=rngs
             )
+        if config.type_vocab_size:  # BERT's segment embeddings
+            self.token_type = Embed(
+                config.type_vocab_size, config.d_model, param_dtype=jnp.dtype(flax_config.param_dtype), rngs=rngs
+            )
         if config.input_norm:
-            self.norm = layer_norm(config, flax_config)
+            self.norm = make_norm(config, flax_config)
         self.dropout = Dropout(config.dropout, rngs=rngs)
 
-    def __call__(self, ids: jax.Array) -> jax.Array:
+    def __call__(self, ids: jax.Array, token_type_ids: jax.Array | None = None) -> jax.Array:
+        """ids (B, L) -> (B, L, D) in the FlaxConfig's dtype.
+
+        Args:
+            ids: (B, L) integer token ids.
+            token_type_ids: (B, L) integer token types below `type_vocab_size`, or None (all type 0).
+
+        Returns:
+            (B, L, D).
+
+        Raises:
+            ValueError: ids not 2-D; token_type_ids of another shape, or given with type_vocab_size=0.
+            IndexError: L > max_len with learned positions, or a concrete id outside [0, V).
+            TypeError: non-integer ids.
+        """
         cfg = self.config
         if jnp.ndim(ids) != 2:
             raise ValueError(f"ids must have shape (B, L), got {jnp.shape(ids)}")
+        if token_type_ids is not None:
+            if not cfg.type_vocab_size:
+                raise ValueError("token_type_ids given, but the config has type_vocab_size=0 (no token types)")
+            if jnp.shape(token_type_ids) != jnp.shape(ids):
+                raise ValueError(f"token_type_ids shape {jnp.shape(token_type_ids)} != ids shape {jnp.shape(ids)}")
         L = jnp.shape(ids)[1]
         at_input = scheme(cfg.position).at_input
         pos = None  # (L, D): computed first so that L > max_len fails before any other work
@@ -61,6 +97,9 @@ class TransformerInput(nnx.Module):
         x = self.embed(ids).astype(jnp.dtype(self.flax_config.dtype))  # (B, L, D)
         if cfg.embed_scale:
             x = x * jnp.asarray(math.sqrt(cfg.d_model), x.dtype)
+        if cfg.type_vocab_size:  # BERT's order: word + token type, then + position
+            types = jnp.zeros_like(ids) if token_type_ids is None else token_type_ids
+            x = x + self.token_type(types).astype(x.dtype)
         if pos is not None:
             x = x + pos.astype(x.dtype)[None]
         if cfg.input_norm:
@@ -95,18 +134,37 @@ def encode_text(
 ) -> jax.Array:
     """One string -> the (L, D) input of the first Transformer block (lesson 11's exercise).
 
-    1. tokenize (`ByteTokenizer`, an HF `tokenizers.Tokenizer`, or any callable str -> list[int]);
-    2. look up `embedding` ((V, D) array, `Embed` or `nnx.Embed`): E[ids], x sqrt(D) if `embed_scale`;
+    1. tokenize;
+    2. look up the embedding: E[ids], x sqrt(D) if `embed_scale`;
     3. add the position: "sinusoidal" adds `sinusoidal_table(L, D)` (Vaswani layout, sin on even dims);
-       "learned" adds rows 0..L-1 of `table` ((max_len, D) array or `LearnedPositions`); "rope", "alibi" and
-       "none" leave the embeddings unchanged (their position enters inside attention, or nowhere);
+       "learned" adds rows 0..L-1 of `table`; "rope", "alibi" and "none" leave the embeddings unchanged (their
+       position enters inside attention, or nowhere);
     4. if `input_norm`: LayerNorm over D without affine parameters (gamma = 1, beta = 0), epsilon `eps`,
        computed in float32.
 
-    Errors, raised before any lookup: an unknown `position` (ValueError), `table` missing for "learned" or given
-    for another scheme (ValueError), a token id >= V (IndexError naming the token and V), L > max_len of the
-    learned table (IndexError naming both). Empty text (or one that tokenizes to no ids) returns an empty (0, D)
-    array: there is no position to encode, and the shapes stay consistent with L = 0.
+    Every error is raised before any lookup.
+
+    Args:
+        text: the string to encode.
+        tokenizer: a `ByteTokenizer`, an HF `tokenizers.Tokenizer`, an object with `encode(str) -> list[int]`, or a
+            callable str -> list[int] (see `as_tokenizer`).
+        embedding: E, a (V, D) array, an `Embed` or an `nnx.Embed`.
+        position: "sinusoidal", "learned", "rope", "alibi" or "none".
+        table: for "learned" only: a (max_len, D) array or `LearnedPositions`.
+        embed_scale: multiply E[ids] by sqrt(D).
+        input_norm: apply the affine-free LayerNorm.
+        eps: the LayerNorm epsilon, > 0.
+
+    Returns:
+        (L, D) in E's dtype. Empty text (or one that tokenizes to no ids) gives (0, D): there is no position to
+        encode, and the shapes stay consistent with L = 0.
+
+    Raises:
+        ValueError: an unknown `position`; `table` missing for "learned" or given for another scheme; `table` not
+            (max_len, D); `eps` <= 0; the tokenizer returns a negative id.
+        TypeError: `embedding` is not a (V, D) array or an embedding module; `text` is not a str; `tokenizer`
+            is not usable, or returns something other than a flat list of integer ids.
+        IndexError: a token id >= V (naming the token, its position and V); L > max_len of `table`.
 
     Example:
         >>> from flax_impl.tokenizer import ByteTokenizer

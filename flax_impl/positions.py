@@ -147,17 +147,29 @@ def apply_rope(
     return rotated if r == H else jnp.concatenate([rotated, x[..., r:]], axis=-1)
 
 
-def alibi_slopes(n_heads: int) -> np.ndarray:
-    """Per-head ALiBi slopes m_h (Press et al., 2022, "Train Short, Test Long"): (N,) float32.
+def alibi_slopes(n_heads: int, max_bias: float = 8.0) -> np.ndarray:
+    """Per-head ALiBi slopes m_h (Press et al., 2022, "Train Short, Test Long").
 
-    For n_heads a power of two: m_h = 2^(-8h/n_heads), h = 1..n_heads. Otherwise the slopes of the closest lower
-    power of two, then every other slope of the next power of two, up to n_heads.
+    For n_heads a power of two: m_h = 2^(-max_bias * h / n_heads), h = 1..n_heads. Otherwise the slopes of the
+    closest lower power of two, then every other slope of the next power of two, up to n_heads: BLOOM's order.
+    MPT's `gen_slopes` (the next power of two's slopes, odd-indexed ones first) gives the same list; MPT exposes
+    `max_bias` as `alibi_bias_max`.
+
+    Args:
+        n_heads: N >= 1.
+        max_bias: the 8 of the paper; > 0, finite.
+    Returns:
+        (N,) float32.
+    Raises:
+        ValueError: n_heads not an integer >= 1, or max_bias not a finite number > 0.
     """
     if isinstance(n_heads, bool) or not isinstance(n_heads, int) or n_heads < 1:
         raise ValueError(f"n_heads={n_heads!r} must be an integer >= 1")
+    if isinstance(max_bias, bool) or not isinstance(max_bias, (int, float)) or not 0.0 < max_bias < math.inf:
+        raise ValueError(f"max_bias={max_bias!r} must be a finite number > 0")
 
     def power_of_two(n: int) -> list[float]:
-        return [2.0 ** (-8.0 * h / n) for h in range(1, n + 1)]
+        return [2.0 ** (-max_bias * h / n) for h in range(1, n + 1)]
 
     closest = 2 ** int(math.floor(math.log2(n_heads)))
     slopes = power_of_two(closest)
@@ -195,4 +207,4 @@ def score_bias(config: TransformerConfig, q_len: int, k_len: int) -> jax.Array |
     """The scheme's additive score bias (N, L, S): ALiBi for "alibi", None otherwise."""
     if not scheme(config.position).biases_scores:
         return None
-    return alibi_bias(q_len, k_len, alibi_slopes(config.n_heads), causal=config.causal)
+    return alibi_bias(q_len, k_len, alibi_slopes(config.n_heads, config.alibi_max_bias), causal=config.causal)

@@ -1,9 +1,9 @@
 """Sharding annotations for the SPMD partitioner: which mesh axis each parameter and activation is split on.
 
-Mesh axes: `data` (batch, data parallel) and `model` (Megatron-style tensor parallel, Shoeybi et al., 2019).
-Axes: B batch, L length, D model width, N heads, H head dim, F feed-forward width, V vocabulary.
+Mesh axes: `data` (batch, data parallel) and `model` (Megatron-style tensor parallel, Shoeybi et al., 2019), of
+size M.
 
-Parameters (the spec of each array axis, `None` = replicated along it):
+Parameters (the spec of each array axis, `None` = replicated along it; Lmax = max_len):
 
     input.embed.weight        (V, D)   ("model", None)  vocab-parallel: each device holds V/M token rows
     input.pos.weight          (Lmax, D) (None, None)    replicated (small; added to every batch row)
@@ -51,8 +51,15 @@ QKV_ACTIVATION = (DATA, None, None, MODEL, None)  # (B, L, 3, N, H)
 
 
 def param_metadata(spec: tuple[str | None, ...]) -> dict[str, Any]:
-    """Variable metadata for a parameter split as `spec` (one entry per array axis); for `kernel_metadata=`,
-    `bias_metadata=`, `scale_metadata=` of nnx layers, or `nnx.Param(value, **param_metadata(spec))`."""
+    """Variable metadata for a parameter split as `spec`.
+
+    Args:
+        spec: one mesh axis name (or None) per array axis, e.g. `COLUMN_KERNEL`.
+
+    Returns:
+        Keyword arguments for `kernel_metadata=`, `bias_metadata=`, `scale_metadata=` of nnx layers, or for
+        `nnx.Param(value, **param_metadata(spec))`.
+    """
     return {"out_sharding": tuple(spec), "eager_sharding": False}
 
 
@@ -61,6 +68,16 @@ def constrain(x: jax.Array, spec: tuple[str | None, ...]) -> jax.Array:
 
     Axis names the current mesh does not have are treated as None (replicated), so a mesh with only a
     `data` axis still works.
+
+    Args:
+        x: any array, e.g. (B, L, D).
+        spec: one mesh axis name (or None) per axis of x, e.g. `BATCH_ACTIVATION`.
+
+    Returns:
+        x, constrained under a mesh.
+
+    Raises:
+        ValueError: under a mesh, `spec` does not have one entry per axis of x.
     """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
@@ -71,15 +88,34 @@ def constrain(x: jax.Array, spec: tuple[str | None, ...]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, PartitionSpec(*(a if a in names else None for a in spec)))
 
 
-def parallel_linear(config: Any, flax_config: Any, d_in: int, d_out: int, style: str, *, rngs: nnx.Rngs) -> nnx.Linear:
-    """nnx.Linear(d_in, d_out) with the architecture's bias switch and the FlaxConfig's dtypes, annotated
-    Megatron-style: "column" splits the output features (kernel (None, model), bias (model,)), "row" the input
-    features (bias replicated)."""
-    kernel, bias = {"column": (COLUMN_KERNEL, COLUMN_BIAS), "row": (ROW_KERNEL, REPLICATED_VECTOR)}[style]
+def parallel_linear(
+    flax_config: Any, d_in: int, d_out: int, style: str, *, use_bias: bool, rngs: nnx.Rngs
+) -> nnx.Linear:
+    """nnx.Linear(d_in, d_out) with or without bias and the FlaxConfig's dtypes, annotated Megatron-style.
+
+    Args:
+        flax_config: a FlaxConfig (reads `dtype`, `param_dtype`).
+        d_in: input features.
+        d_out: output features.
+        style: "column" splits the output features (kernel (None, model), bias (model,)); "row" the input
+            features (kernel (model, None), bias replicated).
+        use_bias: whether the layer has a bias (the architecture's switch for its group).
+        rngs: initialises the kernel.
+
+    Returns:
+        The annotated layer.
+
+    Raises:
+        ValueError: `style` is not "column" or "row".
+    """
+    styles = {"column": (COLUMN_KERNEL, COLUMN_BIAS), "row": (ROW_KERNEL, REPLICATED_VECTOR)}
+    if style not in styles:
+        raise ValueError(f"style={style!r} must be 'column' or 'row'")
+    kernel, bias = styles[style]
     return nnx.Linear(
         d_in,
         d_out,
-        use_bias=config.bias,
+        use_bias=use_bias,
         dtype=jnp.dtype(flax_config.dtype),
         param_dtype=jnp.dtype(flax_config.param_dtype),
         kernel_metadata=param_metadata(kernel),

@@ -2,7 +2,6 @@
 or callable str -> list[int] (`as_tokenizer`), and the batched form `batch_encode` -> (ids, attention_mask).
 
 Pure Python + numpy (no jax, no torch): torch_ref re-exports this file, so both twins tokenize identically.
-Axes: B batch, L length (tokens), V vocabulary.
 """
 
 from __future__ import annotations
@@ -53,14 +52,36 @@ class ByteTokenizer:
     vocab_size: int = 256 + N_SPECIAL
 
     def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
-        """str -> ids: [bos] + [b + 4 for b in text.encode("utf-8")] + [eos] (bos/eos only if asked)."""
+        """str -> ids: [bos] + [b + 4 for b in text.encode("utf-8")] + [eos] (bos/eos only if asked).
+
+        Args:
+            text: the string to encode.
+            add_bos: start with `<bos>` (1).
+            add_eos: end with `<eos>` (2).
+
+        Returns:
+            The (L,) ids as a list of int.
+
+        Raises:
+            TypeError: `text` is not a str.
+        """
         if not isinstance(text, str):
             raise TypeError(f"ByteTokenizer.encode expects a str, got {type(text).__name__}")
         ids = [b + N_SPECIAL for b in text.encode("utf-8")]
         return ([BOS_ID] if add_bos else []) + ids + ([EOS_ID] if add_eos else [])
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
-        """ids -> str, special ids dropped. An id outside [0, 260) raises ValueError naming it."""
+        """ids -> str, special ids dropped, invalid UTF-8 replaced by U+FFFD.
+
+        Args:
+            ids: token ids, any shape (flattened).
+
+        Returns:
+            The decoded string.
+
+        Raises:
+            ValueError: an id outside [0, 260), named.
+        """
         out = bytearray()
         for i in np.asarray(ids, dtype=np.int64).ravel().tolist():
             if not 0 <= i < self.vocab_size:
@@ -70,7 +91,11 @@ class ByteTokenizer:
         return out.decode("utf-8", errors="replace")
 
     def id_to_token(self, i: int) -> str:
-        """A readable name for id i: `<pad>`..`<mask>`, the character for printable ASCII, else `<0xNN>`."""
+        """A readable name for id i: `<pad>`..`<mask>`, the character for printable ASCII, else `<0xNN>`.
+
+        Raises:
+            ValueError: `i` outside [0, 260), named.
+        """
         if i in SPECIAL_TOKENS:
             return SPECIAL_TOKENS[i]
         b = i - N_SPECIAL
@@ -84,7 +109,16 @@ class ByteTokenizer:
 
 class TokenizerAdapter:
     """Wraps an encode function (and optionally decode / id_to_token) into the `TokenizerLike` interface, checking
-    that every call returns non-negative integer ids."""
+    that every call returns non-negative integer ids. Built by `as_tokenizer`.
+
+    Args:
+        encode_fn: str -> a flat sequence of ids, or an object with `.ids` (a `tokenizers.Encoding`).
+        pad_id: the id to pad with, or None if the tokenizer has none.
+        vocab_size: V, or None if unknown.
+        decode_fn: list[int] -> str, or None.
+        id_to_token_fn: int -> the token's name, or None.
+        name: the name used in error messages.
+    """
 
     def __init__(
         self,
@@ -104,7 +138,13 @@ class TokenizerAdapter:
         self.name = name
 
     def encode(self, text: str) -> list[int]:
-        """str -> list of ids; anything else than a sequence of integers >= 0 raises TypeError/ValueError."""
+        """str -> the (L,) ids as a list of int.
+
+        Raises:
+            TypeError: `text` is not a str, or `encode_fn` returns something other than a flat sequence of
+                integers.
+            ValueError: `encode_fn` returns a negative id.
+        """
         if not isinstance(text, str):
             raise TypeError(f"{self.name}.encode expects a str, got {type(text).__name__}")
         out = self._encode(text)
@@ -118,11 +158,17 @@ class TokenizerAdapter:
         return ids.tolist()
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        """ids (any shape, flattened) -> str through `decode_fn`.
+
+        Raises:
+            TypeError: the adapter has no `decode_fn`.
+        """
         if self._decode is None:
             raise TypeError(f"{self.name} was built from a callable and has no decode")
         return self._decode(np.asarray(ids, dtype=np.int64).ravel().tolist())
 
     def id_to_token(self, i: int) -> str | None:
+        """The token's name through `id_to_token_fn`, or None without one."""
         return None if self._id_to_token is None else self._id_to_token(int(i))
 
     def __repr__(self) -> str:
@@ -130,12 +176,29 @@ class TokenizerAdapter:
 
 
 def as_tokenizer(obj: Any, *, pad_id: int | None = None, vocab_size: int | None = None) -> TokenizerLike:
-    """A `TokenizerLike` from: a `ByteTokenizer` (returned as is), an HF `tokenizers.Tokenizer` (ids of
-    `encode(text)`, special tokens as its post-processor adds them), any object with `encode(str) -> list[int]`,
-    or any callable str -> list[int].
+    """The `TokenizerLike` the pipeline reads, from any supported kind of tokenizer.
 
-    `pad_id` / `vocab_size` override what is detected. Detected pad id of an HF tokenizer: its padding's pad_id,
-    else the id of "[PAD]", "<pad>", "<|pad|>" or "<PAD>", else None (`batch_encode` then asks for one).
+    Detected pad id of an HF tokenizer: its padding's pad_id, else the id of "[PAD]", "<pad>", "<|pad|>" or
+    "<PAD>", else None (`batch_encode` then asks for one). Other objects: their `pad_id` or `pad_token_id`.
+
+    Args:
+        obj: a `ByteTokenizer` (returned as is), an HF `tokenizers.Tokenizer` (ids of `encode(text)`, special
+            tokens as its post-processor adds them), any object with `encode(str) -> list[int]`, or any callable
+            str -> list[int].
+        pad_id: overrides the detected pad id.
+        vocab_size: overrides the detected vocabulary size.
+
+    Returns:
+        `obj` itself if it is already a `ByteTokenizer` or `TokenizerAdapter` and nothing is overridden, else a
+        `TokenizerAdapter`.
+
+    Raises:
+        TypeError: `obj` is a str or bytes, or none of the supported kinds.
+
+    Example:
+        >>> tok = as_tokenizer(lambda s: [ord(c) for c in s], pad_id=0, vocab_size=128)
+        >>> tok.encode("hi"), tok.pad_id
+        ([104, 105], 0)
     """
     if isinstance(obj, (ByteTokenizer, TokenizerAdapter)) and pad_id is None and vocab_size is None:
         return obj
@@ -182,10 +245,20 @@ def token_name(tokenizer: Any, token_id: int) -> str:
 
 
 def encode_checked(text: str, tokenizer: Any, vocab_size: int) -> np.ndarray:
-    """Tokenize one text into ids (L,) int64, every id checked against an embedding of `vocab_size` rows.
+    """Tokenize one text, every id checked against an embedding of `vocab_size` rows before any lookup.
 
-    An id >= vocab_size raises IndexError naming the token, its position and the vocabulary size, before any
-    lookup. Empty text (or a text that tokenizes to nothing) gives ids of shape (0,).
+    Args:
+        text: the string to encode.
+        tokenizer: anything `as_tokenizer` accepts.
+        vocab_size: V, the rows of the embedding the ids are for.
+
+    Returns:
+        (L,) int64; (0,) for a text that tokenizes to nothing.
+
+    Raises:
+        TypeError: `text` is not a str, or the tokenizer is unusable or returns non-integer ids.
+        ValueError: the tokenizer returns a negative id.
+        IndexError: an id >= V, naming the token, its position and V.
     """
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
@@ -205,12 +278,28 @@ def encode_checked(text: str, tokenizer: Any, vocab_size: int) -> np.ndarray:
 def batch_encode(
     texts: Sequence[str], tokenizer: Any, *, max_len: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Tokenize a batch: list[str] -> (ids (B, L) int32, attention_mask (B, L) int32, 1 = real token, 0 = pad).
+    """Tokenize a batch into right-padded ids and the matching attention mask.
 
-    Rows are right-padded with the tokenizer's pad id. L is the longest row, or exactly `max_len` when given
-    (a fixed shape: one jit compile for every batch); rows longer than `max_len` are cut to their first
-    `max_len` ids. An empty text is a row of padding (mask all zero). A tokenizer without a pad id raises
-    ValueError when padding is needed: pass `as_tokenizer(tok, pad_id=...)`.
+    L is the longest row, or exactly `max_len` when given (a fixed shape: one jit compile for every batch); rows
+    longer than `max_len` are cut to their first `max_len` ids. An empty text is a row of padding (mask all zero).
+
+    Args:
+        texts: B strings.
+        tokenizer: anything `as_tokenizer` accepts; its pad id fills the padding.
+        max_len: the fixed length L >= 0, or None for the longest row.
+
+    Returns:
+        ids (B, L) int32 and attention_mask (B, L) int32 (1 = real token, 0 = pad).
+
+    Raises:
+        TypeError: `texts` is not a sequence of str, or the tokenizer is unusable or returns non-integer ids.
+        ValueError: `max_len` is not None or an integer >= 0; the batch needs padding and the tokenizer has no
+            pad id (pass `as_tokenizer(tok, pad_id=...)`); an id is negative or does not fit in int32.
+
+    Example:
+        >>> ids, mask = batch_encode(["hi", "hello"], ByteTokenizer())
+        >>> ids.shape, mask.tolist()
+        ((2, 5), [[1, 1, 0, 0, 0], [1, 1, 1, 1, 1]])
     """
     if isinstance(texts, str) or not isinstance(texts, Sequence):
         raise TypeError(f"texts must be a list of str, got {type(texts).__name__}")

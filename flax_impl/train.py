@@ -1,7 +1,5 @@
 """Training with optax: one `nnx.jit` AdamW step for the masked-token and the next-token objectives.
 
-Axes: B batch, L length, V vocabulary.
-
 Objective (chosen by `config.causal`), both through the tied head `TransformerEncoder.logits` (Embed.attend):
 - masked-token (causal=False), BERT's recipe (Devlin et al., 2019): every non-pad position is selected with
   probability `mask_prob`; a selected token becomes `mask_id` (80%), a random regular token (10%) or stays (10%);
@@ -18,6 +16,13 @@ eps, weight_decay, mask) with linear warmup then cosine decay. Weight decay appl
 the default decays the Linear kernels only (no biases, LayerNorm scales, token or position embeddings).
 Dropout: each Dropout owns an rng stream split from the model's `nnx.Rngs`; the step runs in train mode and
 advances every stream, so each step draws fresh masks and the same seed replays the same masks.
+
+Example:
+    >>> model = TransformerEncoder(cfg, rngs=nnx.Rngs(0)); model.train()
+    >>> tcfg = TrainConfig(learning_rate=1e-3, warmup_steps=10, total_steps=100)
+    >>> optimizer = make_optimizer(model, tcfg)
+    >>> batch = make_batch(tokens, cfg, tcfg, np.random.default_rng(0))   # tokens (B, L) int, or (B, L + 1)
+    >>> metrics = train_step(model, optimizer, batch)                     # {"loss", "grad_norm"}
 """
 
 from __future__ import annotations
@@ -51,9 +56,30 @@ def masked_token_batch(
     pad_id: int | None = PAD_ID,
     first_regular_id: int = N_SPECIAL,
 ) -> Batch:
-    """tokens (B, L) -> a masked-token batch (module docstring). Random replacements are drawn from the regular
-    ids [first_regular_id, vocab_size) (never pad/bos/eos/mask). Padding (`pad_id`) is never selected and is
-    masked out of attention. Reproducible: the same `rng` state gives the same batch."""
+    """tokens (B, L) -> a masked-token batch (BERT's 80/10/10 recipe, module docstring).
+
+    Random replacements are drawn from the regular ids [first_regular_id, vocab_size) (never pad/bos/eos/mask).
+    Padding (`pad_id`) is never selected and is masked out of attention. Reproducible: the same `rng` state gives
+    the same batch.
+
+    Args:
+        tokens: (B, L) integer ids, B >= 1, L >= 1.
+        vocab_size: V; every token must be in [0, V).
+        rng: draws the selection and the replacements.
+        mask_prob: the probability that a non-pad position is selected, in (0, 1].
+        mask_id: the id that replaces 80% of the selected tokens, in [0, V).
+        pad_id: the padding id, or None if there is no padding.
+        first_regular_id: the first id random replacements may take, in [0, V).
+
+    Returns:
+        {"inputs", "targets"} (B, L) int32, {"weights"} (B, L) float32 (1 = selected), and, if some token is
+        padding, {"attention_mask"} (B, L) int32 (1 = real token).
+
+    Raises:
+        ValueError: `tokens` not (B, L) with B, L >= 1; `mask_id`, `first_regular_id` or `mask_prob` out of range.
+        TypeError: non-integer tokens.
+        IndexError: a token outside [0, V).
+    """
     tokens = _check_tokens(tokens, vocab_size, min_len=1)
     if not 0 <= mask_id < vocab_size:
         raise ValueError(f"mask_id={mask_id} is not in the vocabulary [0, {vocab_size})")
@@ -74,8 +100,22 @@ def masked_token_batch(
 
 
 def next_token_batch(tokens: np.ndarray, *, vocab_size: int, pad_id: int | None = PAD_ID) -> Batch:
-    """tokens (B, L + 1) -> a next-token batch: inputs tokens[:, :-1], targets tokens[:, 1:] (B, L), weight 0
-    on padding targets; padding inputs are masked out of attention."""
+    """tokens (B, L + 1) -> a next-token batch: inputs tokens[:, :-1], targets tokens[:, 1:].
+
+    Args:
+        tokens: (B, L + 1) integer ids, B >= 1, L + 1 >= 2.
+        vocab_size: V; every token must be in [0, V).
+        pad_id: the padding id, or None if there is no padding.
+
+    Returns:
+        {"inputs", "targets"} (B, L) int32, {"weights"} (B, L) float32 (0 on padding targets), and, if some
+        input is padding, {"attention_mask"} (B, L) int32 (1 = real token).
+
+    Raises:
+        ValueError: `tokens` not (B, L + 1) with B >= 1 and L + 1 >= 2.
+        TypeError: non-integer tokens.
+        IndexError: a token outside [0, V).
+    """
     tokens = _check_tokens(tokens, vocab_size, min_len=2)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]  # (B, L) each
     real_t = np.ones(targets.shape, bool) if pad_id is None else targets != pad_id
@@ -95,8 +135,17 @@ def _check_tokens(tokens: np.ndarray, vocab_size: int, *, min_len: int) -> np.nd
 
 # --------------------------------------------------------------------------------------------------- optimiser
 def lr_schedule(tcfg: TrainConfig) -> optax.Schedule:
-    """Step t (0-based, the t-th update) -> learning rate: lr * t / warmup for t < warmup, then
-    lr * (r + (1 - r) * (1 + cos(pi * min(t - warmup, T) / T)) / 2), T = total - warmup, r = end_lr_ratio."""
+    """Linear warmup then cosine decay, as torch_ref.train.lr_lambda.
+
+    Step t (0-based, the t-th update) -> lr * t / warmup for t < warmup, then
+    lr * (r + (1 - r) * (1 + cos(pi * min(t - warmup, T) / T)) / 2), T = total - warmup, r = end_lr_ratio.
+
+    Args:
+        tcfg: learning_rate, warmup_steps, total_steps, end_lr_ratio.
+
+    Returns:
+        An optax schedule, step -> learning rate.
+    """
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=tcfg.learning_rate,
@@ -130,11 +179,20 @@ def decay_mask(params: Any, decay: DecayRule = default_decay) -> Any:
 @functools.lru_cache(maxsize=32)
 def make_tx(tcfg: TrainConfig, *, decay: DecayRule = default_decay) -> optax.GradientTransformation:
     """clip_by_global_norm(clip_norm) (if set) -> adamw with the schedule, TrainConfig's betas/eps and an explicit
-    weight_decay (optax's own default is 1e-4, torch's 0.01). Note: torch clips by max_norm / (norm + 1e-6),
-    optax by max_norm / norm: a relative difference of 1e-6 / norm, far below the parity tolerance.
+    weight_decay (optax's own default is 1e-4, torch's 0.01).
 
-    Cached per (tcfg, decay): the transformation is stateless, and the optimizer's jit cache keys on its identity,
-    so equal settings reuse one compiled `train_step` instead of recompiling for every new optimizer."""
+    torch clips by max_norm / (norm + 1e-6), optax by max_norm / norm: a relative difference of 1e-6 / norm, far
+    below the parity tolerance. Cached per (tcfg, decay): the transformation is stateless, and the optimizer's jit
+    cache keys on its identity, so equal settings reuse one compiled `train_step` instead of recompiling for
+    every new optimizer.
+
+    Args:
+        tcfg: the optimiser settings.
+        decay: path -> whether that parameter is weight-decayed.
+
+    Returns:
+        The optax transformation.
+    """
     adamw = optax.adamw(
         lr_schedule(tcfg),
         b1=tcfg.b1,
@@ -150,13 +208,31 @@ def make_tx(tcfg: TrainConfig, *, decay: DecayRule = default_decay) -> optax.Gra
 
 
 def make_optimizer(model: nnx.Module, tcfg: TrainConfig, *, decay: DecayRule = default_decay) -> nnx.Optimizer:
-    """nnx.Optimizer over the model's nnx.Param variables with `make_tx(tcfg, decay=decay)`."""
+    """nnx.Optimizer over the model's nnx.Param variables with `make_tx(tcfg, decay=decay)`.
+
+    Args:
+        model: the module to train.
+        tcfg: the optimiser settings (shared with torch_ref.train.make_optimizer).
+        decay: path (e.g. ("blocks", "attn", "in_proj", "kernel")) -> whether it is weight-decayed; default: the
+            Linear kernels only.
+
+    Returns:
+        The optimizer, for `train_step`.
+    """
     return nnx.Optimizer(model, make_tx(tcfg, decay=decay), wrt=nnx.Param)
 
 
 # ------------------------------------------------------------------------------------------------ loss and step
 def loss_sums(model: nnx.Module, batch: Batch) -> tuple[jax.Array, jax.Array]:
-    """(sum of weights * CE, sum of weights): CE of the tied-head logits (float32) against `targets`, in nats."""
+    """CE of the tied-head logits (float32) against `targets`, in nats, summed with the batch's weights.
+
+    Args:
+        model: a TransformerEncoder (or any module with `__call__(inputs, mask)` and `logits`).
+        batch: {"inputs", "targets", "weights"} (B, L), optional {"attention_mask"} (B, L).
+
+    Returns:
+        (sum of weights * CE, sum of weights), two float32 scalars.
+    """
     hidden = model(batch["inputs"], batch.get("attention_mask"))  # (B, L, D)
     logits = model.logits(hidden).astype(jnp.float32)  # (B, L, V)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])  # (B, L)
@@ -172,8 +248,18 @@ def loss_fn(model: nnx.Module, batch: Batch) -> jax.Array:
 
 @nnx.jit
 def train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch) -> dict[str, jax.Array]:
-    """One AdamW update in place. Returns {"loss": loss before the update, "grad_norm": global norm of the
-    gradient before clipping}. Put the model in train mode (`model.train()`) for dropout."""
+    """One AdamW update of `model` and `optimizer`, in place, under `nnx.jit`.
+
+    Put the model in train mode (`model.train()`) for dropout.
+
+    Args:
+        model: the module being trained.
+        optimizer: from `make_optimizer(model, ...)`.
+        batch: as `loss_sums` reads it, e.g. from `masked_token_batch` / `next_token_batch`.
+
+    Returns:
+        {"loss": the loss before the update, "grad_norm": the global norm of the gradient before clipping}.
+    """
     loss, grads = nnx.value_and_grad(loss_fn)(model, batch)
     optimizer.update(model, grads)
     return {"loss": loss, "grad_norm": optax.tree.norm(grads)}
@@ -181,12 +267,33 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch) -> dic
 
 @nnx.jit
 def eval_step(model: nnx.Module, batch: Batch) -> tuple[jax.Array, jax.Array]:
-    """`loss_sums` under jit, for held-out evaluation (call after `model.eval()`)."""
+    """`loss_sums` under jit, for held-out evaluation (call after `model.eval()`).
+
+    Args:
+        model: the module being evaluated.
+        batch: as `loss_sums` reads it.
+
+    Returns:
+        (sum of weights * CE, sum of weights): add them up over batches, then divide.
+    """
     return loss_sums(model, batch)
 
 
 def make_batch(tokens: np.ndarray, config: TransformerConfig, tcfg: TrainConfig, rng: np.random.Generator) -> Batch:
-    """The objective's batch for `config`: next-token from (B, L + 1) tokens if causal, else masked-token."""
+    """The objective's batch for `config`: next-token from (B, L + 1) tokens if causal, else masked-token.
+
+    Args:
+        tokens: (B, L + 1) if `config.causal`, else (B, L) integer ids.
+        config: `vocab_size` and `causal`.
+        tcfg: `mask_prob`.
+        rng: draws the masked-token selection (unused for next-token).
+
+    Returns:
+        The batch dict of `next_token_batch` or `masked_token_batch`.
+
+    Raises:
+        ValueError, TypeError, IndexError: as those functions.
+    """
     if config.causal:
         return next_token_batch(tokens, vocab_size=config.vocab_size)
     return masked_token_batch(tokens, vocab_size=config.vocab_size, rng=rng, mask_prob=tcfg.mask_prob)

@@ -95,7 +95,7 @@ def test_from_torch_mha_mask_matches_nn_multihead_attention(rng):
     cfg = small_config()
     f, _ = twins("MultiHeadAttention", cfg)
     mha = torch.nn.MultiheadAttention(cfg.d_model, cfg.n_heads, batch_first=True).eval()
-    mha.load_state_dict({k.removeprefix(""): v for k, v in fi.to_torch_state_dict(f).items()})
+    mha.load_state_dict({k.removeprefix(""): v for k, v in tr.from_numpy_state_dict(fi.to_numpy_state_dict(f)).items()})
     x = randn(rng, B, L, cfg.d_model)
     torch_mask = torch.triu(torch.ones(L, L, dtype=torch.bool), 1)  # causal: True above the diagonal = masked
     ref, _ = mha(*(torch.from_numpy(x),) * 3, attn_mask=torch_mask, need_weights=False)
@@ -187,3 +187,84 @@ def test_backward_keeps_no_score_sized_array(rng):
     scores_sized = [a for a in saved if a.shape[-2:] == (L, L) and jnp.issubdtype(a.dtype, jnp.floating)]
     assert not scores_sized, scores_sized
     assert any(a.dtype == jnp.uint8 and a.shape == (B, cfg.n_heads, L, 1) for a in saved)  # the packed mask
+
+
+# ------------------------------------------------------------------------------------- decoder-family attention
+DECODER_CASES = {
+    "gqa": dict(n_kv_heads=2, position="rope", causal=True),
+    "mqa": dict(n_kv_heads=1, position="alibi", causal=True),
+    "qkv bias only": dict(n_kv_heads=2, bias=False, qkv_bias=True, position="rope", causal=True),
+    "window": dict(sliding_window=3, position="rope", causal=True),
+    "no biases": dict(bias=False, position="learned"),
+}
+
+
+@pytest.mark.parametrize("case", list(DECODER_CASES))
+def test_decoder_attention_forward_and_gradients_match(case, rng):
+    """Grouped-query / multi-query attention, per-projection bias switches and sliding windows, Flax vs torch_ref:
+    outputs on a padded batch and the gradients of x and of every parameter."""
+    cfg = small_config(**DECODER_CASES[case])
+    f, t = twins("MultiHeadAttention", cfg)
+    x, w, mask = randn(rng, B, L, cfg.d_model), randn(rng, B, L, cfg.d_model), padding_mask()
+    y = f(jnp.asarray(x), jnp.asarray(mask))
+    xt = torch.from_numpy(x).requires_grad_()
+    yt = t(xt, torch.from_numpy(mask))
+    np.testing.assert_allclose(np.asarray(y), yt.detach().numpy(), rtol=0, atol=BLOCK)
+    (yt * torch.from_numpy(w)).sum().backward()
+    g_mod, g_x = nnx.grad(lambda m, x: jnp.sum(m(x, jnp.asarray(mask)) * w), argnums=(0, 1))(f, jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(g_x), xt.grad.numpy(), rtol=0, atol=GRAD_REL * np.abs(xt.grad.numpy()).max())
+    ours = fi.to_numpy_state_dict(_as_module(f, g_mod))
+    for name, p in t.named_parameters():
+        want = p.grad.numpy()
+        np.testing.assert_allclose(ours[name], want, rtol=0, atol=GRAD_REL * np.abs(want).max(), err_msg=name)
+    assert set(ours) == {n for n, _ in t.named_parameters()}
+
+
+def _as_module(module, grads_state):
+    """The module with its parameters replaced by their gradients (to read them under the twin's key names)."""
+    graph, _, rest = nnx.split(module, nnx.Param, ...)
+    return nnx.merge(graph, grads_state, rest)
+
+
+def test_grouped_query_equals_full_attention_with_repeated_kv_heads(rng):
+    """K kv heads with query head n reading kv head n // (N / K) (repeat_interleave, not tile) is N-head
+    attention whose k and v projections repeat each kv head N / K times in place."""
+    cfg = small_config(n_kv_heads=2, position="rope", causal=True)  # N = 4, K = 2, H = 8
+    N, K, H, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model
+    gqa, _ = twins("MultiHeadAttention", cfg)
+    full = fi.MultiHeadAttention(cfg.replace(n_kv_heads=N), rngs=nnx.Rngs(9))
+    full.eval()
+    kernel, bias = np.asarray(gqa.in_proj.kernel[...]), np.asarray(gqa.in_proj.bias[...])  # (D, (N + 2K) H)
+
+    def repeat_heads(cols):  # (D|, K H) -> (D|, N H), head k placed at heads k*N/K .. (k+1)*N/K - 1
+        heads = cols.reshape(cols.shape[:-1] + (K, H))
+        return np.repeat(heads, N // K, axis=-2).reshape(cols.shape[:-1] + (N * H,))
+
+    q, k, v = np.split(kernel, [N * H, (N + K) * H], axis=-1)
+    full.in_proj.kernel[...] = jnp.asarray(np.concatenate([q, repeat_heads(k), repeat_heads(v)], axis=-1))
+    qb, kb, vb = np.split(bias, [N * H, (N + K) * H])
+    full.in_proj.bias[...] = jnp.asarray(np.concatenate([qb, repeat_heads(kb), repeat_heads(vb)]))
+    full.out_proj.kernel[...], full.out_proj.bias[...] = gqa.out_proj.kernel[...], gqa.out_proj.bias[...]
+    x = jnp.asarray(randn(rng, B, L, D))
+    np.testing.assert_allclose(np.asarray(gqa(x)), np.asarray(full(x)), rtol=0, atol=BLOCK)
+
+
+@pytest.mark.parametrize("side", ["flax", "torch"])
+def test_sliding_window_sees_exactly_the_last_window_keys(side, rng):
+    """With window W, query i's output depends on keys i - W < j <= i only: changing any other key's input leaves
+    it unchanged, changing a key inside the window changes it."""
+    cfg = small_config(sliding_window=3, causal=True, position="none")
+    f, t = twins("MultiHeadAttention", cfg)
+    run = (
+        (lambda x: np.asarray(f(jnp.asarray(x))))
+        if side == "flax"
+        else (lambda x: t(torch.from_numpy(x)).detach().numpy())
+    )
+    x = randn(rng, 1, L, cfg.d_model)
+    y = run(x)
+    for j in range(L):
+        x2 = x.copy()
+        x2[0, j] += randn(rng, cfg.d_model)
+        changed = np.abs(run(x2) - y).max(axis=-1)[0] > 0  # (L,) which query rows moved
+        expected = np.array([i - 3 < j <= i for i in range(L)])
+        np.testing.assert_array_equal(changed, expected, err_msg=f"key {j}")

@@ -18,7 +18,7 @@ V, D = 11, 6
 def pair(padding_idx=None, seed=0):
     emb = fi.Embed(V, D, padding_idx=padding_idx, rngs=nnx.Rngs(seed))
     ref = tr.Embed(V, D, padding_idx=padding_idx)
-    ref.load_state_dict(fi.to_torch_state_dict(emb))
+    ref.load_state_dict(tr.from_numpy_state_dict(fi.to_numpy_state_dict(emb)))
     return emb, ref
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from helpers import POSITIONS, randn, small_config, twins
+from helpers import POSITIONS, perturbed_twins, randn, small_config, twins
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -273,3 +273,95 @@ def test_random_configs_match(
     with torch.no_grad():
         yt = t(torch.from_numpy(ids), None if mask is None else torch.from_numpy(mask)).numpy()
     np.testing.assert_allclose(y, yt, rtol=0, atol=ENCODER)
+
+
+# ---------------------------------------------------------------------------------------- decoder-family stacks
+LLAMA_LIKE = dict(
+    norm="rmsnorm", mlp="gated", activation="silu", n_kv_heads=2, bias=False, position="rope", causal=True,
+    lm_head="untied",
+)
+BERT_LIKE = dict(
+    norm_first=False, input_norm=True, final_norm=False, position="learned", type_vocab_size=2, norm_eps=1e-12,
+)
+
+
+@pytest.mark.parametrize("family", ["llama-like", "bert-like"])
+@pytest.mark.parametrize("scan", [True, False])
+def test_family_stacks_logits_hidden_states_and_gradients_match(family, scan, rng):
+    """A Llama-like stack (RMSNorm, SwiGLU, GQA, RoPE, untied head) and a BERT-like one (post-LN, token types,
+    embedding LayerNorm), every parameter perturbed: per-layer hidden states, logits and the gradient of every
+    parameter, Flax (scanned and unrolled) vs torch_ref, on a padded batch."""
+    cfg = small_config(**(LLAMA_LIKE if family == "llama-like" else BERT_LIKE))
+    f, t = perturbed_twins("TransformerEncoder", cfg, rng, flax_config=fi.FlaxConfig(scan_layers=scan))
+    ids, mask = ids_and_mask(rng, cfg, "padding")
+    types = rng.integers(0, 2, (B, L)) if cfg.type_vocab_size else None
+    kw = {} if types is None else {"token_type_ids": jnp.asarray(types)}
+    tkw = {} if types is None else {"token_type_ids": torch.from_numpy(types)}
+    w = randn(rng, B, L, cfg.vocab_size)
+
+    def loss(m):
+        return jnp.sum(m.logits(m(jnp.asarray(ids), jnp.asarray(mask), **kw)) * w)
+
+    g = nnx.grad(loss)(f)
+    logits = np.asarray(f.logits(f(jnp.asarray(ids), jnp.asarray(mask), **kw)))
+    hidden = np.asarray(f.hidden_states(jnp.asarray(ids), jnp.asarray(mask), **kw))
+    logits_t = t.logits(t(torch.from_numpy(ids), torch.from_numpy(mask), **tkw))
+    (logits_t * torch.from_numpy(w)).sum().backward()
+    with torch.no_grad():
+        hidden_t = t.hidden_states(torch.from_numpy(ids), torch.from_numpy(mask), **tkw).numpy()
+    real = mask.astype(bool)
+    assert hidden.shape == (cfg.n_layers + 1, B, L, cfg.d_model)
+    np.testing.assert_allclose(hidden[:, real], hidden_t[:, real], rtol=0, atol=ENCODER)
+    scale = np.abs(logits_t.detach().numpy()).max()
+    np.testing.assert_allclose(logits[real], logits_t.detach().numpy()[real], rtol=0, atol=ENCODER * max(scale, 1))
+    grads = fi.to_numpy_state_dict(_grads_as_module(f, g))
+    assert set(grads) == {n for n, _ in t.named_parameters()}
+    for name, p in t.named_parameters():
+        want = p.grad.numpy()
+        np.testing.assert_allclose(grads[name], want, rtol=0, atol=GRAD_REL * np.abs(want).max(), err_msg=name)
+
+
+def _grads_as_module(module, grads_state):
+    graph, _, rest = nnx.split(module, nnx.Param, ...)
+    return nnx.merge(graph, grads_state, rest)
+
+
+def test_hidden_states_end_where_the_forward_ends(rng):
+    """hidden_states()[-1] is the last block's output: final_norm of it is the forward; [0] is the input."""
+    cfg = small_config(position="learned", final_norm=True)
+    f, _ = twins("TransformerEncoder", cfg)
+    ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (B, L)))
+    h = f.hidden_states(ids)
+    np.testing.assert_array_equal(np.asarray(f.final_norm(h[-1])), np.asarray(f(ids)))
+    np.testing.assert_array_equal(np.asarray(h[0]), np.asarray(f.input(ids)))
+
+
+def test_untied_head_owns_its_matrix(rng):
+    """lm_head="untied": logits = hidden @ W^T + b with its own (V, D) W, not the embedding (torch key lm_head.*)."""
+    cfg = small_config(lm_head="untied", lm_head_bias=True)
+    f, t = perturbed_twins("TransformerEncoder", cfg, rng)
+    assert {"lm_head.weight", "lm_head.bias"} <= set(t.state_dict())
+    h = randn(rng, B, L, cfg.d_model)
+    want = h.astype(np.float64) @ np.asarray(f.lm_head.kernel[...], np.float64) + np.asarray(f.lm_head.bias[...])
+    np.testing.assert_allclose(np.asarray(f.logits(jnp.asarray(h))), want, rtol=0, atol=ENCODER)
+    tied = np.asarray(h @ np.asarray(f.input.embed.weight[...]).T)
+    assert np.abs(np.asarray(f.logits(jnp.asarray(h))) - tied).max() > 1.0
+
+
+def test_token_types_add_their_rows_and_are_checked(rng):
+    cfg = small_config(type_vocab_size=3, position="none", input_norm=False, dropout=0.0)
+    f, _ = twins("TransformerInput", cfg)
+    ids = rng.integers(0, cfg.vocab_size, (B, L))
+    types = rng.integers(0, 3, (B, L))
+    got = np.asarray(f(jnp.asarray(ids), jnp.asarray(types)))
+    want = np.asarray(f.embed.weight[...])[ids] + np.asarray(f.token_type.weight[...])[types]
+    np.testing.assert_allclose(got, want, rtol=0, atol=ELEMENTWISE)
+    np.testing.assert_allclose(np.asarray(f(jnp.asarray(ids))), want - np.asarray(f.token_type.weight[...])[types]
+                               + np.asarray(f.token_type.weight[...])[0], rtol=0, atol=ELEMENTWISE)  # default: type 0
+    with pytest.raises(ValueError, match=r"token_type_ids shape \(2, 3\) != ids shape \(2, 9\)"):
+        f(jnp.asarray(ids), jnp.asarray(types[:, :3]))
+    with pytest.raises(IndexError, match="token id 3"):
+        f(jnp.asarray(ids), jnp.asarray(types + 1))
+    g, _ = twins("TransformerInput", small_config())
+    with pytest.raises(ValueError, match="type_vocab_size=0"):
+        g(jnp.asarray(ids), jnp.asarray(types))

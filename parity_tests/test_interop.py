@@ -24,7 +24,7 @@ def test_keys_are_the_twins_and_round_trip_is_bit_exact(scan, position):
     cfg = small_config(position=position, input_norm=True)
     model = fi.TransformerEncoder(cfg, flax_config=fi.FlaxConfig(scan_layers=scan), rngs=nnx.Rngs(0))
     twin = tr.TransformerEncoder(cfg)
-    sd = fi.to_torch_state_dict(model)
+    sd = tr.from_numpy_state_dict(fi.to_numpy_state_dict(model))
     assert set(sd) == set(twin.state_dict())
     for k, v in twin.state_dict().items():
         assert tuple(sd[k].shape) == tuple(v.shape), k
@@ -95,7 +95,7 @@ def test_non_strict_loads_what_matches():
 def test_bf16_torch_tensors_load():
     cfg = small_config()
     model = fi.TransformerEncoder(cfg, rngs=nnx.Rngs(0))
-    sd = {k: v.to(torch.bfloat16) for k, v in fi.to_torch_state_dict(model).items()}
+    sd = {k: v.to(torch.bfloat16) for k, v in tr.from_numpy_state_dict(fi.to_numpy_state_dict(model)).items()}
     fi.load_torch_state_dict(model, sd)
     got = fi.to_numpy_state_dict(model)["input.embed.weight"]
     np.testing.assert_array_equal(got, sd["input.embed.weight"].float().numpy())

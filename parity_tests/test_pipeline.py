@@ -45,7 +45,7 @@ def perturbed_twins(config, rng: np.random.Generator):
         var[...] = jnp.asarray(rng.standard_normal(var[...].shape).astype(np.float32))
     nnx.update(f, state)
     t = tr.TransformerInput(config)
-    t.load_state_dict(fi.to_torch_state_dict(f))
+    t.load_state_dict(tr.from_numpy_state_dict(fi.to_numpy_state_dict(f)))
     f.eval()
     t.eval()
     return f, t
@@ -161,7 +161,7 @@ def test_encode_text_matches_transformer_input(rng, position):
     f = fi.TransformerInput(cfg, rngs=nnx.Rngs(1))  # LayerNorm at init: scale 1, bias 0 = encode_text's norm
     f.eval()
     t = tr.TransformerInput(cfg)
-    t.load_state_dict(fi.to_torch_state_dict(f))
+    t.load_state_dict(tr.from_numpy_state_dict(fi.to_numpy_state_dict(f)))
     t.eval()
     tok = fi.ByteTokenizer()
     text = "the same text on both sides"
@@ -268,7 +268,7 @@ def test_batched_pipeline_twins(rng, position):
     f = fi.TransformerInput(cfg, rngs=nnx.Rngs(2))
     f.eval()
     t = tr.TransformerInput(cfg)
-    t.load_state_dict(fi.to_torch_state_dict(f))
+    t.load_state_dict(tr.from_numpy_state_dict(fi.to_numpy_state_dict(f)))
     t.eval()
     ids, mask = fi.batch_encode(["short", "a longer text", ""], tok)
     a, b = np.asarray(f(ids)), t(torch.from_numpy(ids)).detach().numpy()

@@ -1,5 +1,5 @@
 """Position schemes: Flax vs torch for every scheme in float32 (tables and rotations up to L = 4096), and each
-scheme against its formula written here in numpy, independently of both twins.
+scheme against its formula written here in numpy, independently of both twins (ALiBi: test_positions_alibi.py).
 
 Axes: B batch, L length, S key length, D model width, N heads, H head dim.
 """
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from helpers import POSITIONS, small_config, twins
+from helpers import ALIBI_SLOPES, POSITIONS, alibi_bias_formula, small_config, twins
 
 import flax_impl as fi
 import flax_impl.positions as fp
@@ -48,17 +48,6 @@ def rope_formula(x, positions, *, base=10_000.0, style="half", fraction=1.0, sca
         out[..., ia] = np.cos(angle) * a - np.sin(angle) * b
         out[..., ib] = np.sin(angle) * a + np.cos(angle) * b
     return out
-
-
-def alibi_bias_formula(q_len: int, k_len: int, slopes, causal: bool) -> np.ndarray:
-    """-m|i - j| (bidirectional) or -m(i - j) for j <= i, 0 above (causal); query row t is position k_len - q_len + t.
-
-    The slopes are float32 (as alibi_slopes returns them); each product is exact in float64, then rounded once."""
-    slopes = np.asarray(slopes, dtype=np.float32).astype(np.float64)
-    i = np.arange(k_len - q_len, k_len)[:, None]
-    j = np.arange(k_len)[None, :]
-    dist = np.where(j <= i, i - j, 0) if causal else np.abs(i - j)
-    return (-slopes[:, None, None] * dist[None]).astype(np.float32)
 
 
 def both_rope(x: np.ndarray, positions, **kw) -> tuple[np.ndarray, np.ndarray]:
@@ -275,89 +264,6 @@ def test_rope_bad_style_and_config():
         tp.apply_rope(torch.from_numpy(x), torch.arange(3), style="gptj")
     with pytest.raises(ValueError, match="rotated width 7"):  # head_dim = 28 / 4 = 7
         small_config(position="rope", d_model=28, n_heads=4)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# ALiBi
-
-ALIBI_SLOPES = {
-    1: [2.0**-8],
-    2: [2.0**-4, 2.0**-8],
-    3: [2.0**-4, 2.0**-8, 2.0**-2],
-    6: [2.0**-2, 2.0**-4, 2.0**-6, 2.0**-8, 2.0**-1, 2.0**-3],
-    8: [2.0**-k for k in range(1, 9)],
-    12: [2.0**-k for k in range(1, 9)] + [2.0**-0.5, 2.0**-1.5, 2.0**-2.5, 2.0**-3.5],
-    16: [2.0 ** (-k / 2) for k in range(1, 17)],
-}
-
-
-@pytest.mark.parametrize("n_heads", sorted(ALIBI_SLOPES))
-def test_alibi_slopes_formula(n_heads):
-    want = np.asarray(ALIBI_SLOPES[n_heads], dtype=np.float32)
-    a, b = fi.alibi_slopes(n_heads), tp.alibi_slopes(n_heads).numpy()
-    assert a.shape == b.shape == (n_heads,) and a.dtype == b.dtype == np.float32
-    assert_close(a, want, tol.EXACT)
-    assert_close(b, want, tol.EXACT)
-
-
-@pytest.mark.parametrize("n_heads", [1, 2, 4, 8, 16, 32, 64])
-def test_alibi_slopes_are_geometric_for_powers_of_two(n_heads):
-    """m_h = 2^(-8h/n): the first slope is the ratio, and the last is 2^-8."""
-    for s in (fi.alibi_slopes(n_heads).astype(np.float64), tp.alibi_slopes(n_heads).double().numpy()):
-        ratio = 2.0 ** (-8.0 / n_heads)
-        np.testing.assert_allclose(s[1:] / s[:-1], ratio, rtol=tol.FLOAT32_REL)
-        np.testing.assert_allclose(s[0], ratio, rtol=tol.FLOAT32_REL)
-        assert s[-1] == 2.0**-8
-
-
-@pytest.mark.parametrize("n_heads", [3, 5, 7, 12, 20, 24])
-def test_alibi_slopes_twins_any_head_count(n_heads):
-    assert_close(fi.alibi_slopes(n_heads), tp.alibi_slopes(n_heads).numpy(), tol.EXACT)
-    s = fi.alibi_slopes(n_heads)
-    assert len(set(s.tolist())) == n_heads and np.all((s > 0) & (s < 1))
-
-
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("n_heads, q_len, k_len", [(8, 17, 17), (12, 5, 40), (6, 1, 9), (3, 256, 4096)])
-def test_alibi_bias_twins_and_formula(n_heads, q_len, k_len, causal):
-    slopes = fi.alibi_slopes(n_heads)
-    a = np.asarray(fi.alibi_bias(q_len, k_len, slopes, causal=causal))
-    b = tp.alibi_bias(q_len, k_len, torch.from_numpy(slopes), causal=causal).numpy()
-    assert a.shape == b.shape == (n_heads, q_len, k_len) and a.dtype == b.dtype == np.float32
-    ref = alibi_bias_formula(q_len, k_len, ALIBI_SLOPES[n_heads], causal)
-    assert_close(a, b, tol.EXACT)
-    assert_close(a, ref, tol.EXACT)
-
-
-def test_alibi_bias_twins_at_4096():
-    slopes = fi.alibi_slopes(1)
-    for causal in (False, True):
-        a = np.asarray(fi.alibi_bias(4096, 4096, slopes, causal=causal))
-        b = tp.alibi_bias(4096, 4096, torch.from_numpy(slopes), causal=causal).numpy()
-        assert_close(a, b, tol.ELEMENTWISE)
-        assert a[0, 4095, 0] == -4095 * 2.0**-8
-
-
-def test_alibi_bias_symmetric_and_causal_shapes():
-    slopes = fi.alibi_slopes(4)
-    sym = np.asarray(fi.alibi_bias(9, 9, slopes))
-    assert_close(sym, sym.transpose(0, 2, 1), tol.EXACT)  # -m|i - j| is symmetric
-    assert np.all(np.diagonal(sym, axis1=1, axis2=2) == 0) and np.all(sym <= 0)
-    causal = np.asarray(fi.alibi_bias(9, 9, slopes, causal=True))
-    assert np.all(np.triu(causal, k=1) == 0)  # j > i: 0 here, masked separately
-    assert_close(np.tril(causal), np.tril(sym), tol.EXACT)  # j <= i: the same -m(i - j)
-    # adding m*j instead of -m(i - j) differs by m*i, one constant per row on j <= i: the same softmax (PITFALLS)
-    shift = slopes[:, None, None].astype(np.float64) * np.arange(9.0) - causal  # (N, L, S)
-    for i in range(9):
-        assert_close(shift[:, i, : i + 1], np.broadcast_to(slopes[:, None] * i, (4, i + 1)), tol.EXACT)
-
-
-def test_alibi_bad_arguments():
-    for mod in (fp, tp):
-        with pytest.raises(ValueError, match="n_heads=0"):
-            mod.alibi_slopes(0)
-        with pytest.raises(ValueError, match="q_len=5, k_len=3"):
-            mod.alibi_bias(5, 3, mod.alibi_slopes(2))
 
 
 # --------------------------------------------------------------------------------------------------------------

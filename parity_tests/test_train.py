@@ -44,7 +44,7 @@ TCFG = TrainConfig(learning_rate=1e-2, warmup_steps=3, total_steps=STEPS, weight
 def _twins(cfg, seed: int = 0):
     model = fi.TransformerEncoder(cfg, rngs=nnx.Rngs(seed))
     twin = tr.TransformerEncoder(cfg)
-    twin.load_state_dict(fi.to_torch_state_dict(model))
+    twin.load_state_dict(tr.from_numpy_state_dict(fi.to_numpy_state_dict(model)))
     return model, twin
 
 

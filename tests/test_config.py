@@ -115,3 +115,37 @@ def test_config_module_imports_neither_jax_nor_torch():
     code = "import sys, flax_impl.config; print(any(m in sys.modules for m in ('jax', 'torch', 'flax')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize(
+    "changes, error, words",
+    [
+        (dict(n_kv_heads=3), ValueError, "n_kv_heads=3 must divide n_heads=8"),
+        (dict(n_kv_heads=0), ValueError, "n_kv_heads=0"),
+        (dict(norm="batchnorm"), ValueError, "norm='batchnorm'"),
+        (dict(mlp="moe"), ValueError, "mlp='moe'"),
+        (dict(lm_head="shared"), ValueError, "lm_head='shared'"),
+        (dict(lm_head_bias=True), ValueError, "lm_head_bias=True needs lm_head='untied'"),
+        (dict(sliding_window=4), ValueError, "sliding_window=4 needs causal=True"),
+        (dict(sliding_window=0, causal=True), ValueError, "sliding_window=0"),
+        (dict(type_vocab_size=-1), ValueError, "type_vocab_size=-1"),
+        (dict(alibi_max_bias=0.0), ValueError, "alibi_max_bias=0.0"),
+        (dict(alibi_max_bias=float("inf")), ValueError, "alibi_max_bias=inf"),
+        (dict(parallel_residual=True, norm_first=False), ValueError, "parallel_residual=True needs norm_first=True"),
+        (dict(qkv_bias="yes"), TypeError, "qkv_bias='yes' must be a bool"),
+        (dict(causal="no"), TypeError, "causal='no' must be a bool"),
+        (dict(norm_first=0), TypeError, "norm_first=0 must be a bool"),
+    ],
+)
+def test_decoder_fields_are_checked(changes, error, words):
+    with pytest.raises(error, match=words.replace("(", r"\(").replace(".", r"\.")):
+        TransformerConfig(**changes)
+
+
+def test_bias_switches_and_kv_heads_follow_their_defaults():
+    cfg = TransformerConfig(bias=False, qkv_bias=True)
+    assert (cfg.qkv_bias, cfg.out_bias, cfg.mlp_bias, cfg.norm_bias) == (True, False, False, False)
+    assert cfg.replace(bias=True).out_bias is True and cfg.replace(bias=True).qkv_bias is True
+    assert TransformerConfig().n_kv_heads == 8 and TransformerConfig().replace(n_heads=4).n_kv_heads == 4
+    assert TransformerConfig(n_kv_heads=2).replace(n_heads=4).n_kv_heads == 2
+    assert TransformerConfig.from_dict(cfg.to_dict()) == cfg

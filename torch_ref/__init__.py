@@ -6,7 +6,7 @@ from torch_ref.config import TrainConfig, TransformerConfig
 from torch_ref.dropout import Dropout
 from torch_ref.embedding import Embed
 from torch_ref.encoder import TransformerEncoder
-from torch_ref.norm import LayerNorm
+from torch_ref.norm import LayerNorm, RMSNorm
 from torch_ref.pipeline import TransformerInput, encode_text
 from torch_ref.positions import (
     LearnedPositions,
@@ -17,7 +17,7 @@ from torch_ref.positions import (
 )
 from torch_ref.tokenizer import ByteTokenizer, as_tokenizer, batch_encode
 from torch_ref.train import lr_lambda, make_optimizer, train_step
-from torch_ref.utils import count_params
+from torch_ref.utils import count_params, from_numpy_state_dict
 
 __all__ = [
     "ByteTokenizer",
@@ -27,6 +27,7 @@ __all__ = [
     "LayerNorm",
     "LearnedPositions",
     "MultiHeadAttention",
+    "RMSNorm",
     "TransformerBlock",
     "TransformerEncoder",
     "TransformerInput",
@@ -38,6 +39,7 @@ __all__ = [
     "batch_encode",
     "count_params",
     "encode_text",
+    "from_numpy_state_dict",
     "from_torch_mha_mask",
     "lr_lambda",
     "make_optimizer",

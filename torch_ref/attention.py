@@ -21,7 +21,7 @@ def from_torch_mha_mask(mask: torch.Tensor) -> torch.Tensor:
     return ~mask
 
 
-def allowed_and_additive(mask, q_len: int, k_len: int, causal: bool):
+def allowed_and_additive(mask, q_len: int, k_len: int, causal: bool, window: int | None = None):
     """Split a mask into a bool 'may attend' (broadcastable to (B, N, L, S)) and an additive float part."""
     allowed, additive = None, None
     if mask is not None:
@@ -34,36 +34,44 @@ def allowed_and_additive(mask, q_len: int, k_len: int, causal: bool):
             allowed = ~torch.isneginf(additive)
             additive = torch.where(allowed, additive, torch.zeros(()))
     if causal:
-        i = torch.arange(k_len - q_len, k_len).unsqueeze(1)
-        tril = (torch.arange(k_len).unsqueeze(0) <= i)[None, None]  # (1, 1, L, S)
+        i = torch.arange(k_len - q_len, k_len).unsqueeze(1)  # (L, 1)
+        j = torch.arange(k_len).unsqueeze(0)  # (1, S)
+        tril = j <= i
+        if window is not None:  # sliding window: the last `window` positions
+            tril = tril & (i - j < window)
+        tril = tril[None, None]  # (1, 1, L, S)
         allowed = tril if allowed is None else allowed & tril
     return allowed, additive
 
 
 class MultiHeadAttention(nn.Module):
-    """x (B, L, D) -> (B, L, D). `in_proj_weight` (3D, D) = [q; k; v], `in_proj_bias` (3D,), `out_proj`.
+    """x (B, L, D) -> (B, L, D). `in_proj_weight` ((N + 2K) H, D) = [q; k; v] (K = N: nn.MultiheadAttention's
+    (3D, D)), `in_proj_bias`, `out_proj`. Query head n reads kv head n // (N / K).
 
     Initialised as nn.MultiheadAttention: xavier-uniform in_proj_weight, zero biases.
     """
 
     def __init__(self, config: TransformerConfig):
         super().__init__()
-        D = config.d_model
+        D, N, K, H = config.d_model, config.n_heads, config.n_kv_heads, config.head_dim
         self.config = config
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * D, D))
-        self.in_proj_bias = nn.Parameter(torch.zeros(3 * D)) if config.bias else None
-        self.out_proj = nn.Linear(D, D, bias=config.bias)
+        self.in_proj_weight = nn.Parameter(torch.empty((N + 2 * K) * H, D))
+        self.in_proj_bias = nn.Parameter(torch.zeros((N + 2 * K) * H)) if config.qkv_bias else None
+        self.out_proj = nn.Linear(D, D, bias=config.out_bias)
         self.dropout = nn.Dropout(config.attention_dropout)
         nn.init.xavier_uniform_(self.in_proj_weight)
-        if config.bias:
+        if config.out_bias:
             nn.init.zeros_(self.out_proj.bias)
 
     def forward(self, x, attention_mask=None, positions=None):
         cfg = self.config
         B, L, D = x.shape
-        N, H = cfg.n_heads, cfg.head_dim
-        qkv = nn.functional.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, L, 3D)
-        q, k, v = qkv.view(B, L, 3, N, H).unbind(dim=2)  # (B, L, N, H) each
+        N, K, H = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        qkv = nn.functional.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, L, (N + 2K) H)
+        q, k, v = qkv.split([N * H, K * H, K * H], dim=-1)
+        q = q.view(B, L, N, H)
+        k = k.view(B, L, K, H).repeat_interleave(N // K, dim=2)  # (B, L, N, H)
+        v = v.view(B, L, K, H).repeat_interleave(N // K, dim=2)  # (B, L, N, H)
         q, k = rotate_qk(cfg, q, k, torch.arange(L) if positions is None else positions)
         q = q.transpose(1, 2) * (1.0 / math.sqrt(H))  # (B, N, L, H)
         k = k.transpose(1, 2)  # (B, N, S, H)
@@ -72,7 +80,7 @@ class MultiHeadAttention(nn.Module):
         bias = score_bias(cfg, L, L)
         if bias is not None:
             scores = scores + bias
-        allowed, additive = allowed_and_additive(attention_mask, L, L, cfg.causal)
+        allowed, additive = allowed_and_additive(attention_mask, L, L, cfg.causal, cfg.sliding_window)
         if additive is not None:
             scores = scores + additive
         if allowed is not None:

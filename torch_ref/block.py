@@ -1,4 +1,4 @@
-"""Lesson 08's Transformer block in plain torch: pre-LN (default) or post-LN.
+"""Lesson 08's Transformer block in plain torch: pre-LN (default), post-LN, or parallel residual; plain or gated MLP.
 
 Axes: B batch, L length, D model width, F feed-forward width.
 """
@@ -7,31 +7,60 @@ from torch import nn
 
 from torch_ref.attention import MultiHeadAttention
 from torch_ref.config import TransformerConfig
-from torch_ref.norm import layer_norm
+from torch_ref.norm import make_norm
 
-ACTIVATIONS = {"gelu": lambda: nn.GELU(), "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "relu": lambda: nn.ReLU()}
+ACTIVATIONS = {
+    "gelu": lambda: nn.GELU(),
+    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+    "relu": lambda: nn.ReLU(),
+    "silu": lambda: nn.SiLU(),
+}
+
+
+class GatedMLP(nn.Module):
+    """dropout(down(act(gate(x)) * up(x))): SwiGLU with act = silu (Llama's MLP), GeGLU with a GELU."""
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        D, F, bias = config.d_model, config.d_ff, config.mlp_bias
+        self.gate = nn.Linear(D, F, bias=bias)
+        self.up = nn.Linear(D, F, bias=bias)
+        self.down = nn.Linear(F, D, bias=bias)
+        self.act = ACTIVATIONS[config.activation]()
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.down(self.act(self.gate(x)) * self.up(x)))
 
 
 class TransformerBlock(nn.Module):
     """x (B, L, D) -> (B, L, D). Pre-LN: x + attn(ln1(x)), x + ff(ln2(x)); post-LN: ln1(x + attn(x)),
-    ln2(x + ff(x)). ff = Linear(D, F), activation, Dropout, Linear(F, D), Dropout."""
+    ln2(x + ff(x)); parallel residual: x + attn(ln1(x)) + ff(ln2(x)) (ff(ln1(x)) with one shared norm).
+    ff = Linear(D, F), activation, Dropout, Linear(F, D), Dropout; or a GatedMLP."""
 
     def __init__(self, config: TransformerConfig):
         super().__init__()
-        D, F = config.d_model, config.d_ff
-        self.norm_first = config.norm_first
+        D, F, bias = config.d_model, config.d_ff, config.mlp_bias
+        self.norm_first, self.parallel = config.norm_first, config.parallel_residual
         self.attn = MultiHeadAttention(config)
-        self.ln1 = layer_norm(config)
-        self.ln2 = layer_norm(config)
-        self.ff = nn.Sequential(
-            nn.Linear(D, F, bias=config.bias),
-            ACTIVATIONS[config.activation](),
-            nn.Dropout(config.dropout),
-            nn.Linear(F, D, bias=config.bias),
-            nn.Dropout(config.dropout),
-        )
+        self.ln1 = make_norm(config)
+        shared = config.parallel_residual and config.parallel_shared_norm
+        self.ln2 = None if shared else make_norm(config)
+        if config.mlp == "gated":
+            self.ff = GatedMLP(config)
+        else:
+            self.ff = nn.Sequential(
+                nn.Linear(D, F, bias=bias),
+                ACTIVATIONS[config.activation](),
+                nn.Dropout(config.dropout),
+                nn.Linear(F, D, bias=bias),
+                nn.Dropout(config.dropout),
+            )
 
     def forward(self, x, attention_mask=None, positions=None):
+        if self.parallel:
+            h = self.ln1(x)
+            return x + self.attn(h, attention_mask, positions) + self.ff(h if self.ln2 is None else self.ln2(x))
         if self.norm_first:
             x = x + self.attn(self.ln1(x), attention_mask, positions)
             return x + self.ff(self.ln2(x))

@@ -10,7 +10,7 @@ from torch import nn
 
 from torch_ref.config import TransformerConfig
 from torch_ref.embedding import Embed
-from torch_ref.norm import layer_norm
+from torch_ref.norm import make_norm
 from torch_ref.positions import LearnedPositions, sinusoidal_table
 from torch_ref.tokenizer import encode_checked
 
@@ -18,7 +18,16 @@ _POSITIONS = ("sinusoidal", "learned", "rope", "alibi", "none")
 
 
 class TransformerInput(nn.Module):
-    """ids (B, L) -> (B, L, D). Submodules: `embed`, `pos` (learned only), `norm` (input_norm only)."""
+    """ids (B, L) [+ token_type_ids (B, L)] -> (B, L, D): embed(ids) (x sqrt(D) if `embed_scale`) + token type
+    (type_vocab_size > 0) + position -> `norm` -> dropout.
+
+    The twin of flax_impl.pipeline.TransformerInput. Submodules (checkpoint keys): `embed`, `pos` (learned only),
+    `token_type` (type_vocab_size > 0), `norm` (input_norm only).
+
+    Args:
+        config: the architecture (vocab_size, d_model, padding_idx, position, max_len, embed_scale, input_norm,
+            type_vocab_size, dropout, norm, norm_eps, norm_bias).
+    """
 
     def __init__(self, config: TransformerConfig):
         super().__init__()
@@ -26,11 +35,25 @@ class TransformerInput(nn.Module):
         self.embed = Embed(config.vocab_size, config.d_model, padding_idx=config.padding_idx)
         if config.position == "learned":
             self.pos = LearnedPositions(config.max_len, config.d_model)
+        if config.type_vocab_size:  # BERT's segment embeddings
+            self.token_type = Embed(config.type_vocab_size, config.d_model)
         if config.input_norm:
-            self.norm = layer_norm(config)
+            self.norm = make_norm(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, ids):
+    def forward(self, ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """ids (B, L) -> (B, L, D).
+
+        Args:
+            ids: (B, L) integer token ids.
+            token_type_ids: (B, L) integer token types below type_vocab_size, or None (all 0).
+
+        Returns:
+            (B, L, D).
+
+        Raises:
+            IndexError: L > max_len with learned positions, or an id outside [0, V) (torch's own check).
+        """
         cfg = self.config
         L = ids.shape[1]
         pos = None
@@ -41,6 +64,8 @@ class TransformerInput(nn.Module):
         x = self.embed(ids)  # (B, L, D)
         if cfg.embed_scale:
             x = x * math.sqrt(cfg.d_model)
+        if cfg.type_vocab_size:
+            x = x + self.token_type(torch.zeros_like(ids) if token_type_ids is None else token_type_ids)
         if pos is not None:
             x = x + pos
         if cfg.input_norm:
@@ -62,8 +87,27 @@ def encode_text(
     """One string -> (L, D): tokenize, E[ids] (x sqrt(D) if embed_scale), + sinusoidal table or learned `table`
     rows (nothing for rope / alibi / none), then LayerNorm without affine parameters if `input_norm`.
 
-    `embedding`: a (V, D) tensor or an nn.Embedding; `table`: a (max_len, D) tensor or LearnedPositions. Same
-    errors and empty-text result ((0, D)) as flax_impl.pipeline.encode_text.
+    The twin of flax_impl.pipeline.encode_text: same arguments, errors and empty-text result.
+
+    Args:
+        text: the string to encode.
+        tokenizer: anything `as_tokenizer` accepts.
+        embedding: E, a (V, D) tensor or an nn.Embedding.
+        position: "sinusoidal", "learned", "rope", "alibi" or "none".
+        table: for "learned" only: a (max_len, D) tensor or LearnedPositions.
+        embed_scale: multiply E[ids] by sqrt(D).
+        input_norm: apply the affine-free LayerNorm (in float32).
+        eps: the LayerNorm epsilon, > 0.
+
+    Returns:
+        (L, D) in E's dtype; (0, D) for a text that tokenizes to no ids.
+
+    Raises:
+        ValueError: an unknown `position`; `table` missing for "learned" or given for another scheme; `table` not
+            (max_len, D); `eps` <= 0; the tokenizer returns a negative id.
+        TypeError: `embedding` is not a (V, D) tensor or an nn.Embedding; `text` is not a str; `tokenizer` is not
+            usable, or returns something other than a flat list of integer ids.
+        IndexError: a token id >= V (naming the token, its position and V); L > max_len of `table`.
     """
     if position not in _POSITIONS:
         raise ValueError(f"position={position!r} is not one of {list(_POSITIONS)}")

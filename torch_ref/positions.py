@@ -83,14 +83,16 @@ def apply_rope(x, positions, *, base=10_000.0, style="half", fraction=1.0, scale
     return rotated if r == H else torch.cat([rotated, x[..., r:]], dim=-1)
 
 
-def alibi_slopes(n_heads: int) -> torch.Tensor:
-    """(N,) float32 ALiBi slopes (Press et al., 2022): 2^(-8h/n) for n a power of two, else the closest lower
-    power of two's slopes followed by every other slope of the next power of two."""
+def alibi_slopes(n_heads: int, max_bias: float = 8.0) -> torch.Tensor:
+    """(N,) float32 ALiBi slopes (Press et al., 2022): 2^(-max_bias*h/n) for n a power of two, else the closest
+    lower power of two's slopes followed by every other slope of the next power of two."""
     if isinstance(n_heads, bool) or not isinstance(n_heads, int) or n_heads < 1:
         raise ValueError(f"n_heads={n_heads!r} must be an integer >= 1")
+    if isinstance(max_bias, bool) or not isinstance(max_bias, (int, float)) or not 0.0 < max_bias < math.inf:
+        raise ValueError(f"max_bias={max_bias!r} must be a finite number > 0")
 
     def power_of_two(n):
-        return [2.0 ** (-8.0 * h / n) for h in range(1, n + 1)]
+        return [2.0 ** (-max_bias * h / n) for h in range(1, n + 1)]
 
     closest = 2 ** int(math.floor(math.log2(n_heads)))
     slopes = power_of_two(closest)
@@ -125,4 +127,4 @@ def score_bias(config: TransformerConfig, q_len: int, k_len: int):
     """ALiBi bias (N, L, S) when config.position == "alibi", None otherwise."""
     if config.position != "alibi":
         return None
-    return alibi_bias(q_len, k_len, alibi_slopes(config.n_heads), causal=config.causal)
+    return alibi_bias(q_len, k_len, alibi_slopes(config.n_heads, config.alibi_max_bias), causal=config.causal)

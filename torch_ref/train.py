@@ -1,11 +1,15 @@
 """Training twin in plain torch: torch.optim.AdamW, LambdaLR warmup + cosine, clip_grad_norm_, parameter groups.
 
-Axes: B batch, L length, V vocabulary. Batches as in flax_impl.train (same keys, torch tensors or numpy):
+Batches as in flax_impl.train (same keys, torch tensors or numpy):
 `inputs` (B, L), `targets` (B, L), `weights` (B, L) (1 = counts in the loss), optional `attention_mask` (B, L)
 (1 = real token). Loss = sum(weights * CE) / max(sum(weights), 1), CE in nats through the tied head.
 
 AdamW (torch's decoupled form): p <- p * (1 - lr_t * weight_decay), then p <- p - lr_t * m_hat / (sqrt(v_hat) +
 eps), eps outside the square root, bias-corrected; TrainConfig gives every hyper-parameter explicitly.
+
+Example:
+    >>> optimizer, scheduler = make_optimizer(twin, tcfg)
+    >>> metrics = train_step(twin, optimizer, scheduler, batch, tcfg.clip_norm)   # {"loss", "grad_norm"}
 """
 
 from __future__ import annotations
@@ -24,7 +28,14 @@ DecayRule = Callable[[str, nn.Module], bool]
 
 def lr_lambda(tcfg: TrainConfig) -> Callable[[int], float]:
     """Multiplier of the peak lr at update t (0-based): t / warmup during warmup, then
-    r + (1 - r) * (1 + cos(pi * min(t - warmup, T) / T)) / 2 with T = total - warmup, r = end_lr_ratio."""
+    r + (1 - r) * (1 + cos(pi * min(t - warmup, T) / T)) / 2 with T = total - warmup, r = end_lr_ratio.
+
+    Args:
+        tcfg: warmup_steps, total_steps, end_lr_ratio.
+
+    Returns:
+        t -> multiplier, for torch.optim.lr_scheduler.LambdaLR.
+    """
     warmup, span, r = tcfg.warmup_steps, tcfg.total_steps - tcfg.warmup_steps, tcfg.end_lr_ratio
 
     def f(t: int) -> float:
@@ -44,8 +55,17 @@ def default_decay(name: str, module: nn.Module) -> bool:
 
 
 def param_groups(model: nn.Module, weight_decay: float, decay: DecayRule = default_decay) -> list[dict[str, Any]]:
-    """Two AdamW groups: {"params": decayed, "weight_decay": weight_decay} and {"params": rest, 0.0}; each
-    group also lists the parameter `names` (state_dict keys)."""
+    """The model's parameters in two AdamW groups, decayed and not.
+
+    Args:
+        model: the module to train.
+        weight_decay: the decayed group's rate.
+        decay: (parameter's own name, owning module) -> whether it is decayed.
+
+    Returns:
+        [{"params": decayed, "names": their state_dict keys, "weight_decay": weight_decay},
+        {"params": the rest, "names": ..., "weight_decay": 0.0}].
+    """
     groups = {True: ([], []), False: ([], [])}
     for mod_name, module in model.named_modules():
         for p_name, p in module.named_parameters(recurse=False):
@@ -61,8 +81,18 @@ def param_groups(model: nn.Module, weight_decay: float, decay: DecayRule = defau
 def make_optimizer(
     model: nn.Module, tcfg: TrainConfig, *, decay: DecayRule = default_decay
 ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW over `param_groups` plus the LambdaLR schedule; call `scheduler.step()` after each
-    `optimizer.step()` (`train_step` does)."""
+    """AdamW over `param_groups` plus the LambdaLR schedule: the twin of flax_impl.train.make_optimizer.
+
+    Call `scheduler.step()` after each `optimizer.step()` (`train_step` does).
+
+    Args:
+        model: the module to train.
+        tcfg: the optimiser settings (shared with flax_impl.train).
+        decay: (parameter's own name, owning module) -> whether it is decayed; default `default_decay`.
+
+    Returns:
+        (optimizer, scheduler).
+    """
     optimizer = torch.optim.AdamW(
         param_groups(model, tcfg.weight_decay, decay),
         lr=tcfg.learning_rate,
@@ -81,7 +111,15 @@ def _tensor(x: Any, dtype: torch.dtype) -> torch.Tensor:
 
 
 def loss_sums(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of weights * CE, sum of weights), CE of the tied-head logits against `targets`, in nats."""
+    """CE of the tied-head logits (float32) against `targets`, in nats, summed with the batch's weights.
+
+    Args:
+        model: a TransformerEncoder (or any module with `forward(inputs, mask)` and `logits`).
+        batch: {"inputs", "targets", "weights"} (B, L), optional {"attention_mask"} (B, L); tensors or numpy.
+
+    Returns:
+        (sum of weights * CE, sum of weights), two float32 scalars.
+    """
     mask = batch.get("attention_mask")
     mask = None if mask is None else _tensor(mask, torch.long)
     hidden = model(_tensor(batch["inputs"], torch.long), mask)  # (B, L, D)
@@ -93,7 +131,7 @@ def loss_sums(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, to
 
 
 def loss_fn(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-    """Mean cross-entropy (nats) over the positions with weight 1."""
+    """Mean cross-entropy (nats) over the positions with weight 1; 0 if no position counts."""
     total, count = loss_sums(model, batch)
     return total / count.clamp(min=1.0)
 
@@ -105,8 +143,19 @@ def train_step(
     batch: dict[str, Any],
     clip_norm: float | None,
 ) -> dict[str, float]:
-    """zero_grad -> loss.backward -> clip_grad_norm_ (if clip_norm) -> optimizer.step -> scheduler.step.
-    Returns {"loss": loss before the update, "grad_norm": gradient norm before clipping}."""
+    """One update: zero_grad -> loss.backward -> clip_grad_norm_ (if clip_norm) -> optimizer.step ->
+    scheduler.step. The twin of flax_impl.train.train_step.
+
+    Args:
+        model: the module being trained (in train mode for dropout).
+        optimizer: from `make_optimizer`.
+        scheduler: from `make_optimizer`.
+        batch: as `loss_sums` reads it.
+        clip_norm: the global gradient norm to clip to, or None.
+
+    Returns:
+        {"loss": the loss before the update, "grad_norm": the gradient norm before clipping}.
+    """
     optimizer.zero_grad(set_to_none=True)
     loss = loss_fn(model, batch)
     loss.backward()

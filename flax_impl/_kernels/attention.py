@@ -26,8 +26,8 @@ def merge_heads_project(out_proj: nnx.Linear, out: jax.Array) -> jax.Array:
 
 
 # Query chunking of the einsum path: the float32 score block (B, N, c, S) of one chunk is kept under this size, so
-# that it stays in cache between the q.k^T matmul, the softmax and the probs.v matmul. On a 2-core EPYC (32 MiB L3)
-# 8-16 MiB measured best: at B=4, L=512 two to four chunks took the attention 0.55x the time of one block.
+# that it stays in cache between the q.k^T matmul, the softmax and the probs.v matmul; why and how the size was
+# chosen: docs/design.md#attention.
 SCORE_BLOCK_BYTES = 8 << 20
 MAX_QUERY_CHUNKS = 16  # chunks are unrolled at trace time: bound the program size
 
@@ -59,9 +59,7 @@ def chunked_attention(
     rate: float = 0.0,
     chunk: int | None = None,
 ) -> jax.Array:
-    """softmax(q.k^T + bias, masked), dropped out, . v, heads-major: q (B, N, L, H) (already scaled), k, v
-    (B, N, S, H), bias float (B|1, N|1, L|1, S), allowed bool (same broadcast; True = may attend), keep the
-    packed dropout mask of (B, N, L, S) from `flax_impl._kernels.dropout.keep_bits` (None: no dropout) -> (B, N, L, H).
+    """softmax(q.k^T + bias, masked), dropped out, . v, heads-major, with a written-out gradient.
 
     Computed one chunk of `chunk` queries at a time (default `query_chunk`): scores in float32,
     e = exp(s - rowmax), dropout on e, out = (e . v) / rowsum(e), the normalisation applied to the (c, H) output
@@ -72,6 +70,20 @@ def chunked_attention(
     backward keeps q, k, v, the output and the row log-sum-exp, and recomputes each chunk's probabilities from
     them. Autodiff keeps two (B, N, L, S) float32 arrays per layer instead (the probabilities before and after
     dropout), which a scan over layers stacks and copies every step.
+
+    Args:
+        q: (B, N, L, H), already scaled: the kernel applies no 1/sqrt(H).
+        k: (B, N, S, H).
+        v: (B, N, S, H).
+        bias: float (B|1, N|1, L|1, S) added to the scores, or None.
+        allowed: bool, broadcast as `bias`; True = may attend. None: every key.
+        keep: the packed dropout mask of (B, N, L, S) from `flax_impl._kernels.dropout.keep_bits`, or None for
+            no dropout.
+        rate: the dropout rate `keep` was drawn with (sets the 1 / (1 - rate) scale).
+        chunk: queries per chunk; None: `query_chunk(B, N, L, S)`.
+
+    Returns:
+        (B, N, L, H) in v's dtype.
     """
     B, N, L, H = q.shape
     return _attention(q, k, v, bias, allowed, keep, rate, chunk or query_chunk(B, N, L, k.shape[2]))
@@ -132,9 +144,8 @@ def _attention_bwd(rate: float, chunk: int, residuals: _Residuals, d_out: jax.Ar
 
     dK and dV are accumulated transposed, (B, N, H, S) = Q^T dS and dO^T Pd, and transposed once at the end
     (behind an optimisation barrier, so that XLA does not fold the transpose back into the matmuls): XLA's CPU
-    matmul of the (c, S) operand contracted over its rows ran at 40-60 GFLOP/s, the same product with the small
-    (c, H) operand transposed at ~100. Forward + backward at 4 x 8 x 512 x 64 (dropout 0.1): 111 -> 102 ms, at
-    2 x 8 x 1024 x 64: 212 -> 184 ms.
+    matmul contracts a small transposed (c, H) operand well, a large (c, S) operand over its rows poorly
+    (docs/design.md#attention).
     """
     q, k, v, bias, allowed, keep, out, lse = residuals  # out (B, N, L, H), lse (B, N, L, 1)
     scale = keep_scale(rate, v.dtype)
@@ -194,8 +205,20 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 def dot_product_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None, allowed: jax.Array | None
 ) -> jax.Array:
-    """jax.nn.dot_product_attention (cuDNN / XLA) on (B, L, N, H) inputs, q already scaled; no dropout. Rows with
-    no key to attend to give zeros (dot_product_attention itself returns the mean of v there)."""
+    """jax.nn.dot_product_attention (cuDNN / XLA), no dropout, with our fully-masked-row convention.
+
+    Rows with no key to attend to give zeros (jax.nn.dot_product_attention itself returns the mean of v there).
+
+    Args:
+        q: (B, L, N, H), already scaled: the kernel applies no 1/sqrt(H).
+        k: (B, S, N, H).
+        v: (B, S, N, H).
+        bias: float (B|1, N|1, L|1, S) added to the scores, or None.
+        allowed: bool (B|1, N|1, L|1, S); True = may attend. None: every key.
+
+    Returns:
+        (B, L, N, H).
+    """
     if bias is not None:
         bias = jnp.broadcast_to(bias, (bias.shape[0], bias.shape[1], q.shape[1], k.shape[1])).astype(q.dtype)
     out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=allowed, scale=1.0)  # (B, L, N, H)

@@ -18,11 +18,21 @@ def keep_bits(key: jax.Array, rate: float, shape: tuple[int, ...]) -> jax.Array:
     """Packed keep mask for an array of `shape` (..., n): uint8 (..., ceil(n / 8)), bit j of byte i = element 8i + j.
 
     Each element is kept by its own draw: 32 random bits u, kept if u < round((1 - rate) * 2^32), i.e. with
-    probability 1 - rate to within 2^-32 (jax.random.bernoulli compares a float32 uniform instead: 2^-23, and
-    slower). Packing (a sum over a trailing axis of 8) matters for speed: XLA's CPU fusion duplicates a random-bit
-    generator into every consumer, so an unpacked mask was drawn twice per train step (forward and gradient);
-    a reduction is not duplicated. Measured on the 6 x 512 encoder's train step (CPU, B=4, L=512, unrolled
-    layers): 1.12x torch eager against 1.03x with an unpacked mask.
+    probability 1 - rate to within 2^-32 (jax.random.bernoulli compares a float32 uniform instead: within 2^-23).
+    The mask is packed (a sum over a trailing axis of 8) because XLA's CPU fusion duplicates a random-bit generator
+    into every consumer, so an unpacked mask would be drawn twice per train step (forward and gradient), while a
+    reduction is not duplicated (docs/design.md#dropout-bits).
+
+    Args:
+        key: a jax.random key.
+        rate: the probability of dropping an element, in [0, 1].
+        shape: the shape (..., n) of the array the mask is for; () is treated as (1,).
+
+    Returns:
+        uint8 (..., ceil(n / 8)): bit j of byte i is 1 if element 8i + j is kept.
+
+    Raises:
+        ValueError: `rate` outside [0, 1].
     """
     if not 0.0 <= rate <= 1.0:
         raise ValueError(f"dropout rate={rate!r} must be a probability in [0, 1]")
@@ -51,6 +61,14 @@ def apply_keep_bits(x: jax.Array, bits: jax.Array, rate: float) -> jax.Array:
     Kept values are x * fl(1 / (1 - rate)), torch's arithmetic, so they equal torch's bit for bit. The gradient
     is where(keep, g * scale, 0) and keeps only the packed bits for it (one bit per element), where autodiff of
     a plain `where` keeps the unpacked bool mask, which a scan over layers stacks and copies every step.
+
+    Args:
+        x: (..., n).
+        bits: `keep_bits(key, rate, x.shape)`, uint8 (..., ceil(n / 8)).
+        rate: the rate the bits were drawn with.
+
+    Returns:
+        The shape and dtype of x.
     """
     return _apply_keep_bits(x, bits, keep_scale(rate, x.dtype))
 

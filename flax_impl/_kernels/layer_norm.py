@@ -43,6 +43,18 @@ def _layer_norm_bwd(epsilon: float, dtype: jnp.dtype, residuals: tuple, g: jax.A
 def layer_norm(
     x: jax.Array, scale: jax.Array, bias: jax.Array | None, epsilon: float, dtype: jnp.dtype
 ) -> jax.Array:
+    """(x - mean) / sqrt(var + epsilon) * scale + bias over the last axis, in float32, with a written-out gradient.
+
+    Args:
+        x: (..., D).
+        scale: (D,).
+        bias: (D,), or None for no bias.
+        epsilon: added to the biased variance.
+        dtype: the output dtype.
+
+    Returns:
+        (..., D) in `dtype`. The gradient w.r.t. x comes back in x's dtype, scale's and bias' in theirs.
+    """
     return _layer_norm_fwd(x, scale, bias, epsilon, dtype)[0]
 
 

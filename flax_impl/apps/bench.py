@@ -378,9 +378,9 @@ class TorchSide:
         torch.manual_seed(args.seed)
         self.model = torch_ref.TransformerEncoder(config)
         if flax_model is not None:  # same weights as the Flax side
-            from flax_impl.interop import to_torch_state_dict
+            from flax_impl.interop import to_numpy_state_dict
 
-            self.model.load_state_dict(to_torch_state_dict(flax_model))
+            self.model.load_state_dict(torch_ref.from_numpy_state_dict(to_numpy_state_dict(flax_model)))
         self.model.to(device)
         self.compiled = torch.compile(self.model) if args.torch_compile else None
         bf16 = args.precision == "bf16"

@@ -1,8 +1,9 @@
 """`flax-impl parity`: max abs difference Flax vs torch_ref for every module and position scheme.
 
-Each row builds both twins, copies the Flax weights into torch (`to_torch_state_dict`), runs the same unit-scale
-input through both in fp32 eval mode and reports max |flax - torch| next to its tolerance from
-`flax_impl.tolerances`. Exit status 1 if any row exceeds its tolerance.
+Each row builds both twins, copies the Flax weights into torch (`to_numpy_state_dict`, then
+`torch_ref.from_numpy_state_dict`), runs the same unit-scale input through both in fp32 eval mode and reports
+max |flax - torch| next to its tolerance from `flax_impl.tolerances`. Exit status 1 if any row exceeds its
+tolerance.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def build_twins(
 
     flax_module = getattr(fi, name)(config, flax_config=flax_config, rngs=nnx.Rngs(seed))
     torch_module = getattr(tr, name)(config)
-    torch_module.load_state_dict(fi.to_torch_state_dict(flax_module))
+    torch_module.load_state_dict(tr.from_numpy_state_dict(fi.to_numpy_state_dict(flax_module)))
     flax_module.eval()
     torch_module.eval()
     return flax_module, torch_module
@@ -106,7 +107,7 @@ def _rows(cfg: TransformerConfig, batch: int, length: int, table_len: int, seed:
     def embed_row() -> Row:
         f = fi.Embed(cfg.vocab_size, cfg.d_model, padding_idx=0, rngs=nnx.Rngs(seed))
         t = tr.Embed(cfg.vocab_size, cfg.d_model, padding_idx=0)
-        t.load_state_dict(fi.to_torch_state_dict(f))
+        t.load_state_dict(tr.from_numpy_state_dict(fi.to_numpy_state_dict(f)))
         return Row(
             "Embed", "padding_idx=0", _diff(f(jnp.asarray(ids)), t(torch.from_numpy(ids)).detach()), tolerances.EXACT
         )
