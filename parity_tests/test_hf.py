@@ -10,137 +10,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 from pathlib import Path
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers
 from flax import nnx
+from hf_helpers import FAMILIES, SPECS, Built, hf_outputs, loss_weights, make_batch, perturb, run_ours, run_theirs
 from safetensors.numpy import load_file, save_file
 
 import flax_impl as fi
 import flax_impl.hf as fh
 from flax_impl.hf.tolerances import HF_FORWARD
 from flax_impl.tolerances import EXACT, GRAD_REL
-
-B, L = 2, 12
-N_REAL = (L, 7)  # real tokens per row: row 1 is right-padded
-
-
-@dataclasses.dataclass(frozen=True)
-class Spec:
-    """How the test builds one family with transformers: config class + kwargs, model class, whether it has an
-    LM head, and the id used for padding positions."""
-
-    config_cls: str
-    kwargs: dict
-    model_cls: str
-    lm: bool = True
-    pad_id: int = 0
-
-
-_TINY = dict(vocab_size=100)
-SPECS = {
-    "gpt2": Spec(
-        "GPT2Config",
-        dict(
-            _TINY,
-            n_embd=32,
-            n_head=4,
-            n_layer=2,
-            n_positions=64,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-            bos_token_id=1,
-            eos_token_id=2,
-        ),
-        "GPT2LMHeadModel",
-    ),
-    # 6 heads: not a power of two, so the ALiBi slope order (Press et al.'s) is exercised.
-    "bloom": Spec(
-        "BloomConfig",
-        dict(_TINY, hidden_size=48, n_head=6, n_layer=2, bos_token_id=1, eos_token_id=2),
-        "BloomForCausalLM",
-    ),
-}
-FAMILIES = sorted(SPECS)
-
-
-def _perturb(model: torch.nn.Module, seed: int) -> None:
-    """transformers initialises norms to 1 and biases to 0: move every parameter off its init."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.2 * torch.randn(p.shape, generator=g))
-
-
-def _batch(vocab: int, pad_id: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(0, vocab, (B, L))
-    mask = np.zeros((B, L), np.int64)
-    for b, n in enumerate(N_REAL):
-        mask[b, :n] = 1
-    return np.where(mask == 1, ids, pad_id), mask
-
-
-@dataclasses.dataclass
-class Built:
-    family: str
-    hf: torch.nn.Module  # the transformers model (eval, float32, eager attention)
-    folder: Path  # where transformers saved it
-    cfg: fi.TransformerConfig
-    ours: fi.TransformerEncoder
-    ids: np.ndarray
-    mask: np.ndarray
-    theirs_out: tuple  # (last_hidden_state, logits or None), numpy
-    theirs_grads: dict  # checkpoint key -> gradient of the test loss
-    ours_out: tuple
-    ours_grads: dict  # the same keys, through flax_impl.hf.to_hf_state_dict
-
-
-def _hf_outputs(model: torch.nn.Module, spec: Spec, ids: np.ndarray, mask: np.ndarray):
-    """(last_hidden_state, logits or None) of a transformers model."""
-    hidden = model.base_model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).last_hidden_state
-    logits = model.get_output_embeddings()(hidden) if spec.lm else None
-    return hidden, logits
-
-
-def _loss_weights(cfg: fi.TransformerConfig, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Fixed random weights of the test loss sum(hidden * Wh) + sum(logits * Wl), zero at padded positions."""
-    rng = np.random.default_rng(7)
-    wh = rng.standard_normal((B, L, cfg.d_model)).astype(np.float32) * mask[..., None]
-    wl = rng.standard_normal((B, L, cfg.vocab_size)).astype(np.float32) * mask[..., None]
-    return wh, wl
-
-
-def _theirs(model: torch.nn.Module, spec: Spec, ids, mask, wh, wl):
-    model.zero_grad()
-    hidden, logits = _hf_outputs(model, spec, ids, mask)
-    loss = (hidden * torch.from_numpy(wh)).sum()
-    if spec.lm:
-        loss = loss + (logits * torch.from_numpy(wl)).sum()
-    loss.backward()
-    grads = {k: p.grad.numpy().copy() for k, p in model.named_parameters()}
-    return (hidden.detach().numpy(), None if logits is None else logits.detach().numpy()), grads
-
-
-def _ours(model: fi.TransformerEncoder, family: str, spec: Spec, ids, mask, wh, wl):
-    """Hidden states, logits and the gradients of the same loss, in one compiled program."""
-
-    def loss(m):
-        h = m(jnp.asarray(ids), jnp.asarray(mask))
-        logits = m.logits(h) if spec.lm else None
-        out = jnp.sum(h * wh) + (jnp.sum(logits * wl) if spec.lm else 0.0)
-        return out, (h, logits)
-
-    (_, (h, logits)), grads = nnx.jit(nnx.value_and_grad(loss, has_aux=True))(model)
-    holder = nnx.clone(model)
-    nnx.update(holder, grads)
-    return (np.asarray(h), None if logits is None else np.asarray(logits)), fh.to_hf_state_dict(holder, family)
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -149,33 +34,45 @@ def built(request, tmp_path_factory) -> Built:
     spec = SPECS[family]
     config = getattr(transformers, spec.config_cls)(**spec.kwargs)
     torch.manual_seed(0)
-    model = getattr(transformers, spec.model_cls)._from_config(config, attn_implementation="eager").eval()
-    _perturb(model, seed=1)
+    model_cls = getattr(transformers, spec.model_cls)
+    model = model_cls._from_config(config, attn_implementation="eager", **spec.model_kwargs).eval()
+    perturb(model, seed=1)
     folder = tmp_path_factory.mktemp(f"hf-{family}")
     model.save_pretrained(folder)
     cfg, ours = fh.from_pretrained(folder)
-    ids, mask = _batch(cfg.vocab_size, spec.pad_id)
-    wh, wl = _loss_weights(cfg, mask)
-    theirs_out, theirs_grads = _theirs(model, spec, ids, mask, wh, wl)
-    ours_out, ours_grads = _ours(ours, family, spec, ids, mask, wh, wl)
-    return Built(family, model, folder, cfg, ours, ids, mask, theirs_out, theirs_grads, ours_out, ours_grads)
+    batch = make_batch(spec, cfg.vocab_size)
+    wh, wl = loss_weights(cfg, batch.mask)
+    theirs_out, theirs_grads = run_theirs(model, spec, batch, wh, wl)
+    ours_out, ours_grads = run_ours(ours, family, spec, batch, wh, wl)
+    return Built(family, model, folder, cfg, ours, batch, theirs_out, theirs_grads, ours_out, ours_grads)
 
 
 def test_forward_matches_transformers(built):
-    real = built.mask.astype(bool)
+    real = built.batch.real
     assert np.abs(built.theirs_out[0][real]).max() > 0.5  # non-trivial outputs
     for ours, theirs in zip(built.ours_out, built.theirs_out, strict=True):
         if theirs is not None:
             np.testing.assert_allclose(ours[real], theirs[real], rtol=0, atol=HF_FORWARD)
 
 
+# Without RoPE a separate key bias b_k adds q.b_k to every score of a query row: softmax cancels it, so its exact
+# gradient is zero and both sides hold only roundoff (BERT's key.bias). Those are compared with the scale of the
+# same layer's query bias. (RoPE rotates b_k differently at each key position: a real gradient, compared as usual.)
+_KEY_BIAS = re.compile(r"(.*)\.attention\.self\.key\.bias\Z")
+
+
 def test_gradients_match_transformers(built):
     """d/dparams of sum(hidden * Wh) + sum(logits * Wl) over real positions, for every parameter."""
-    assert sorted(built.ours_grads) == sorted(built.theirs_grads)
-    for k, g in built.theirs_grads.items():
+    theirs, ours = built.theirs_grads, built.ours_grads
+    assert sorted(ours) == sorted(theirs)
+    for k, g in theirs.items():
+        if _KEY_BIAS.match(k):
+            scale = np.abs(theirs[k.replace(".key.", ".query.")]).max()
+            assert np.abs(g).max() <= GRAD_REL * scale and np.abs(ours[k]).max() <= GRAD_REL * scale, k
+            continue
         scale = np.abs(g).max()
         assert scale > 0, k
-        np.testing.assert_allclose(built.ours_grads[k], g, rtol=0, atol=GRAD_REL * scale, err_msg=k)
+        np.testing.assert_allclose(ours[k], g, rtol=0, atol=GRAD_REL * scale, err_msg=k)
 
 
 def test_round_trip_is_bit_exact(built, tmp_path):
@@ -193,7 +90,7 @@ def test_saved_folder_loads_in_transformers(built, tmp_path):
     reloaded = auto.from_pretrained(tmp_path, attn_implementation="eager").eval()
     assert type(reloaded).__name__ == spec.model_cls
     with torch.no_grad():
-        got = _hf_outputs(reloaded, spec, built.ids, built.mask)
+        got = hf_outputs(reloaded, spec, built.batch)
     for want, g in zip(built.theirs_out, got, strict=True):
         if want is not None:
             np.testing.assert_allclose(g.numpy(), want, rtol=0, atol=EXACT)
@@ -203,60 +100,123 @@ def test_saved_folder_loads_in_transformers(built, tmp_path):
 # The tables against the installed transformers.
 
 
-def _class_defaults(cls) -> dict:
+def _class_defaults(cls, prefix: str = "") -> dict:
+    """config.json key (dotted into sub-configs such as MPT's attn_config) -> the config class's default."""
     base = {f.name for f in dataclasses.fields(transformers.PreTrainedConfig)}
-    return {f.name: f.default for f in dataclasses.fields(cls) if f.name not in base}
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.name in base:
+            continue
+        sub = getattr(cls, "sub_configs", {}).get(f.name)
+        if sub is not None:
+            out.update(_class_defaults(sub, prefix + f.name + "."))
+        else:
+            out[prefix + f.name] = f.default
+    return out
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_table_defaults_and_coverage_match_transformers(family):
-    """Every Field/Require default is the config class's own, and every field of the class is mapped, refused,
-    or listed as changing neither weights nor the eval-mode forward."""
+    """Every Field/Require default is the config class's own, transformers' defaults pass every Require, and
+    every field of the class is mapped, refused, read by a converter, or listed as changing neither the weights
+    nor the eval-mode forward."""
     fam = fh.FAMILIES[family]
     defaults = _class_defaults(getattr(transformers, SPECS[family].config_cls))
-    for entry in (*fam.config, *fam.require):
-        root = entry.hf.split(".")[0]
-        if root in defaults and "." not in entry.hf:
-            assert entry.default == defaults[root], f"{family} {entry.hf}: {entry.default!r} vs {defaults[root]!r}"
+    named = {e.hf: e.default for e in (*fam.config, *fam.require)}
+    for f in fam.config:
+        named.update(f.convert.reads)
+    for key, default in named.items():
+        if key in defaults:
+            assert default == defaults[key], (
+                f"{family} {key}: table default {default!r}, transformers {defaults[key]!r}"
+            )
+    values = {**{k: v for k, v in defaults.items()}, **named}
     for req in fam.require:
-        assert req.ok(req.default, {}), f"{family} refuses transformers' default {req.hf}={req.default!r}"
-    covered = {e.hf.split(".")[0] for e in (*fam.config, *fam.require)} | set(fam.ignored_hf)
-    assert sorted(set(defaults) - covered) == []
+        assert req.ok(req.default, values), f"{family} refuses transformers' default {req.hf}={req.default!r}"
+    paths = set(named) | set(fam.ignored_hf)
+    uncovered = [k for k in defaults if not any(p == k or p.startswith(k + ".") for p in paths)]
+    assert uncovered == [], f"{family}: transformers config fields neither mapped, refused nor ignored"
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Bad input.
 
 
-def _copy(built: Built, dst: Path, **config_changes) -> Path:
+def _merge(base: dict, changes: dict) -> dict:
+    out = dict(base)
+    for k, v in changes.items():
+        out[k] = _merge(out.get(k) or {}, v) if isinstance(v, dict) else v
+    return out
+
+
+def _copy(built: Built, dst: Path, changes: dict | None = None) -> Path:
+    """A copy of the family's folder with `changes` merged into config.json (nested dicts merged key by key)."""
     shutil.copytree(built.folder, dst)
     path = dst / "config.json"
-    hf = json.loads(path.read_text())
-    hf.update(config_changes)
-    path.write_text(json.dumps(hf))
+    path.write_text(json.dumps(_merge(json.loads(path.read_text()), changes or {})))
     return dst
 
 
 def test_unsupported_model_type(built, tmp_path):
-    folder = _copy(built, tmp_path / "m", model_type="t5")
-    with pytest.raises(ValueError, match=r"model_type='t5' is not supported; supported: \['"):
+    folder = _copy(built, tmp_path / "m", {"model_type": "t5"})
+    with pytest.raises(ValueError, match=r"model_type='t5' is not supported; supported: \['bert', 'bloom'"):
         fh.from_pretrained(folder)
 
 
+# config.json changes we do not implement -> what the one error must name (all of them).
 UNSUPPORTED = {
-    "bloom": ({"apply_residual_connection_post_layernorm": True}, ""),
-    "gpt2": ({"scale_attn_by_inverse_layer_idx": True, "reorder_and_upcast_attn": True}, "scale_attn_by_inverse"),
+    "gpt2": (
+        {"scale_attn_by_inverse_layer_idx": True, "reorder_and_upcast_attn": True},
+        ["scale_attn_by_inverse_layer_idx=True", "reorder_and_upcast_attn=True"],
+    ),
+    "bert": (
+        {"is_decoder": True, "position_embedding_type": "relative_key"},
+        ["is_decoder=True", "position_embedding_type='relative_key'"],
+    ),
+    "llama": (
+        {"rope_parameters": {"rope_type": "yarn"}, "head_dim": 16, "hidden_act": "quick_gelu"},
+        ["rope_parameters.rope_type='yarn'", "head_dim=16", "hidden_act='quick_gelu'"],
+    ),
+    "mistral": ({"head_dim": 4}, ["head_dim=4"]),
+    "qwen2": (
+        {"use_sliding_window": True, "sliding_window": 4, "layer_types": ["full_attention", "sliding_attention"]},
+        ["sliding_window=4", "mix full and sliding-window"],
+    ),
+    "bloom": ({"apply_residual_connection_post_layernorm": True}, ["apply_residual_connection_post_layernorm=True"]),
+    "mpt": (
+        {"attn_config": {"clip_qkv": 8.0, "alibi": False, "qk_ln": True, "softmax_scale": 0.5, "alibi_bias_max": 4}},
+        [
+            "attn_config.clip_qkv=8.0",
+            "attn_config.alibi=False",
+            "attn_config.qk_ln=True",
+            "attn_config.softmax_scale=0.5",
+            "attn_config.alibi_bias_max=4",
+        ],
+    ),
 }
 
 
 def test_unsupported_options_fail_before_weights_are_read(built, tmp_path):
-    changes, _ = UNSUPPORTED[built.family]
-    folder = _copy(built, tmp_path / "m", **changes)
+    changes, named = UNSUPPORTED[built.family]
+    folder = _copy(built, tmp_path / "m", changes)
     (folder / "model.safetensors").write_bytes(b"not a checkpoint")  # never read: the config fails first
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(ValueError, match="does not implement") as err:
         fh.from_pretrained(folder)
-    for key, value in changes.items():
-        assert f"{key}={value!r}" in str(err.value)
+    for text in named:
+        assert text in str(err.value)
+
+
+def test_transformers_4_rope_keys_read_the_same():
+    """transformers 4 wrote rope_theta and rope_scaling {"type": ...} at the top level."""
+    new = dict(model_type="llama", hidden_size=32, num_attention_heads=4, num_hidden_layers=1, intermediate_size=64)
+    old = dict(new, rope_theta=500.0, rope_scaling={"type": "linear", "factor": 2.0})
+    new["rope_parameters"] = {"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0}
+    cfg = fh.convert.config_from_hf(old)[1]
+    assert cfg == fh.convert.config_from_hf(new)[1]
+    assert (cfg.rope_base, cfg.rope_scale) == (500.0, 2.0)
+    # A factor under rope_type "default" is not a linear scale.
+    plain = fh.convert.config_from_hf(dict(new, rope_parameters={"rope_type": "default", "factor": 4.0}))[1]
+    assert (plain.rope_base, plain.rope_scale) == (10_000.0, 1.0)
 
 
 def test_missing_files(built, tmp_path):
@@ -282,6 +242,26 @@ def test_sharded_checkpoint_loads_the_same_weights(built, tmp_path):
     (tmp_path / sorted(set(index["weight_map"].values()))[-1]).unlink()
     with pytest.raises(FileNotFoundError, match="names shards that are not in"):
         fh.from_pretrained(tmp_path)
+
+
+def test_bfloat16_checkpoints_read_and_write_exactly(tmp_path):
+    """numpy has no bfloat16: a bf16 checkpoint is read exactly (widened to float32), and a bf16 model writes BF16
+    tensors that transformers loads unchanged."""
+    spec = SPECS["gpt2"]
+    config = getattr(transformers, spec.config_cls)(**spec.kwargs)
+    model = getattr(transformers, spec.model_cls)._from_config(config).to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "bf16")
+    _, ours = fh.from_pretrained(tmp_path / "bf16")
+    got = fh.to_hf_state_dict(ours, "gpt2")
+    for k, p in model.named_parameters():
+        assert got[k].dtype == np.float32 and np.array_equal(got[k], p.detach().float().numpy()), k
+    _, ours16 = fh.from_pretrained(tmp_path / "bf16", flax_config=fi.FlaxConfig(param_dtype="bfloat16"))
+    fh.save_pretrained(ours16, tmp_path / "out", model_type="gpt2")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert reloaded.dtype == torch.bfloat16
+    want = dict(model.named_parameters())
+    for k, p in reloaded.named_parameters():
+        assert torch.equal(p, want[k]), k
 
 
 def test_mismatched_checkpoint_lists_every_key_in_one_error(built, tmp_path):

@@ -93,7 +93,7 @@ def to_hf_state_dict(model: TransformerEncoder, model_type: str) -> dict[str, np
     tensors = {}
     for entry in plan:
         for key, tensor in zip(entry.hf_keys, to_hf(entry, state[entry.ours], cfg), strict=True):
-            tensors[(fam.prefix if entry.base else "") + key] = tensor
+            tensors[(fam.save_prefix if entry.base else "") + key] = tensor
     return tensors
 
 

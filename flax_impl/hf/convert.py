@@ -19,8 +19,6 @@ from flax_impl.config import TransformerConfig
 from flax_impl.hf.families import FAMILIES
 from flax_impl.hf.spec import LAYOUTS, Dims, Family, Key, Unsupported
 
-_MISSING = object()
-
 # Our fields that change training only (dropout rates, the frozen padding row), never the weights or the eval-mode
 # forward: written where the family has a place for them, not required to survive a save.
 TRAINING_ONLY = ("dropout", "attention_dropout", "padding_idx")
@@ -53,17 +51,32 @@ def put(hf: dict[str, Any], path: str, value: Any) -> None:
 
 
 def standardize_rope(hf: Mapping[str, Any]) -> dict[str, Any]:
-    """transformers 4 wrote `rope_theta` and `rope_scaling` ({"type" | "rope_type", "factor", ...}); 5 writes one
-    `rope_parameters` dict ({"rope_type", "rope_theta", "factor", ...}). Return a copy in the 5 form."""
+    """A copy with RoPE settings in transformers 5's one `rope_parameters` dict ({"rope_type", "rope_theta",
+    "factor", ...}), as transformers' own `convert_rope_params_to_dict` does: transformers 4 wrote top-level
+    `rope_theta` and `rope_scaling` ({"type" | "rope_type", "factor"}), which wins over `rope_parameters`."""
     hf = copy.deepcopy(dict(hf))
-    if "rope_parameters" in hf or not ({"rope_theta", "rope_scaling"} & set(hf)):
+    params = dict(hf.pop("rope_scaling", None) or hf.get("rope_parameters") or {})
+    theta, partial = hf.pop("rope_theta", None), hf.pop("partial_rotary_factor", None)
+    if not (params or theta is not None):
         return hf
-    params = dict(hf.pop("rope_scaling", None) or {})
-    params["rope_type"] = params.pop("type", params.get("rope_type", "default"))
-    if "rope_theta" in hf:
-        params["rope_theta"] = hf.pop("rope_theta")
+    params.setdefault("rope_type", params.pop("type", "default"))
+    if theta is not None:
+        params.setdefault("rope_theta", theta)
+    if partial is not None:
+        params.setdefault("partial_rotary_factor", partial)
     hf["rope_parameters"] = params
     return hf
+
+
+def _resolved(fam: Family, hf: Mapping[str, Any]) -> dict[str, Any]:
+    """Every config.json key the table names -> its value, transformers' default where config.json omits it."""
+    out: dict[str, Any] = {}
+    for entry in (*fam.require, *fam.config):
+        out[entry.hf] = lookup(hf, entry.hf, entry.default)
+    for f in fam.config:
+        for path, default in f.convert.reads.items():
+            out.setdefault(path, lookup(hf, path, default))
+    return out
 
 
 def config_from_hf(hf: Mapping[str, Any]) -> tuple[Family, TransformerConfig]:
@@ -74,19 +87,14 @@ def config_from_hf(hf: Mapping[str, Any]) -> tuple[Family, TransformerConfig]:
             implement; or a config our TransformerConfig rejects (naming the field).
     """
     fam = family(hf.get("model_type"))
-    hf = standardize_rope(hf)
-    problems = []
-    for req in fam.require:
-        value = lookup(hf, req.hf, req.default)
-        if not req.ok(value, hf):
-            problems.append(f"{req.hf}={value!r}: {req.why}")
+    values = _resolved(fam, standardize_rope(hf))
+    problems = [f"{r.hf}={values[r.hf]!r}: {r.why}" for r in fam.require if not r.ok(values[r.hf], values)]
     fields: dict[str, Any] = dict(fam.fixed)
     for f in fam.config:
-        value = lookup(hf, f.hf, f.default)
         try:
-            fields[f.ours] = f.convert.to_ours(value, hf)
+            fields[f.ours] = f.convert.to_ours(values[f.hf], values)
         except Unsupported as e:
-            problems.append(f"{f.hf}={value!r}: {e}")
+            problems.append(f"{f.hf}={values[f.hf]!r}: {e}")
     if problems:
         raise ValueError(
             f"config.json (model_type={fam.model_type!r}) sets options flax_impl does not implement:\n  "
@@ -101,6 +109,8 @@ def config_from_hf(hf: Mapping[str, Any]) -> tuple[Family, TransformerConfig]:
 def _relevant(cfg: TransformerConfig, name: str) -> bool:
     """Whether a field can change this config's weights or eval-mode forward (RoPE settings only under RoPE...)."""
     if name in TRAINING_ONLY:
+        return False
+    if name == "bias":  # resolved into the four switches (qkv_bias, ...), which are compared instead
         return False
     if name.startswith("rope_"):
         return cfg.position == "rope"
@@ -147,8 +157,7 @@ def config_to_hf(fam: Family, cfg: TransformerConfig, *, dtype: str = "float32")
 
 
 def dims(cfg: TransformerConfig) -> Dims:
-    n_kv = getattr(cfg, "n_kv_heads", None)
-    return Dims(N=cfg.n_heads, K=cfg.n_heads if n_kv is None else n_kv, H=cfg.head_dim)
+    return Dims(N=cfg.n_heads, K=cfg.n_kv_heads, H=cfg.head_dim)
 
 
 def _ours_regex(template: str) -> re.Pattern[str]:
@@ -234,7 +243,7 @@ def normalize_keys(fam: Family, cfg: TransformerConfig, keys: list[str]) -> dict
     """Checkpoint key -> key relative to the base-model prefix, minus the keys the family ignores (and a tied
     LM head's copy of the embedding, which transformers itself re-ties on load)."""
     ignore = [re.compile(p + r"\Z") for p in fam.ignore]
-    if getattr(cfg, "lm_head", "tied") == "tied":
+    if cfg.lm_head == "tied":
         ignore.append(re.compile(r"lm_head\.weight\Z"))
     out: dict[str, str] = {}
     for key in keys:

@@ -1,4 +1,6 @@
-"""One declarative table per Hugging Face model_type: config fields, refused options, weight keys.
+"""One declarative table per Hugging Face model_type: config fields, refused options, weight keys. This file holds
+the learned-position and ALiBi families (bert, gpt2, bloom, mpt) and the registry `FAMILIES`; the Llama family
+(llama, mistral, qwen2) is in `flax_impl.hf.rope_families`.
 
 Read `flax_impl.hf.spec` for the vocabulary. Every default below is the transformers config class's own (checked
 in parity_tests/test_hf.py against the installed transformers); every refusal says what the option does that
@@ -7,13 +9,34 @@ flax_impl does not. Our key names are torch_ref's state-dict names (`flax_impl.i
 
 from __future__ import annotations
 
-from flax_impl.hf.spec import ACTIVATION, Family, Field, Key, Require, inner_or_4d, width_times
+from flax_impl.hf.rope_families import LLAMA, MISTRAL, QWEN2
+from flax_impl.hf.spec import (
+    ACTIVATION,
+    COMMON_IGNORED,
+    TIE,
+    Family,
+    Field,
+    Key,
+    Require,
+    inner_or_4d,
+    width_times,
+)
 
-# Options that are not about one family: a decoder with cross-attention, and pruned heads (uneven head counts).
 _NO_CROSS_ATTENTION = Require("add_cross_attention", False, (False,), why="cross-attention layers are not implemented")
-
-# Config fields that change neither the weights nor the eval-mode forward, in every family: ids, cache, init.
-_COMMON_IGNORED = ("bos_token_id", "eos_token_id", "use_cache", "initializer_range")
+# A plain pre-LN decoder with LayerNorm and a plain MLP: what GPT-2, BLOOM and MPT share.
+_DECODER = dict(
+    norm="layernorm",
+    mlp="plain",
+    norm_first=True,
+    final_norm=True,
+    causal=True,
+    embed_scale=False,
+    padding_idx=None,  # their embeddings have no padding_idx
+    sliding_window=None,
+    parallel_residual=False,
+    type_vocab_size=0,
+    lm_head_bias=False,
+)
 
 GPT2 = Family(
     model_type="gpt2",
@@ -30,21 +53,11 @@ GPT2 = Family(
         Field("layer_norm_epsilon", "norm_eps", 1e-5),
         Field("resid_pdrop", "dropout", 0.1),
         Field("attn_pdrop", "attention_dropout", 0.1),
+        Field("tie_word_embeddings", "lm_head", True, TIE),
     ),
-    fixed=dict(
-        position="learned",
-        norm_first=True,
-        final_norm=True,
-        input_norm=False,
-        causal=True,
-        bias=True,
-        embed_scale=False,
-        padding_idx=None,
-    ),
+    fixed=dict(_DECODER, position="learned", input_norm=False, bias=True),
     require=(
-        Require(
-            "scale_attn_weights", True, (True,), why="unscaled q.k scores are not implemented (we divide by sqrt(H))"
-        ),
+        Require("scale_attn_weights", True, (True,), why="unscaled q.k scores are not implemented (ours: / sqrt(H))"),
         Require(
             "scale_attn_by_inverse_layer_idx",
             False,
@@ -57,14 +70,13 @@ GPT2 = Family(
             (False,),
             why="scaling k before q.k and upcasting the scores (a mixed-precision variant) is not implemented",
         ),
-        Require("tie_word_embeddings", True, (True,), why="an untied LM head is not implemented yet"),
         _NO_CROSS_ATTENTION,
     ),
     keys=(
         Key("wte.weight", "input.embed.weight"),
         Key("wpe.weight", "input.pos.weight"),
         Key("h.{i}.ln_1.{p}", "blocks.{i}.ln1.{p}"),
-        Key("h.{i}.attn.c_attn.weight", "blocks.{i}.attn.in_proj_weight", "conv1d"),
+        Key("h.{i}.attn.c_attn.weight", "blocks.{i}.attn.in_proj_weight", "conv1d"),  # rows [q; k; v] once transposed
         Key("h.{i}.attn.c_attn.bias", "blocks.{i}.attn.in_proj_bias"),
         Key("h.{i}.attn.c_proj.weight", "blocks.{i}.attn.out_proj.weight", "conv1d"),
         Key("h.{i}.attn.c_proj.bias", "blocks.{i}.attn.out_proj.bias"),
@@ -74,10 +86,11 @@ GPT2 = Family(
         Key("h.{i}.mlp.c_proj.weight", "blocks.{i}.ff.3.weight", "conv1d"),
         Key("h.{i}.mlp.c_proj.bias", "blocks.{i}.ff.3.bias"),
         Key("ln_f.{p}", "final_norm.{p}"),
+        Key("lm_head.weight", "lm_head.weight", base=False),
     ),
     # Older checkpoints carry each layer's causal-mask buffers ("attn.bias", "attn.masked_bias"): not weights.
     ignore=(r"h\.\d+\.attn\.(bias|masked_bias)",),
-    ignored_hf=_COMMON_IGNORED
+    ignored_hf=COMMON_IGNORED
     + (
         "pad_token_id",  # GPT-2's embedding has no padding_idx
         "embd_pdrop",  # training only: our `dropout` (resid_pdrop) also applies at the input
@@ -87,6 +100,76 @@ GPT2 = Family(
         "summary_activation",
         "summary_proj_to_labels",
         "summary_first_dropout",
+    ),
+)
+
+BERT = Family(
+    model_type="bert",
+    architecture="BertModel",
+    prefix="bert.",
+    saved_prefix="",  # BertModel's own keys
+    config=(
+        Field("vocab_size", "vocab_size", 30522),
+        Field("hidden_size", "d_model", 768),
+        Field("num_hidden_layers", "n_layers", 12),
+        Field("num_attention_heads", "n_heads", 12),
+        Field("intermediate_size", "d_ff", 3072),
+        Field("hidden_act", "activation", "gelu", ACTIVATION),  # BERT's "gelu" is the exact erf form
+        Field("hidden_dropout_prob", "dropout", 0.1),
+        Field("attention_probs_dropout_prob", "attention_dropout", 0.1),
+        Field("max_position_embeddings", "max_len", 512),
+        Field("type_vocab_size", "type_vocab_size", 2),  # token_type_embeddings, added before embeddings.LayerNorm
+        Field("layer_norm_eps", "norm_eps", 1e-12),
+        Field("pad_token_id", "padding_idx", 0),  # nn.Embedding(..., padding_idx=pad_token_id)
+    ),
+    fixed=dict(
+        position="learned",
+        norm="layernorm",
+        mlp="plain",
+        norm_first=False,  # post-LN: LayerNorm after each residual sum
+        input_norm=True,  # embeddings.LayerNorm
+        final_norm=False,
+        causal=False,
+        bias=True,
+        embed_scale=False,
+        sliding_window=None,
+        parallel_residual=False,
+        lm_head="tied",  # BertModel has no LM head; model.logits(h) is the tied readout
+    ),
+    require=(
+        Require("is_decoder", False, (False,), why="BERT as a causal decoder (BertLMHeadModel) is not supported"),
+        Require(
+            "position_embedding_type",  # transformers 4's key; transformers 5 has absolute positions only
+            "absolute",
+            ("absolute",),
+            why="relative position embeddings (relative_key, relative_key_query) are not implemented",
+        ),
+        _NO_CROSS_ATTENTION,
+    ),
+    keys=(
+        Key("embeddings.word_embeddings.weight", "input.embed.weight"),
+        Key("embeddings.position_embeddings.weight", "input.pos.weight"),
+        Key("embeddings.token_type_embeddings.weight", "input.token_type.weight"),
+        Key("embeddings.LayerNorm.{p}", "input.norm.{p}"),
+        Key(
+            "encoder.layer.{i}.attention.self.{part}.{p}",
+            "blocks.{i}.attn.in_proj_{p}",
+            "qkv_concat",
+            ("query", "key", "value"),
+        ),
+        Key("encoder.layer.{i}.attention.output.dense.{p}", "blocks.{i}.attn.out_proj.{p}"),
+        Key("encoder.layer.{i}.attention.output.LayerNorm.{p}", "blocks.{i}.ln1.{p}"),
+        Key("encoder.layer.{i}.intermediate.dense.{p}", "blocks.{i}.ff.0.{p}"),
+        Key("encoder.layer.{i}.output.dense.{p}", "blocks.{i}.ff.3.{p}"),
+        Key("encoder.layer.{i}.output.LayerNorm.{p}", "blocks.{i}.ln2.{p}"),
+    ),
+    # Task heads we do not model (BertModel's pooler; the MLM / next-sentence heads of BertForPreTraining and
+    # BertForMaskedLM), and the position_ids buffer of older checkpoints. `last_hidden_state` needs none of them.
+    ignore=(r"pooler\..*", r"cls\..*", r"embeddings\.position_ids"),
+    ignored_hf=COMMON_IGNORED
+    + (
+        "classifier_dropout",  # task heads only
+        "tie_word_embeddings",  # BertModel has no LM head to tie
     ),
 )
 
@@ -103,17 +186,15 @@ BLOOM = Family(
         Field("layer_norm_epsilon", "norm_eps", 1e-5),
         Field("hidden_dropout", "dropout", 0.0),
         Field("attention_dropout", "attention_dropout", 0.0),
+        Field("tie_word_embeddings", "lm_head", True, TIE),
     ),
     fixed=dict(
+        _DECODER,
         position="alibi",  # Press et al.'s slope order, as _get_alibi_slopes
+        alibi_max_bias=8.0,
         activation="gelu_tanh",  # bloom_gelu_forward: the tanh form, its constant written 0.79788456
-        norm_first=True,
         input_norm=True,  # word_embeddings_layernorm
-        final_norm=True,
-        causal=True,
         bias=True,
-        embed_scale=False,
-        padding_idx=None,
         max_len=2048,  # BLOOM's config has no length: ALiBi has none; BLOOM was trained at 2048
     ),
     require=(
@@ -123,22 +204,21 @@ BLOOM = Family(
             (False,),
             why="residuals taken after the norm are not implemented",
         ),
-        Require("tie_word_embeddings", True, (True,), why="an untied LM head is not implemented yet"),
     ),
     keys=(
         Key("word_embeddings.weight", "input.embed.weight"),
         Key("word_embeddings_layernorm.{p}", "input.norm.{p}"),
         Key("h.{i}.input_layernorm.{p}", "blocks.{i}.ln1.{p}"),
-        Key("h.{i}.self_attention.query_key_value.weight", "blocks.{i}.attn.in_proj_weight", "qkv_per_head"),
-        Key("h.{i}.self_attention.query_key_value.bias", "blocks.{i}.attn.in_proj_bias", "qkv_per_head"),
+        Key("h.{i}.self_attention.query_key_value.{p}", "blocks.{i}.attn.in_proj_{p}", "qkv_per_head"),
         Key("h.{i}.self_attention.dense.{p}", "blocks.{i}.attn.out_proj.{p}"),
         Key("h.{i}.post_attention_layernorm.{p}", "blocks.{i}.ln2.{p}"),
         Key("h.{i}.mlp.dense_h_to_4h.{p}", "blocks.{i}.ff.0.{p}"),
         Key("h.{i}.mlp.dense_4h_to_h.{p}", "blocks.{i}.ff.3.{p}"),
         Key("ln_f.{p}", "final_norm.{p}"),
+        Key("lm_head.weight", "lm_head.weight", base=False),
     ),
     unrepresented=("max_len",),
-    ignored_hf=_COMMON_IGNORED
+    ignored_hf=COMMON_IGNORED
     + (
         "pad_token_id",  # BLOOM's embedding has no padding_idx
         # Megatron tensor-parallel slicing of the two output projections: the same sums in another order.
@@ -147,4 +227,76 @@ BLOOM = Family(
     ),
 )
 
-FAMILIES: dict[str, Family] = {f.model_type: f for f in (GPT2, BLOOM)}
+
+def _mpt_refuse(key: str, default: object, why: str) -> Require:
+    return Require(key, default, (default,), why=why)
+
+
+MPT = Family(
+    model_type="mpt",
+    architecture="MptForCausalLM",
+    prefix="transformer.",
+    config=(
+        Field("vocab_size", "vocab_size", 50368),
+        Field("d_model", "d_model", 2048),
+        Field("d_model", "d_ff", 2048, width_times(4, "d_model")),  # MptMLP: up_proj is 4 x d_model
+        Field("n_heads", "n_heads", 16),
+        Field("n_layers", "n_layers", 24),
+        Field("max_seq_len", "max_len", 2048),
+        Field("layer_norm_epsilon", "norm_eps", 1e-5),
+        Field("attn_config.attn_pdrop", "dropout", 0),  # transformers' MPT drops residual branches at this rate
+        Field("attn_config.attn_pdrop", "attention_dropout", 0),
+        Field("tie_word_embeddings", "lm_head", True, TIE),
+    ),
+    # transformers' MPT has no biases anywhere (LayerNorm without bias) and the exact GELU.
+    # MPT's slope order for a head count that is not a power of two (the next power's odd-indexed slopes first)
+    # is Press et al.'s, as ours.
+    fixed=dict(_DECODER, position="alibi", alibi_max_bias=8.0, activation="gelu", input_norm=False, bias=False),
+    require=(
+        _mpt_refuse("expansion_ratio", 4, "transformers' MptMLP is 4 x d_model whatever the ratio"),
+        _mpt_refuse("no_bias", True, "transformers' MPT has no biases whatever no_bias says"),
+        _mpt_refuse("logit_scale", None, "scaled logits are not implemented"),
+        _mpt_refuse("embedding_fraction", 1.0, "scaled embedding gradients are not implemented"),
+        Require(
+            "norm_type",
+            "low_precision_layernorm",
+            ("low_precision_layernorm", "layernorm"),
+            why="only LayerNorm is implemented (as transformers' MPT)",
+        ),
+        _mpt_refuse(
+            "attn_config.alibi_bias_max",
+            8,
+            "transformers' MptModel builds its ALiBi slopes with the default 8 whatever alibi_bias_max says "
+            "(MosaicML's code reads it): another value would compute differently there",
+        ),
+        _mpt_refuse("attn_config.alibi", True, "MPT without ALiBi has no position information in transformers"),
+        _mpt_refuse("attn_config.clip_qkv", None, "clipping q, k, v is not implemented"),
+        _mpt_refuse("attn_config.qk_ln", False, "LayerNorm on q and k is not implemented"),
+        _mpt_refuse("attn_config.softmax_scale", None, "a softmax scale other than 1/sqrt(H) is not implemented"),
+        _mpt_refuse("attn_config.prefix_lm", False, "prefix-LM attention is not implemented"),
+        _mpt_refuse("attn_config.attn_uses_sequence_id", False, "sequence-id attention masks are not implemented"),
+        _mpt_refuse("attn_config.attn_type", "multihead_attention", "multi-query attention is not implemented"),
+    ),
+    keys=(
+        Key("wte.weight", "input.embed.weight"),
+        Key("blocks.{i}.norm_1.weight", "blocks.{i}.ln1.weight"),
+        Key("blocks.{i}.attn.Wqkv.weight", "blocks.{i}.attn.in_proj_weight"),  # [q; k; v] blocks (chunk(3))
+        Key("blocks.{i}.attn.out_proj.weight", "blocks.{i}.attn.out_proj.weight"),
+        Key("blocks.{i}.norm_2.weight", "blocks.{i}.ln2.weight"),
+        Key("blocks.{i}.ffn.up_proj.weight", "blocks.{i}.ff.0.weight"),
+        Key("blocks.{i}.ffn.down_proj.weight", "blocks.{i}.ff.3.weight"),
+        Key("norm_f.weight", "final_norm.weight"),
+        Key("lm_head.weight", "lm_head.weight", base=False),
+    ),
+    ignored_hf=COMMON_IGNORED
+    + (
+        "pad_token_id",  # MPT's embedding has no padding_idx
+        "learned_pos_emb",  # transformers' MPT has no learned positions (a wpe tensor would be an unexpected key)
+        "resid_pdrop",  # unused by transformers' MPT
+        "emb_pdrop",  # unused by transformers' MPT
+        "init_device",
+        "attn_config.attn_impl",  # the kernel, not the math
+    ),
+)
+
+FAMILIES: dict[str, Family] = {f.model_type: f for f in (BERT, BLOOM, GPT2, LLAMA, MISTRAL, MPT, QWEN2)}

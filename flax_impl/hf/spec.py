@@ -11,6 +11,7 @@ Axes: D model width, N heads, K kv heads, H head dim, F feed-forward width, V vo
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,9 @@ from typing import Any
 import numpy as np
 
 from flax_impl.config import TransformerConfig
+
+# Config fields that change neither the weights nor the eval-mode forward, in every family: ids, cache, init.
+COMMON_IGNORED = ("bos_token_id", "eos_token_id", "use_cache", "initializer_range")
 
 
 class Unsupported(ValueError):
@@ -30,13 +34,15 @@ class Unsupported(ValueError):
 
 @dataclass(frozen=True)
 class Convert:
-    """A named two-way value converter. `to_ours(value, hf)` reads the HF value (with the whole HF config dict for
-    context); `to_hf(value, config)` writes ours back (with our whole config for context). Either raises
-    `Unsupported` for a value the other side cannot represent."""
+    """A named two-way value converter. `to_ours(value, hf)` reads the HF value; `hf` maps every config.json key
+    the family's table names (and the keys in `reads`, with their defaults) to its value, defaults filled in.
+    `to_hf(value, config)` writes ours back, with our whole config for context. Either raises `Unsupported` for a
+    value the other side cannot represent."""
 
     name: str
     to_ours: Callable[[Any, Mapping[str, Any]], Any]
     to_hf: Callable[[Any, TransformerConfig], Any]
+    reads: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # other HF keys read -> their defaults
 
 
 SAME = Convert("same", lambda v, hf: v, lambda v, cfg: v)
@@ -78,33 +84,18 @@ ACTIVATION = choice(
     },
 )
 
-
-def _tie_to_hf(v: str, cfg: TransformerConfig) -> bool:
-    return v == "tied"
-
-
-TIE = Convert("tie_word_embeddings", lambda v, hf: "tied" if v else "untied", _tie_to_hf)
-
-
-def _negate_to_hf(v: bool, cfg: TransformerConfig) -> bool:
-    return not v
-
-
-NEGATE = Convert("negate", lambda v, hf: not v, _negate_to_hf)
+TIE = Convert("tie_word_embeddings", lambda v, hf: "tied" if v else "untied", lambda v, cfg: v == "tied")
 
 
 def width_times(factor: int, width_key: str) -> Convert:
-    """F = factor x D where HF hard-codes the MLP width (BLOOM, MPT): read from the HF width, checked on save."""
-
-    def to_ours(v: Any, hf: Mapping[str, Any]) -> int:
-        return factor * int(v)
+    """F = factor x D where transformers hard-codes the MLP width (BLOOM, MPT); on save d_ff must be that."""
 
     def to_hf(v: int, cfg: TransformerConfig) -> int:
         if v != factor * cfg.d_model:
-            raise Unsupported(f"d_ff={v}: the MLP width is fixed at {factor} x d_model = {factor * cfg.d_model}")
+            raise Unsupported(f"the MLP width is fixed at {factor} x d_model = {factor * cfg.d_model}")
         return cfg.d_model
 
-    return Convert(f"{factor} x {width_key}", to_ours, to_hf)
+    return Convert(f"{factor} x {width_key}", lambda v, hf: factor * int(v), to_hf)
 
 
 def inner_or_4d(width_key: str) -> Convert:
@@ -117,15 +108,27 @@ def inner_or_4d(width_key: str) -> Convert:
 
 
 def kv_heads(heads_key: str) -> Convert:
-    """num_key_value_heads: None or N means plain multi-head attention (our n_kv_heads=None)."""
+    """num_key_value_heads K: None means K = N (plain multi-head attention)."""
 
-    def to_ours(v: Any, hf: Mapping[str, Any]) -> int | None:
-        return None if v is None or v == hf.get(heads_key) else int(v)
+    def to_ours(v: Any, hf: Mapping[str, Any]) -> int:
+        return int(hf[heads_key]) if v is None else int(v)
 
-    def to_hf(v: int | None, cfg: TransformerConfig) -> int:
-        return cfg.n_heads if v is None else v
+    return Convert("num_key_value_heads (None = N)", to_ours, lambda v, cfg: v)
 
-    return Convert("num_key_value_heads (None = N)", to_ours, to_hf)
+
+def _linear_factor(v: Any, hf: Mapping[str, Any]) -> float:
+    return float(v) if hf["rope_parameters.rope_type"] == "linear" else 1.0
+
+
+# rope_parameters.factor is our rope_scale only under rope_type "linear" (positions divided by it).
+ROPE_LINEAR_FACTOR = Convert(
+    "factor of rope_type 'linear'", _linear_factor, lambda v, cfg: v, reads={"rope_parameters.rope_type": "default"}
+)
+
+
+def head_dim_check(hidden_key: str, heads_key: str) -> Callable[[Any, Mapping[str, Any]], bool]:
+    """head_dim must be None or hidden_size / num_attention_heads (ours is always D / N)."""
+    return lambda v, hf: v is None or v == hf[hidden_key] // hf[heads_key]
 
 
 @dataclass(frozen=True)
@@ -150,7 +153,7 @@ class Require:
     hf: str
     default: Any
     allowed: tuple[Any, ...] = ()  # the values we implement ...
-    check: Callable[[Any, Mapping[str, Any]], bool] | None = None  # ... or a test of the value and the HF dict
+    check: Callable[[Any, Mapping[str, Any]], bool] | None = None  # ... or a test of the value (and `Convert`'s hf)
     why: str = ""
 
     def ok(self, value: Any, hf: Mapping[str, Any]) -> bool:
@@ -254,8 +257,8 @@ class Family:
     that every field of the transformers config class is in config, require or ignored_hf)."""
 
     model_type: str
-    architecture: str
-    prefix: str
+    architecture: str  # the transformers class save_pretrained's folder is for (config.json "architectures")
+    prefix: str  # the base model's prefix in the head model's keys ("transformer.", "model."), stripped on load
     config: tuple[Field, ...]
     fixed: Mapping[str, Any]
     require: tuple[Require, ...]
@@ -264,3 +267,8 @@ class Family:
     ignore: tuple[str, ...] = ()
     unrepresented: tuple[str, ...] = ()
     ignored_hf: tuple[str, ...] = ()
+    saved_prefix: str | None = None  # the prefix written on save; None: `prefix` (a head model's keys)
+
+    @property
+    def save_prefix(self) -> str:
+        return self.prefix if self.saved_prefix is None else self.saved_prefix
