@@ -75,6 +75,55 @@ def test_gradients_match_transformers(built):
         np.testing.assert_allclose(ours[k], g, rtol=0, atol=GRAD_REL * scale, err_msg=k)
 
 
+# What each family's tiny model must read into our config (hf_helpers.SPECS sets the non-default values).
+EXPECTED = {
+    "gpt2": dict(position="learned", activation="gelu_tanh", d_ff=128, max_len=64, lm_head="tied", causal=True),
+    "bert": dict(
+        norm_first=False, input_norm=True, final_norm=False, type_vocab_size=2, norm_eps=1e-12, padding_idx=0,
+        activation="gelu", causal=False,
+    ),
+    "llama": dict(
+        position="rope", rope_base=500.0, rope_scale=2.0, n_kv_heads=2, qkv_bias=True, out_bias=True, mlp_bias=True,
+        norm="rmsnorm", norm_eps=1e-5, mlp="gated", activation="silu", lm_head="untied", padding_idx=0,
+    ),
+    "mistral": dict(sliding_window=5, n_kv_heads=2, qkv_bias=False, out_bias=False, lm_head="untied"),
+    "qwen2": dict(qkv_bias=True, out_bias=False, mlp_bias=False, lm_head="tied", sliding_window=None),
+    "bloom": dict(position="alibi", n_heads=6, d_ff=192, input_norm=True, activation="gelu_tanh", qkv_bias=True),
+    "mpt": dict(
+        position="alibi", alibi_max_bias=8.0, d_ff=192, activation="gelu", qkv_bias=False, out_bias=False,
+        mlp_bias=False, norm_bias=False, lm_head="untied",
+    ),
+}  # fmt: skip
+
+
+def test_config_reads_each_family_setting(built):
+    got = {k: getattr(built.cfg, k) for k in EXPECTED[built.family]}
+    assert got == EXPECTED[built.family]
+
+
+def test_base_model_and_head_model_checkpoints_load_alike(built, tmp_path):
+    """Keys with or without the base-model prefix load the same weights; task heads and buffers the table
+    ignores (BERT's MLM head, GPT-2's old causal-mask buffers) are dropped."""
+    fam = fh.FAMILIES[built.family]
+    tensors = load_file(built.folder / "model.safetensors")
+    other = {}
+    for k, v in tensors.items():  # a head model's checkpoint becomes its base model's, and the other way round
+        if k.startswith(fam.prefix):
+            other[k.removeprefix(fam.prefix)] = v
+        elif k.startswith("lm_head."):
+            other[k] = v
+        else:
+            other[fam.prefix + k] = v
+    extra = {"bert": "bert.cls.predictions.bias", "gpt2": "h.0.attn.masked_bias"}.get(built.family)
+    if extra:
+        other[extra] = np.zeros((3,), np.float32)
+    folder = _copy(built, tmp_path / "m")
+    save_file(other, folder / "model.safetensors", metadata={"format": "pt"})
+    _, ours = fh.from_pretrained(folder)
+    want, got = fi.to_numpy_state_dict(built.ours), fi.to_numpy_state_dict(ours)
+    assert all(np.array_equal(got[k], v) for k, v in want.items())
+
+
 def test_round_trip_is_bit_exact(built, tmp_path):
     fh.save_pretrained(built.ours, tmp_path, model_type=built.family)
     original, saved = load_file(built.folder / "model.safetensors"), load_file(tmp_path / "model.safetensors")
