@@ -304,13 +304,27 @@ def test_bfloat16_checkpoints_read_and_write_exactly(tmp_path):
     got = fh.to_hf_state_dict(ours, "gpt2")
     for k, p in model.named_parameters():
         assert got[k].dtype == np.float32 and np.array_equal(got[k], p.detach().float().numpy()), k
-    _, ours16 = fh.from_pretrained(tmp_path / "bf16", flax_config=fi.FlaxConfig(param_dtype="bfloat16"))
+    unrolled16 = fi.FlaxConfig(param_dtype="bfloat16", scan_layers=False)  # per-layer parameters, not stacked
+    _, ours16 = fh.from_pretrained(tmp_path / "bf16", flax_config=unrolled16)
     fh.save_pretrained(ours16, tmp_path / "out", model_type="gpt2")
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert reloaded.dtype == torch.bfloat16
     want = dict(model.named_parameters())
     for k, p in reloaded.named_parameters():
         assert torch.equal(p, want[k]), k
+
+
+def test_save_does_not_require_fields_that_cannot_change_the_model():
+    """Dropout rates, RoPE settings of a non-RoPE model, a parallel-residual option without parallel residuals:
+    written where the family has a place, never a reason to refuse."""
+    cfg = fh.convert.config_from_hf({"model_type": "gpt2", "n_embd": 32, "n_head": 4, "n_layer": 1})[1]
+    cfg = cfg.replace(dropout=0.3, rope_base=123.0, parallel_shared_norm=False)
+    hf = fh.convert.config_to_hf(fh.FAMILIES["gpt2"], cfg)
+    assert hf["resid_pdrop"] == 0.3 and hf["model_type"] == "gpt2" and hf["architectures"] == ["GPT2LMHeadModel"]
+    with pytest.raises(
+        ValueError, match=r"cannot represent.*\n  norm='rmsnorm' \(a gpt2 config.json gives 'layernorm'\)"
+    ):
+        fh.convert.config_to_hf(fh.FAMILIES["gpt2"], cfg.replace(norm="rmsnorm"))
 
 
 def test_mismatched_checkpoint_lists_every_key_in_one_error(built, tmp_path):

@@ -107,7 +107,7 @@ def config_from_hf(hf: Mapping[str, Any]) -> tuple[Family, TransformerConfig]:
 
 
 def _relevant(cfg: TransformerConfig, name: str) -> bool:
-    """Whether a field can change this config's weights or eval-mode forward (RoPE settings only under RoPE...)."""
+    """Whether a field can change this config's weights or eval-mode forward (RoPE settings only under RoPE, ...)."""
     if name in TRAINING_ONLY:
         return False
     if name == "bias":  # resolved into the four switches (qkv_bias, ...), which are compared instead
@@ -116,6 +116,8 @@ def _relevant(cfg: TransformerConfig, name: str) -> bool:
         return cfg.position == "rope"
     if name.startswith("alibi_"):
         return cfg.position == "alibi"
+    if name == "parallel_shared_norm":
+        return cfg.parallel_residual
     return True
 
 
