@@ -74,3 +74,10 @@ ROPE_RELATIVE = 2e-5
 # place of the erf GELU: max |gelu - gelu_tanh| = 4.7e-4 (at x = 2.7) is below bf16 resolution at unit scale;
 # the float32 tolerances (BLOCK, ENCODER) catch that one.
 BF16_REL = 6 * 2.0**-8
+
+# A whole transformers model (2 layers, tiny widths) against ours, float32, matmul precision "highest", eager
+# attention, outputs at real positions: the per-block ~1e-7-relative reduction-order differences of BLOCK/ENCODER,
+# plus the final norm and the LM head's D-long sums over unit-scale weights perturbed by up to ~0.6. Budget 1e-4
+# absolute, far below what a wrong layout, slope order, GELU variant or eps moves (>= 1e-3). Also the per-layer
+# budget of `flax-impl parity --hf`.
+HF_FORWARD = 1e-4
