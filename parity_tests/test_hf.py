@@ -24,8 +24,7 @@ from safetensors.numpy import load_file, save_file
 
 import flax_impl as fi
 import flax_impl.hf as fh
-from flax_impl.hf.tolerances import HF_FORWARD
-from flax_impl.tolerances import EXACT, GRAD_REL
+from flax_impl.tolerances import EXACT, GRAD_REL, HF_FORWARD
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
