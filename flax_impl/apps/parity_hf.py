@@ -30,7 +30,7 @@ from flax_impl import tolerances
 class LayerRow:
     layer: str  # "input", "0".."N-1", "output" (final norm / head)
     hidden_diff: float | None  # max |Flax - transformers| of this layer's output, real positions
-    grad_rel: float | None  # max over this layer's tensors of max |dFlax - dHF| / max |dHF|
+    grad_rel: float | None  # max |dFlax - dHF| over this layer's tensors / their largest |dHF|
     hidden_tol: float
     grad_tol: float
 
@@ -150,13 +150,17 @@ def compare(hf_path: str, flax_path: str | None = None, *, batch: int = 2, lengt
     (theirs_out * torch.from_numpy(w)).sum().backward()
     theirs_grads = {k: p.grad.numpy() for k, p in ref.named_parameters() if p.grad is not None}
 
-    grad_rel: dict[str, float] = {}
+    # Relative to the layer's largest gradient entry, not each tensor's: some tensors' exact gradient is zero
+    # (BERT's key bias, which the softmax cancels), and their roundoff relative to themselves means nothing.
+    diffs: dict[str, float] = {}
+    scales: dict[str, float] = {}
     for key, g in theirs_grads.items():
         if key not in ours_grads:
             continue
-        rel = float(np.abs(ours_grads[key] - g).max() / max(np.abs(g).max(), 1e-30))
         layer = _layer_of(key)
-        grad_rel[layer] = max(grad_rel.get(layer, 0.0), rel)
+        diffs[layer] = max(diffs.get(layer, 0.0), float(np.abs(ours_grads[key] - g).max()))
+        scales[layer] = max(scales.get(layer, 0.0), float(np.abs(g).max()))
+    grad_rel = {layer: diffs[layer] / max(scales[layer], 1e-30) for layer in diffs}
 
     hidden_tol, grad_tol = tolerances.HF_FORWARD, tolerances.GRAD_REL
     rows = []
@@ -169,14 +173,28 @@ def compare(hf_path: str, flax_path: str | None = None, *, batch: int = 2, lengt
     return rows
 
 
+def first_divergence(rows: list[LayerRow]) -> tuple[str, str] | None:
+    """Where the two part ways: (layer, "forward") for the first row whose output is past tolerance; else
+    (layer, "backward") for the last row whose gradients are (the backward pass runs from the top, and a layer's
+    gradients also depend on every layer above it). None when every row is within tolerance."""
+    for r in rows:
+        if r.hidden_diff is not None and r.hidden_diff > r.hidden_tol:
+            return r.layer, "forward"
+    for r in reversed(rows):
+        if r.grad_rel is not None and r.grad_rel > r.grad_tol:
+            return r.layer, "backward"
+    return None
+
+
 def format_rows(rows: list[LayerRow]) -> str:
-    """The terminal table, the first row past its tolerance marked."""
+    """The terminal table, the layer where the two part ways marked (see `first_divergence`)."""
     lines = [f"{'layer':<8}{'max |dh|':>12}{'tol':>9}{'grad rel':>12}{'tol':>9}  status"]
-    first = next((r.layer for r in rows if not r.ok), None)
+    first = first_divergence(rows)
     for r in rows:
         h = "-" if r.hidden_diff is None else f"{r.hidden_diff:.2e}"
         g = "-" if r.grad_rel is None else f"{r.grad_rel:.2e}"
-        status = "ok" if r.ok else ("FIRST PAST TOLERANCE" if r.layer == first else "past tolerance")
+        here = first is not None and r.layer == first[0]
+        status = "ok" if r.ok else (f"PARTS WAYS HERE ({first[1]})" if here else "past tolerance")
         lines.append(f"{r.layer:<8}{h:>12}{r.hidden_tol:>9.0e}{g:>12}{r.grad_tol:>9.0e}  {status}")
     return "\n".join(lines)
 

@@ -1,0 +1,66 @@
+"""`flax-impl parity --hf`: per-layer divergence between the Flax model and transformers' on a local folder.
+
+A clean folder passes every row; a Flax side whose layer k was perturbed is reported at layer k (forward), with
+exit status 1; misuse is exit 2 before any work. Tiny random GPT-2 and Llama models, built in-process."""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import transformers
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "parity_tests"))
+from hf_helpers import SPECS, perturb  # noqa: E402
+
+import flax_impl as fi  # noqa: E402
+import flax_impl.hf as fh  # noqa: E402
+from flax_impl.apps import parity_hf  # noqa: E402
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def folder(request, tmp_path_factory):
+    spec = SPECS[request.param]
+    model = getattr(transformers, spec.model_cls)(getattr(transformers, spec.config_cls)(**spec.kwargs))
+    perturb(model, 0)
+    path = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(path)
+    return path
+
+
+def _args(hf, flax=None, json_path=None):
+    return argparse.Namespace(hf=str(hf), flax=flax, batch=2, length=12, seed=0, json=json_path)
+
+
+def test_clean_folder_passes_every_layer(folder, tmp_path, capsys):
+    out = tmp_path / "rows.json"
+    assert parity_hf.run(_args(folder, json_path=str(out))) == 0
+    rows = json.loads(out.read_text())
+    assert [r["layer"] for r in rows] == ["input", "0", "1", "output"]
+    assert all(r["ok"] for r in rows) and "PARTS WAYS" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_a_perturbed_layer_is_reported_at_that_layer(folder, layer, tmp_path, capsys):
+    _, model = fh.from_pretrained(folder)
+    sd = fi.to_numpy_state_dict(model)
+    key = f"blocks.{layer}.attn.out_proj.weight"
+    sd[key] = sd[key] + np.float32(0.01) * np.random.default_rng(1).standard_normal(sd[key].shape, np.float32)
+    fi.load_torch_state_dict(model, sd)
+    bad = tmp_path / "port.safetensors"
+    fi.save(model, bad)
+    assert parity_hf.run(_args(folder, flax=str(bad))) == 1
+    rows = parity_hf.compare(str(folder), str(bad), length=12)
+    assert parity_hf.first_divergence(rows) == (str(layer), "forward")
+    below = rows[: layer + 1]  # the input and every layer below k compute the same; their gradients need not
+    assert all(r.hidden_diff <= r.hidden_tol for r in below), parity_hf.format_rows(rows)
+    assert "PARTS WAYS HERE (forward)" in capsys.readouterr().out
+
+
+def test_misuse_is_exit_2_before_any_work(tmp_path, capsys):
+    assert parity_hf.run(_args(tmp_path / "nowhere")) == 2
+    assert "not a Hugging Face model folder" in capsys.readouterr().err
+    assert parity_hf.run(_args(tmp_path)) == 2  # a folder without config.json
+    assert "no config.json" in capsys.readouterr().err
