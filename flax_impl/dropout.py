@@ -20,7 +20,9 @@ class Dropout(nnx.Module):
     (`keep_bits`); the gradient keeps only that mask, packed one bit per element (`apply_keep_bits`).
 
     Identity when deterministic (after `model.eval()`), in train mode (after `model.train()`) random; a
-    `deterministic=` argument at call time overrides the mode. rate = 1 gives zeros, as torch does. Random bits
+    `deterministic=` argument at call time overrides the mode. Takes part in `nnx.view(model, deterministic=...)`
+    (`set_view`): the view is a new module in that mode sharing the model's arrays and rng streams, the model's own
+    mode unchanged. rate = 1 gives zeros, as torch does. Random bits
     come from the `dropout` stream of the `nnx.Rngs` given at construction: the same seed gives the same mask,
     each call advances the stream so successive calls draw fresh masks. Any shape in, same shape out.
 
@@ -36,6 +38,8 @@ class Dropout(nnx.Module):
         >>> drop = Dropout(0.5, rngs=nnx.Rngs(dropout=0))
         >>> y = drop(jnp.ones((2, 8)))          # train mode: entries are 0 or 2
         >>> drop.eval(); drop(jnp.ones((2, 8)))  # identity
+        >>> nnx.view(drop, deterministic=False).deterministic, drop.deterministic
+        (False, True)
     """
 
     def __init__(self, rate: float, *, deterministic: bool = False, rngs: nnx.Rngs | None = None):
@@ -44,6 +48,20 @@ class Dropout(nnx.Module):
         self.rate = float(rate)
         self.deterministic = deterministic
         self.rngs = rngs["dropout"].fork() if rngs is not None and rate > 0.0 else nnx.data(None)
+
+    def set_view(self, deterministic: bool | None = None) -> None:
+        """Set the mode on the copy that `nnx.view(model, deterministic=...)` makes (as `nnx.Dropout.set_view`).
+
+        Args:
+            deterministic: True: identity; False: random; None: keep the mode.
+
+        Raises:
+            TypeError: `deterministic` is not a bool or None.
+        """
+        if deterministic is not None and not isinstance(deterministic, bool):
+            raise TypeError(f"deterministic={deterministic!r} must be True, False or None")
+        if deterministic is not None:
+            self.deterministic = deterministic
 
     def __call__(self, x: jax.Array, *, deterministic: bool | None = None) -> jax.Array:
         """Apply dropout to x.

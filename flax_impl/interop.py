@@ -23,9 +23,11 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import SingleDeviceSharding
 
 Path = tuple[Any, ...]
 
@@ -67,7 +69,7 @@ def _entries(module: nnx.Module) -> list[_Entry]:
     entries = []
     for path, var in nnx.to_flat_state(nnx.state(module, nnx.Param)):
         path = tuple(path)
-        shape = tuple(var[...].shape)
+        shape = tuple(var.get_value().shape)
         prefix = next((p for p in stacked if path[: len(p)] == p), None)
         if prefix is None:
             names, transpose = _torch_tail(path)
@@ -109,6 +111,23 @@ def _as_numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
+def _check_shapes(module: nnx.Module, entries: list[_Entry], shapes: dict[str, tuple[int, ...]], strict: bool) -> None:
+    """Raise one ValueError listing every shape mismatch and, if `strict`, every missing and unexpected key."""
+    expected = {e.torch_key: e for e in entries}
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    mismatched = []
+    for key in sorted(set(expected) & set(shapes)):
+        if shapes[key] != expected[key].torch_shape:
+            mismatched.append(f"{key}: checkpoint {shapes[key]} vs model {expected[key].torch_shape}")
+    if mismatched or (strict and (missing or unexpected)):
+        lines = [f"cannot load state dict into {type(module).__name__}:"]
+        lines += [f"  missing key: {k}" for k in missing] if strict else []
+        lines += [f"  unexpected key: {k}" for k in unexpected] if strict else []
+        lines += [f"  shape mismatch: {m}" for m in mismatched]
+        raise ValueError("\n".join(lines))
+
+
 def load_torch_state_dict(module: nnx.Module, state_dict: dict[str, Any], *, strict: bool = True) -> None:
     """Copy a torch-keyed state dict into `module`, in place, cast to each parameter's dtype.
 
@@ -125,21 +144,7 @@ def load_torch_state_dict(module: nnx.Module, state_dict: dict[str, Any], *, str
         ValueError: one message listing every shape mismatch and, if `strict`, every missing and unexpected key.
     """
     entries = _entries(module)
-    expected = {e.torch_key: e for e in entries}
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    mismatched = []
-    for key in sorted(set(expected) & set(state_dict)):
-        got = tuple(np.shape(_as_numpy(state_dict[key])))
-        if got != expected[key].torch_shape:
-            mismatched.append(f"{key}: checkpoint {got} vs model {expected[key].torch_shape}")
-    if mismatched or (strict and (missing or unexpected)):
-        lines = [f"cannot load state dict into {type(module).__name__}:"]
-        lines += [f"  missing key: {k}" for k in missing] if strict else []
-        lines += [f"  unexpected key: {k}" for k in unexpected] if strict else []
-        lines += [f"  shape mismatch: {m}" for m in mismatched]
-        raise ValueError("\n".join(lines))
-
+    _check_shapes(module, entries, {k: tuple(np.shape(_as_numpy(v))) for k, v in state_dict.items()}, strict)
     state = nnx.state(module, nnx.Param)
     current = {tuple(p): v for p, v in nnx.to_flat_state(state)}
     new_values: dict[Path, np.ndarray] = {}
@@ -185,19 +190,74 @@ def save(module: nnx.Module, path: str | os.PathLike) -> None:
 
 
 def load(module: nnx.Module, path: str | os.PathLike, *, strict: bool = True) -> None:
-    """Load a safetensors checkpoint (torch_ref key names) into `module`, in place.
+    """Load a safetensors checkpoint (torch_ref key names) into `module`, in place, placing each array as it is read.
+
+    Every parameter is rebuilt with `jax.make_array_from_callback` on its target sharding: that of the module's
+    current array, of its ShapeDtypeStruct if the module is abstract (`flax_impl.checkpoint.abstract`), or the
+    default device. The callback reads from the file only the slice of one device's shard (`safe_open(...)
+    .get_slice`), transposed and stacked by the layout rules above and cast to the parameter's dtype, so a
+    sharded model never holds a whole sharded parameter (nor the whole model) on one device. Every key and shape
+    is checked from the file's header before any array is read.
 
     Args:
-        module: any flax_impl module.
-        path: a file written by `save` or by `safetensors.torch.save_file(twin.state_dict(), path)`.
-        strict: as in `load_torch_state_dict`.
+        module: any flax_impl module, concrete or abstract (sharded or not).
+        path: a file written by `save` or by `safetensors.torch.save_file(twin.state_dict(), path)` (bfloat16
+            tensors are read through ml_dtypes and cast).
+        strict: as in `load_torch_state_dict`. False: parameters absent from the file keep their values (the
+            module must then be concrete).
 
     Raises:
-        ValueError: as in `load_torch_state_dict`.
+        ValueError: as in `load_torch_state_dict`; or `strict=False` leaves an abstract parameter without a value.
     """
-    from safetensors.numpy import load_file
+    from safetensors import safe_open
 
-    load_torch_state_dict(module, load_file(os.fspath(path)), strict=strict)
+    entries = _entries(module)
+    with safe_open(os.fspath(path), framework="numpy") as file:
+        shapes = {key: tuple(file.get_slice(key).get_shape()) for key in file.keys()}
+        _check_shapes(module, entries, shapes, strict)
+        groups: dict[Path, list[_Entry]] = {}
+        for e in entries:
+            groups.setdefault(e.flax_path, []).append(e)
+        state = nnx.state(module, nnx.Param)
+        current = {tuple(p): v for p, v in nnx.to_flat_state(state)}
+        found = {p: {e.layer: e for e in group if e.torch_key in shapes} for p, group in groups.items()}
+        for flax_path, group in groups.items():
+            if len(found[flax_path]) < len(group) and not isinstance(current[flax_path].get_value(), jax.Array):
+                name = ".".join(map(str, flax_path))
+                raise ValueError(f"strict=False: the abstract parameter {name} is not (wholly) in {os.fspath(path)}")
+        for flax_path, layers in found.items():
+            if not layers:
+                continue
+            old = current[flax_path].get_value()
+            sharding = getattr(old, "sharding", None) or SingleDeviceSharding(jax.devices()[0])
+
+            def read(index: tuple[slice, ...], old=old, layers=layers) -> np.ndarray:
+                return _read_shard(file, layers, old, index)
+
+            current[flax_path].set_value(jax.make_array_from_callback(old.shape, sharding, read))
+    nnx.update(module, state)
+
+
+def _read_shard(file: Any, layers: dict[int | None, _Entry], old: Any, index: tuple[slice, ...]) -> np.ndarray:
+    """The block `index` of one flax parameter, in the parameter's layout and dtype, read from the file's slices.
+
+    `layers` maps a stacked parameter's layer numbers (or None for an unstacked one) to the file's entries; a layer
+    missing from it (strict=False) keeps `old`'s values."""
+    dtype = old.dtype
+
+    def one(entry: _Entry, idx: tuple[slice, ...]) -> np.ndarray:
+        if not idx:  # a scalar
+            return np.asarray(file.get_tensor(entry.torch_key))
+        block = file.get_slice(entry.torch_key)[idx[::-1] if entry.transpose else idx]  # the block in torch's layout
+        return block.T if entry.transpose else block
+
+    if None in layers:
+        return np.asarray(one(layers[None], index), dtype=dtype)
+    rows = [
+        one(layers[i], index[1:]) if i in layers else np.asarray(old[i][index[1:]])
+        for i in range(*index[0].indices(old.shape[0]))
+    ]  # each (...) of one layer
+    return np.asarray(np.stack(rows), dtype=dtype)  # (layers in the block, ...)
 
 
 TORCH_ENCODER_LAYER_KEYS = {

@@ -159,3 +159,62 @@ def test_keep_bits_checks_rate():
 
     with pytest.raises(ValueError, match="rate=1.5"):
         keep_bits(jax.random.key(0), 1.5, (3,))
+
+
+# ----------------------------------------------------------------------------------- nnx.view(model, deterministic=)
+VIEW_CONFIG = dict(vocab_size=61, d_model=16, n_heads=2, d_ff=32, n_layers=2, max_len=16, dropout=0.3,
+                   attention_dropout=0.2)
+
+
+def _view_model(kind: str) -> tuple[nnx.Module, jax.Array]:
+    """A module with Dropout layers in train mode (nnx's default) and an input for it."""
+    cfg = fi.TransformerConfig(**VIEW_CONFIG)
+    rngs = nnx.Rngs(0)
+    x = jnp.asarray(np.random.default_rng(5).standard_normal((2, 8, 16)).astype(np.float32))  # (B, L, D)
+    if kind == "attention":
+        return fi.MultiHeadAttention(cfg, rngs=rngs), x
+    if kind == "block":
+        return fi.TransformerBlock(cfg, rngs=rngs), x
+    ids = jnp.asarray(np.random.default_rng(6).integers(0, cfg.vocab_size, (2, 8)))  # (B, L)
+    return fi.TransformerEncoder(cfg, flax_config=fi.FlaxConfig(scan_layers=kind == "scanned"), rngs=rngs), ids
+
+
+def _modes(module: nnx.Module) -> set[bool]:
+    return {m.deterministic for _, m in nnx.iter_modules(module) if isinstance(m, fi.Dropout)}
+
+
+@pytest.mark.parametrize("kind", ["attention", "block", "scanned", "unrolled"])
+def test_view_deterministic_equals_eval_and_leaves_the_model_in_train_mode(kind):
+    model, x = _view_model(kind)
+    y_view = np.asarray(nnx.view(model, deterministic=True)(x))
+    assert _modes(model) == {False}  # the view set the mode on a copy
+    reference = nnx.clone(model)
+    reference.eval()
+    np.testing.assert_array_equal(y_view, np.asarray(reference(x)))  # bit for bit
+
+
+@pytest.mark.parametrize("kind", ["attention", "block", "scanned", "unrolled"])
+def test_view_not_deterministic_equals_train_and_leaves_the_model_in_eval_mode(kind):
+    model, x = _view_model(kind)
+    model.eval()
+    y_eval = np.asarray(model(x))
+    reference = nnx.clone(model)  # the same rng streams at the same positions
+    reference.train()
+    y_train = np.asarray(reference(x))
+    view = nnx.view(model, deterministic=False)
+    y_view = np.asarray(view(x))
+    assert _modes(model) == {True}
+    assert not np.array_equal(y_view, y_eval)  # dropout is on ...
+    np.testing.assert_array_equal(y_view, y_train)  # ... with the masks train mode draws
+    assert not np.array_equal(np.asarray(view(x)), y_view)  # and fresh masks on the next call
+
+
+def test_view_under_jit_and_a_bad_mode():
+    drop = fi.Dropout(0.5, rngs=nnx.Rngs(dropout=0))
+    x = jnp.ones((8, 8))
+    f = nnx.jit(lambda m, x: m(x))
+    np.testing.assert_array_equal(np.asarray(f(nnx.view(drop, deterministic=True), x)), np.ones((8, 8)))
+    assert drop.deterministic is False
+    assert nnx.view(drop).deterministic is False  # no keyword: the mode is kept
+    with pytest.raises(TypeError, match="deterministic='yes' must be True, False or None"):
+        nnx.view(drop, deterministic="yes")

@@ -1,0 +1,236 @@
+"""Orbax checkpoints of a model and its optimizer: the Flax way, sharded, with the training state.
+
+Beside `flax_impl.interop.save` / `load` (one safetensors file with torch_ref's key names, parameters only, which
+both frameworks read), an Orbax checkpoint keeps everything needed to resume training, in JAX's own layout:
+
+    directory/<step>/model       nnx.state(model): parameters and the rng streams (each Dropout's key and count)
+    directory/<step>/optimizer   nnx.state(optimizer): its step counter and optax's state (AdamW: count, mu, nu)
+
+Each step is written by an `orbax.checkpoint.CheckpointManager` into a temporary folder that is renamed when
+complete, so a reader finds whole steps only. Typed PRNG keys (`jax.random.key`) are stored by Orbax as their key
+data (uint32, e.g. (2,) keys as (2, 2)) and rebuilt as keys on restore.
+
+Restoring reads into the module's own variables, so the target decides placement: a concrete array keeps its
+sharding; an abstract one (from `abstract`, or `nnx.eval_shape`) the sharding of its ShapeDtypeStruct, or the
+default device if it has none. Orbax then reads from each array file only the index of each device's shard
+(TensorStore) and puts it on that device, so a sharded restore never holds a whole sharded array on one device;
+the mesh at restore time may differ from the one at save time. Shapes and dtypes are checked against the
+checkpoint's metadata before any array is read.
+
+Example:
+    >>> model = TransformerEncoder(cfg, rngs=nnx.Rngs(0))
+    >>> optimizer = nnx.Optimizer(model, optax.adamw(1e-3), wrt=nnx.Param)
+    >>> save_checkpoint("ckpt", model, optimizer, step=100)
+    >>> model = abstract(lambda: TransformerEncoder(cfg, rngs=nnx.Rngs(0)), mesh=mesh)  # nothing allocated
+    >>> restore_checkpoint("ckpt", model)          # parameters and rng streams, placed on the mesh
+    100
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import Mesh, SingleDeviceSharding
+
+T = TypeVar("T")
+MODEL, OPTIMIZER = "model", "optimizer"
+
+
+def abstract(factory: Callable[[], T], *, mesh: Mesh | None = None) -> T:
+    """`factory()` without allocating any array: every variable holds a `jax.ShapeDtypeStruct`.
+
+    With a mesh, each ShapeDtypeStruct carries the NamedSharding of its variable's partition metadata
+    (flax_impl.sharding; unannotated variables such as rng keys are replicated), so that `restore_checkpoint`
+    places every array on the mesh, shard by shard.
+
+    Args:
+        factory: builds the module, e.g. `lambda: TransformerEncoder(cfg, rngs=nnx.Rngs(0))` or
+            `lambda: nnx.Optimizer(TransformerEncoder(cfg, rngs=nnx.Rngs(0)), tx, wrt=nnx.Param)`.
+        mesh: the device mesh to place the restored arrays on; None: the default device.
+
+    Returns:
+        The abstract module (an nnx.Optimizer too), ready for `restore_checkpoint`.
+    """
+    if mesh is None:
+        return nnx.eval_shape(factory)
+    graphdef, state = nnx.get_abstract_model(factory, mesh)
+    return nnx.merge(graphdef, state)
+
+
+def checkpoint_steps(directory: str | os.PathLike) -> list[int]:
+    """The steps saved in `directory`, in increasing order ([] if there are none or no such folder).
+
+    Args:
+        directory: the folder given to `save_checkpoint`.
+
+    Returns:
+        The complete steps (a step still being written is not listed).
+    """
+    if not os.path.isdir(directory):
+        return []
+    with _manager(directory, create=False) as manager:
+        return sorted(manager.all_steps())
+
+
+def save_checkpoint(
+    directory: str | os.PathLike,
+    model: nnx.Module,
+    optimizer: nnx.Optimizer | None = None,
+    *,
+    step: int,
+    max_to_keep: int | None = None,
+) -> str:
+    """Write `model` (and `optimizer`) as step `step` of the checkpoint folder `directory`, and wait until done.
+
+    Sharded arrays are written shard by shard, each by the process that holds it.
+
+    Args:
+        directory: the checkpoint folder, created if missing.
+        model: any nnx.Module: all its variables are saved (parameters, rng streams, statistics).
+        optimizer: an nnx.Optimizer, or None to save the model only.
+        step: a new step number >= 0 (e.g. the training step).
+        max_to_keep: keep only the newest this many steps (older ones are deleted after the write); None: all.
+
+    Returns:
+        The step's folder.
+
+    Raises:
+        TypeError: `model` is not an nnx.Module or `optimizer` not an nnx.Optimizer.
+        ValueError: `step` is not an integer >= 0 or is already in `directory`; `max_to_keep` is not an
+            integer >= 1.
+    """
+    _check_nodes(model, optimizer)
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+        raise ValueError(f"step={step!r} must be an integer >= 0")
+    if max_to_keep is not None and (
+        isinstance(max_to_keep, bool) or not isinstance(max_to_keep, (int, np.integer)) or max_to_keep < 1
+    ):
+        raise ValueError(f"max_to_keep={max_to_keep!r} must be an integer >= 1 or None")
+    if int(step) in checkpoint_steps(directory):
+        raise ValueError(f"step={step} is already saved in {os.fspath(directory)!r}: choose a new step")
+    items = {MODEL: ocp.args.StandardSave(nnx.state(model))}
+    if optimizer is not None:
+        items[OPTIMIZER] = ocp.args.StandardSave(nnx.state(optimizer))
+    with _manager(directory, create=True, max_to_keep=max_to_keep) as manager:
+        manager.save(int(step), args=ocp.args.Composite(**items))
+        manager.wait_until_finished()
+        return os.fspath(manager.directory / str(int(step)))
+
+
+def restore_checkpoint(
+    directory: str | os.PathLike,
+    model: nnx.Module,
+    optimizer: nnx.Optimizer | None = None,
+    *,
+    step: int | None = None,
+) -> int:
+    """Read step `step` of `directory` into `model` (and `optimizer`), in place, each array on its target sharding.
+
+    The targets are the modules' own variables: concrete arrays keep their shardings, abstract ones (`abstract`)
+    become arrays with the ShapeDtypeStruct's sharding. Every shape and dtype is checked against the checkpoint
+    before any array is read.
+
+    Args:
+        directory: a folder written by `save_checkpoint`.
+        model: a module of the saved architecture, concrete or abstract.
+        optimizer: an nnx.Optimizer with the saved transformation (concrete or abstract), or None to restore the
+            model only (also from a checkpoint that has optimizer state).
+        step: the step to read; None: the newest.
+
+    Returns:
+        The step read.
+
+    Raises:
+        TypeError: `model` is not an nnx.Module or `optimizer` not an nnx.Optimizer.
+        FileNotFoundError: no checkpoint in `directory`.
+        ValueError: `step` is not in `directory` (listing those that are); `optimizer` given but the step has
+            no optimizer state; the modules do not match the checkpoint: one message listing every array
+            path whose shape or dtype differs (expected and found), is missing or is unexpected.
+    """
+    _check_nodes(model, optimizer)
+    steps = checkpoint_steps(directory)
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint in {os.fspath(directory)!r}")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+        raise ValueError(f"step={step!r} is not in {os.fspath(directory)!r}; saved steps: {steps}")
+    nodes = {MODEL: model} if optimizer is None else {MODEL: model, OPTIMIZER: optimizer}
+    targets = {name: _target(node) for name, node in nodes.items()}
+    with _manager(directory, create=False) as manager:
+        metadata = manager.item_metadata(step)
+        if optimizer is not None and metadata.get(OPTIMIZER) is None:
+            raise ValueError(f"step {step} in {os.fspath(directory)!r} has no optimizer state; pass optimizer=None")
+        problems = [line for name in nodes for line in _mismatches(name, targets[name], metadata[name])]
+        if problems:
+            raise ValueError(
+                f"cannot restore step {step} of {os.fspath(directory)!r} into "
+                f"{', '.join(type(n).__name__ for n in nodes.values())}:\n" + "\n".join(problems)
+            )
+        args = {name: ocp.args.StandardRestore(target) for name, target in targets.items()}
+        restored = manager.restore(step, args=ocp.args.Composite(**args))
+    for name, node in nodes.items():
+        nnx.update(node, restored[name])
+    return int(step)
+
+
+def _check_nodes(model: Any, optimizer: Any) -> None:
+    if not isinstance(model, nnx.Module):
+        raise TypeError(f"model must be an nnx.Module, got {type(model).__name__}")
+    if optimizer is not None and not isinstance(optimizer, nnx.Optimizer):
+        raise TypeError(f"optimizer must be an nnx.Optimizer or None, got {type(optimizer).__name__}")
+
+
+def _manager(directory: str | os.PathLike, *, create: bool, max_to_keep: int | None = None) -> Any:
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create, enable_async_checkpointing=False)
+    handlers = {MODEL: ocp.StandardCheckpointHandler(), OPTIMIZER: ocp.StandardCheckpointHandler()}
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_handlers=handlers)
+
+
+def _target(node: nnx.Module | nnx.Optimizer) -> nnx.State:
+    """nnx.state(node) with every array replaced by a ShapeDtypeStruct carrying its placement."""
+    default = SingleDeviceSharding(jax.devices()[0])
+
+    def leaf(x: Any) -> jax.ShapeDtypeStruct:
+        sharding = getattr(x, "sharding", None) or default
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+    return jax.tree.map(leaf, nnx.state(node))
+
+
+def _path(keys: tuple[Any, ...]) -> str:
+    names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in keys]
+    return "/".join(names[:-1] if names and names[-1] == "value" else names)  # drop the Variable's own field
+
+
+def _stored(x: Any) -> tuple[tuple[int, ...], str]:
+    """(shape, dtype) as Orbax stores the array: a typed PRNG key array as its uint32 key data."""
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(x.shape, x.dtype))
+    return tuple(x.shape), str(np.dtype(x.dtype))
+
+
+def _mismatches(name: str, target: nnx.State, metadata: Any) -> list[str]:
+    """One line per array whose shape or dtype differs from the checkpoint, or that only one side has."""
+    flat = jax.tree_util.tree_flatten_with_path
+    want = {_path(p): _stored(x) for p, x in flat(target)[0]}
+    have = {_path(p): (tuple(m.shape), str(np.dtype(m.dtype))) for p, m in flat(metadata)[0]}
+    lines = []
+    for path in sorted(set(want) | set(have)):
+        where = f"  {name}/{path}"
+        if path not in have:
+            lines.append(f"{where}: not in the checkpoint (expected {_show(want[path])})")
+        elif path not in want:
+            lines.append(f"{where}: in the checkpoint ({_show(have[path])}), not in the {name}")
+        elif want[path] != have[path]:
+            lines.append(f"{where}: expected {_show(want[path])}, found {_show(have[path])}")
+    return lines
+
+
+def _show(shape_dtype: tuple[tuple[int, ...], str]) -> str:
+    return f"{shape_dtype[0]} {shape_dtype[1]}"
