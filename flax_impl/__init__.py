@@ -35,6 +35,10 @@ _EXPORTS = {
     "MultiHeadAttention": "flax_impl.attention",
     "from_torch_mha_mask": "flax_impl.attention",
     "TransformerBlock": "flax_impl.block",
+    "GatedMLP": "flax_impl.block",
+    "save_checkpoint": "flax_impl.checkpoint",
+    "restore_checkpoint": "flax_impl.checkpoint",
+    "checkpoint_steps": "flax_impl.checkpoint",
     "LayerNorm": "flax_impl.norm",
     "RMSNorm": "flax_impl.norm",
     "TransformerInput": "flax_impl.pipeline",
@@ -73,7 +77,8 @@ __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # let type checkers and IDEs see the real names
     from flax_impl.attention import MultiHeadAttention, from_torch_mha_mask  # noqa: F401
-    from flax_impl.block import TransformerBlock  # noqa: F401
+    from flax_impl.block import GatedMLP, TransformerBlock  # noqa: F401
+    from flax_impl.checkpoint import checkpoint_steps, restore_checkpoint, save_checkpoint  # noqa: F401
     from flax_impl.config import FlaxConfig, TrainConfig, TransformerConfig  # noqa: F401
     from flax_impl.distributed import (  # noqa: F401
         check_shardable,

@@ -1,7 +1,7 @@
 """torch_ref: the plain-PyTorch twins of flax_impl's modules, file for file, same names."""
 
 from torch_ref.attention import MultiHeadAttention, from_torch_mha_mask
-from torch_ref.block import TransformerBlock
+from torch_ref.block import GatedMLP, TransformerBlock
 from torch_ref.config import TrainConfig, TransformerConfig
 from torch_ref.dropout import Dropout
 from torch_ref.embedding import Embed
@@ -23,6 +23,7 @@ __all__ = [
     "ByteTokenizer",
     "Dropout",
     "Embed",
+    "GatedMLP",
     "TransformerConfig",
     "LayerNorm",
     "LearnedPositions",

@@ -44,6 +44,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--table-length", type=int, default=4096, help="length for position tables/rotations")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    parser.add_argument(
+        "--hf", metavar="FOLDER", help="compare our model with transformers' on this Hugging Face folder, per layer"
+    )
+    parser.add_argument(
+        "--flax", metavar="PATH", help="with --hf: the Flax side's weights (an HF folder or a flax_impl.save file)"
+    )
 
 
 def _diff(a: object, b: object) -> float:
@@ -178,6 +184,13 @@ def _rows(cfg: TransformerConfig, batch: int, length: int, table_len: int, seed:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.hf is not None:
+        from flax_impl.apps import parity_hf
+
+        return parity_hf.run(args)
+    if args.flax is not None:
+        print("flax-impl parity: error: --flax goes with --hf", file=sys.stderr)
+        return 2
     try:
         import torch  # noqa: F401
     except ImportError:
