@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -161,6 +162,8 @@ class TransformerConfig(_DictMixin):
             raise ValueError("lm_head_bias=True needs lm_head='untied' (a tied head reuses the embedding, no bias)")
         if self.d_model % self.n_heads:
             raise ValueError(f"n_heads={self.n_heads} must divide d_model={self.d_model}")
+        for name in ("rope_base", "rope_fraction", "rope_scale", "norm_eps"):
+            _check_finite_number(name, getattr(self, name))
         if not self.rope_base > 1.0:
             raise ValueError(f"rope_base={self.rope_base!r} must be > 1")
         if not 0.0 < self.rope_fraction <= 1.0:
@@ -176,6 +179,10 @@ class TransformerConfig(_DictMixin):
                 )
         if not self.norm_eps > 0.0:
             raise ValueError(f"norm_eps={self.norm_eps!r} must be > 0")
+        if self.padding_idx is not None and (
+            isinstance(self.padding_idx, bool) or not isinstance(self.padding_idx, int)
+        ):
+            raise TypeError(f"padding_idx={self.padding_idx!r} must be an integer token id or None")
         if self.padding_idx is not None and not 0 <= self.padding_idx < self.vocab_size:
             raise ValueError(f"padding_idx={self.padding_idx!r} must be in [0, vocab_size={self.vocab_size})")
 
@@ -249,6 +256,11 @@ class FlaxConfig(_DictMixin):
         if unknown:
             raise ValueError(f"unknown FlaxConfig keys {unknown}")
         return dataclasses.replace(self, **changes)
+
+
+def _check_finite_number(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name}={value!r} must be a finite number")
 
 
 def _check_bool(name: str, value: object) -> None:
