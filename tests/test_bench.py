@@ -8,6 +8,7 @@ import json
 import math
 import os
 import platform
+from datetime import datetime, timedelta
 
 import pytest
 
@@ -42,6 +43,7 @@ def test_json_top_level(report):
     assert result["matmul_peak_flops"] == max(result["matmul_peak"].values())
     assert result["config"]["n_layers"] == 1 and result["config"]["d_model"] == 32
     assert result["command"].startswith("flax-impl bench --layers 1 --d-model 32")
+    assert datetime.fromisoformat(result["date_utc"]).utcoffset() == timedelta(0)
 
 
 @pytest.mark.slow

@@ -18,7 +18,8 @@ target, dropout on) it reports:
   just before it via /proc/self/clear_refs. It is process-wide: it includes both frameworks' weights and
   allocator caches; `rss_step_mb` is how far the step pushed it above the resident size just before;
 - the machine as it describes itself (`flax_impl.apps.machine`): CPU model and ISA flags from /proc/cpuinfo,
-  cores, load average at the start and the end, XLA_FLAGS, torch threads, versions; and the command line.
+  cores, load average at the start and the end, XLA_FLAGS, torch threads, versions; the command line and the
+  start time (UTC).
 
 The two sides are in `bench_sides` (Flax: `jax.jit` over the `nnx.split` state by default, dropout keys from
 `jax.random.key(seed, impl=--rng-impl)`; the bench chooses the key, no global JAX config changes).
@@ -38,6 +39,7 @@ import shlex
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
@@ -239,12 +241,14 @@ def run(args: argparse.Namespace) -> int:
     import jax
 
     machine = detect_machine(with_torch=plan.torch_device is not None)
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     wall = time.perf_counter()
     with jax.default_device(plan.jax_device):
         measured = _measure(args, plan)
     argv = getattr(args, "argv", None)  # set by flax_impl.apps.cli.main
     result = {
         "command": shlex.join(["flax-impl", *argv]) if argv is not None else None,
+        "date_utc": started,
         "device": plan.platform_name,
         "device_name": plan.jax_device.device_kind if plan.platform_name != "cpu" else _cpu_name(machine),
         "torch_device": plan.torch_device,

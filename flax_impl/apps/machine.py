@@ -123,23 +123,27 @@ def finish_machine(machine: dict[str, Any]) -> dict[str, Any]:
     return {**machine, "load_average_end": load_average()}
 
 
-def describe(machine: dict[str, Any]) -> str:
+def describe(machine: dict[str, Any], *, load: bool = True) -> str:
     """One line for a report, e.g. "Intel(R) Xeon(R) Processor (/proc/cpuinfo model name); avx2 avx512f; ...".
 
-    ISA flags the CPU lacks are written with a leading "-", unknown ones as "isa flags unknown".
+    ISA flags the CPU lacks are written with a leading "-", unknown ones as "isa flags unknown". With `load`, the
+    1-minute load average at the start (and the end, once `finish_machine` added it) is included.
     """
     isa = machine["isa"]
     if isa is None:
         flags = "isa flags unknown"
     else:
         flags = " ".join(name if has else f"-{name}" for name, has in isa.items())
-    load_text = _first(machine["load_average_start"])
-    if "load_average_end" in machine:
-        load_text += f" -> {_first(machine['load_average_end'])}"
+    load_text = ""
+    if load:
+        load_text = f"load(1 min) {_first(machine['load_average_start'])}"
+        if "load_average_end" in machine:
+            load_text += f" -> {_first(machine['load_average_end'])}"
+        load_text += "; "
     threads = machine["torch_threads"]
     return (
         f"{machine['cpu_model'] or 'unknown CPU'} ({machine['cpu_model_source']}); {flags}; "
-        f"{machine['cores']} cores ({machine['usable_cores']} usable); load(1 min) {load_text}; "
+        f"{machine['cores']} cores ({machine['usable_cores']} usable); {load_text}"
         f"XLA_FLAGS={machine['xla_flags'] or 'unset'}" + ("" if threads is None else f"; torch threads {threads}")
     )
 
