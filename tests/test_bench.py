@@ -1,14 +1,21 @@
 """`flax-impl bench` runs end to end on a tiny encoder and writes well-formed JSON and a PNG. Speed is never
-asserted: only that every measurement is present, finite and positive, and that the FLOP count is the formula
-counted matmul by matmul."""
+asserted: only that every measurement is present, finite and positive, that the FLOP count is the formula
+counted matmul by matmul, and that the machine is reported as it describes itself (never guessed)."""
 
+import argparse
+import io
 import json
 import math
+import os
+import platform
+from datetime import datetime, timedelta
 
 import pytest
 
-from flax_impl.apps import bench
+from flax_impl.apps import bench, machine
+from flax_impl.apps.bench_report import layers_text
 from flax_impl.apps.cli import main
+from flax_impl.apps.progress import Progress
 from flax_impl.config import TransformerConfig
 
 TINY = ["--layers", "1", "--d-model", "32", "--heads", "4", "--vocab", "50", "--shapes", "2x8", "--repeats", "2",
@@ -35,6 +42,23 @@ def test_json_top_level(report):
     assert set(result["matmul_peak"]) == {"jax", "torch"}
     assert result["matmul_peak_flops"] == max(result["matmul_peak"].values())
     assert result["config"]["n_layers"] == 1 and result["config"]["d_model"] == 32
+    assert result["command"].startswith("flax-impl bench --layers 1 --d-model 32")
+    assert datetime.fromisoformat(result["date_utc"]).utcoffset() == timedelta(0)
+
+
+@pytest.mark.slow
+def test_json_machine_is_the_detected_one(report):
+    result, _ = report
+    m = result["machine"]
+    expected = machine.read_cpu()
+    assert {k: m[k] for k in ("cpu_model", "cpu_model_source", "isa")} == expected
+    assert result["device_name"] == (m["cpu_model"] or f"{m['arch']} CPU, model not reported")
+    assert m["cores"] == result["cores"] == os.cpu_count()
+    assert m["torch_threads"] == result["torch_threads"] and m["torch_threads"] >= 1
+    assert m["versions"] == result["versions"] and set(m["versions"]) == {"python", "jax", "flax", "numpy", "torch"}
+    assert m["xla_flags"] == os.environ.get("XLA_FLAGS")
+    for key in ("load_average_start", "load_average_end"):
+        assert m[key] is None or (len(m[key]) == 3 and all(x >= 0 for x in m[key]))
 
 
 @pytest.mark.slow
@@ -102,10 +126,110 @@ def test_layer_options_reach_the_config_and_the_table():
     parser = __import__("argparse").ArgumentParser()
     bench.add_arguments(parser)
     args = parser.parse_args(["--layers", "6", "--scan-unroll", "6"])
-    cfg, fcfg = bench._build_config(args, max_length=128)
+    cfg, fcfg = bench.build_config(args, max_length=128)
     assert (cfg.n_layers, fcfg.scan_layers, fcfg.scan_unroll) == (6, True, 6)
-    assert bench._layers_text(cfg.to_dict(), fcfg.to_dict()) == "scanned layers, 6 per loop iteration"
-    assert bench._layers_text(cfg.to_dict(), fcfg.replace(scan_unroll=1).to_dict()) == "scanned layers"
-    cfg, unrolled = bench._build_config(parser.parse_args(["--unrolled"]), max_length=128)
-    assert bench._layers_text(cfg.to_dict(), unrolled.to_dict()) == "unrolled layers"
+    assert layers_text(cfg.to_dict(), fcfg.to_dict()) == "scanned layers, 6 per loop iteration"
+    assert layers_text(cfg.to_dict(), fcfg.replace(scan_unroll=1).to_dict()) == "scanned layers"
+    cfg, unrolled = bench.build_config(parser.parse_args(["--unrolled"]), max_length=128)
+    assert layers_text(cfg.to_dict(), unrolled.to_dict()) == "unrolled layers"
     assert main(["bench", "--scan-unroll", "0"]) == 2  # a bad value is an argument error, before any work
+
+
+@pytest.mark.parametrize("spelling", [["--n-heads", "4", "--n-layers", "3"], ["--heads", "4", "--layers", "3"]])
+def test_model_options_are_the_shared_ones(spelling):
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    cfg, _ = bench.build_config(parser.parse_args(["--d-model", "32", *spelling]), max_length=8)
+    assert (cfg.d_model, cfg.n_heads, cfg.n_layers, cfg.d_ff) == (32, 4, 3, 128)
+    cfg, _ = bench.build_config(parser.parse_args(["--d-model", "32", "--d-ff", "48", *spelling]), max_length=8)
+    assert cfg.d_ff == 48
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Make every step that measures or builds a model fail loudly: a test using it proves nothing ran."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("bench did work before reporting the bad option")
+
+    for name in ("matmul_peak", "FlaxSide", "TorchSide", "detect_machine"):
+        monkeypatch.setattr(bench, name, forbidden)
+
+
+@pytest.mark.parametrize(
+    "option, path, message",
+    [
+        ("--json", "missing-dir/x.json", "does not exist"),
+        ("--plot", "missing-dir/x.png", "does not exist"),
+        ("--json", ".", "is a directory"),
+    ],
+)
+def test_bad_output_path_fails_before_any_work(no_work, tmp_path, capsys, option, path, message):
+    target = str(tmp_path / path)
+    assert main(["bench", "--quick", option, target]) == 2
+    err = capsys.readouterr().err
+    assert f"flax-impl bench: error: {option} " in err and message in err
+    assert not (tmp_path / "missing-dir").exists()
+
+
+CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+model name\t: AMD EPYC 7B13
+flags\t\t: fpu sse2 avx avx2 fma avx512f_not_a_flag
+
+processor\t: 1
+model name\t: Some Other CPU
+flags\t\t: avx2 avx512f avx512_bf16 amx_tile
+"""
+
+
+def test_parse_cpuinfo_reads_the_first_processor_and_guesses_nothing():
+    info = machine.parse_cpuinfo(CPUINFO)
+    assert info == {
+        "cpu_model": "AMD EPYC 7B13",
+        "isa": {"avx2": True, "avx512f": False, "avx512_bf16": False, "amx_tile": False},  # whole words only
+    }
+    arm = "processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd\nCPU implementer\t: 0x41\n"
+    assert machine.parse_cpuinfo(arm) == {"cpu_model": None, "isa": None}  # no model name, no flags line
+
+
+def test_read_cpu_names_its_source(tmp_path):
+    path = tmp_path / "cpuinfo"
+    path.write_text(CPUINFO)
+    assert machine.read_cpu(str(path))["cpu_model_source"] == f"{path} model name"
+    path.write_text("processor\t: 0\nflags\t\t: avx2\n")
+    no_model = machine.read_cpu(str(path))
+    assert no_model["cpu_model"] == (platform.processor() or None)
+    assert no_model["cpu_model_source"] == "platform.processor()"
+    assert no_model["isa"]["avx2"] is True
+    missing = machine.read_cpu(str(tmp_path / "absent"))
+    assert missing["isa"] is None and missing["cpu_model_source"] == "platform.processor()"
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="no /proc/cpuinfo on this OS")
+def test_detect_machine_reports_what_proc_cpuinfo_says():
+    with open("/proc/cpuinfo") as f:
+        lines = f.read().splitlines()
+    model = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    flags = next(line.split(":", 1)[1].split() for line in lines if line.startswith("flags"))
+    m = machine.detect_machine(with_torch=False)
+    assert m["cpu_model"] == model and m["cpu_model_source"] == "/proc/cpuinfo model name"
+    assert m["isa"] == {name: name in flags for name in machine.ISA_FLAGS}
+    assert m["cores"] == os.cpu_count() and m["torch_threads"] is None and "torch" not in m["versions"]
+    assert m["xla_flags"] == os.environ.get("XLA_FLAGS")
+    line = machine.describe(machine.finish_machine(m))
+    assert line.startswith(f"{model} (/proc/cpuinfo model name)") and "->" in line
+    for name in machine.ISA_FLAGS:
+        assert (f" {name}" if name in flags else f"-{name}") in line
+
+
+def test_progress_off_a_terminal_writes_one_line_per_phase():
+    out = io.StringIO()
+    p = Progress(4, stream=out)
+    p.step("phase a", 0)
+    p.step("phase a", detail="ignored off a terminal")
+    p.step("phase b", 3)
+    p.close()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2 and lines[0].endswith("phase a") and "ignored" not in out.getvalue()
+    assert lines[1].startswith("[" + "#" * 24 + "] 100%") and lines[1].endswith("phase b")

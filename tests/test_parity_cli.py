@@ -5,6 +5,7 @@ import json
 import pytest
 
 from flax_impl import tolerances
+from flax_impl.apps import parity
 from flax_impl.apps.cli import main
 from flax_impl.config import POSITIONS
 
@@ -52,3 +53,22 @@ def test_parity_cli_reports_every_module_and_scheme(tmp_path, capsys):
 def test_parity_cli_exit_status_1_when_a_tolerance_is_exceeded(monkeypatch):
     monkeypatch.setattr(tolerances, "BLOCK", 0.0)  # no fp32 block computation is bit-exact across frameworks
     assert main(SMALL) == 1
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--json", "missing-dir/rows.json"], "--json"),
+        (["--n-heads", "3"], "n_heads=3 must divide d_model=16"),
+        (["--length", "0"], "--length=0 must be >= 1"),
+    ],
+)
+def test_parity_cli_bad_input_exits_2_before_any_work(monkeypatch, tmp_path, capsys, extra, message):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("parity built twins before reporting the bad option")
+
+    monkeypatch.setattr(parity, "_rows", forbidden)
+    monkeypatch.chdir(tmp_path)
+    assert main([*SMALL, *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("flax-impl parity: error: ") and message in err

@@ -87,6 +87,8 @@ def test_cli_bad_input_fails_before_training(tmp_path, capsys):
     assert "n_heads=3 must divide d_model=16" in capsys.readouterr().err
     assert cli_main([*TINY, "--out", str(tmp_path / "d"), "--resume"]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+    assert cli_main([*TINY, "--out", str(tmp_path / "d"), "--d-ff", "0"]) == 2
+    assert "flax-impl train: error: --d-ff=0 must be >= 1" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         cli_main([*TINY, "--out", str(tmp_path / "e"), "--bogus-option"])
     assert e.value.code == 2 and "unrecognized arguments: --bogus-option" in capsys.readouterr().err

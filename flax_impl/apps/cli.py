@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
         if name == chosen:  # import (jax, torch, ...) only for the subcommand that runs
             importlib.import_module(module_name).add_arguments(p)
     args = parser.parse_args(argv)
+    args.argv = list(argv)  # the command line as given, for reports (`flax-impl bench` records it)
     if args.command is None:
         parser.print_help()
         return 2

@@ -3,14 +3,13 @@
 Each row builds both twins, copies the Flax weights into torch (`to_numpy_state_dict`, then
 `torch_ref.from_numpy_state_dict`), runs the same unit-scale input through both in fp32 eval mode and reports
 max |flax - torch| next to its tolerance from `flax_impl.tolerances`. Exit status 1 if any row exceeds its
-tolerance.
+tolerance. `--hf FOLDER` compares with transformers instead, layer by layer (`flax_impl.apps.parity_hf`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -19,11 +18,15 @@ from typing import Any
 import numpy as np
 
 from flax_impl import tolerances
+from flax_impl.apps import args as shared
+from flax_impl.apps.progress import Progress
 from flax_impl.config import POSITIONS, FlaxConfig, TransformerConfig
 
 
 @dataclass
 class Row:
+    """One comparison: `module` under `case`, its max |flax - torch| and the tolerance it must stay within."""
+
     module: str
     case: str
     max_abs_diff: float
@@ -35,15 +38,13 @@ class Row:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--d-model", type=int, default=512, help="model width of the block/encoder rows (512)")
-    parser.add_argument("--n-heads", type=int, default=8, help="heads (8)")
-    parser.add_argument("--d-ff", type=int, default=2048, help="feed-forward width (2048)")
-    parser.add_argument("--n-layers", type=int, default=6, help="encoder depth (6, the lesson's)")
-    parser.add_argument("--batch", type=int, default=2, help="batch size of the inputs (2)")
-    parser.add_argument("--length", type=int, default=64, help="sequence length of the inputs (64)")
-    parser.add_argument("--table-length", type=int, default=4096, help="length for position tables/rotations")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    """The `flax-impl parity` options; the model sizes default to the lesson's 6 x 512 encoder."""
+    shared.add_model_options(parser, d_model=512, n_heads=8, n_layers=6, d_ff=2048)
+    parser.add_argument("--batch", type=int, default=2, help="batch size B of the inputs [2]")
+    parser.add_argument("--length", type=int, default=64, help="sequence length L of the inputs [64]")
+    parser.add_argument("--table-length", type=int, default=4096, help="length of position tables/rotations [4096]")
+    shared.add_seed_option(parser, "the Flax weights and the inputs")
+    shared.add_json_option(parser, "the rows")
     parser.add_argument(
         "--hf", metavar="FOLDER", help="compare our model with transformers' on this Hugging Face folder, per layer"
     )
@@ -183,41 +184,50 @@ def _rows(cfg: TransformerConfig, batch: int, length: int, table_len: int, seed:
             yield encoder_row
 
 
-def run(args: argparse.Namespace) -> int:
-    if args.hf is not None:
-        from flax_impl.apps import parity_hf
-
-        return parity_hf.run(args)
-    if args.flax is not None:
-        print("flax-impl parity: error: --flax goes with --hf", file=sys.stderr)
-        return 2
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        print("flax-impl parity needs PyTorch: pip install 'flax-impl[torch]'", file=sys.stderr)
-        return 2
-    import jax
-
-    jax.config.update("jax_default_matmul_precision", "highest")  # the CLI's own process: compare fp32 with fp32
-    cfg = TransformerConfig(
+def _config(args: argparse.Namespace) -> TransformerConfig:
+    """The fp32, dropout-free architecture of the block and encoder rows; ValueError naming a bad option."""
+    shared.check_at_least(args, ("d_model", "n_heads", "d_ff", "n_layers", "batch", "length", "table_length"))
+    shared.check_output_paths(args)
+    return TransformerConfig(
         vocab_size=1000,
         d_model=args.d_model,
         n_heads=args.n_heads,
         d_ff=args.d_ff,
         n_layers=args.n_layers,
-        max_len=max(args.length, 1),
+        max_len=args.length,
         dropout=0.0,
     )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run every row; print the table; write --json. Exit status: 0 all within tolerance, 1 some not, 2 bad
+    input (or no PyTorch). With --hf: the per-layer comparison with transformers (flax_impl.apps.parity_hf)."""
+    if args.hf is not None:
+        from flax_impl.apps import parity_hf
+
+        return parity_hf.run(args)
+    if args.flax is not None:
+        return shared.fail("parity", "--flax goes with --hf")
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return shared.fail("parity", "it needs PyTorch: pip install 'flax-impl[torch]'")
+    try:
+        cfg = _config(args)
+    except (ValueError, OSError) as err:
+        return shared.fail("parity", err)
+    import jax
+
+    jax.config.update("jax_default_matmul_precision", "highest")  # the CLI's own process: compare fp32 with fp32
     start = time.perf_counter()
     rows = []
     checks = list(_rows(cfg, args.batch, args.length, args.table_length, args.seed))
-    live = sys.stderr.isatty()
+    progress = Progress(len(checks))
     for i, check in enumerate(checks, 1):
-        if live:
-            print(f"\r[{i}/{len(checks)}] checking...", end="", file=sys.stderr, flush=True)
+        progress.step("comparing the twins", 0, detail=f"row {i}/{len(checks)}")
         rows.append(check())
-    if live:
-        print("\r" + " " * 40 + "\r", end="", file=sys.stderr)
+        progress.step("comparing the twins", detail=f"row {i}/{len(checks)}")
+    progress.close()
     width = max(len(r.module) for r in rows), max(len(r.case) for r in rows)
     print(f"{'module':<{width[0]}}  {'case':<{width[1]}}  {'max abs diff':>12}  {'tolerance':>9}  ok")
     for r in rows:

@@ -1,11 +1,7 @@
 """`flax-impl train`: train a small encoder (masked-token) or causal model (next-token) on the Python standard
-library's source, byte-tokenized; held-out evaluation, atomic resumable checkpoints, a loss plot.
+library's source, byte-tokenized; held-out evaluation, atomic resumable checkpoints (their layout:
+`flax_impl.apps.checkpoint`), a loss plot.
 
-Checkpoint layout (OUT/checkpoint/, replaced as a whole, never half-written):
-  model.safetensors  parameters with torch_ref key names (flax_impl.save): `torch_ref.TransformerEncoder(cfg)`
-                     + `safetensors.torch.load_file` + `load_state_dict` reads it;
-  config.json        {"model": TransformerConfig dict, "train": TrainConfig dict, "step": ..., "seed": ...};
-  train_state.npz    optimizer state (AdamW moments, counts), dropout rng keys/counts, step, loss history.
 Batches depend only on (seed, step), so a resumed run replays the uninterrupted run's batches and masks.
 """
 
@@ -13,22 +9,19 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import math
-import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from flax_impl.config import POSITIONS, TrainConfig, TransformerConfig
+from flax_impl.apps import args as shared
+from flax_impl.apps.checkpoint import check_resumable, checkpoint_dir, load_state, save_checkpoint
+from flax_impl.apps.progress import Progress
+from flax_impl.config import TrainConfig, TransformerConfig
 from flax_impl.tokenizer import PAD_ID, ByteTokenizer
-
-CKPT, OLD = "checkpoint", "checkpoint.old"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -41,37 +34,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--warmup", type=int, default=60, help="linear warmup steps, then cosine decay to 0.1 x lr [60]")
     a("--weight-decay", type=float, default=0.01, help="AdamW decoupled weight decay on Linear kernels [0.01]")
     a("--clip-norm", type=float, default=1.0, help="global gradient-norm clip, 0 = off [1.0]")
-    a("--d-model", type=int, default=128, help="model width D [128]")
-    a("--n-layers", type=int, default=2, help="blocks [2]")
-    a("--n-heads", type=int, default=4, help="attention heads [4]")
-    a("--d-ff", type=int, default=None, help="feed-forward width F [4 x d_model]")
+    shared.add_model_options(p, d_model=128, n_heads=4, n_layers=2, d_ff=None)
     a("--max-len", type=int, default=256, help="longest sequence the model accepts (learned positions) [256]")
     a("--dropout", type=float, default=0.1, help="dropout rate [0.1]")
-    a("--position", choices=POSITIONS, default="rope", help="position scheme [rope]")
+    shared.add_position_option(p, "rope")
     a("--causal", action="store_true", help="next-token objective with causal attention (default: masked-token)")
     a("--mask-prob", type=float, default=0.15, help="masked-token objective: fraction of positions predicted [0.15]")
     a("--out", default="flax-impl-train", help="output directory for checkpoint and plot [./flax-impl-train]")
     a("--resume", action="store_true", help="continue from OUT/checkpoint (same model options)")
     a("--stop-at", type=int, default=None, help="stop (with a checkpoint) after this step; resume later")
-    a("--seed", type=int, default=0, help="seed of the weights, dropout masks, batches and token masks [0]")
+    shared.add_seed_option(p, "the weights, dropout masks, batches and token masks")
     a("--eval-every", type=int, default=100, help="held-out evaluation + checkpoint every N steps [100]")
     a("--eval-batches", type=int, default=8, help="held-out batches per evaluation [8]")
-    a("--plot", default=None, help="PNG of train/eval loss [OUT/loss.png]; 'none' to skip")
+    shared.add_plot_option(p, "train and held-out loss", default_text="OUT/loss.png; 'none' to skip")
     a("--corpus", default=None, help="a text file or directory instead of the standard library's source")
     a("--corpus-mb", type=float, default=4.0, help="read at most this many MB of text [4]")
-    a("--mesh", default=None, help="data=D,model=M: train sharded on a device mesh (flax_impl.distributed) [off]")
-
-
-def _fail(msg: str) -> int:
-    print(f"flax-impl train: error: {msg}", file=sys.stderr)
-    return 2
+    shared.add_mesh_option(p, "train sharded")
 
 
 def _configs(args: argparse.Namespace) -> tuple[TransformerConfig, TrainConfig]:
     """Validate the options (ValueError naming the option) and build the two configs, before any work."""
-    for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "n_layers", "d_model", "n_heads"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
+    names = ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "n_layers", "d_model", "n_heads", "d_ff")
+    shared.check_at_least(args, names)
     if args.warmup < 0 or args.warmup >= args.steps:
         raise ValueError(f"--warmup={args.warmup} must be in [0, --steps={args.steps})")
     if args.stop_at is not None and not 1 <= args.stop_at <= args.steps:
@@ -105,116 +89,6 @@ def _configs(args: argparse.Namespace) -> tuple[TransformerConfig, TrainConfig]:
         mask_prob=args.mask_prob,
     )
     return cfg, tcfg
-
-
-def checkpoint_dir(out: str | os.PathLike) -> Path | None:
-    """OUT/checkpoint, or OUT/checkpoint.old if a save was interrupted mid-swap, or None."""
-    for name in (CKPT, OLD):
-        if (Path(out) / name / "train_state.npz").is_file():
-            return Path(out) / name
-    return None
-
-
-# ------------------------------------------------------------------------------------------- train state (npz)
-def _flat(state: Any) -> dict[str, Any]:
-    from flax import nnx
-
-    return {"/".join(map(str, p)): v for p, v in nnx.to_flat_state(state)}
-
-
-def _save_state(path: Path, model: Any, optimizer: Any, history: dict[str, list[float]]) -> None:
-    import jax
-    from flax import nnx
-
-    arrays = {}
-    for key, var in _flat(nnx.state(optimizer)).items():
-        arrays["opt/" + key] = np.asarray(var[...])
-    for key, var in _flat(nnx.state(model, nnx.RngState)).items():
-        value = var[...]
-        arrays["rng/" + key] = np.asarray(jax.random.key_data(value) if isinstance(var, nnx.RngKey) else value)
-    for key, values in history.items():
-        arrays["history/" + key] = np.asarray(values, dtype=np.float64)
-    with open(path, "wb") as f:
-        np.savez(f, **arrays)
-
-
-def _load_state(path: Path, model: Any, optimizer: Any) -> dict[str, list[float]]:
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    with np.load(path) as data:
-        saved = {k: data[k] for k in data.files}
-    for prefix, obj, filt in (("opt/", optimizer, ...), ("rng/", model, nnx.RngState)):
-        state = nnx.state(obj) if filt is ... else nnx.state(obj, filt)
-        for key, var in _flat(state).items():
-            if prefix + key not in saved:
-                raise ValueError(f"{path} has no entry {prefix + key}: it was written by a different model")
-            value = saved[prefix + key]
-            if isinstance(var, nnx.RngKey):
-                var[...] = jax.random.wrap_key_data(value, impl=jax.random.key_impl(var[...]))
-            else:
-                if value.shape != var[...].shape:
-                    raise ValueError(f"{path}: {prefix + key} has shape {value.shape}, the model {var[...].shape}")
-                var[...] = jnp.asarray(value, var[...].dtype)
-        nnx.update(obj, state)
-    return {k[len("history/") :]: saved[k].tolist() for k in saved if k.startswith("history/")}
-
-
-def save_checkpoint(out: Path, model: Any, optimizer: Any, meta: dict, history: dict[str, list[float]]) -> Path:
-    """Write OUT/checkpoint atomically: fill a temporary directory, then swap it in with renames."""
-    from flax_impl.interop import save
-
-    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".checkpoint-tmp-"))
-    try:
-        save(model, tmp / "model.safetensors")
-        _save_state(tmp / "train_state.npz", model, optimizer, history)
-        (tmp / "config.json").write_text(json.dumps(meta, indent=2))
-        final, old = out / CKPT, out / OLD
-        if old.exists():
-            shutil.rmtree(old)
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
-
-
-# ----------------------------------------------------------------------------------------------------- display
-class Progress:
-    """tqdm bar if tqdm is importable (an optional extra), else a carriage-return line on a terminal and a plain
-    line per evaluation elsewhere."""
-
-    def __init__(self, total: int, initial: int):
-        try:
-            from tqdm import tqdm
-        except ImportError:
-            tqdm = None
-        self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, disable=None) if tqdm else None
-        self.tty = sys.stderr.isatty()
-
-    def update(self, step: int, loss: float, tok_s: float) -> None:
-        text = f"loss {loss:.4f}  {tok_s:,.0f} tok/s"
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix_str(text, refresh=False)
-        elif self.tty:
-            print(f"\rstep {step}  {text}", end="", file=sys.stderr, flush=True)
-
-    def write(self, line: str) -> None:
-        if self.bar is not None:
-            self.bar.write(line)
-        else:
-            print(("\n" if self.tty else "") + line, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        elif self.tty:
-            print(file=sys.stderr)
 
 
 def plot_losses(path: Path, history: dict[str, list[float]], baseline: float, title: str) -> str:
@@ -255,21 +129,14 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     try:
         cfg, tcfg = _configs(args)
-        mesh = _mesh(args, cfg)
+        mesh = shared.build_mesh(args.mesh, cfg, [args.batch_size]) if args.mesh else None
         ckpt = checkpoint_dir(out)
         if args.resume and ckpt is None:
             raise ValueError(f"--resume: no checkpoint in {str(out)!r}")
         if not args.resume and ckpt is not None:
             raise ValueError(f"{str(ckpt)!r} exists: pass --resume to continue it, or another --out")
         if ckpt is not None:
-            saved = json.loads((ckpt / "config.json").read_text())
-            diff = {k: (v, cfg.to_dict()[k]) for k, v in saved["model"].items() if cfg.to_dict().get(k) != v}
-            if diff:
-                raise ValueError(f"--resume with other model options than the checkpoint: {diff} (saved, given)")
-            if (saved["train"]["clip_norm"] is None) != (tcfg.clip_norm is None):
-                raise ValueError("--resume cannot switch gradient clipping on or off (the optimizer state differs)")
-            if saved["seed"] != args.seed:
-                raise ValueError(f"--resume with --seed={args.seed}, the checkpoint used --seed={saved['seed']}")
+            check_resumable(ckpt, cfg, tcfg, args.seed)
         corpus = load_corpus(args.corpus, max_bytes=int(args.corpus_mb * 1e6))
         window = args.seq_len + 1 if cfg.causal else args.seq_len
         for name, stream in (("training", corpus.train), ("held-out", corpus.heldout)):
@@ -278,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
                     f"the {name} split has {stream.size} tokens, fewer than one --seq-len window ({window})"
                 )
     except (ValueError, OSError) as e:
-        return _fail(str(e))
+        return shared.fail("train", e)
     out.mkdir(parents=True, exist_ok=True)
     if mesh is None:
         return _train(args, cfg, tcfg, corpus, ckpt, out, window)
@@ -286,20 +153,6 @@ def run(args: argparse.Namespace) -> int:
 
     with jax.set_mesh(mesh):
         return _train(args, cfg, tcfg, corpus, ckpt, out, window, mesh)
-
-
-def _mesh(args: argparse.Namespace, cfg: TransformerConfig) -> Any:
-    """--mesh -> a (data, model) Mesh, or None; ValueError if it does not fit the devices, the model or the batch."""
-    if args.mesh is None:
-        return None
-    from flax_impl.distributed import check_shardable, make_mesh, parse_mesh
-
-    mesh = make_mesh(**parse_mesh(args.mesh))
-    check_shardable(cfg, mesh)
-    if args.batch_size % mesh.shape["data"]:
-        raise ValueError(f"--batch-size={args.batch_size} is not divisible by the mesh's data axis size "
-                         f"{mesh.shape['data']}")
-    return mesh
 
 
 def _train(
@@ -335,7 +188,7 @@ def _train(
     history: dict[str, list[float]] = {"train_step": [], "train_loss": [], "eval_step": [], "eval_loss": []}
     if ckpt is not None:
         load(model, ckpt / "model.safetensors")
-        history = _load_state(ckpt / "train_state.npz", model, optimizer)
+        history = load_state(ckpt / "train_state.npz", model, optimizer)
         if mesh is not None:  # loaded values are plain arrays: back to their shards
             distributed.reshard(model, mesh)
             distributed.reshard(optimizer, mesh)
@@ -363,7 +216,7 @@ def _train(
         model.train()
         return float(sum(s for s, _ in sums) / max(sum(c for _, c in sums), 1.0))
 
-    progress = Progress(total=stop, initial=start)
+    progress = Progress(stop, initial=start)
     t_start, t_first, tokens, t_tokens = time.perf_counter(), None, 0, 0.0
     model.train()
     last_good = str(ckpt / "model.safetensors") if ckpt else None
@@ -384,7 +237,8 @@ def _train(
             break
         history["train_step"].append(step + 1)
         history["train_loss"].append(loss)
-        progress.update(step + 1, loss, tokens / t_tokens if t_tokens else 0.0)
+        tok_s = tokens / t_tokens if t_tokens else 0.0
+        progress.step("training", detail=f"step {step + 1}  loss {loss:.4f}  {tok_s:,.0f} tok/s")
         if (step + 1) % args.eval_every == 0 or step + 1 == stop:
             eval_loss = evaluate()
             params = jax.tree.leaves(nnx.state(model, nnx.Param))
