@@ -1,15 +1,14 @@
-"""Multi-head self-attention (Vaswani et al., 2017) with RoPE / ALiBi hooks, masks and attention dropout.
-
-Axes: B batch, L query length, S key length, D model width, N heads, H head dim.
+"""Multi-head self-attention (Vaswani et al., 2017) with RoPE / ALiBi hooks, grouped-query heads, sliding windows,
+masks and attention dropout.
 
 Mask convention (ours, both twins): `attention_mask` is either (B, S) with 1/True = real token, a bool
 (B|1, N|1, L, S) with True = may attend, or a float (B|1, N|1, L, S) added to the scores (-inf = masked out).
 PyTorch's nn.MultiheadAttention uses the opposite bool polarity: convert with `from_torch_mha_mask`. A query
 row whose keys are all masked returns zeros (torch's softmax would give NaN).
 
-Kernels (`config.attention_impl`, same results to float32 rounding): "einsum" works heads-major (B, N, L, H), one
-chunk of queries at a time (`query_chunk`), normalising after probs.v; on CPU it measured 1.3x faster than one
-full (B, N, L, S) softmax at L=512 and as fast at L=128. "dot_product_attention" calls
+Kernels (`FlaxConfig.attention_impl`, same results to float32 rounding): "einsum" is
+`flax_impl._kernels.attention.chunked_attention`, heads-major (B, N, L, H), one chunk of queries at a time, its
+gradient written out (why: docs/design.md#attention). "dot_product_attention" calls
 jax.nn.dot_product_attention (cuDNN on GPU), which has no dropout. "auto" (default) takes the latter on GPU/TPU
 when no attention dropout is active, the einsum path otherwise.
 """
@@ -159,7 +158,7 @@ class MultiHeadAttention(nnx.Module):
 
     def _use_dot_product_attention(self) -> bool:
         """`attention_impl`: "auto" takes jax.nn.dot_product_attention on GPU/TPU unless attention dropout is
-        active (it has no dropout), the einsum path on CPU (measured faster there)."""
+        active (it has no dropout), the einsum path on CPU (docs/design.md#attention)."""
         impl = self.flax_config.attention_impl
         dropout_active = not self.dropout.deterministic and 0.0 < self.dropout.rate
         if impl == "dot_product_attention" and dropout_active:

@@ -1,7 +1,4 @@
-"""The Transformer block of lesson 08: pre-LN by default, post-LN with `norm_first=False`.
-
-Axes: B batch, L length, D model width, F feed-forward width.
-"""
+"""The Transformer block of lesson 08: pre-LN by default, post-LN with `norm_first=False`."""
 
 from __future__ import annotations
 

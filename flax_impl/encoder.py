@@ -1,7 +1,4 @@
-"""The N-layer encoder of lesson 08's exercise, driven by an TransformerConfig (or its dict).
-
-Axes: B batch, L length, D model width, V vocabulary.
-"""
+"""The N-layer encoder of lesson 08's exercise, driven by a TransformerConfig (or its dict)."""
 
 from __future__ import annotations
 
@@ -59,7 +56,7 @@ class TransformerEncoder(nnx.Module):
         if isinstance(config, dict):
             config = TransformerConfig.from_dict(config)
         if not isinstance(config, TransformerConfig):
-            raise TypeError(f"config must be an TransformerConfig or a dict, got {type(config).__name__}")
+            raise TypeError(f"config must be a TransformerConfig or a dict, got {type(config).__name__}")
         flax_config = FlaxConfig() if flax_config is None else flax_config
         if not isinstance(flax_config, FlaxConfig):
             raise TypeError(f"flax_config must be a FlaxConfig or None, got {type(flax_config).__name__}")

@@ -1,7 +1,4 @@
-"""Normalisation layers: LayerNorm (Ba et al., 2016) with torch.nn.LayerNorm's arithmetic, and RMSNorm.
-
-Axes: D model width.
-"""
+"""Normalisation layers: LayerNorm (Ba et al., 2016) with torch.nn.LayerNorm's arithmetic, and RMSNorm."""
 
 from __future__ import annotations
 

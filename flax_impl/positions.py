@@ -1,8 +1,6 @@
 """The four position schemes: sinusoidal, learned, RoPE, ALiBi (and "none"), as pure functions plus one
 uniform interface (`SCHEMES`, `rotate_qk`, `score_bias`) so that the rest of the model branches on the scheme name
 in this file only.
-
-Axes: B batch, L query length, S key length, D model width, N heads, H head dim.
 """
 
 from __future__ import annotations

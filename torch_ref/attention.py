@@ -1,6 +1,5 @@
 """Multi-head self-attention in plain torch, with nn.MultiheadAttention's parameter names and packing.
 
-Axes: B batch, L query length, S key length, D model width, N heads, H head dim.
 Masks as in flax_impl.attention: (B, S) 1/True = real token; bool (B|1, N|1, L, S) True = may attend; float
 (B|1, N|1, L, S) added to the scores (-inf = masked out). A query row with no key to attend to returns zeros.
 """

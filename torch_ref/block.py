@@ -1,7 +1,4 @@
-"""Lesson 08's Transformer block in plain torch: pre-LN (default), post-LN, or parallel residual; plain or gated MLP.
-
-Axes: B batch, L length, D model width, F feed-forward width.
-"""
+"""Lesson 08's Transformer block in plain torch: pre-LN (default), post-LN, or parallel residual; plain or gated MLP."""
 
 from torch import nn
 

@@ -1,7 +1,4 @@
-"""Normalisation layers in plain torch: LayerNorm is torch.nn.LayerNorm itself; RMSNorm written out.
-
-Axes: D model width.
-"""
+"""Normalisation layers in plain torch: LayerNorm is torch.nn.LayerNorm itself; RMSNorm written out."""
 
 import torch
 from torch import nn

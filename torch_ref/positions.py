@@ -1,7 +1,4 @@
-"""Position schemes in plain torch: sinusoidal table, learned positions, RoPE, ALiBi.
-
-Axes: B batch, L query length, S key length, D model width, N heads, H head dim.
-"""
+"""Position schemes in plain torch: sinusoidal table, learned positions, RoPE, ALiBi."""
 
 import math
 
