@@ -1,5 +1,7 @@
 """Helpers shared by the test folders (`from helpers import ...`; pyproject puts parity_tests on the path)."""
 
+import json
+
 import numpy as np
 
 import flax_impl as fi
@@ -13,6 +15,8 @@ __all__ = [
     "SENTENCES",
     "perturbed_twins",
     "randn",
+    "eight_device_report",
+    "eight_device_report",
     "small_config",
     "twins",
     "alibi_bias_formula",
@@ -82,3 +86,17 @@ ALIBI_SLOPES = {
     12: [2.0**-k for k in range(1, 9)] + [2.0**-0.5, 2.0**-1.5, 2.0**-2.5, 2.0**-3.5],
     16: [2.0 ** (-k / 2) for k in range(1, 17)],
 }
+
+
+
+def eight_device_report(worker, timeout: int = 900) -> dict:
+    """Run `python worker` with 8 simulated CPU devices (the test process itself has one); the JSON report its
+    last stdout line holds."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, str(worker)], capture_output=True, text=True, env=env, timeout=timeout)
+    assert proc.returncode == 0, f"worker failed:\n{proc.stderr[-4000:]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])

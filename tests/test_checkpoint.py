@@ -6,10 +6,7 @@ device is handed) run once in a subprocess (checkpoint_worker.py) with 8 simulat
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -18,6 +15,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from helpers import eight_device_report
 
 from flax_impl import interop
 from flax_impl import train as ftrain
@@ -193,10 +191,7 @@ def test_safetensors_partial_load_into_an_abstract_model_is_an_error(trained, tm
 # ------------------------------------------------------------------------- 8 simulated devices, in a subprocess
 @pytest.fixture(scope="module")
 def report() -> dict:
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, str(WORKER)], capture_output=True, text=True, env=env, timeout=900)
-    assert proc.returncode == 0, f"worker failed:\n{proc.stderr[-4000:]}"
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return eight_device_report(WORKER)
 
 
 SHARDED_RUNS = ["orbax_model", "orbax_optimizer", "orbax_concrete", "safetensors_abstract", "safetensors_concrete"]

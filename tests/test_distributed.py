@@ -6,15 +6,12 @@ reports numbers; the assertions are here. The expected layout below is the Megat
 (Shoeybi et al., 2019), not read from flax_impl.sharding.
 """
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from helpers import eight_device_report
 
 from flax_impl import distributed as dist
 from flax_impl.sharding import constrain
@@ -46,10 +43,7 @@ EXPECTED = {
 
 @pytest.fixture(scope="module")
 def report() -> dict:
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, str(WORKER)], capture_output=True, text=True, env=env, timeout=900)
-    assert proc.returncode == 0, f"worker failed:\n{proc.stderr[-4000:]}"
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return eight_device_report(WORKER)
 
 
 def _normalised(spec, ndim: int, model_size: int) -> tuple:
