@@ -73,6 +73,7 @@ class DecodeModels:
         import torch_ref
         from flax_impl.interop import to_numpy_state_dict
 
+        transformers.utils.logging.disable_progress_bar()  # the bench's own progress line is enough
         torch.manual_seed(seed)
         hf = transformers.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="eager").eval()
         self.model_type = hf_cfg.model_type
