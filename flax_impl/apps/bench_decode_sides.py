@@ -112,8 +112,9 @@ class DecodeModels:
         import torch
         import torch_ref.generate
 
+        rows = [row[m.astype(bool)].tolist() for row, m in zip(ids, mask, strict=True)]  # ragged lists of ids
         with torch.inference_mode():
-            out = torch_ref.generate.generate(self.twin, ids, mask=mask, max_new_tokens=n)
+            out = torch_ref.generate.generate(self.twin, rows, max_new_tokens=n)
         return _numpy(out.tokens)
 
 
