@@ -59,8 +59,10 @@ def test_every_side_measured_as_the_method_says(report):
             assert s["prefill_s"]["median"] == pytest.approx(float(np.median(t1)))
             per_token = [(b - a) / (N - 1) for a, b in zip(t1, tn, strict=True)]
             assert s["decode_s_per_token"]["median"] == pytest.approx(float(np.median(per_token)))
-            if s["decode_tokens_per_s"] is not None:
+            if np.median(per_token) > 0:  # timing noise can exceed a tiny model's decode time
                 assert s["decode_tokens_per_s"]["median"] == pytest.approx(row["batch"] / np.median(per_token))
+            else:
+                assert s["decode_tokens_per_s"] is None
             assert set(s["compile_s"]) == {"1_token", f"{N}_tokens"} and all(v >= 0 for v in s["compile_s"].values())
             assert s["peak_rss_mb"] is None or _positive(s["peak_rss_mb"])
             a = s["tokens_vs_flax"]

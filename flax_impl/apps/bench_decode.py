@@ -231,8 +231,7 @@ def summarize(raw: dict[str, dict[str, Any]], B: int, N: int) -> dict[str, Any]:
         sides[name] = {
             "prefill_s": prefill,
             "decode_s_per_token": decode,
-            "decode_tokens_per_s": {"median": B / decode["median"], "min": B / decode["max"],
-                                    "max": B / decode["min"]} if decode["min"] > 0 else None,
+            "decode_tokens_per_s": _per_second(B, decode),
             "total_s": total,
             "end_to_end_tokens_per_s": B * N / total["median"],
             "compile_s": {"1_token": max(m["first_1"] - prefill["median"], 0.0),
@@ -253,13 +252,22 @@ def summarize(raw: dict[str, dict[str, Any]], B: int, N: int) -> dict[str, Any]:
     if "flax" in sides:
         flax = sides["flax"]
         for other, key in ((peer["decode"], "decode_vs_hf"), ("torch_ref", "decode_vs_torch_ref")):
-            if other in sides and _rate(sides[other]) > 0:
+            if other in sides and _rate(sides[other]) > 0 and _rate(flax) > 0:
                 ratios[key] = _rate(flax) / _rate(sides[other])
         for other, key in ((peer["prefill"], "prefill_vs_hf"), ("torch_ref", "prefill_vs_torch_ref")):
             if other in sides:
                 ratios[key] = sides[other]["prefill_s"]["median"] / flax["prefill_s"]["median"]
     met = {k: (None if v is None else bool(v >= TARGETS[k])) for k, v in ratios.items()}
     return {"sides": sides, "peer": peer, "ratios": ratios, "targets_met": met}
+
+
+def _per_second(B: int, latency: dict[str, float]) -> dict[str, float | None] | None:
+    """B / latency as {"median", "min", "max"}: None where the median latency is not positive (timing noise
+    larger than the decode time), "max" None where the smallest latency is not."""
+    if latency["median"] <= 0:
+        return None
+    return {"median": B / latency["median"], "min": B / latency["max"],
+            "max": B / latency["min"] if latency["min"] > 0 else None}
 
 
 def _rate(side: dict[str, Any]) -> float:

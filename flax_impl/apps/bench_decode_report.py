@@ -22,7 +22,9 @@ def _ms(spread: dict[str, float]) -> str:
 
 def _rate(side: dict[str, Any]) -> str:
     t = side["decode_tokens_per_s"]
-    return "-" if t is None else f"{t['median']:.0f} ({t['min']:.0f}-{t['max']:.0f})"
+    if t is None:
+        return "-"
+    return f"{t['median']:.0f} ({t['min']:.0f}-{'?' if t['max'] is None else format(t['max'], '.0f')})"
 
 
 def _agree(side: dict[str, Any]) -> str:
@@ -128,7 +130,7 @@ def write_plot(result: dict[str, Any], path: str) -> None:
                 scale = 1e3 if metric == "prefill_s" else 1.0
                 med = [scale * v["median"] if v else 0.0 for v in vals]
                 err = [[scale * (v["median"] - v["min"]) if v else 0.0 for v in vals],
-                       [scale * (v["max"] - v["median"]) if v else 0.0 for v in vals]]
+                       [scale * (v["max"] - v["median"]) if v and v["max"] is not None else 0.0 for v in vals]]
                 ax.bar(x + (k - (len(sides) - 1) / 2) * width, med, width, yerr=err, capsize=2, label=side)
             ax.set_xticks(x, [f"B={r['batch']}\nP={r['prompt']}" for r in rows], fontsize=8)
             ax.set_ylabel(label, fontsize=8)
