@@ -1,5 +1,8 @@
 """What `flax-impl bench-decode` reports: the terminal table, a markdown table for benchmarks/, the JSON and the
-PNG. The JSON holds everything the tables show and more (every timed call, the machine as detected, configs)."""
+PNG. The JSON holds everything the tables show and more (every timed call, the machine as detected, configs).
+
+    python -m flax_impl.apps.bench_decode_report RESULT.json     # the markdown tables of a recorded run
+"""
 
 from __future__ import annotations
 
@@ -140,3 +143,10 @@ def write_plot(result: dict[str, Any], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+if __name__ == "__main__":  # python -m flax_impl.apps.bench_decode_report RESULT.json: the markdown tables
+    import sys
+
+    with open(sys.argv[1]) as f:
+        print(markdown_table(json.load(f)))
