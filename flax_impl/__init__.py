@@ -12,6 +12,9 @@ Example:
     >>> ids, mask = fi.batch_encode(["hello", "hi"], fi.ByteTokenizer())    # (B, L) each
     >>> model(ids, mask).shape                                              # (B, L, D)
     (2, 5, 64)
+
+Generation (causal models): `from flax_impl.generate import generate` (the module shares its name, so the
+function is not an attribute of the package).
 """
 
 from __future__ import annotations
@@ -33,6 +36,10 @@ _EXPORTS = {
     "alibi_slopes": "flax_impl.positions",
     "alibi_bias": "flax_impl.positions",
     "MultiHeadAttention": "flax_impl.attention",
+    "KVCache": "flax_impl.encoder",
+    "GenerateOutput": "flax_impl.generate",
+    "filter_logits": "flax_impl.generate",
+    "GenerationConfig": "flax_impl.generation_config",
     "from_torch_mha_mask": "flax_impl.attention",
     "TransformerBlock": "flax_impl.block",
     "GatedMLP": "flax_impl.block",
@@ -94,7 +101,9 @@ if TYPE_CHECKING:  # let type checkers and IDEs see the real names
     )
     from flax_impl.dropout import Dropout  # noqa: F401
     from flax_impl.embedding import Embed, check_ids  # noqa: F401
-    from flax_impl.encoder import TransformerEncoder  # noqa: F401
+    from flax_impl.encoder import KVCache, TransformerEncoder  # noqa: F401
+    from flax_impl.generate import GenerateOutput, filter_logits  # noqa: F401
+    from flax_impl.generation_config import GenerationConfig  # noqa: F401
     from flax_impl.interop import (  # noqa: F401
         from_torch_encoder_layer,
         load,

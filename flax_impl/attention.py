@@ -23,7 +23,7 @@ from flax import nnx
 from flax_impl._kernels.attention import chunked_attention, dot_product_attention, merge_heads_project
 from flax_impl.config import FlaxConfig, TransformerConfig
 from flax_impl.dropout import Dropout
-from flax_impl.positions import rotate_qk, score_bias
+from flax_impl.positions import alibi_slopes, rotate_qk, scheme, score_bias
 from flax_impl.sharding import QKV_ACTIVATION, constrain, parallel_linear
 
 
@@ -115,24 +115,107 @@ class MultiHeadAttention(nnx.Module):
     def __call__(
         self, x: jax.Array, attention_mask: jax.Array | None = None, *, positions: jax.Array | None = None
     ) -> jax.Array:
+        """x (B, L, D) -> (B, L, D). `positions`: (L,) or (B, L) RoPE positions, default 0 .. L - 1."""
+        return self._forward(x, attention_mask, positions)[0]
+
+    def prefill(
+        self, x: jax.Array, attention_mask: jax.Array | None, positions: jax.Array, cache_len: int
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """The forward of a whole prompt, also returning its keys and values as a cache of `cache_len` slots.
+
+        Args:
+            x: (B, L, D), the prompt at slots 0 .. L - 1.
+            attention_mask: as for `__call__` ((B, L) 1 = real token for left-padded prompts), or None.
+            positions: (B, L) RoPE positions (for a left-padded row, its first real token is position 0).
+            cache_len: S >= L, the slots the cache holds.
+        Returns:
+            (out (B, L, D), (k, v)): k and v (B, K, S, H), after RoPE, slots L .. S - 1 zero.
+        """
+        out, (k, v) = self._forward(x, attention_mask, positions)
+        pad = ((0, 0), (0, 0), (0, cache_len - x.shape[1]), (0, 0))
+        return out, (jnp.pad(k.transpose(0, 2, 1, 3), pad), jnp.pad(v.transpose(0, 2, 1, 3), pad))
+
+    def decode(
+        self,
+        x: jax.Array,
+        kv: tuple[jax.Array, jax.Array],
+        index: jax.Array,
+        key_mask: jax.Array,
+        positions: jax.Array,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """Attention of L new tokens at slots index .. index + L - 1 over the cache, which they are written into.
+
+        The new token at slot i attends to the cached slots j <= i that `key_mask` marks real (and, with a
+        sliding window W, i - j < W); ALiBi's distance is i - j. The kv heads stay grouped: query head n reads
+        kv head n // (N / K) without repeating the cache.
+
+        Args:
+            x: (B, L, D).
+            kv: (k, v), each (B, K, S, H), from `prefill` or a previous `decode`.
+            index: int32 scalar, the first slot written (traced under jit; index + L <= S is the caller's).
+            key_mask: (B, S) bool, True = a real token is (or is now being) written at that slot.
+            positions: (B, L) RoPE positions of the new tokens.
+        Returns:
+            (out (B, L, D), (k, v) with the new tokens written).
+        """
         cfg = self.config
         B, L, D = x.shape
-        N, H = cfg.n_heads, cfg.head_dim
-        if D != cfg.d_model:
-            raise ValueError(f"attention input width {D} != d_model={cfg.d_model}")
-        if attention_mask is not None:
-            check_attention_mask(attention_mask, B, N, L, L)
-        K = cfg.n_kv_heads
+        N, K, H = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        q, k, v = self._project(x, positions)  # (B, L, N, H), (B, L, K, H), (B, L, K, H)
+        k_cache = jax.lax.dynamic_update_slice(kv[0], k.transpose(0, 2, 1, 3).astype(kv[0].dtype), (0, 0, index, 0))
+        v_cache = jax.lax.dynamic_update_slice(kv[1], v.transpose(0, 2, 1, 3).astype(kv[1].dtype), (0, 0, index, 0))
+        S = k_cache.shape[2]
+        q = (q * jnp.asarray(H**-0.5, q.dtype)).reshape(B, L, K, N // K, H)  # head n = (n // G, n % G)
+        scores = jnp.einsum("blkgh,bksh->bkgls", q, k_cache, preferred_element_type=jnp.float32)  # (B, K, G, L, S)
+        i = index + jnp.arange(L)[:, None]  # (L, 1) slots of the new tokens
+        j = jnp.arange(S)[None, :]  # (1, S)
+        allowed = (j <= i) & key_mask[:, None, :]  # (B, L, S)
+        if cfg.sliding_window is not None:
+            allowed = allowed & (i - j < cfg.sliding_window)
+        if scheme(cfg.position).biases_scores:  # ALiBi: -m (i - j) for the keys j <= i that remain
+            slopes = jnp.asarray(alibi_slopes(N, cfg.alibi_max_bias)).reshape(1, K, N // K, 1, 1)
+            scores = scores - slopes * (i - j).astype(jnp.float32)
+        allowed = allowed[:, None, None]  # (B, 1, 1, L, S)
+        scores = jnp.where(allowed, scores, -jnp.inf)
+        row_max = jnp.max(scores, axis=-1, keepdims=True)
+        e = jnp.where(allowed, jnp.exp(scores - jnp.where(jnp.isfinite(row_max), row_max, 0.0)), 0.0)
+        denom = jnp.sum(e, axis=-1, keepdims=True)
+        probs = e / jnp.where(denom > 0, denom, 1.0)  # a row with no key: zeros
+        out = jnp.einsum("bkgls,bksh->blkgh", probs.astype(v_cache.dtype), v_cache)  # (B, L, K, G, H)
+        return self.out_proj(out.reshape(B, L, D)), (k_cache, v_cache)
+
+    def _project(self, x: jax.Array, positions: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """q (B, L, N, H), k and v (B, L, K, H), RoPE applied to q and k."""
+        cfg = self.config
+        B, L, _ = x.shape
+        N, K, H = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         if K == N:
             qkv = self.in_proj(x).reshape(B, L, 3, N, H)  # (B, L, 3, N, H)
             qkv = constrain(qkv, QKV_ACTIVATION)  # under a mesh: whole heads per device (no-op without one)
             q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, L, N, H)
-        else:  # grouped-query: K kv heads, query head n reads kv head n // (N / K) (repeat, not tile)
+        else:
             qkv = self.in_proj(x)  # (B, L, (N + 2K) H)
             q = qkv[..., : N * H].reshape(B, L, N, H)
-            k = jnp.repeat(qkv[..., N * H : (N + K) * H].reshape(B, L, K, H), N // K, axis=2)  # (B, L, N, H)
-            v = jnp.repeat(qkv[..., (N + K) * H :].reshape(B, L, K, H), N // K, axis=2)  # (B, L, N, H)
+            k = qkv[..., N * H : (N + K) * H].reshape(B, L, K, H)
+            v = qkv[..., (N + K) * H :].reshape(B, L, K, H)
         q, k = rotate_qk(cfg, q, k, jnp.arange(L) if positions is None else positions)
+        return q, k, v
+
+    def _forward(
+        self, x: jax.Array, attention_mask: jax.Array | None, positions: jax.Array | None
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """(out (B, L, D), (k, v) (B, L, K, H)): self-attention of x over itself."""
+        cfg = self.config
+        B, L, D = x.shape
+        N, K, H = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        if D != cfg.d_model:
+            raise ValueError(f"attention input width {D} != d_model={cfg.d_model}")
+        if attention_mask is not None:
+            check_attention_mask(attention_mask, B, N, L, L)
+        q, k_kv, v_kv = self._project(x, positions)
+        # grouped-query: query head n reads kv head n // (N / K) (repeat, not tile)
+        k = k_kv if K == N else jnp.repeat(k_kv, N // K, axis=2)  # (B, L, N, H)
+        v = v_kv if K == N else jnp.repeat(v_kv, N // K, axis=2)  # (B, L, N, H)
         q = q * jnp.asarray(H**-0.5, q.dtype)
         bias = score_bias(cfg, L, L)  # (N, L, S) or None
         allowed, additive = _allowed_and_additive(attention_mask, L, L, cfg.causal, cfg.sliding_window)
@@ -142,7 +225,7 @@ class MultiHeadAttention(nnx.Module):
             bias = additive
         if self._use_dot_product_attention():
             out = dot_product_attention(q, k, v, bias, allowed)  # (B, L, N, H)
-            return self.out_proj(out.reshape(B, L, D))
+            return self.out_proj(out.reshape(B, L, D)), (k_kv, v_kv)
         out = chunked_attention(
             q.transpose(0, 2, 1, 3),  # (B, N, L, H)
             k.transpose(0, 2, 1, 3),  # (B, N, S, H)
@@ -154,7 +237,7 @@ class MultiHeadAttention(nnx.Module):
         )  # (B, N, L, H)
         # The backward pass redoes the (B, N, L, H) -> (B, L, D) transpose for out_proj's weight gradient, so that
         # only the heads-major output, which the attention gradient keeps anyway, is kept.
-        return merge_heads_project(self.out_proj, out)
+        return merge_heads_project(self.out_proj, out), (k_kv, v_kv)
 
     def _use_dot_product_attention(self) -> bool:
         """`attention_impl`: "auto" takes jax.nn.dot_product_attention on GPU/TPU unless attention dropout is

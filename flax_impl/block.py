@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -115,13 +118,43 @@ class TransformerBlock(nnx.Module):
     def __call__(
         self, x: jax.Array, attention_mask: jax.Array | None = None, *, positions: jax.Array | None = None
     ) -> jax.Array:
+        return self._residuals(x, lambda h: self.attn(h, attention_mask, positions=positions))
+
+    def prefill(
+        self, x: jax.Array, attention_mask: jax.Array | None, positions: jax.Array, cache_len: int
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """`__call__` on a whole prompt, also returning the attention's (k, v) cache: see
+        `MultiHeadAttention.prefill`."""
+        kv = []
+        out = self._residuals(x, lambda h: _keep(kv, self.attn.prefill(h, attention_mask, positions, cache_len)))
+        return out, kv[0]
+
+    def decode(
+        self,
+        x: jax.Array,
+        kv: tuple[jax.Array, jax.Array],
+        index: jax.Array,
+        key_mask: jax.Array,
+        positions: jax.Array,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """`__call__` on new tokens attending over the cache: see `MultiHeadAttention.decode`."""
+        new = []
+        out = self._residuals(x, lambda h: _keep(new, self.attn.decode(h, kv, index, key_mask, positions)))
+        return out, new[0]
+
+    def _residuals(self, x: jax.Array, attend: Callable[[jax.Array], jax.Array]) -> jax.Array:
+        """The block's residual wiring around `attend` (the attention of its normed or raw input)."""
         if self.parallel:
             h = self.ln1(x)
-            return x + self.attn(h, attention_mask, positions=positions) + self.feed_forward(
-                h if self.ln2 is None else self.ln2(x)
-            )
+            return x + attend(h) + self.feed_forward(h if self.ln2 is None else self.ln2(x))
         if self.norm_first:
-            x = x + self.attn(self.ln1(x), attention_mask, positions=positions)
+            x = x + attend(self.ln1(x))
             return x + self.feed_forward(self.ln2(x))
-        x = self.ln1(x + self.attn(x, attention_mask, positions=positions))
+        x = self.ln1(x + attend(x))
         return self.ln2(x + self.feed_forward(x))
+
+
+def _keep(store: list, result: tuple[jax.Array, Any]) -> jax.Array:
+    """Append a cached attention's cache to `store` and return its output."""
+    store.append(result[1])
+    return result[0]

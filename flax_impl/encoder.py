@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +15,28 @@ from flax_impl.config import FlaxConfig, TransformerConfig
 from flax_impl.norm import make_norm
 from flax_impl.pipeline import TransformerInput
 from flax_impl.sharding import BATCH_ACTIVATION, constrain, parallel_linear
+
+
+class KVCache(NamedTuple):
+    """The decoding state of a causal TransformerEncoder (a pytree; `TransformerEncoder.prefill` builds it).
+
+    Slots are the cache's time axis: a left-padded prompt fills slots 0 .. P - 1, each decoded token the next one.
+    Positions are per row: a row's first real token is position 0 (transformers' `cumsum(mask) - 1`), so a
+    left-padded row and the same prompt alone see the same positions.
+
+    Attributes:
+        k: (n_layers, B, K, S, H) keys after RoPE, only the K kv heads (grouped-query attention stores no copy).
+        v: (n_layers, B, K, S, H) values.
+        key_mask: (B, S) bool, True = a real token sits at that slot (padding and unwritten slots are False).
+        index: int32 scalar, the next slot to write.
+        next_position: (B,) int32, the position of each row's next token.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    key_mask: jax.Array
+    index: jax.Array
+    next_position: jax.Array
 
 
 def _stacked_blocks(config: TransformerConfig, flax_config: FlaxConfig, rngs: nnx.Rngs) -> TransformerBlock:
@@ -113,13 +136,98 @@ class TransformerEncoder(nnx.Module):
             outs.append(_call_block(block, outs[-1], attention_mask))
         return jnp.stack(outs)
 
-    def _input(self, ids: jax.Array, attention_mask: jax.Array | None, token_type_ids: jax.Array | None) -> jax.Array:
+    def prefill(
+        self, ids: jax.Array, attention_mask: jax.Array | None, cache_len: int
+    ) -> tuple[jax.Array, KVCache]:
+        """The hidden states of a (left-padded) prompt, and the cache that continues it.
+
+        Args:
+            ids: (B, P) token ids, P <= cache_len.
+            attention_mask: (B, P), 1 = real token (padding on the left: the last slot is every row's last
+                token), or None (every token real).
+            cache_len: S, the slots of the cache (P plus the tokens to decode).
+        Returns:
+            (hidden (B, P, D) after `final_norm`, the KVCache with slots 0 .. P - 1 filled, index = P).
+        Raises:
+            ValueError: a non-causal model, a mask not (B, P), cache_len < P.
+        """
+        B, P = self._check_decoding(ids, attention_mask)
+        if not isinstance(cache_len, int) or cache_len < P:
+            raise ValueError(f"cache_len={cache_len!r} must be an int >= the prompt length {P}")
+        mask = jnp.ones((B, P), jnp.int32) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+        positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)  # (B, P): pads get 0, as transformers
+        x = self._input(ids, mask, None, positions)  # (B, P, D)
+
+        def layer(h: jax.Array, block: TransformerBlock) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+            return block.prefill(h, mask, positions, cache_len)
+
+        x, (k, v) = self._over_layers(layer, x, None)  # k, v: (n_layers, B, K, S, H)
+        key_mask = jnp.zeros((B, cache_len), bool).at[:, :P].set(mask.astype(bool))
+        cache = KVCache(k, v, key_mask, jnp.asarray(P, jnp.int32), jnp.sum(mask, axis=1, dtype=jnp.int32))
+        return self._final(x), cache
+
+    def decode(self, ids: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """The hidden states of L new tokens per row (every one real) attending over the cache.
+
+        Args:
+            ids: (B, L) token ids, written at slots cache.index .. cache.index + L - 1 (the caller keeps
+                index + L <= S: under jit a write past the end is clamped by `dynamic_update_slice`).
+            cache: from `prefill` or a previous `decode`.
+        Returns:
+            (hidden (B, L, D) after `final_norm`, the updated cache).
+        """
+        B, L = self._check_decoding(ids, None)
+        positions = cache.next_position[:, None] + jnp.arange(L, dtype=jnp.int32)  # (B, L)
+        key_mask = jax.lax.dynamic_update_slice(cache.key_mask, jnp.ones((B, L), bool), (0, cache.index))
+        x = self._input(ids, None, None, positions)  # (B, L, D)
+
+        def layer(h: jax.Array, block: TransformerBlock, kv: tuple) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+            return block.decode(h, kv, cache.index, key_mask, positions)
+
+        x, (k, v) = self._over_layers(layer, x, (cache.k, cache.v))
+        return self._final(x), KVCache(k, v, key_mask, cache.index + L, cache.next_position + L)
+
+    def _check_decoding(self, ids: jax.Array, mask: jax.Array | None) -> tuple[int, int]:
+        if not self.config.causal:
+            raise ValueError("prefill/decode need a causal model (config.causal=True): an encoder sees every token")
+        if jnp.ndim(ids) != 2:
+            raise ValueError(f"ids must have shape (B, L), got {jnp.shape(ids)}")
+        if mask is not None and jnp.shape(mask) != jnp.shape(ids):
+            raise ValueError(f"attention_mask must be (B, P) = {jnp.shape(ids)} for a prompt, got {jnp.shape(mask)}")
+        return jnp.shape(ids)
+
+    def _over_layers(self, layer: Callable, x: jax.Array, kv: tuple | None) -> tuple[jax.Array, tuple]:
+        """Run `layer(h, block[, kv_l]) -> (h, kv_l)` over the blocks; the per-layer kv stacked on axis 0."""
+        if not self.flax_config.scan_layers:
+            outs = []
+            for n, block in enumerate(self.blocks):
+                x, out = layer(x, block) if kv is None else layer(x, block, (kv[0][n], kv[1][n]))
+                outs.append(out)
+            return x, (jnp.stack([o[0] for o in outs]), jnp.stack([o[1] for o in outs]))
+        graphdef, state = nnx.split(self.blocks)  # every leaf with a leading (n_layers,) axis
+
+        def step(h: jax.Array, xs: tuple) -> tuple[jax.Array, tuple]:
+            block = nnx.merge(graphdef, xs[0])
+            return layer(h, block) if kv is None else layer(h, block, xs[1])
+
+        return jax.lax.scan(step, x, (state, kv), unroll=self.flax_config.scan_unroll)
+
+    def _final(self, x: jax.Array) -> jax.Array:
+        return self.final_norm(x) if self.config.final_norm else x
+
+    def _input(
+        self,
+        ids: jax.Array,
+        attention_mask: jax.Array | None,
+        token_type_ids: jax.Array | None,
+        positions: jax.Array | None = None,
+    ) -> jax.Array:
         if jnp.ndim(ids) != 2:
             raise ValueError(f"ids must have shape (B, L), got {jnp.shape(ids)}")
         B, L = jnp.shape(ids)
         if attention_mask is not None:
             check_attention_mask(attention_mask, B, self.config.n_heads, L, L)
-        x = self.input(ids, token_type_ids)  # (B, L, D)
+        x = self.input(ids, token_type_ids, positions=positions)  # (B, L, D)
         return constrain(x, BATCH_ACTIVATION)  # split on B under a mesh
 
     def _apply_block(self, block: TransformerBlock, x: jax.Array, mask: jax.Array | None) -> jax.Array:

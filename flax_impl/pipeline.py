@@ -9,6 +9,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from flax_impl.config import FlaxConfig, TransformerConfig
@@ -64,12 +65,18 @@ class TransformerInput(nnx.Module):
             self.norm = make_norm(config, flax_config)
         self.dropout = Dropout(config.dropout, rngs=rngs)
 
-    def __call__(self, ids: jax.Array, token_type_ids: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self, ids: jax.Array, token_type_ids: jax.Array | None = None, *, positions: jax.Array | None = None
+    ) -> jax.Array:
         """ids (B, L) -> (B, L, D) in the FlaxConfig's dtype.
 
         Args:
             ids: (B, L) integer token ids.
             token_type_ids: (B, L) integer token types below `type_vocab_size`, or None (all type 0).
+            positions: (B, L) integer position of each token (left-padded prompts, cached decoding), or None
+                (0 .. L - 1 in every row). The sinusoidal and learned rows are gathered from the first `max_len`;
+                concrete positions outside [0, max_len) raise IndexError; traced ones outside give NaN rows
+                (a gather with `mode="fill"`), never another position's row.
 
         Returns:
             (B, L, D).
@@ -89,8 +96,10 @@ class TransformerInput(nnx.Module):
                 raise ValueError(f"token_type_ids shape {jnp.shape(token_type_ids)} != ids shape {jnp.shape(ids)}")
         L = jnp.shape(ids)[1]
         at_input = scheme(cfg.position).at_input
-        pos = None  # (L, D): computed first so that L > max_len fails before any other work
-        if at_input == "table":
+        pos = None  # (L, D) or (B, L, D): computed first so that L > max_len fails before any other work
+        if positions is not None and at_input in ("table", "param"):
+            pos = self._rows(positions, jnp.shape(ids))
+        elif at_input == "table":
             pos = sinusoidal_table(L, cfg.d_model)
         elif at_input == "param":
             pos = self.pos(L)
@@ -101,10 +110,22 @@ class TransformerInput(nnx.Module):
             types = jnp.zeros_like(ids) if token_type_ids is None else token_type_ids
             x = x + self.token_type(types).astype(x.dtype)
         if pos is not None:
-            x = x + pos.astype(x.dtype)[None]
+            x = x + (pos if pos.ndim == 3 else pos[None]).astype(x.dtype)
         if cfg.input_norm:
             x = self.norm(x)
         return self.dropout(x)
+
+    def _rows(self, positions: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+        """The position rows (B, L, D) of a (B, L) table of positions."""
+        cfg = self.config
+        if jnp.shape(positions) != shape:
+            raise ValueError(f"positions shape {jnp.shape(positions)} != ids shape {shape}")
+        if not isinstance(positions, jax.core.Tracer):
+            p = np.asarray(positions)
+            if p.size and (p.min() < 0 or p.max() >= cfg.max_len):
+                raise IndexError(f"positions must lie in [0, max_len={cfg.max_len}), got {p.min()}..{p.max()}")
+        table = sinusoidal_table(cfg.max_len, cfg.d_model) if scheme(cfg.position).at_input == "table" else None
+        return jnp.take(self.pos.weight[...] if table is None else table, positions, axis=0, mode="fill")  # (B, L, D)
 
 
 def _embedding_matrix(embedding: Any) -> jax.Array:

@@ -45,6 +45,19 @@ TRAIN_REL = 1e-5
 # deviations of p (issue 2); 5 sigma fails a correct implementation with probability ~6e-7.
 DROPOUT_SIGMAS = 5.0
 
+# Decoding with a KV cache (parity_tests/test_generate.py): a whole causal model's logits (2 blocks, every
+# parameter perturbed, logits up to ~27), through the cache against the full forward of the unpadded prefix (the
+# same framework with another attention kernel and summation order), and the twins' decoding loops against each
+# other. Float32 roundoff scales with the logits, so compared relative to the largest |logit| of the row (BLOCK's
+# 1e-5, relative). Measured max 1.9e-6 (cached vs full) and 1.4e-6 (twins) over the five cached configs x 2
+# seeds; a position off by one, a dropped window key or a wrong ALiBi distance moves logits by O(1) relative.
+DECODE_REL = 1e-5
+
+# Sampling's law (parity_tests/test_generate.py): each token's frequency over n draws lies within this many
+# binomial standard deviations of its probability under the filtered softmax; 5 sigma per token fails a correct
+# sampler with probability ~6e-7 each.
+SAMPLING_SIGMAS = 5.0
+
 # Quantities computed in float64 and rounded once to float32, float32 rotations compared by their norms
 # (ALiBi slope ratios, |rope(x)| vs |x|), or a float32 pipeline output (embedding x sqrt(D) + position, values
 # up to ~20) against its float64 formula: a few float32 ulps (1.2e-7 relative each), compared relative.

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from torch_ref.config import TransformerConfig
-from torch_ref.positions import rotate_qk, score_bias
+from torch_ref.positions import alibi_slopes, rotate_qk, score_bias
 
 
 def from_torch_mha_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -63,18 +63,58 @@ class MultiHeadAttention(nn.Module):
             nn.init.zeros_(self.out_proj.bias)
 
     def forward(self, x, attention_mask=None, positions=None):
+        return self._forward(x, attention_mask, positions)[0]
+
+    def prefill(self, x, attention_mask, positions, cache_len: int):
+        """forward, also returning (k, v) (B, K, S, H) of cache_len slots, slots L.. zero."""
+        out, (k, v) = self._forward(x, attention_mask, positions)
+        pad = (0, 0, 0, cache_len - x.shape[1])
+        return out, (nn.functional.pad(k.transpose(1, 2), pad), nn.functional.pad(v.transpose(1, 2), pad))
+
+    def decode(self, x, kv, index: int, key_mask, positions):
+        """L new tokens at slots index.. attend over the cache (slots j <= i that key_mask (B, S) marks real)."""
+        cfg = self.config
+        B, L, D = x.shape
+        N, K, H = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        q, k, v = self._project(x, positions)
+        k_cache, v_cache = kv[0].clone(), kv[1].clone()
+        k_cache[:, :, index : index + L] = k.transpose(1, 2)  # (B, K, S, H)
+        v_cache[:, :, index : index + L] = v.transpose(1, 2)
+        S = k_cache.shape[2]
+        q = q.transpose(1, 2) * (1.0 / math.sqrt(H))  # (B, N, L, H)
+        k_all = k_cache.repeat_interleave(N // K, dim=1)  # (B, N, S, H)
+        v_all = v_cache.repeat_interleave(N // K, dim=1)
+        scores = (q @ k_all.transpose(-2, -1)).float()  # (B, N, L, S)
+        i = torch.arange(index, index + L).unsqueeze(1)  # (L, 1)
+        j = torch.arange(S).unsqueeze(0)  # (1, S)
+        allowed = (j <= i) & key_mask[:, None, None, :]  # (B, 1, L, S)
+        if cfg.sliding_window is not None:
+            allowed = allowed & (i - j < cfg.sliding_window)
+        if cfg.position == "alibi":
+            scores = scores - alibi_slopes(N, cfg.alibi_max_bias)[:, None, None] * (i - j).float()
+        scores = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
+        probs = torch.softmax(scores, dim=-1) * allowed.any(dim=-1, keepdim=True)
+        out = (probs.to(v_all.dtype) @ v_all).transpose(1, 2).reshape(B, L, D)
+        return self.out_proj(out), (k_cache, v_cache)
+
+    def _project(self, x, positions):
         cfg = self.config
         B, L, D = x.shape
         N, K, H = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         qkv = nn.functional.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, L, (N + 2K) H)
         q, k, v = qkv.split([N * H, K * H, K * H], dim=-1)
-        q = q.view(B, L, N, H)
-        k = k.view(B, L, K, H).repeat_interleave(N // K, dim=2)  # (B, L, N, H)
-        v = v.view(B, L, K, H).repeat_interleave(N // K, dim=2)  # (B, L, N, H)
+        q, k, v = q.view(B, L, N, H), k.view(B, L, K, H), v.view(B, L, K, H)
         q, k = rotate_qk(cfg, q, k, torch.arange(L) if positions is None else positions)
+        return q, k, v
+
+    def _forward(self, x, attention_mask, positions):
+        cfg = self.config
+        B, L, D = x.shape
+        N, K, H = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        q, k_kv, v_kv = self._project(x, positions)
         q = q.transpose(1, 2) * (1.0 / math.sqrt(H))  # (B, N, L, H)
-        k = k.transpose(1, 2)  # (B, N, S, H)
-        v = v.transpose(1, 2)  # (B, N, S, H)
+        k = k_kv.repeat_interleave(N // K, dim=2).transpose(1, 2)  # (B, N, S, H)
+        v = v_kv.repeat_interleave(N // K, dim=2).transpose(1, 2)  # (B, N, S, H)
         scores = (q @ k.transpose(-2, -1)).float()  # (B, N, L, S)
         bias = score_bias(cfg, L, L)
         if bias is not None:
@@ -89,4 +129,4 @@ class MultiHeadAttention(nn.Module):
             probs = probs * allowed.any(dim=-1, keepdim=True)
         probs = self.dropout(probs.to(v.dtype))
         out = (probs @ v).transpose(1, 2).reshape(B, L, D)  # (B, L, D)
-        return self.out_proj(out)
+        return self.out_proj(out), (k_kv, v_kv)

@@ -55,11 +55,29 @@ class TransformerBlock(nn.Module):
             )
 
     def forward(self, x, attention_mask=None, positions=None):
+        return self._residuals(x, lambda h: self.attn(h, attention_mask, positions))
+
+    def prefill(self, x, attention_mask, positions, cache_len: int):
+        kv = []
+        out = self._residuals(x, lambda h: _keep(kv, self.attn.prefill(h, attention_mask, positions, cache_len)))
+        return out, kv[0]
+
+    def decode(self, x, kv, index: int, key_mask, positions):
+        new = []
+        out = self._residuals(x, lambda h: _keep(new, self.attn.decode(h, kv, index, key_mask, positions)))
+        return out, new[0]
+
+    def _residuals(self, x, attend):
         if self.parallel:
             h = self.ln1(x)
-            return x + self.attn(h, attention_mask, positions) + self.ff(h if self.ln2 is None else self.ln2(x))
+            return x + attend(h) + self.ff(h if self.ln2 is None else self.ln2(x))
         if self.norm_first:
-            x = x + self.attn(self.ln1(x), attention_mask, positions)
+            x = x + attend(self.ln1(x))
             return x + self.ff(self.ln2(x))
-        x = self.ln1(x + self.attn(x, attention_mask, positions))
+        x = self.ln1(x + attend(x))
         return self.ln2(x + self.ff(x))
+
+
+def _keep(store, result):
+    store.append(result[1])
+    return result[0]

@@ -41,6 +41,40 @@ class TransformerEncoder(nn.Module):
             outs.append(block(outs[-1], attention_mask))
         return torch.stack(outs)
 
+    def prefill(self, ids, attention_mask, cache_len: int):
+        """A left-padded prompt (B, P) -> (hidden (B, P, D), cache): see flax_impl's TransformerEncoder.prefill.
+        The cache is a dict: k, v lists of (B, K, S, H) per layer, key_mask (B, S), index, next_position (B,)."""
+        B, P = ids.shape
+        mask = torch.ones(B, P, dtype=torch.long) if attention_mask is None else attention_mask.long()
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, P): pads get 0, as transformers
+        x, ks, vs = self.input(ids, positions=positions), [], []
+        for block in self.blocks:
+            x, (k, v) = block.prefill(x, mask, positions, cache_len)
+            ks.append(k)
+            vs.append(v)
+        key_mask = torch.zeros(B, cache_len, dtype=torch.bool)
+        key_mask[:, :P] = mask.bool()
+        cache = dict(k=ks, v=vs, key_mask=key_mask, index=P, next_position=mask.sum(dim=1))
+        return self._final(x), cache
+
+    def decode(self, ids, cache):
+        """(B, L) new tokens at slots cache["index"].. -> (hidden (B, L, D), the updated cache)."""
+        B, L = ids.shape
+        index = cache["index"]
+        positions = cache["next_position"][:, None] + torch.arange(L)  # (B, L)
+        key_mask = cache["key_mask"].clone()
+        key_mask[:, index : index + L] = True
+        x, ks, vs = self.input(ids, positions=positions), [], []
+        for n, block in enumerate(self.blocks):
+            x, (k, v) = block.decode(x, (cache["k"][n], cache["v"][n]), index, key_mask, positions)
+            ks.append(k)
+            vs.append(v)
+        cache = dict(k=ks, v=vs, key_mask=key_mask, index=index + L, next_position=cache["next_position"] + L)
+        return self._final(x), cache
+
+    def _final(self, x):
+        return self.final_norm(x) if self.config.final_norm else x
+
     def logits(self, hidden):
         """LM head: (B, L, D) -> (B, L, V): tied (hidden @ input.embed.weight.T) or the `lm_head` Linear."""
         if self.config.lm_head == "untied":

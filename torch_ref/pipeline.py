@@ -41,12 +41,13 @@ class TransformerInput(nn.Module):
             self.norm = make_norm(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, token_type_ids: torch.Tensor | None = None, positions=None) -> torch.Tensor:
         """ids (B, L) -> (B, L, D).
 
         Args:
             ids: (B, L) integer token ids.
             token_type_ids: (B, L) integer token types below type_vocab_size, or None (all 0).
+            positions: (B, L) integer position of each token (left padding, cached decoding), or None (0 .. L-1).
 
         Returns:
             (B, L, D).
@@ -58,9 +59,11 @@ class TransformerInput(nn.Module):
         L = ids.shape[1]
         pos = None
         if cfg.position == "sinusoidal":
-            pos = sinusoidal_table(L, cfg.d_model)
+            pos = sinusoidal_table(L if positions is None else cfg.max_len, cfg.d_model)
         elif cfg.position == "learned":
-            pos = self.pos(L)
+            pos = self.pos(L if positions is None else cfg.max_len)
+        if pos is not None and positions is not None:
+            pos = pos[positions]  # (B, L, D)
         x = self.embed(ids)  # (B, L, D)
         if cfg.embed_scale:
             x = x * math.sqrt(cfg.d_model)
