@@ -75,25 +75,32 @@ def _library(model, tokenizer, prompts, **kw):
     return [tokens[i, : lengths[i]].tolist() for i in range(len(prompts))]
 
 
-def test_streamed_text_is_the_decode_of_generates_tokens(folder, tokenizer, model, capsys):
-    prompt = "Café, naïve"
-    assert main(["generate", str(folder), "--prompt", prompt, "--max-new-tokens", "12", "--ignore-eos"]) == 0
+PROMPT = "Café, naïve"
+
+
+@pytest.fixture(scope="module")
+def greedy(model, tokenizer):
+    """The library's 12 greedy tokens after PROMPT, stopping at EOS (id 0) as the command does by default."""
+    return _library(model, tokenizer, [PROMPT], max_new_tokens=12, stop_tokens=(0,))[0]
+
+
+def test_streamed_text_is_the_decode_of_generates_tokens(folder, tokenizer, greedy, capsys):
+    assert main(["generate", str(folder), "--prompt", PROMPT, "--max-new-tokens", "12"]) == 0
     out, err = capsys.readouterr()
-    new = _library(model, tokenizer, [prompt], max_new_tokens=12)[0]
-    assert len(new) == 12
-    assert out == prompt + tokenizer.decode(tokenizer.encode(prompt).ids + new)[len(prompt):] + "\n"
-    assert out == prompt + continuation(tokenizer, tokenizer.encode(prompt).ids, new) + "\n"
-    assert "first token after" in err and "tokens/s" in err
+    ids = tokenizer.encode(PROMPT).ids
+    assert out == PROMPT + tokenizer.decode(ids + greedy)[len(PROMPT):] + "\n"
+    assert out == PROMPT + continuation(tokenizer, ids, greedy) + "\n"
+    assert "stop tokens [0]" in err and "first token after" in err and "then 11 tokens in" in err  # streamed
 
 
-def test_stop_token_ends_the_text(folder, tokenizer, model, capsys):
-    prompt = "RoPE rotates"
-    new = _library(model, tokenizer, [prompt], max_new_tokens=12)[0]
-    stop = new[4]
-    first = new.index(stop)
-    assert main(["generate", str(folder), "--prompt", prompt, "--max-new-tokens", "12", "--stop-token", str(stop)]) == 0
+def test_stop_token_ends_the_text(folder, tokenizer, greedy, capsys):
+    assert len(greedy) == 12 and 0 not in greedy  # the seed's tokens: no EOS, so any of them can be the stop
+    stop = greedy[4]
+    first = greedy.index(stop)
+    argv = ["generate", str(folder), "--prompt", PROMPT, "--max-new-tokens", "12", "--stop-token", str(stop)]
+    assert main(argv) == 0
     out = capsys.readouterr().out
-    assert out == prompt + continuation(tokenizer, tokenizer.encode(prompt).ids, new[: first + 1]) + "\n"
+    assert out == PROMPT + continuation(tokenizer, tokenizer.encode(PROMPT).ids, greedy[: first + 1]) + "\n"
 
 
 def test_batch_of_prompts_prints_each_text(folder, tokenizer, model, capsys):
