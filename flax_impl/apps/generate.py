@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--top-k", type=int, metavar="K", help="sample from the K most likely tokens; 0 = all [0]")
     a("--top-p", type=float, metavar="P", help="sample from the smallest set of tokens of probability >= P, "
       "0 < P <= 1 [1.0]")
-    a("--seed", type=int, metavar="S", help="seed of the sampling [0]")
+    a("--seed", type=int, metavar="S", help="seed of the sampling (turns sampling on) [0]")
     a("--stop-token", type=int, action="extend", nargs="+", metavar="ID",
       help="stop a prompt at these token ids [the folder's eos_token_id]")
     a("--ignore-eos", action="store_true", help="do not stop at the folder's eos_token_id")
