@@ -18,19 +18,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from checkpoint_fault_worker import lifetime
-from flax import nnx
 
-from flax_impl import interop
 from flax_impl.apps import checkpoint as ck
-from flax_impl.config import TrainConfig, TransformerConfig
-from flax_impl.encoder import TransformerEncoder
-from flax_impl.train import make_optimizer
 
 WORKER = Path(__file__).with_name("checkpoint_fault_worker.py")
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = TransformerConfig(vocab_size=11, d_model=8, n_heads=2, d_ff=16, n_layers=1, max_len=8)
 REAL_KILLS = ["model-half", "tmp-complete", "remove-half", "old-renamed"]  # a torn file, a whole temporary
 # folder, a half-deleted folder, the instant without a `checkpoint` folder
 
@@ -41,11 +36,13 @@ class Killed(BaseException):
 
 @pytest.fixture(scope="module")
 def files() -> dict[int, dict[str, bytes]]:
-    """Real checkpoint contents of a tiny encoder + AdamW for steps 1..4 (the histories tell the steps apart)."""
-    model = TransformerEncoder(CONFIG, rngs=nnx.Rngs(0))
-    optimizer = make_optimizer(model, TrainConfig(warmup_steps=1, total_steps=4))
+    """The contents of steps 1..4, different for each step and file. Placeholders: what is tested is that the
+    files found after any kills are byte for byte those a save wrote (the train CLI's test loads real ones after
+    a real kill and resumes bit for bit)."""
+    rng = np.random.default_rng(0)
     return {
-        step: ck.checkpoint_files(model, optimizer, {"train_step": list(range(1, step + 1))}) for step in range(1, 5)
+        step: {name: rng.bytes(size) for name, size in ((ck.MODEL_FILE, 5000 + step), (ck.STATE_FILE, 9000))}
+        for step in range(1, 5)
     }
 
 
@@ -175,14 +172,3 @@ def test_fault_spec_is_checked(monkeypatch):
             ck.check_fault_spec()
     monkeypatch.setenv(ck.FAULT_ENV, "old-renamed:2")
     ck.check_fault_spec()
-
-
-def test_a_checkpoint_file_loads_into_the_model(tmp_path, files):
-    out = tmp_path / "out"
-    out.mkdir()
-    lifetime(out, files)
-    model = TransformerEncoder(CONFIG, rngs=nnx.Rngs(1))
-    interop.load(model, out / ck.CKPT / ck.MODEL_FILE)
-    want = TransformerEncoder(CONFIG, rngs=nnx.Rngs(0))
-    for key, value in interop.to_numpy_state_dict(want).items():
-        assert (interop.to_numpy_state_dict(model)[key] == value).all(), key

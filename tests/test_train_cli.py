@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from safetensors.numpy import save
 from safetensors.torch import load_file
 
 import flax_impl as fi
@@ -21,6 +22,7 @@ import torch_ref as tr
 from flax_impl.apps import checkpoint as ck
 from flax_impl.apps import corpus, train
 from flax_impl.apps.cli import main as cli_main
+from flax_impl.saved_config import CONFIG_KEY
 from flax_impl.tolerances import TRAIN_REL
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -179,8 +181,9 @@ def test_bad_output_folder_and_fault_spec_are_exit_2(tmp_path, monkeypatch, caps
 
 
 def _checkpoint(out: Path, argv: list[str], step: int = 2, model_argv: list[str] | None = None) -> Path:
-    """A complete checkpoint of the run `train argv` at `step`, as `flax-impl train` writes it (no training:
-    a fresh model); `model_argv`: the model file's options instead (a model file of another config)."""
+    """A complete checkpoint of the run `train argv` at `step`, as `flax-impl train` lays it out, for the checks
+    before any work (the weights and the training state are placeholders: nothing here may read them);
+    `model_argv`: the model file's config instead (a model file of another config)."""
     def configs(a: list[str]):
         parser = argparse.ArgumentParser()
         train.add_arguments(parser)
@@ -189,11 +192,10 @@ def _checkpoint(out: Path, argv: list[str], step: int = 2, model_argv: list[str]
 
     args, cfg, tcfg = configs(argv)
     meta = {"model": cfg.to_dict(), "train": tcfg.to_dict(), "data": train._data_options(args), "seed": args.seed}
-    _, model_cfg, _ = configs(model_argv or argv)
-    model = fi.TransformerEncoder(model_cfg, rngs=nnx.Rngs(0))
-    files = ck.checkpoint_files(model, fi.make_optimizer(model, tcfg), {"train_step": list(range(1, step + 1))})
+    model_cfg = configs(model_argv or argv)[1]
+    model = save({"x": np.zeros(1, np.float32)}, metadata={CONFIG_KEY: json.dumps(model_cfg.to_dict())})
     out.mkdir(parents=True, exist_ok=True)
-    return ck.save_checkpoint(out, files, {**meta, "step": step})
+    return ck.save_checkpoint(out, {ck.MODEL_FILE: model, ck.STATE_FILE: b"placeholder"}, {**meta, "step": step})
 
 
 def test_resume_checks_every_checkpoint_file_and_option_first(tmp_path, monkeypatch, capsys, no_work):
@@ -213,7 +215,7 @@ def test_resume_checks_every_checkpoint_file_and_option_first(tmp_path, monkeypa
     ]
     for extra, message in mismatches:
         assert message in _run_2([*argv, "--resume", *extra], capsys), extra
-    assert f"{str(folder)!r} exists: pass --resume" in _run_2(argv, capsys)
+    assert f"'run' holds a checkpoint (step 2, {str(folder)!r}): pass --resume" in _run_2(argv, capsys)
     state = folder / ck.STATE_FILE
     good = state.read_bytes()
     state.write_bytes(good[: len(good) // 2])

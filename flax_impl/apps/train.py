@@ -166,7 +166,10 @@ def _prepare(args: argparse.Namespace, out: Path, run_meta: dict[str, Any]) -> P
     found = find_checkpoint(out)
     if not args.resume:
         if found is not None:
-            raise ValueError(f"{str(found[0])!r} exists: pass --resume to continue it, or another --out")
+            raise ValueError(
+                f"{str(out)!r} holds a checkpoint (step {found[1]['step']}, {str(found[0])!r}): pass --resume to "
+                "continue it, or another --out"
+            )
         recover(out)
         return None
     if found is None:
