@@ -288,13 +288,16 @@ class RunLock:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
+            except BlockingIOError:  # held by a live process (other errors, e.g. no locks on this filesystem, rise)
                 owner = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
                 os.close(fd)
                 raise ValueError(
                     f"--out {str(self.path.parent)!r} is in use by another flax-impl train (pid {owner}, lock "
                     f"{str(self.path)!r}): wait for it to end, or choose another --out"
                 ) from None
+            except OSError:
+                os.close(fd)
+                raise
             try:  # the file we locked may have been unlinked by a releasing owner: lock the current one
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
             except FileNotFoundError:

@@ -84,7 +84,7 @@ def _check_options(args: argparse.Namespace) -> None:
     shared.check_number("--clip-norm", args.clip_norm, low=0.0, what="(0 = off)")
     shared.check_number("--dropout", args.dropout, low=0.0, high=1.0, high_open=True)
     shared.check_number("--mask-prob", args.mask_prob, low=0.0, high=1.0, low_open=True)
-    shared.check_number("--corpus-mb", args.corpus_mb, low=0.0, low_open=True)
+    shared.check_number("--corpus-mb", args.corpus_mb, low=1e-6, what="(one byte)")
     if args.position == "learned" and args.seq_len > args.max_len:
         raise ValueError(
             f"--seq-len={args.seq_len} is above --max-len={args.max_len}: learned positions have no row past "
