@@ -181,10 +181,13 @@ def test_bad_output_folder_and_fault_spec_are_exit_2(tmp_path, monkeypatch, caps
     assert f"{ck.FAULT_ENV}='nowhere'" in _run_2([*TINY, "--out", str(tmp_path / "x")], capsys)
 
 
-def _checkpoint(out: Path, argv: list[str], step: int = 2, model_argv: list[str] | None = None) -> Path:
+def _checkpoint(
+    out: Path, argv: list[str], step: int = 2, model_argv: list[str] | None = None, model_config: bool = True
+) -> Path:
     """A complete checkpoint of the run `train argv` at `step`, as `flax-impl train` lays it out, for the checks
     before any work (the weights and the training state are placeholders: nothing here may read them);
-    `model_argv`: the model file's config instead (a model file of another config)."""
+    `model_argv`: the model file's config instead (a model file of another config); `model_config=False`: a
+    model file without one."""
     def configs(a: list[str]):
         parser = argparse.ArgumentParser()
         train.add_arguments(parser)
@@ -194,7 +197,8 @@ def _checkpoint(out: Path, argv: list[str], step: int = 2, model_argv: list[str]
     args, cfg, tcfg = configs(argv)
     meta = {"model": cfg.to_dict(), "train": tcfg.to_dict(), "data": train._data_options(args), "seed": args.seed}
     model_cfg = configs(model_argv or argv)[1]
-    model = save({"x": np.zeros(1, np.float32)}, metadata={CONFIG_KEY: json.dumps(model_cfg.to_dict())})
+    metadata = {CONFIG_KEY: json.dumps(model_cfg.to_dict())} if model_config else None
+    model = save({"x": np.zeros(1, np.float32)}, metadata=metadata)
     out.mkdir(parents=True, exist_ok=True)
     return ck.save_checkpoint(out, {ck.MODEL_FILE: model, ck.STATE_FILE: b"placeholder"}, {**meta, "step": step})
 
@@ -227,6 +231,9 @@ def test_resume_checks_every_checkpoint_file_and_option_first(tmp_path, monkeypa
     _checkpoint(other, [*TINY, "--out", "other"], model_argv=[*TINY, "--n-heads", "4"])
     message = f"{other / 'checkpoint' / ck.MODEL_FILE} was written for another model than"
     assert message in _run_2([*TINY, "--out", "other", "--resume"], capsys)
+    _checkpoint(Path("bare"), [*TINY, "--out", "bare"], model_config=False)
+    message = f"{Path('bare') / 'checkpoint' / ck.MODEL_FILE} has no flax_impl config in its metadata"
+    assert message in _run_2([*TINY, "--out", "bare", "--resume"], capsys)
 
 
 def test_a_second_run_on_the_same_out_is_refused(tmp_path, capsys, no_work):

@@ -154,7 +154,10 @@ def check_resumable(folder: Path, meta: dict[str, Any], run: dict[str, Any], sto
         raise CheckpointError(f"--resume with --seed={run['seed']}, {manifest} used --seed={meta.get('seed')}")
     with safe_open(str(folder / MODEL_FILE), framework="numpy") as f:
         written = (f.metadata() or {}).get(CONFIG_KEY)
-    if written is None or json.loads(written) != run["model"]:
+    if written is None:
+        raise CheckpointError(f"{folder / MODEL_FILE} has no flax_impl config in its metadata: not written by "
+                              "flax-impl train")
+    if json.loads(written) != run["model"]:
         raise CheckpointError(f"{folder / MODEL_FILE} was written for another model than {manifest} describes")
     if stop <= int(meta["step"]):
         raise CheckpointError(f"{manifest} is at step {meta['step']}: --stop-at / --steps={stop} leaves nothing "
