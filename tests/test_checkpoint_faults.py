@@ -170,3 +170,18 @@ def test_fault_spec_is_checked(monkeypatch):
             ck.check_fault_spec()
     monkeypatch.setenv(ck.FAULT_ENV, "old-renamed:2")
     ck.check_fault_spec()
+
+
+@pytest.mark.parametrize("name", [ck.OLD, ck.TMP_PREFIX + "left"])
+def test_a_lone_complete_copy_is_recovered_whatever_its_name(tmp_path, files, name):
+    """No `checkpoint` folder, only checkpoint.old (its temporary successor deleted by hand) or only a complete
+    temporary folder (the very first save killed before its rename), beside an incomplete temporary folder."""
+    out = tmp_path / "out"
+    out.mkdir()
+    lifetime(out, files)
+    os.rename(out / ck.CKPT, out / name)
+    (out / (ck.TMP_PREFIX + "torn")).mkdir()
+    (out / (ck.TMP_PREFIX + "torn") / ck.MODEL_FILE).write_bytes(files[2][ck.MODEL_FILE][:10])
+    assert ck.find_checkpoint(out)[0] == out / name
+    assert ck.recover(out) == out / ck.CKPT
+    assert sorted(os.listdir(out)) == [ck.CKPT] and _check(out, files) == 1
