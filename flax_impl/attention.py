@@ -129,11 +129,16 @@ class MultiHeadAttention(nnx.Module):
             positions: (B, L) RoPE positions (for a left-padded row, its first real token is position 0).
             cache_len: S >= L, the slots the cache holds.
         Returns:
-            (out (B, L, D), (k, v)): k and v (B, K, S, H), after RoPE, slots L .. S - 1 zero.
+            (out (B, L, D), (k, v)): k and v (B, K, S, H), after RoPE; padded slots (a (B, L) mask's zeros)
+            and slots L .. S - 1 are zero.
         """
         out, (k, v) = self._forward(x, attention_mask, positions)
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (B, K, L, H)
+        if attention_mask is not None and jnp.ndim(attention_mask) == 2:  # padding enters the cache as zeros,
+            real = jnp.asarray(attention_mask).astype(bool)[:, None, :, None]  # so a NaN there cannot reach a
+            k, v = jnp.where(real, k, 0), jnp.where(real, v, 0)  # real token through 0 * NaN
         pad = ((0, 0), (0, 0), (0, cache_len - x.shape[1]), (0, 0))
-        return out, (jnp.pad(k.transpose(0, 2, 1, 3), pad), jnp.pad(v.transpose(0, 2, 1, 3), pad))
+        return out, (jnp.pad(k, pad), jnp.pad(v, pad))
 
     def decode(
         self,

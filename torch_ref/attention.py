@@ -66,10 +66,14 @@ class MultiHeadAttention(nn.Module):
         return self._forward(x, attention_mask, positions)[0]
 
     def prefill(self, x, attention_mask, positions, cache_len: int):
-        """forward, also returning (k, v) (B, K, S, H) of cache_len slots, slots L.. zero."""
+        """forward, also returning (k, v) (B, K, S, H) of cache_len slots; padded slots and slots L.. zero."""
         out, (k, v) = self._forward(x, attention_mask, positions)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, K, L, H)
+        if attention_mask is not None and attention_mask.dim() == 2:  # padding enters the cache as zeros
+            real = attention_mask.bool()[:, None, :, None]
+            k, v = torch.where(real, k, torch.zeros(())), torch.where(real, v, torch.zeros(()))
         pad = (0, 0, 0, cache_len - x.shape[1])
-        return out, (nn.functional.pad(k.transpose(1, 2), pad), nn.functional.pad(v.transpose(1, 2), pad))
+        return out, (nn.functional.pad(k, pad), nn.functional.pad(v, pad))
 
     def decode(self, x, kv, index: int, key_mask, positions):
         """L new tokens at slots index.. attend over the cache (slots j <= i that key_mask (B, S) marks real)."""
