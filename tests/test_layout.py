@@ -309,8 +309,8 @@ WRAPPERS = {
 # The twin writes the layer out: the Flax file may add its kernels' glue, dtypes and sharding, not a second design.
 WRITTEN_OUT = ["attention", "block", "encoder", "norm", "pipeline", "positions", "train"]
 KNOWN_LONG_TWINS = {
-    "norm": "torch_ref takes torch.nn.LayerNorm (arguments checked) and writes only RMSNorm; the Flax file writes LayerNorm "
-    "(torch's arithmetic; nnx.LayerNorm's epsilon and gradient differ) beside RMSNorm",
+    "norm": "torch_ref takes torch.nn.LayerNorm (arguments checked) and writes only RMSNorm; the Flax file writes "
+    "LayerNorm (torch's arithmetic; nnx.LayerNorm's epsilon and gradient differ) beside RMSNorm",
     "encoder": "3.2x: the Flax encoder also holds the scanned stack (nnx.vmap / nnx.scan), remat and the sharding "
     "constraints, where torch_ref loops over an nn.ModuleList",
 }
