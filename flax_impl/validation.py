@@ -192,7 +192,7 @@ def check_train_batch(batch: Any, vocab_size: int, *, values: bool = True) -> No
     weights = np.asarray(batch["weights"], dtype=np.float64)
     if not np.all(np.isfinite(weights) & (weights >= 0)):
         pos = tuple(int(i) for i in np.argwhere(~(np.isfinite(weights) & (weights >= 0)))[0])
-        raise ValueError(f"batch['weights'] holds {weights[pos]!r} at {pos}: weights must be finite and >= 0")
+        raise ValueError(f"batch['weights'] holds {float(weights[pos])!r} at {pos}: weights must be finite and >= 0")
 
 
 def _dtype_kind(x: Any) -> str:
