@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 from flax_impl._kernels.attention import chunked_attention, dot_product_attention, merge_heads_project
-from flax_impl.config import FlaxConfig, TransformerConfig
+from flax_impl.config import FlaxConfig, TransformerConfig, as_config, as_flax_config
 from flax_impl.dropout import Dropout
 from flax_impl.positions import rotate_qk, score_bias
 from flax_impl.sharding import QKV_ACTIVATION, constrain, parallel_linear
@@ -121,8 +121,8 @@ class MultiHeadAttention(nnx.Module):
     """
 
     def __init__(self, config: TransformerConfig, *, flax_config: FlaxConfig | None = None, rngs: nnx.Rngs):
+        config, flax_config = as_config(config), as_flax_config(flax_config)
         D = config.d_model
-        flax_config = FlaxConfig() if flax_config is None else flax_config
         self.config, self.flax_config = config, flax_config
         N, K, H = config.n_heads, config.n_kv_heads, config.head_dim
         # Megatron tensor parallelism under a mesh (flax_impl.sharding): in_proj column-, out_proj row-parallel.

@@ -16,7 +16,7 @@ import functools
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from flax_impl.validation import check_bool, check_choice, check_float, check_int
+from flax_impl.validation import ArgumentTypeError, check_bool, check_choice, check_float, check_int
 
 _C = TypeVar("_C", bound="_DictMixin")
 
@@ -252,6 +252,33 @@ class FlaxConfig(_DictMixin):
         if unknown:
             raise ValueError(f"unknown FlaxConfig keys {unknown}")
         return dataclasses.replace(self, **changes)
+
+
+def as_config(config: object) -> TransformerConfig:
+    """A module's `config` argument: a TransformerConfig as it is, a dict through `from_dict`.
+
+    Raises:
+        ArgumentTypeError: anything else (a TypeError naming `config` and its type).
+        ValueError: a dict with unknown keys or bad values.
+    """
+    if isinstance(config, dict):
+        return TransformerConfig.from_dict(config)
+    if not isinstance(config, TransformerConfig):
+        raise ArgumentTypeError(f"config must be a TransformerConfig or a dict, got {type(config).__name__}")
+    return config
+
+
+def as_flax_config(flax_config: object) -> FlaxConfig:
+    """A Flax module's `flax_config` argument: None -> FlaxConfig(), a FlaxConfig as it is.
+
+    Raises:
+        ArgumentTypeError: anything else.
+    """
+    if flax_config is None:
+        return FlaxConfig()
+    if not isinstance(flax_config, FlaxConfig):
+        raise ArgumentTypeError(f"flax_config must be a FlaxConfig or None, got {type(flax_config).__name__}")
+    return flax_config
 
 
 def rope_width(head_dim: int, fraction: float) -> int:

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from torch_ref.config import TransformerConfig
+from torch_ref.config import TransformerConfig, as_config
 from torch_ref.positions import rotate_qk, score_bias
 
 
@@ -56,6 +56,7 @@ class MultiHeadAttention(nn.Module):
 
     def __init__(self, config: TransformerConfig):
         super().__init__()
+        config = as_config(config)
         D, N, K, H = config.d_model, config.n_heads, config.n_kv_heads, config.head_dim
         self.config = config
         self.in_proj_weight = nn.Parameter(torch.empty((N + 2 * K) * H, D))
