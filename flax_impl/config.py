@@ -264,7 +264,9 @@ def as_config(config: object) -> TransformerConfig:
     if isinstance(config, dict):
         return TransformerConfig.from_dict(config)
     if not isinstance(config, TransformerConfig):
-        raise ArgumentTypeError(f"config must be a TransformerConfig or a dict, got {type(config).__name__}")
+        raise ArgumentTypeError(
+            f"config={config!r:.60} must be a TransformerConfig or a dict, got {type(config).__name__}"
+        )
     return config
 
 
@@ -277,7 +279,9 @@ def as_flax_config(flax_config: object) -> FlaxConfig:
     if flax_config is None:
         return FlaxConfig()
     if not isinstance(flax_config, FlaxConfig):
-        raise ArgumentTypeError(f"flax_config must be a FlaxConfig or None, got {type(flax_config).__name__}")
+        raise ArgumentTypeError(
+            f"flax_config={flax_config!r:.60} must be a FlaxConfig or None, got {type(flax_config).__name__}"
+        )
     return flax_config
 
 

@@ -97,7 +97,7 @@ def masked_token_batch(
     mask_prob = check_float("mask_prob", mask_prob, low=0.0, high=1.0, low_open=True)
     pad_id = check_int("pad_id", pad_id, none_ok=True)
     if not isinstance(rng, np.random.Generator):
-        raise ArgumentTypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+        raise ArgumentTypeError(f"rng={rng!r:.60} must be a numpy.random.Generator, got {type(rng).__name__}")
     tokens = _check_tokens(tokens, vocab_size, min_len=1)
     real = np.ones(tokens.shape, bool) if pad_id is None else tokens != pad_id  # (B, L)
     selected = (rng.random(tokens.shape) < mask_prob) & real  # (B, L)
@@ -241,7 +241,7 @@ def make_optimizer(model: nnx.Module, tcfg: TrainConfig, *, decay: DecayRule = d
         ValueError: a float16 parameter (module docstring: AdamW's state underflows; keep float32 parameters).
     """
     if not isinstance(model, nnx.Module):
-        raise ArgumentTypeError(f"model must be an nnx.Module, got {type(model).__name__}")
+        raise ArgumentTypeError(f"model={model!r:.60} must be an nnx.Module, got {type(model).__name__}")
     _check_tcfg(tcfg)
     flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
     half = [".".join(map(str, path)) for path, var in flat if jnp.asarray(var[...]).dtype == jnp.float16]
@@ -256,7 +256,7 @@ def make_optimizer(model: nnx.Module, tcfg: TrainConfig, *, decay: DecayRule = d
 
 def _check_tcfg(tcfg: object) -> None:
     if not isinstance(tcfg, TrainConfig):
-        raise ArgumentTypeError(f"tcfg must be a TrainConfig, got {type(tcfg).__name__}")
+        raise ArgumentTypeError(f"tcfg={tcfg!r:.60} must be a TrainConfig, got {type(tcfg).__name__}")
 
 
 # ------------------------------------------------------------------------------------------------ loss and step

@@ -12,4 +12,4 @@ class Dropout(nn.Dropout):
     (TypeError for a wrong type, ValueError for a rate out of range) instead of torch's."""
 
     def __init__(self, p: float = 0.5, inplace: bool = False):
-        super().__init__(check_float("dropout rate", p, low=0.0, high=1.0), check_bool("inplace", inplace))
+        super().__init__(check_float("p", p, low=0.0, high=1.0), check_bool("inplace", inplace))

@@ -15,7 +15,7 @@ class Embed(nn.Embedding):
 
     def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None, **kwargs):
         V = check_int("num_embeddings", num_embeddings, low=1)
-        D = check_int("features", embedding_dim, low=1)
+        D = check_int("embedding_dim", embedding_dim, low=1)
         padding_idx = check_int("padding_idx", padding_idx, low=-V, high=V, none_ok=True)
         super().__init__(V, D, padding_idx=padding_idx, **kwargs)
 

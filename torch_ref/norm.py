@@ -15,7 +15,7 @@ class LayerNorm(nn.LayerNorm):
     def __init__(self, num_features: int, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True):
         super().__init__(
             check_int("num_features", num_features, low=1),
-            eps=check_float("epsilon", eps, low=0.0, low_open=True),
+            eps=check_float("eps", eps, low=0.0, low_open=True),
             elementwise_affine=check_bool("elementwise_affine", elementwise_affine),
             bias=check_bool("bias", bias),
         )
@@ -27,7 +27,7 @@ class RMSNorm(nn.Module):
     def __init__(self, num_features: int, eps: float = 1e-6):
         super().__init__()
         num_features = check_int("num_features", num_features, low=1)
-        self.eps = check_float("epsilon", eps, low=0.0, low_open=True)
+        self.eps = check_float("eps", eps, low=0.0, low_open=True)
         self.weight = nn.Parameter(torch.ones(num_features))
 
     def forward(self, x):

@@ -103,7 +103,7 @@ def make_optimizer(
         ValueError: a float16 parameter (the Flax twin's reason).
     """
     if not isinstance(tcfg, TrainConfig):
-        raise ArgumentTypeError(f"tcfg must be a TrainConfig, got {type(tcfg).__name__}")
+        raise ArgumentTypeError(f"tcfg={tcfg!r:.60} must be a TrainConfig, got {type(tcfg).__name__}")
     half = [name for name, p in model.named_parameters() if p.dtype == torch.float16]
     if half:
         raise ValueError(
