@@ -50,7 +50,14 @@ from flax import nnx
 from flax_impl.config import TrainConfig, TransformerConfig
 from flax_impl.embedding import check_ids
 from flax_impl.tokenizer import MASK_ID, N_SPECIAL, PAD_ID
-from flax_impl.validation import IGNORE_INDEX, ArgumentTypeError, check_float, check_int, check_train_batch
+from flax_impl.validation import (
+    IGNORE_INDEX,
+    ArgumentTypeError,
+    check_float,
+    check_int,
+    check_param_dtype_trains,
+    check_train_batch,
+)
 
 Batch = dict[str, Any]
 DecayRule = Callable[[tuple[str, ...]], bool]
@@ -246,11 +253,7 @@ def make_optimizer(model: nnx.Module, tcfg: TrainConfig, *, decay: DecayRule = d
     flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
     half = [".".join(map(str, path)) for path, var in flat if jnp.asarray(var[...]).dtype == jnp.float16]
     if half:
-        raise ValueError(
-            f"param_dtype='float16' does not train with AdamW: eps=1e-8 and the squared gradients underflow to 0 in "
-            f"float16 and the first update is NaN ({len(half)} float16 parameters, e.g. {half[0]}); use "
-            "FlaxConfig(dtype='float16', param_dtype='float32') (float32 parameters, float16 compute)"
-        )
+        check_param_dtype_trains("float16", where=f"param_dtype of {half[0]} (and {len(half) - 1} more)")
     return nnx.Optimizer(model, make_tx(tcfg, decay=decay), wrt=nnx.Param)
 
 

@@ -31,6 +31,7 @@ __all__ = [
     "check_choice",
     "check_float",
     "check_int",
+    "check_param_dtype_trains",
     "check_train_batch",
 ]
 
@@ -142,6 +143,20 @@ def check_choice(name: str, value: object, allowed: Sequence[str]) -> str:
     if value not in allowed:
         raise ValueError(f"{name}={value!r} is not one of {list(allowed)}")
     return value
+
+
+def check_param_dtype_trains(param_dtype: str, where: str = "param_dtype") -> None:
+    """Refuse float16 parameters for AdamW training, up front (a command can call this before any work).
+
+    Raises:
+        ValueError: `param_dtype` is "float16", with the reason and what to use instead.
+    """
+    if param_dtype == "float16":
+        raise ValueError(
+            f"{where}='float16' does not train with AdamW: eps=1e-8 and the squared gradients underflow to 0 in "
+            "float16 and the first update is NaN; use float32 parameters with float16 compute "
+            "(FlaxConfig(dtype='float16', param_dtype='float32'))"
+        )
 
 
 # ------------------------------------------------------------------------------------------- training batches

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from flax_impl.validation import IGNORE_INDEX, ArgumentTypeError, check_train_batch
+from flax_impl.validation import IGNORE_INDEX, ArgumentTypeError, check_param_dtype_trains, check_train_batch
 from torch_ref.config import TrainConfig
 
 DecayRule = Callable[[str, nn.Module], bool]
@@ -106,10 +106,7 @@ def make_optimizer(
         raise ArgumentTypeError(f"tcfg={tcfg!r:.60} must be a TrainConfig, got {type(tcfg).__name__}")
     half = [name for name, p in model.named_parameters() if p.dtype == torch.float16]
     if half:
-        raise ValueError(
-            f"float16 parameters do not train with AdamW: eps=1e-8 and the squared gradients underflow to 0 in "
-            f"float16 ({len(half)} float16 parameters, e.g. {half[0]}); keep float32 parameters"
-        )
+        check_param_dtype_trains("float16", where=f"dtype of {half[0]} (and {len(half) - 1} more)")
     optimizer = torch.optim.AdamW(
         param_groups(model, tcfg.weight_decay, decay),
         lr=tcfg.learning_rate,
