@@ -11,8 +11,9 @@ The rule, everywhere (docs/conventions.md#bad-input):
   `ValueError`.
 Each message names the argument, repeats the value (`repr`) and says what is allowed, e.g.
 `n_heads=0 must be an integer >= 1` or `norm_eps=inf must be a finite number > 0`. Every checker returns the
-value normalised to a plain Python int / float / bool (numpy scalars included), so a config's `to_dict()` stays
-JSON-serialisable.
+value as a plain Python value: builtin ints and floats as they are (an int stays an int where a number is
+expected, so a config written back to a file keeps its types), numpy scalars converted, so a config's
+`to_dict()` stays JSON-serialisable.
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ def check_float(
     allowed = "a finite number" + (f" {bounds}" if bounds else "") + (" or None" if none_ok else "")
     if not _is_real(value):
         raise ArgumentTypeError(f"{name}={value!r} must be {allowed}, got {type(value).__name__}")
-    value = float(value)  # type: ignore[arg-type]
+    value = value if type(value) in (int, float) else float(value)  # type: ignore[arg-type]
     too_low = low is not None and (value <= low if low_open else value < low)
     too_high = high is not None and (value >= high if high_open else value > high)
     if not math.isfinite(value) or too_low or too_high:
