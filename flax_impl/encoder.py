@@ -11,7 +11,7 @@ from flax import nnx
 
 from flax_impl.attention import check_attention_mask
 from flax_impl.block import TransformerBlock
-from flax_impl.config import FlaxConfig, TransformerConfig
+from flax_impl.config import FlaxConfig, TransformerConfig, as_config, as_flax_config
 from flax_impl.norm import make_norm
 from flax_impl.pipeline import TransformerInput
 from flax_impl.sharding import BATCH_ACTIVATION, constrain, parallel_linear
@@ -76,13 +76,7 @@ class TransformerEncoder(nnx.Module):
         flax_config: FlaxConfig | None = None,
         rngs: nnx.Rngs,
     ):
-        if isinstance(config, dict):
-            config = TransformerConfig.from_dict(config)
-        if not isinstance(config, TransformerConfig):
-            raise TypeError(f"config must be a TransformerConfig or a dict, got {type(config).__name__}")
-        flax_config = FlaxConfig() if flax_config is None else flax_config
-        if not isinstance(flax_config, FlaxConfig):
-            raise TypeError(f"flax_config must be a FlaxConfig or None, got {type(flax_config).__name__}")
+        config, flax_config = as_config(config), as_flax_config(flax_config)
         self.config, self.flax_config = config, flax_config
         self.input = TransformerInput(config, flax_config=flax_config, rngs=rngs)
         if flax_config.scan_layers:
