@@ -238,3 +238,17 @@ def test_an_encoder_cannot_generate():
     model = fi.TransformerEncoder(small_config(), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="causal"):
         generate(model, [[1, 2]], max_new_tokens=2)
+
+
+def test_nan_at_padding_reaches_no_real_token():
+    """Padded slots hold id 0; with a NaN embedding row for id 0 (untied head, so no logit reads that row), the
+    left-padded rows give the same tokens and logits as with a finite row: nothing at a padded slot leaks."""
+    cfg = small_config(causal=True, position="learned", lm_head="untied")
+    clean = _perturbed(cfg, scan=True, seed=5)
+    poisoned = nnx.clone(clean)
+    poisoned.input.embed.weight[...] = poisoned.input.embed.weight[...].at[0].set(np.nan)
+    a = generate(clean, PROMPTS, max_new_tokens=NEW, return_logits=True)
+    b = generate(poisoned, PROMPTS, max_new_tokens=NEW, return_logits=True)
+    assert (a.tokens != 0).all()  # the premise: no real or generated token reads the NaN row
+    np.testing.assert_array_equal(b.tokens, a.tokens)
+    np.testing.assert_array_equal(b.logits, a.logits)
