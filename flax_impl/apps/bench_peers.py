@@ -101,7 +101,7 @@ class SDPAAttention(MultiHeadAttention):
         q, k = rotate_qk(cfg, q, k, torch.arange(L) if positions is None else positions)
         bias = score_bias(cfg, L, L)  # (N, L, S) or None
         if bias is not None and cfg.causal:
-            bias = bias.masked_fill(torch.ones(L, L, dtype=torch.bool).triu(1), float("-inf"))
+            bias = bias.masked_fill(torch.ones(L, L, dtype=torch.bool, device=bias.device).triu(1), float("-inf"))
         out = nn.functional.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # (B, N, L, H)
             attn_mask=None if bias is None else bias.to(q.dtype),
