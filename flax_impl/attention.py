@@ -16,7 +16,8 @@ B = 0 or L = 0 gives an empty result in both modes.
 Kernels (`FlaxConfig.attention_impl`, same results to float32 rounding): "einsum" is
 `flax_impl._kernels.attention.chunked_attention`, heads-major (B, N, L, H), one chunk of queries at a time, its
 gradient written out (why: docs/design.md#attention). "dot_product_attention" calls
-jax.nn.dot_product_attention (cuDNN on GPU), which has no dropout. "auto" (default) takes the latter on GPU/TPU
+jax.nn.dot_product_attention with its default implementation (XLA's; jax does not pick cuDNN by itself),
+which has no dropout. "auto" (default) takes the latter on GPU/TPU
 when no attention dropout is active, the einsum path otherwise.
 """
 

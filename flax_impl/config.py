@@ -219,8 +219,9 @@ class FlaxConfig(_DictMixin):
     that many layers in each iteration of the scanned loop (n_layers unrolls it fully, so XLA sees every layer;
     compile time then grows with depth); `remat` recomputes each block in the backward pass. `attention_impl`
     picks the attention kernel (same results to float32 rounding): "einsum" (the chunked softmax of
-    `flax_impl._kernels.attention`), "dot_product_attention" (`jax.nn.dot_product_attention`, cuDNN on GPU, no
-    attention dropout), or "auto": the latter on GPU/TPU when no attention dropout is active, else "einsum".
+    `flax_impl._kernels.attention`), "dot_product_attention" (`jax.nn.dot_product_attention`, its default XLA
+    implementation, no attention dropout), or "auto": the latter on GPU/TPU when no attention dropout is active,
+    else "einsum".
 
     Raises:
         ArgumentTypeError: a field of the wrong type.

@@ -55,7 +55,7 @@ class TransformerEncoder(nnx.Module):
 
     With `flax_config.scan_layers` (default) `blocks` is one TransformerBlock with parameters stacked on a leading
     (n_layers,) axis, applied with `nnx.scan`: compile time stays flat in depth (`flax_config.scan_unroll` layers per
-    loop iteration; n_layers unrolls the loop fully, faster on CPU, compile time growing with depth). Otherwise
+    loop iteration; n_layers unrolls the loop fully, compile time growing with depth). Otherwise
     `blocks` is an `nnx.List` of blocks, unrolled by jit. `flax_config.remat` rematerialises each block in the
     backward pass.
     `attention_mask` takes the forms documented in `flax_impl.attention`. `logits(h)` is the tied LM head.

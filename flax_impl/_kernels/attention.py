@@ -3,8 +3,9 @@
 Why they exist (docs/design.md#attention): `chunked_attention` computes softmax(q.k^T + bias).v one block of
 queries at a time, so that a block's float32 scores stay in cache, and writes its gradient out (FlashAttention's
 recomputation), so that training keeps no (B, N, L, S) array per layer. `dot_product_attention` wraps
-`jax.nn.dot_product_attention` (cuDNN on GPU) with our fully-masked-row convention. `merge_heads_project` is a
-recompute region: the backward pass redoes the heads merge instead of keeping a second copy of the output.
+`jax.nn.dot_product_attention` (its default implementation, XLA's) with our fully-masked-row convention.
+`merge_heads_project` is a recompute region: the backward pass redoes the heads merge instead of keeping a second
+copy of the output.
 """
 
 from __future__ import annotations
@@ -229,7 +230,7 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 def dot_product_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None, allowed: jax.Array | None
 ) -> jax.Array:
-    """jax.nn.dot_product_attention (cuDNN / XLA), no dropout, with our fully-masked-row convention.
+    """jax.nn.dot_product_attention (implementation=None: XLA), no dropout, with our fully-masked-row convention.
 
     Rows with no key to attend to give zeros (jax.nn.dot_product_attention itself returns the mean of v there);
     keys no query may attend to are zeroed first (`zero_dead_keys`); empty shapes give an empty result.
