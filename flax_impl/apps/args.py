@@ -9,13 +9,13 @@ Errors are ValueError naming the option, the bad value and what is allowed; `fai
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from collections.abc import Iterable
 from typing import Any
 
 from flax_impl.config import POSITIONS, TransformerConfig
+from flax_impl.validation import check_float
 
 
 def _default(value: Any, unset: str) -> str:
@@ -121,17 +121,10 @@ def check_number(
         low_open, high_open: exclude the bound itself.
         what: appended to the message (e.g. "(0 = off)").
     """
-    ok = math.isfinite(value)
-    if ok and low is not None:
-        ok = value > low if low_open else value >= low
-    if ok and high is not None:
-        ok = value < high if high_open else value <= high
-    if not ok:
-        left = "any" if low is None else f"{'(' if low_open else '['}{low:g}"
-        right = "" if high is None else f", {high:g}{')' if high_open else ']'}"
-        allowed = f"a finite number in {left}{right}" if high is not None else (
-            "a finite number" + ("" if low is None else f" {'>' if low_open else '>='} {low:g}"))
-        raise ValueError(f"{option}={value!r} must be {allowed}" + (f" {what}" if what else ""))
+    try:
+        check_float(option, value, low=low, high=high, low_open=low_open, high_open=high_open)
+    except ValueError as error:  # the library's rule and wording (flax_impl.validation), plus `what`
+        raise ValueError(f"{error}" + (f" {what}" if what else "")) from None
 
 
 def check_output_dir(option: str, path: str | os.PathLike) -> None:
