@@ -6,10 +6,18 @@ Mask convention (ours, both twins): `attention_mask` is either (B, S) with 1/Tru
 PyTorch's nn.MultiheadAttention uses the opposite bool polarity: convert with `from_torch_mha_mask`. A query
 row whose keys are all masked returns zeros (torch's softmax would give NaN).
 
+Padding cannot leak (both twins): keys that no query may attend to are zeroed before the matmuls, so a NaN or
+inf at a padded position changes no real token's output (a masked score is replaced, never multiplied by 0).
+Gradients are only promised for finite values there: per-token layers multiply a zero cotangent by them. An
+integer (B, S) mask holding a value other than 0/1 raises ValueError when its values are concrete; under `jit`
+they cannot be inspected, so every output of that sequence is NaN instead of reading the value by truthiness.
+B = 0 or L = 0 gives an empty result in both modes.
+
 Kernels (`FlaxConfig.attention_impl`, same results to float32 rounding): "einsum" is
 `flax_impl._kernels.attention.chunked_attention`, heads-major (B, N, L, H), one chunk of queries at a time, its
 gradient written out (why: docs/design.md#attention). "dot_product_attention" calls
-jax.nn.dot_product_attention (cuDNN on GPU), which has no dropout. "auto" (default) takes the latter on GPU/TPU
+jax.nn.dot_product_attention with its default implementation (XLA's; jax does not pick cuDNN by itself),
+which has no dropout. "auto" (default) takes the latter on GPU/TPU
 when no attention dropout is active, the einsum path otherwise.
 """
 
@@ -21,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 from flax_impl._kernels.attention import chunked_attention, dot_product_attention, merge_heads_project
-from flax_impl.config import FlaxConfig, TransformerConfig
+from flax_impl.config import FlaxConfig, TransformerConfig, as_config, as_flax_config
 from flax_impl.dropout import Dropout
 from flax_impl.positions import alibi_slopes, rotate_qk, scheme, score_bias
 from flax_impl.sharding import QKV_ACTIVATION, constrain, parallel_linear
@@ -63,6 +71,19 @@ def check_attention_mask(mask: object, batch: int, n_heads: int, q_len: int, k_l
     raise ValueError(f"attention_mask must be (B, S) or (B|1, N|1, L, S), got shape {shape}")
 
 
+def nan_rows_of_bad_mask(x: jax.Array, mask: jax.Array) -> jax.Array:
+    """x (B, L, D) with the sequences whose integer (B, S) mask holds a value other than 0/1 set to NaN.
+
+    Eager calls never get here with such a mask (`check_attention_mask` raises); under `jit` its values are not
+    known, and reading 2 or -1 as "real token" would silently change the result: NaN says it instead.
+    """
+    mask = jnp.asarray(mask)
+    if mask.ndim != 2 or not jnp.issubdtype(mask.dtype, jnp.integer):
+        return x
+    bad = jnp.any((mask != 0) & (mask != 1), axis=-1)  # (B,)
+    return jnp.where(bad[:, None, None], jnp.asarray(jnp.nan, x.dtype), x)
+
+
 def _allowed_and_additive(
     mask: jax.Array | None, q_len: int, k_len: int, causal: bool, window: int | None = None
 ) -> tuple[jax.Array | None, jax.Array | None]:
@@ -101,8 +122,8 @@ class MultiHeadAttention(nnx.Module):
     """
 
     def __init__(self, config: TransformerConfig, *, flax_config: FlaxConfig | None = None, rngs: nnx.Rngs):
+        config, flax_config = as_config(config), as_flax_config(flax_config)
         D = config.d_model
-        flax_config = FlaxConfig() if flax_config is None else flax_config
         self.config, self.flax_config = config, flax_config
         N, K, H = config.n_heads, config.n_kv_heads, config.head_dim
         # Megatron tensor parallelism under a mesh (flax_impl.sharding): in_proj column-, out_proj row-parallel.
@@ -129,11 +150,16 @@ class MultiHeadAttention(nnx.Module):
             positions: (B, L) RoPE positions (for a left-padded row, its first real token is position 0).
             cache_len: S >= L, the slots the cache holds.
         Returns:
-            (out (B, L, D), (k, v)): k and v (B, K, S, H), after RoPE, slots L .. S - 1 zero.
+            (out (B, L, D), (k, v)): k and v (B, K, S, H), after RoPE; padded slots (a (B, L) mask's zeros)
+            and slots L .. S - 1 are zero.
         """
         out, (k, v) = self._forward(x, attention_mask, positions)
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (B, K, L, H)
+        if attention_mask is not None and jnp.ndim(attention_mask) == 2:  # padding enters the cache as zeros,
+            real = jnp.asarray(attention_mask).astype(bool)[:, None, :, None]  # so a NaN there cannot reach a
+            k, v = jnp.where(real, k, 0), jnp.where(real, v, 0)  # real token through 0 * NaN
         pad = ((0, 0), (0, 0), (0, cache_len - x.shape[1]), (0, 0))
-        return out, (jnp.pad(k.transpose(0, 2, 1, 3), pad), jnp.pad(v.transpose(0, 2, 1, 3), pad))
+        return out, (jnp.pad(k, pad), jnp.pad(v, pad))
 
     def decode(
         self,
@@ -212,6 +238,7 @@ class MultiHeadAttention(nnx.Module):
             raise ValueError(f"attention input width {D} != d_model={cfg.d_model}")
         if attention_mask is not None:
             check_attention_mask(attention_mask, B, N, L, L)
+            x = nan_rows_of_bad_mask(x, attention_mask)
         q, k_kv, v_kv = self._project(x, positions)
         # grouped-query: query head n reads kv head n // (N / K) (repeat, not tile)
         k = k_kv if K == N else jnp.repeat(k_kv, N // K, axis=2)  # (B, L, N, H)

@@ -12,7 +12,7 @@ from flax import nnx
 from flax_impl._kernels.feed_forward import activation_dropout_linear
 from flax_impl._kernels.gelu import gelu_exact
 from flax_impl.attention import MultiHeadAttention
-from flax_impl.config import FlaxConfig, TransformerConfig
+from flax_impl.config import FlaxConfig, TransformerConfig, as_config, as_flax_config
 from flax_impl.dropout import Dropout
 from flax_impl.norm import make_norm
 from flax_impl.sharding import parallel_linear
@@ -54,6 +54,7 @@ class GatedMLP(nnx.Module):
     """
 
     def __init__(self, config: TransformerConfig, flax_config: FlaxConfig, *, rngs: nnx.Rngs):
+        config, flax_config = as_config(config), as_flax_config(flax_config)
         D, F, bias = config.d_model, config.d_ff, config.mlp_bias
         self.gate = parallel_linear(flax_config, D, F, "column", use_bias=bias, rngs=rngs)
         self.up = parallel_linear(flax_config, D, F, "column", use_bias=bias, rngs=rngs)
@@ -84,8 +85,8 @@ class TransformerBlock(nnx.Module):
     """
 
     def __init__(self, config: TransformerConfig, *, flax_config: FlaxConfig | None = None, rngs: nnx.Rngs):
+        config, flax_config = as_config(config), as_flax_config(flax_config)
         D, F = config.d_model, config.d_ff
-        flax_config = FlaxConfig() if flax_config is None else flax_config
         self.norm_first, self.parallel = config.norm_first, config.parallel_residual
         self.attn = MultiHeadAttention(config, flax_config=flax_config, rngs=rngs)
         self.ln1 = make_norm(config, flax_config)

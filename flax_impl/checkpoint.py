@@ -5,6 +5,7 @@ both frameworks read), an Orbax checkpoint keeps everything needed to resume tra
 
     directory/<step>/model       nnx.state(model): parameters and the rng streams (each Dropout's key and count)
     directory/<step>/optimizer   nnx.state(optimizer): its step counter and optax's state (AdamW: count, mu, nu)
+    directory/<step>/config      the model's TransformerConfig (JSON), for a model that keeps one (TransformerEncoder)
 
 Each step is written by an `orbax.checkpoint.CheckpointManager` into a temporary folder that is renamed when
 complete, so a reader finds whole steps only. Typed PRNG keys (`jax.random.key`) are stored by Orbax as their key
@@ -14,8 +15,9 @@ Restoring reads into the module's own variables, so the target decides placement
 sharding; an abstract one (from `abstract`, or `nnx.eval_shape`) the sharding of its ShapeDtypeStruct, or the
 default device if it has none. Orbax then reads from each array file only the index of each device's shard
 (TensorStore) and puts it on that device, so a sharded restore never holds a whole sharded array on one device;
-the mesh at restore time may differ from the one at save time. Shapes and dtypes are checked against the
-checkpoint's metadata before any array is read.
+the mesh at restore time may differ from the one at save time. The saved config (`flax_impl.saved_config`: a
+model of another architecture is refused, listing every field that differs; a step without a config restores
+with a warning), shapes and dtypes are checked before any array is read.
 
 Example:
     >>> model = TransformerEncoder(cfg, rngs=nnx.Rngs(0))
@@ -38,8 +40,10 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
+from flax_impl.saved_config import config_mismatches, saved_config
+
 T = TypeVar("T")
-MODEL, OPTIMIZER = "model", "optimizer"
+MODEL, OPTIMIZER, CONFIG = "model", "optimizer", "config"
 
 
 def abstract(factory: Callable[[], T], *, mesh: Mesh | None = None) -> T:
@@ -92,7 +96,8 @@ def save_checkpoint(
 
     Args:
         directory: the checkpoint folder, created if missing.
-        model: any nnx.Module: all its variables are saved (parameters, rng streams, statistics).
+        model: any nnx.Module: all its variables are saved (parameters, rng streams, statistics), and its
+            TransformerConfig when it keeps one (`model.config`), which `restore_checkpoint` checks.
         optimizer: an nnx.Optimizer, or None to save the model only.
         step: a new step number >= 0 (e.g. the training step).
         max_to_keep: keep only the newest this many steps (older ones are deleted after the write); None: all.
@@ -117,6 +122,9 @@ def save_checkpoint(
     items = {MODEL: ocp.args.StandardSave(nnx.state(model))}
     if optimizer is not None:
         items[OPTIMIZER] = ocp.args.StandardSave(nnx.state(optimizer))
+    config = saved_config(model)
+    if config is not None:
+        items[CONFIG] = ocp.args.JsonSave(config)
     with _manager(directory, create=True, max_to_keep=max_to_keep) as manager:
         manager.save(int(step), args=ocp.args.Composite(**items))
         manager.wait_until_finished()
@@ -133,8 +141,9 @@ def restore_checkpoint(
     """Read step `step` of `directory` into `model` (and `optimizer`), in place, each array on its target sharding.
 
     The targets are the modules' own variables: concrete arrays keep their shardings, abstract ones (`abstract`)
-    become arrays with the ShapeDtypeStruct's sharding. Every shape and dtype is checked against the checkpoint
-    before any array is read.
+    become arrays with the ShapeDtypeStruct's sharding. The saved config (for a model that keeps one), every
+    shape and every dtype are checked against the checkpoint before any array is read; a step saved without a
+    config restores with a UserWarning.
 
     Args:
         directory: a folder written by `save_checkpoint`.
@@ -150,8 +159,9 @@ def restore_checkpoint(
         TypeError: `model` is not an nnx.Module or `optimizer` not an nnx.Optimizer.
         FileNotFoundError: no checkpoint in `directory`.
         ValueError: `step` is not in `directory` (listing those that are); `optimizer` given but the step has
-            no optimizer state; the modules do not match the checkpoint: one message listing every array
-            path whose shape or dtype differs (expected and found), is missing or is unexpected.
+            no optimizer state; the step was saved from a model of another config (every field that differs is
+            listed); the modules do not match the checkpoint: one message listing every array path whose shape
+            or dtype differs (expected and found), is missing or is unexpected.
     """
     _check_nodes(model, optimizer)
     steps = checkpoint_steps(directory)
@@ -166,7 +176,13 @@ def restore_checkpoint(
         metadata = manager.item_metadata(step)
         if optimizer is not None and metadata.get(OPTIMIZER) is None:
             raise ValueError(f"step {step} in {os.fspath(directory)!r} has no optimizer state; pass optimizer=None")
-        problems = [line for name in nodes for line in _mismatches(name, targets[name], metadata[name])]
+        problems = []
+        if saved_config(model) is not None:
+            config = None
+            if CONFIG in metadata.keys():
+                config = manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[CONFIG]
+            problems += [f"  {line}" for line in config_mismatches(model, config, f"step {step} of {directory}")]
+        problems += [line for name in nodes for line in _mismatches(name, targets[name], metadata[name])]
         if problems:
             raise ValueError(
                 f"cannot restore step {step} of {os.fspath(directory)!r} into "
@@ -188,7 +204,11 @@ def _check_nodes(model: Any, optimizer: Any) -> None:
 
 def _manager(directory: str | os.PathLike, *, create: bool, max_to_keep: int | None = None) -> Any:
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create, enable_async_checkpointing=False)
-    handlers = {MODEL: ocp.StandardCheckpointHandler(), OPTIMIZER: ocp.StandardCheckpointHandler()}
+    handlers = {
+        MODEL: ocp.StandardCheckpointHandler(),
+        OPTIMIZER: ocp.StandardCheckpointHandler(),
+        CONFIG: ocp.JsonCheckpointHandler(),
+    }
     return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_handlers=handlers)
 
 

@@ -2,14 +2,21 @@
 
 `TransformerConfig` is the architecture both twins read; `FlaxConfig` the Flax-only execution settings;
 `TrainConfig` the optimiser both training steps read.
+
+Every field is checked at construction (and by `replace` / `from_dict`) with `flax_impl.validation`'s rule: a
+value of the wrong type raises `ArgumentTypeError` (a TypeError that is also a ValueError): a bool is not a
+count, "False" is not a bool, "1e-5" is not a number; a value of the right type out of range (NaN, inf, 0 heads,
+an unknown name) raises ValueError. The message names the field, its value and what is allowed.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
+import functools
 from dataclasses import dataclass
 from typing import Any, TypeVar
+
+from flax_impl.validation import ArgumentTypeError, check_bool, check_choice, check_float, check_int
 
 _C = TypeVar("_C", bound="_DictMixin")
 
@@ -40,6 +47,25 @@ LM_HEADS = ("tied", "untied")
 BIAS_SWITCHES = ("qkv_bias", "out_bias", "mlp_bias", "norm_bias")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("auto", "einsum", "dot_product_attention")
+TRANSFORMER_BOOLS = (
+    "norm_first",
+    "causal",
+    "input_norm",
+    "final_norm",
+    "embed_scale",
+    "bias",
+    "parallel_residual",
+    "parallel_shared_norm",
+    "lm_head_bias",
+)
+TRANSFORMER_CHOICES = {
+    "position": POSITIONS,
+    "rope_style": ROPE_STYLES,
+    "activation": ACTIVATIONS,
+    "norm": NORMS,
+    "mlp": MLPS,
+    "lm_head": LM_HEADS,
+}
 
 
 @dataclass(frozen=True)
@@ -61,6 +87,11 @@ class TransformerConfig(_DictMixin):
     `alibi_max_bias` is the 8 of ALiBi's slopes 2^(-8h/N); `lm_head` "untied" adds its own (V, D) output
     matrix (with a bias if `lm_head_bias`) instead of reusing the embedding; `type_vocab_size` > 0 adds BERT's
     token-type embeddings at the input.
+
+    Raises:
+        ArgumentTypeError: a field of the wrong type (module docstring).
+        ValueError: a field out of its range or set, or two fields that do not fit together (n_heads must divide
+            d_model, sliding_window needs causal, ...).
 
     Example:
         >>> cfg = TransformerConfig.from_dict({"d_model": 256, "n_heads": 4, "n_layers": 2})
@@ -106,85 +137,46 @@ class TransformerConfig(_DictMixin):
     type_vocab_size: int = 0
 
     def __post_init__(self) -> None:
-        if self.attention_dropout is None:
-            object.__setattr__(self, "attention_dropout", self.dropout)
-        for name in (
-            "norm_first",
-            "causal",
-            "input_norm",
-            "final_norm",
-            "embed_scale",
-            "bias",
-            "parallel_residual",
-            "parallel_shared_norm",
-            "lm_head_bias",
-        ):
-            _check_bool(name, getattr(self, name))
+        # Types and ranges first, each field on its own (flax_impl.validation), then the rules between fields.
+        _set = functools.partial(object.__setattr__, self)
+        for name in TRANSFORMER_BOOLS:
+            _set(name, check_bool(name, getattr(self, name)))
         for name in BIAS_SWITCHES:
-            if getattr(self, name) is None:
-                object.__setattr__(self, name, self.bias)
-            _check_bool(name, getattr(self, name))
-        if self.n_kv_heads is None:
-            object.__setattr__(self, "n_kv_heads", self.n_heads)
-        for name in ("vocab_size", "d_model", "n_heads", "d_ff", "n_layers", "max_len", "n_kv_heads"):
-            _check_positive_int(name, getattr(self, name))
+            value = check_bool(name, getattr(self, name), none_ok=True)
+            _set(name, self.bias if value is None else value)
+        for name in ("vocab_size", "d_model", "n_heads", "d_ff", "n_layers", "max_len"):
+            _set(name, check_int(name, getattr(self, name), low=1))
+        kv = check_int("n_kv_heads", self.n_kv_heads, low=1, none_ok=True)
+        _set("n_kv_heads", self.n_heads if kv is None else kv)
+        _set("sliding_window", check_int("sliding_window", self.sliding_window, low=1, none_ok=True))
+        _set("type_vocab_size", check_int("type_vocab_size", self.type_vocab_size, low=0))
+        _set("padding_idx", check_int("padding_idx", self.padding_idx, low=0, high=self.vocab_size, none_ok=True))
+        _set("dropout", check_float("dropout", self.dropout, low=0.0, high=1.0))
+        drop = check_float("attention_dropout", self.attention_dropout, low=0.0, high=1.0, none_ok=True)
+        _set("attention_dropout", self.dropout if drop is None else drop)
+        _set("rope_base", check_float("rope_base", self.rope_base, low=1.0, low_open=True))
+        _set("rope_fraction", check_float("rope_fraction", self.rope_fraction, low=0.0, high=1.0, low_open=True))
+        for name in ("rope_scale", "norm_eps", "alibi_max_bias"):
+            _set(name, check_float(name, getattr(self, name), low=0.0, low_open=True))
+        for name, allowed in TRANSFORMER_CHOICES.items():
+            check_choice(name, getattr(self, name), allowed)
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
-        if self.sliding_window is not None:
-            _check_positive_int("sliding_window", self.sliding_window)
-            if not self.causal:
-                raise ValueError(f"sliding_window={self.sliding_window} needs causal=True (a window of past keys)")
-        if (
-            isinstance(self.type_vocab_size, bool)
-            or not isinstance(self.type_vocab_size, int)
-            or self.type_vocab_size < 0
-        ):
-            raise ValueError(f"type_vocab_size={self.type_vocab_size!r} must be an integer >= 0 (0: no token types)")
-        if (
-            isinstance(self.alibi_max_bias, bool)
-            or not isinstance(self.alibi_max_bias, (int, float))
-            or not (0.0 < self.alibi_max_bias < float("inf"))
-        ):
-            raise ValueError(f"alibi_max_bias={self.alibi_max_bias!r} must be a finite number > 0")
-        for name in ("dropout", "attention_dropout"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name}={value!r} must be a probability in [0, 1]")
-        _check_choice("position", self.position, POSITIONS)
-        _check_choice("rope_style", self.rope_style, ROPE_STYLES)
-        _check_choice("activation", self.activation, ACTIVATIONS)
-        _check_choice("norm", self.norm, NORMS)
-        _check_choice("mlp", self.mlp, MLPS)
-        _check_choice("lm_head", self.lm_head, LM_HEADS)
+        if self.sliding_window is not None and not self.causal:
+            raise ValueError(f"sliding_window={self.sliding_window} needs causal=True (a window of past keys)")
         if self.parallel_residual and not self.norm_first:
             raise ValueError("parallel_residual=True needs norm_first=True (both branches read the normalised input)")
         if self.lm_head_bias and self.lm_head != "untied":
             raise ValueError("lm_head_bias=True needs lm_head='untied' (a tied head reuses the embedding, no bias)")
         if self.d_model % self.n_heads:
             raise ValueError(f"n_heads={self.n_heads} must divide d_model={self.d_model}")
-        for name in ("rope_base", "rope_fraction", "rope_scale", "norm_eps"):
-            _check_finite_number(name, getattr(self, name))
-        if not self.rope_base > 1.0:
-            raise ValueError(f"rope_base={self.rope_base!r} must be > 1")
-        if not 0.0 < self.rope_fraction <= 1.0:
-            raise ValueError(f"rope_fraction={self.rope_fraction!r} must be in (0, 1]")
-        if not self.rope_scale > 0.0:
-            raise ValueError(f"rope_scale={self.rope_scale!r} must be > 0")
         if self.position == "rope":
             rotated = rope_width(self.head_dim, self.rope_fraction)
-            if rotated % 2:
+            if rotated % 2 or rotated == 0:
                 raise ValueError(
                     f"RoPE rotates pairs: rotated width {rotated} (head_dim={self.head_dim} x "
-                    f"rope_fraction={self.rope_fraction}) must be even"
+                    f"rope_fraction={self.rope_fraction}) must be even and > 0"
                 )
-        if not self.norm_eps > 0.0:
-            raise ValueError(f"norm_eps={self.norm_eps!r} must be > 0")
-        if self.padding_idx is not None and (
-            isinstance(self.padding_idx, bool) or not isinstance(self.padding_idx, int)
-        ):
-            raise TypeError(f"padding_idx={self.padding_idx!r} must be an integer token id or None")
-        if self.padding_idx is not None and not 0 <= self.padding_idx < self.vocab_size:
-            raise ValueError(f"padding_idx={self.padding_idx!r} must be in [0, vocab_size={self.vocab_size})")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TransformerConfig:
@@ -227,8 +219,13 @@ class FlaxConfig(_DictMixin):
     that many layers in each iteration of the scanned loop (n_layers unrolls it fully, so XLA sees every layer;
     compile time then grows with depth); `remat` recomputes each block in the backward pass. `attention_impl`
     picks the attention kernel (same results to float32 rounding): "einsum" (the chunked softmax of
-    `flax_impl._kernels.attention`), "dot_product_attention" (`jax.nn.dot_product_attention`, cuDNN on GPU, no
-    attention dropout), or "auto": the latter on GPU/TPU when no attention dropout is active, else "einsum".
+    `flax_impl._kernels.attention`), "dot_product_attention" (`jax.nn.dot_product_attention`, its default XLA
+    implementation, no attention dropout), or "auto": the latter on GPU/TPU when no attention dropout is active,
+    else "einsum".
+
+    Raises:
+        ArgumentTypeError: a field of the wrong type.
+        ValueError: an unknown dtype or attention_impl, or scan_unroll < 1.
 
     Example:
         >>> FlaxConfig(dtype="bfloat16", scan_layers=False).param_dtype
@@ -243,12 +240,12 @@ class FlaxConfig(_DictMixin):
     attention_impl: str = "auto"
 
     def __post_init__(self) -> None:
-        _check_choice("dtype", self.dtype, DTYPES)
-        _check_choice("param_dtype", self.param_dtype, DTYPES)
-        _check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
-        _check_positive_int("scan_unroll", self.scan_unroll)
+        for name in ("dtype", "param_dtype"):
+            check_choice(name, getattr(self, name), DTYPES)
+        check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
+        object.__setattr__(self, "scan_unroll", check_int("scan_unroll", self.scan_unroll, low=1))
         for name in ("scan_layers", "remat"):
-            _check_bool(name, getattr(self, name))
+            object.__setattr__(self, name, check_bool(name, getattr(self, name)))
 
     def replace(self, **changes: Any) -> FlaxConfig:
         """A copy with some fields changed (validated again)."""
@@ -258,29 +255,40 @@ class FlaxConfig(_DictMixin):
         return dataclasses.replace(self, **changes)
 
 
-def _check_finite_number(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name}={value!r} must be a finite number")
+def as_config(config: object) -> TransformerConfig:
+    """A module's `config` argument: a TransformerConfig as it is, a dict through `from_dict`.
+
+    Raises:
+        ArgumentTypeError: anything else (a TypeError naming `config` and its type).
+        ValueError: a dict with unknown keys or bad values.
+    """
+    if isinstance(config, dict):
+        return TransformerConfig.from_dict(config)
+    if not isinstance(config, TransformerConfig):
+        raise ArgumentTypeError(
+            f"config={config!r:.60} must be a TransformerConfig or a dict, got {type(config).__name__}"
+        )
+    return config
 
 
-def _check_bool(name: str, value: object) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name}={value!r} must be a bool (True or False)")
+def as_flax_config(flax_config: object) -> FlaxConfig:
+    """A Flax module's `flax_config` argument: None -> FlaxConfig(), a FlaxConfig as it is.
 
-
-def _check_positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value!r} must be an integer >= 1")
+    Raises:
+        ArgumentTypeError: anything else.
+    """
+    if flax_config is None:
+        return FlaxConfig()
+    if not isinstance(flax_config, FlaxConfig):
+        raise ArgumentTypeError(
+            f"flax_config={flax_config!r:.60} must be a FlaxConfig or None, got {type(flax_config).__name__}"
+        )
+    return flax_config
 
 
 def rope_width(head_dim: int, fraction: float) -> int:
     """Number of leading head dims RoPE rotates: int(fraction * head_dim)."""
     return int(round(fraction * head_dim))
-
-
-def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not one of {list(allowed)}")
 
 
 @dataclass(frozen=True)
@@ -293,6 +301,11 @@ class TrainConfig(_DictMixin):
     linear warmup 0 -> `learning_rate` over `warmup_steps`, then cosine decay to `end_lr_ratio * learning_rate`
     at `total_steps` (and constant after). Gradients are clipped to global norm `clip_norm` (None = off) before
     AdamW. `mask_prob` is the fraction of tokens the masked-token objective predicts.
+
+    Raises:
+        ArgumentTypeError: a field of the wrong type.
+        ValueError: a field out of range (learning_rate, eps, clip_norm > 0; b1, b2 in [0, 1); end_lr_ratio in
+            [0, 1]; mask_prob in (0, 1]; total_steps > warmup_steps >= 0), or not finite.
     """
 
     learning_rate: float = 1e-3
@@ -307,25 +320,16 @@ class TrainConfig(_DictMixin):
     mask_prob: float = 0.15
 
     def __post_init__(self) -> None:
-        for name in ("warmup_steps", "total_steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name}={value!r} must be an integer >= 0")
+        _set = functools.partial(object.__setattr__, self)
+        _set("warmup_steps", check_int("warmup_steps", self.warmup_steps, low=0))
+        _set("total_steps", check_int("total_steps", self.total_steps, low=1))
         if self.total_steps <= self.warmup_steps:
             raise ValueError(f"total_steps={self.total_steps} must be > warmup_steps={self.warmup_steps}")
-        if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0):
-            raise ValueError(f"learning_rate={self.learning_rate!r} must be > 0")
-        if not (isinstance(self.end_lr_ratio, (int, float)) and 0.0 <= self.end_lr_ratio <= 1.0):
-            raise ValueError(f"end_lr_ratio={self.end_lr_ratio!r} must be in [0, 1]")
+        for name in ("learning_rate", "eps"):
+            _set(name, check_float(name, getattr(self, name), low=0.0, low_open=True))
+        _set("clip_norm", check_float("clip_norm", self.clip_norm, low=0.0, low_open=True, none_ok=True))
+        _set("weight_decay", check_float("weight_decay", self.weight_decay, low=0.0))
+        _set("end_lr_ratio", check_float("end_lr_ratio", self.end_lr_ratio, low=0.0, high=1.0))
         for name in ("b1", "b2"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
-                raise ValueError(f"{name}={value!r} must be in [0, 1)")
-        if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
-            raise ValueError(f"weight_decay={self.weight_decay!r} must be >= 0")
-        if not (isinstance(self.eps, (int, float)) and self.eps > 0):
-            raise ValueError(f"eps={self.eps!r} must be > 0")
-        if self.clip_norm is not None and not (isinstance(self.clip_norm, (int, float)) and self.clip_norm > 0):
-            raise ValueError(f"clip_norm={self.clip_norm!r} must be > 0, or None for no clipping")
-        if not (isinstance(self.mask_prob, (int, float)) and 0.0 < self.mask_prob <= 1.0):
-            raise ValueError(f"mask_prob={self.mask_prob!r} must be in (0, 1]")
+            _set(name, check_float(name, getattr(self, name), low=0.0, high=1.0, high_open=True))
+        _set("mask_prob", check_float("mask_prob", self.mask_prob, low=0.0, high=1.0, low_open=True))

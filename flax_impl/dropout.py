@@ -8,6 +8,7 @@ from flax import nnx
 
 from flax_impl._kernels.dropout import apply_keep_bits
 from flax_impl._kernels.dropout import keep_bits as draw_keep_bits
+from flax_impl.validation import check_bool, check_float
 
 
 class Dropout(nnx.Module):
@@ -32,6 +33,7 @@ class Dropout(nnx.Module):
         rngs: its `dropout` stream draws the masks. Needed for train mode with 0 < rate < 1; may be None otherwise.
 
     Raises:
+        TypeError: `rate` not a number, `deterministic` not a bool (`ArgumentTypeError`).
         ValueError: `rate` is not a number in [0, 1].
 
     Example:
@@ -43,10 +45,8 @@ class Dropout(nnx.Module):
     """
 
     def __init__(self, rate: float, *, deterministic: bool = False, rngs: nnx.Rngs | None = None):
-        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:
-            raise ValueError(f"dropout rate={rate!r} must be a probability in [0, 1]")
-        self.rate = float(rate)
-        self.deterministic = deterministic
+        self.rate = check_float("dropout rate", rate, low=0.0, high=1.0)
+        self.deterministic = check_bool("deterministic", deterministic)
         self.rngs = rngs["dropout"].fork() if rngs is not None and rate > 0.0 else nnx.data(None)
 
     def set_view(self, deterministic: bool | None = None) -> None:
@@ -71,13 +71,15 @@ class Dropout(nnx.Module):
             deterministic: True for the identity, False for random; None: the layer's mode.
 
         Returns:
-            The shape and dtype of x.
+            The shape and dtype of x (an empty x is returned as it is, in any mode).
 
         Raises:
             ValueError: random mode with 0 < rate < 1 and no `rngs` given at construction.
+            TypeError: `deterministic` not a bool or None.
         """
+        deterministic = check_bool("deterministic", deterministic, none_ok=True)
         deterministic = self.deterministic if deterministic is None else deterministic
-        if deterministic or self.rate == 0.0:
+        if deterministic or self.rate == 0.0 or x.size == 0:
             return x
         if self.rate == 1.0:
             return jnp.zeros_like(x)
@@ -97,6 +99,7 @@ class Dropout(nnx.Module):
         Raises:
             ValueError: random mode and no `rngs` given at construction.
         """
+        deterministic = check_bool("deterministic", deterministic, none_ok=True)
         deterministic = self.deterministic if deterministic is None else deterministic
         if deterministic or self.rate == 0.0:
             return None
@@ -117,8 +120,9 @@ def dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
         The shape and dtype of x: kept elements times fl(1 / (1 - rate)), the others 0.
 
     Raises:
+        TypeError: `rate` not a number.
         ValueError: `rate` outside [0, 1).
     """
-    if not 0.0 <= rate < 1.0:
+    if check_float("dropout rate", rate, low=0.0, high=1.0) == 1.0:
         raise ValueError(f"dropout rate={rate!r} must be in [0, 1) here (rate 1 gives zeros: see Dropout)")
     return apply_keep_bits(x, draw_keep_bits(key, rate, x.shape), rate)

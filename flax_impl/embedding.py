@@ -9,6 +9,7 @@ from flax import nnx
 from jax.experimental import checkify
 
 from flax_impl.sharding import VOCAB_ROWS, param_metadata
+from flax_impl.validation import check_bool, check_int
 
 
 def check_ids(ids: object, num_embeddings: int) -> None:
@@ -24,7 +25,9 @@ def check_ids(ids: object, num_embeddings: int) -> None:
     Raises:
         TypeError: `ids` are not integers.
         IndexError: an id is outside [0, V); the message names the first such id and counts them.
+        ValueError: num_embeddings is not an integer >= 1 (a TypeError for a non-integer).
     """
+    num_embeddings = check_int("num_embeddings", num_embeddings, low=1)
     if isinstance(ids, jax.core.Tracer):
         if not jnp.issubdtype(ids.dtype, jnp.integer):
             raise TypeError(f"token ids must be integers, got dtype {ids.dtype}")
@@ -41,6 +44,14 @@ def check_ids(ids: object, num_embeddings: int) -> None:
             f"token id {first} is out of range for an embedding of num_embeddings={num_embeddings} "
             f"(valid ids are 0..{num_embeddings - 1}); {int(bad.sum())} id(s) out of range"
         )
+
+
+def _embed_args(num_embeddings: object, features: object, padding_idx: object) -> tuple[int, int, int | None]:
+    """Embed's sizes checked by type and range; a negative padding_idx counted from the end, as torch does."""
+    V = check_int("num_embeddings", num_embeddings, low=1)
+    D = check_int("features", features, low=1)
+    padding_idx = check_int("padding_idx", padding_idx, low=-V, high=V, none_ok=True)
+    return V, D, None if padding_idx is None else padding_idx % V
 
 
 class Embed(nnx.Module):
@@ -62,6 +73,7 @@ class Embed(nnx.Module):
         rngs: `rngs.params()` draws the initial table.
 
     Raises:
+        TypeError: V, D or padding_idx not an integer, checked not a bool (`ArgumentTypeError`).
         ValueError: V or D < 1, or `padding_idx` outside [-V, V).
 
     Example:
@@ -80,13 +92,8 @@ class Embed(nnx.Module):
         param_dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
-        if num_embeddings < 1 or features < 1:
-            raise ValueError(f"num_embeddings={num_embeddings} and features={features} must be >= 1")
-        if padding_idx is not None:
-            if padding_idx < 0:  # torch accepts negative padding_idx, counted from the end
-                padding_idx += num_embeddings
-            if not 0 <= padding_idx < num_embeddings:
-                raise ValueError(f"padding_idx={padding_idx} must be in [0, num_embeddings={num_embeddings})")
+        num_embeddings, features, padding_idx = _embed_args(num_embeddings, features, padding_idx)
+        checked = check_bool("checked", checked)
         self.num_embeddings = num_embeddings
         self.features = features
         self.padding_idx = padding_idx

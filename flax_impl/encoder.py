@@ -11,7 +11,7 @@ from flax import nnx
 
 from flax_impl.attention import check_attention_mask
 from flax_impl.block import TransformerBlock
-from flax_impl.config import FlaxConfig, TransformerConfig
+from flax_impl.config import FlaxConfig, TransformerConfig, as_config, as_flax_config
 from flax_impl.norm import make_norm
 from flax_impl.pipeline import TransformerInput
 from flax_impl.sharding import BATCH_ACTIVATION, constrain, parallel_linear
@@ -55,7 +55,7 @@ class TransformerEncoder(nnx.Module):
 
     With `flax_config.scan_layers` (default) `blocks` is one TransformerBlock with parameters stacked on a leading
     (n_layers,) axis, applied with `nnx.scan`: compile time stays flat in depth (`flax_config.scan_unroll` layers per
-    loop iteration; n_layers unrolls the loop fully, faster on CPU, compile time growing with depth). Otherwise
+    loop iteration; n_layers unrolls the loop fully, compile time growing with depth). Otherwise
     `blocks` is an `nnx.List` of blocks, unrolled by jit. `flax_config.remat` rematerialises each block in the
     backward pass.
     `attention_mask` takes the forms documented in `flax_impl.attention`. `logits(h)` is the tied LM head.
@@ -76,13 +76,7 @@ class TransformerEncoder(nnx.Module):
         flax_config: FlaxConfig | None = None,
         rngs: nnx.Rngs,
     ):
-        if isinstance(config, dict):
-            config = TransformerConfig.from_dict(config)
-        if not isinstance(config, TransformerConfig):
-            raise TypeError(f"config must be a TransformerConfig or a dict, got {type(config).__name__}")
-        flax_config = FlaxConfig() if flax_config is None else flax_config
-        if not isinstance(flax_config, FlaxConfig):
-            raise TypeError(f"flax_config must be a FlaxConfig or None, got {type(flax_config).__name__}")
+        config, flax_config = as_config(config), as_flax_config(flax_config)
         self.config, self.flax_config = config, flax_config
         self.input = TransformerInput(config, flax_config=flax_config, rngs=rngs)
         if flax_config.scan_layers:

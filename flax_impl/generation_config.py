@@ -3,20 +3,13 @@ both twins' `generate` read (flax_impl.generate, torch_ref.generate), so both re
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from flax_impl.config import TransformerConfig
-
-
-def _int(name: str, value: object, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < low:
-        raise ValueError(f"{name}={value} must be >= {low}")
+from flax_impl.validation import ArgumentTypeError, check_bool, check_float, check_int
 
 
 @dataclass(frozen=True)
@@ -34,8 +27,9 @@ class GenerationConfig:
         pad_id: the id a stopped row emits.
         return_logits: also return every step's logits.
     Raises:
-        TypeError: a field of the wrong type (bool where an int is expected included).
-        ValueError: a field out of range.
+        TypeError: a field of the wrong type (bool where an int is expected included): the
+            `flax_impl.validation.ArgumentTypeError` of every config.
+        ValueError: a field out of range (NaN and inf included).
     """
 
     max_new_tokens: int
@@ -49,26 +43,21 @@ class GenerationConfig:
     return_logits: bool = False
 
     def __post_init__(self) -> None:
-        _int("max_new_tokens", self.max_new_tokens, 1)
-        _int("seed", self.seed, 0)
-        _int("top_k", self.top_k, 0)
-        _int("pad_id", self.pad_id, 0)
-        for name in ("do_sample", "return_logits"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
-        for name in ("temperature", "top_p"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"{name} must be a number, got {value!r}")
-        if self.do_sample and not 0.0 < self.temperature < math.inf:
-            raise ValueError(f"temperature={self.temperature!r} must be finite and > 0 when sampling")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p={self.top_p!r} must be in (0, 1]")
+        check_int("max_new_tokens", self.max_new_tokens, low=1)
+        check_int("seed", self.seed, low=0)
+        check_int("top_k", self.top_k, low=0)
+        check_int("pad_id", self.pad_id, low=0)
+        check_bool("do_sample", self.do_sample)
+        check_bool("return_logits", self.return_logits)
+        if self.do_sample:
+            check_float("temperature", self.temperature, low=0.0, low_open=True)
+        else:  # not read when greedy, but still a number
+            check_float("temperature", self.temperature)
+        check_float("top_p", self.top_p, low=0.0, high=1.0, low_open=True)
         if isinstance(self.stop_tokens, (str, bytes)) or not isinstance(self.stop_tokens, Sequence):
-            raise TypeError(f"stop_tokens must be a sequence of ids, got {self.stop_tokens!r}")
-        for token in self.stop_tokens:
-            _int("a stop token", token, 0)
-        object.__setattr__(self, "stop_tokens", tuple(int(t) for t in self.stop_tokens))
+            raise ArgumentTypeError(f"stop_tokens={self.stop_tokens!r} must be a sequence of token ids")
+        tokens = tuple(check_int(f"stop_tokens[{i}]", t, low=0) for i, t in enumerate(self.stop_tokens))
+        object.__setattr__(self, "stop_tokens", tokens)
 
     def check_vocabulary(self, vocab_size: int) -> None:
         """IndexError if a stop token or pad_id is not below vocab_size."""

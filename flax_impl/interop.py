@@ -8,6 +8,12 @@ Torch keys are the twin's `state_dict()` keys. The only rules are layout rules:
 - a scanned encoder's stacked `blocks.*` (n_layers, ...) <-> per-layer `blocks.{i}.*`.
 Values are copied exactly (transposes and stacking only): flax -> torch -> flax is bit-exact.
 
+A file written by `save` from a module that keeps its config (`TransformerEncoder.config`) carries that
+TransformerConfig as JSON in its safetensors metadata (`CONFIG_KEY`); `load` into a model of another config is a
+ValueError listing every field that differs, because two configs can share every key and shape (n_heads 2 vs 4,
+another position scheme) and still compute different things. Files without it (written by torch, or by an older
+`save`) still load, with a warning that the architecture could not be checked.
+
 Example:
     >>> model = TransformerEncoder(cfg, rngs=nnx.Rngs(0))
     >>> twin = torch_ref.TransformerEncoder(cfg)
@@ -18,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from dataclasses import dataclass
@@ -29,7 +36,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import SingleDeviceSharding
 
+from flax_impl.saved_config import CONFIG_KEY, config_mismatches, saved_config
+
 Path = tuple[Any, ...]
+
 
 
 @dataclass(frozen=True)
@@ -111,8 +121,11 @@ def _as_numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
-def _check_shapes(module: nnx.Module, entries: list[_Entry], shapes: dict[str, tuple[int, ...]], strict: bool) -> None:
-    """Raise one ValueError listing every shape mismatch and, if `strict`, every missing and unexpected key."""
+def _check_shapes(
+    module: nnx.Module, entries: list[_Entry], shapes: dict[str, tuple[int, ...]], strict: bool, config: list[str]
+) -> None:
+    """Raise one ValueError listing the `config` mismatches, every shape mismatch and, if `strict`, every missing
+    and unexpected key."""
     expected = {e.torch_key: e for e in entries}
     missing = sorted(set(expected) - set(shapes))
     unexpected = sorted(set(shapes) - set(expected))
@@ -120,8 +133,8 @@ def _check_shapes(module: nnx.Module, entries: list[_Entry], shapes: dict[str, t
     for key in sorted(set(expected) & set(shapes)):
         if shapes[key] != expected[key].torch_shape:
             mismatched.append(f"{key}: checkpoint {shapes[key]} vs model {expected[key].torch_shape}")
-    if mismatched or (strict and (missing or unexpected)):
-        lines = [f"cannot load state dict into {type(module).__name__}:"]
+    if config or mismatched or (strict and (missing or unexpected)):
+        lines = [f"cannot load state dict into {type(module).__name__}:"] + [f"  {c}" for c in config]
         lines += [f"  missing key: {k}" for k in missing] if strict else []
         lines += [f"  unexpected key: {k}" for k in unexpected] if strict else []
         lines += [f"  shape mismatch: {m}" for m in mismatched]
@@ -144,7 +157,7 @@ def load_torch_state_dict(module: nnx.Module, state_dict: dict[str, Any], *, str
         ValueError: one message listing every shape mismatch and, if `strict`, every missing and unexpected key.
     """
     entries = _entries(module)
-    _check_shapes(module, entries, {k: tuple(np.shape(_as_numpy(v))) for k, v in state_dict.items()}, strict)
+    _check_shapes(module, entries, {k: tuple(np.shape(_as_numpy(v))) for k, v in state_dict.items()}, strict, [])
     state = nnx.state(module, nnx.Param)
     current = {tuple(p): v for p, v in nnx.to_flat_state(state)}
     new_values: dict[Path, np.ndarray] = {}
@@ -164,11 +177,22 @@ def load_torch_state_dict(module: nnx.Module, state_dict: dict[str, Any], *, str
     nnx.update(module, state)
 
 
+def safetensors_metadata(module: nnx.Module) -> dict[str, str]:
+    """The metadata `save` writes: {"format": "pt"} (what transformers expects of a torch-keyed file) and, for a
+    module that keeps a TransformerConfig as `.config`, `CONFIG_KEY`: that config as JSON."""
+    metadata = {"format": "pt"}
+    config = saved_config(module)
+    if config is not None:
+        metadata[CONFIG_KEY] = json.dumps(config, sort_keys=True)
+    return metadata
+
+
 def save(module: nnx.Module, path: str | os.PathLike) -> None:
     """Write the module's parameters to a safetensors file with torch_ref's key names, atomically.
 
     The torch side reads it with `safetensors.torch.load_file(path)` + `twin.load_state_dict(...)`. Readers see
-    the old file or the new one, never half of one.
+    the old file or the new one, never half of one. The metadata holds the module's config
+    (`safetensors_metadata`), which `load` checks.
 
     Args:
         module: any flax_impl module.
@@ -181,7 +205,7 @@ def save(module: nnx.Module, path: str | os.PathLike) -> None:
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".safetensors")
     os.close(fd)
     try:
-        save_file(to_numpy_state_dict(module), tmp)
+        save_file(to_numpy_state_dict(module), tmp, metadata=safetensors_metadata(module))
         os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never half of one
     except BaseException:
         if os.path.exists(tmp):
@@ -196,25 +220,31 @@ def load(module: nnx.Module, path: str | os.PathLike, *, strict: bool = True) ->
     current array, of its ShapeDtypeStruct if the module is abstract (`flax_impl.checkpoint.abstract`), or the
     default device. The callback reads from the file only the slice of one device's shard (`safe_open(...)
     .get_slice`), transposed and stacked by the layout rules above and cast to the parameter's dtype, so a
-    sharded model never holds a whole sharded parameter (nor the whole model) on one device. Every key and shape
-    is checked from the file's header before any array is read.
+    sharded model never holds a whole sharded parameter (nor the whole model) on one device. The config in the
+    file's metadata (`save` writes it) and every key and shape are checked from the file's header before any array
+    is read.
 
     Args:
         module: any flax_impl module, concrete or abstract (sharded or not).
         path: a file written by `save` or by `safetensors.torch.save_file(twin.state_dict(), path)` (bfloat16
             tensors are read through ml_dtypes and cast).
-        strict: as in `load_torch_state_dict`. False: parameters absent from the file keep their values (the
-            module must then be concrete).
+        strict: as in `load_torch_state_dict`, and the file's config must describe the module's architecture
+            (`flax_impl.saved_config`; a file without one loads with a UserWarning). False: parameters absent
+            from the file keep their values (the module must then be concrete); the config is not compared.
 
     Raises:
-        ValueError: as in `load_torch_state_dict`; or `strict=False` leaves an abstract parameter without a value.
+        ValueError: one message listing every config field that differs from the file's (`config n_heads:
+            checkpoint 2 vs model 4`) and, as in `load_torch_state_dict`, every key and shape problem; or
+            `strict=False` leaves an abstract parameter without a value.
     """
     from safetensors import safe_open
 
     entries = _entries(module)
     with safe_open(os.fspath(path), framework="numpy") as file:
+        saved = (file.metadata() or {}).get(CONFIG_KEY)
+        config = config_mismatches(module, saved, os.fspath(path)) if strict else []
         shapes = {key: tuple(file.get_slice(key).get_shape()) for key in file.keys()}
-        _check_shapes(module, entries, shapes, strict)
+        _check_shapes(module, entries, shapes, strict, config)
         groups: dict[Path, list[_Entry]] = {}
         for e in entries:
             groups.setdefault(e.flax_path, []).append(e)

@@ -11,6 +11,12 @@ from flax import nnx
 from flax_impl._kernels.layer_norm import layer_norm as layer_norm_kernel
 from flax_impl.config import FlaxConfig, TransformerConfig
 from flax_impl.sharding import REPLICATED_VECTOR, param_metadata
+from flax_impl.validation import check_bool, check_float, check_int
+
+
+def _norm_args(num_features: object, epsilon: object) -> tuple[int, float]:
+    """A norm's width and epsilon, checked by type and range (the rules of TransformerConfig.norm_eps)."""
+    return check_int("num_features", num_features, low=1), check_float("epsilon", epsilon, low=0.0, low_open=True)
 
 
 class LayerNorm(nnx.Module):
@@ -22,6 +28,11 @@ class LayerNorm(nnx.Module):
     The gradient is written out: the backward keeps x and the per-row mean and 1/std, and recomputes the
     normalised values. Autodiff of the same formula keeps four (..., D) float32 arrays per norm, which a scan
     over layers stacks and copies every step.
+
+    Raises:
+        TypeError: num_features not an integer, epsilon not a number, use_bias not a bool (`ArgumentTypeError`).
+        ValueError: num_features < 1, epsilon not a finite number > 0 (here); an input whose last axis is not D
+            (at call).
 
     Example:
         >>> ln = LayerNorm(4)                                  # epsilon 1e-5, as torch.nn.LayerNorm(4)
@@ -39,9 +50,9 @@ class LayerNorm(nnx.Module):
         scale_metadata: dict[str, Any] | None = None,
         bias_metadata: dict[str, Any] | None = None,
     ):
-        if not epsilon > 0.0:
-            raise ValueError(f"epsilon={epsilon!r} must be > 0")
-        self.num_features, self.epsilon, self.dtype = num_features, float(epsilon), dtype
+        num_features, epsilon = _norm_args(num_features, epsilon)
+        use_bias = check_bool("use_bias", use_bias)
+        self.num_features, self.epsilon, self.dtype = num_features, epsilon, dtype
         self.scale = nnx.Param(jnp.ones((num_features,), param_dtype), **(scale_metadata or {}))
         bias = nnx.Param(jnp.zeros((num_features,), param_dtype), **(bias_metadata or {}))
         self.bias = bias if use_bias else nnx.data(None)
@@ -66,7 +77,9 @@ class RMSNorm(nnx.Module):
         param_dtype: dtype of `scale`.
         scale_metadata: sharding metadata of `scale` (flax_impl.sharding).
     Raises:
-        ValueError: epsilon <= 0 (here), or an input whose last axis is not D (at call).
+        TypeError: num_features not an integer, epsilon not a number (`ArgumentTypeError`).
+        ValueError: num_features < 1, epsilon not a finite number > 0 (here), or an input whose last axis is not
+            D (at call).
 
     Example:
         >>> rms = RMSNorm(4, epsilon=1e-6)
@@ -82,9 +95,8 @@ class RMSNorm(nnx.Module):
         param_dtype: jnp.dtype = jnp.float32,
         scale_metadata: dict[str, Any] | None = None,
     ):
-        if not epsilon > 0.0:
-            raise ValueError(f"epsilon={epsilon!r} must be > 0")
-        self.num_features, self.epsilon, self.dtype = num_features, float(epsilon), dtype
+        num_features, epsilon = _norm_args(num_features, epsilon)
+        self.num_features, self.epsilon, self.dtype = num_features, epsilon, dtype
         self.scale = nnx.Param(jnp.ones((num_features,), param_dtype), **(scale_metadata or {}))
 
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -12,12 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from flax_impl.config import FlaxConfig, TransformerConfig
+from flax_impl.config import POSITIONS, FlaxConfig, TransformerConfig, as_config, as_flax_config
 from flax_impl.dropout import Dropout
 from flax_impl.embedding import Embed
 from flax_impl.norm import make_norm
 from flax_impl.positions import LearnedPositions, scheme, sinusoidal_table
 from flax_impl.tokenizer import encode_checked
+from flax_impl.validation import check_bool, check_choice, check_float
 
 
 class TransformerInput(nnx.Module):
@@ -44,7 +45,7 @@ class TransformerInput(nnx.Module):
     """
 
     def __init__(self, config: TransformerConfig, *, flax_config: FlaxConfig | None = None, rngs: nnx.Rngs):
-        flax_config = FlaxConfig() if flax_config is None else flax_config
+        config, flax_config = as_config(config), as_flax_config(flax_config)
         self.config, self.flax_config = config, flax_config
         self.embed = Embed(
             config.vocab_size,
@@ -182,9 +183,10 @@ def encode_text(
 
     Raises:
         ValueError: an unknown `position`; `table` missing for "learned" or given for another scheme; `table` not
-            (max_len, D); `eps` <= 0; the tokenizer returns a negative id.
+            (max_len, D); `eps` not a finite number > 0; the tokenizer returns a negative id.
         TypeError: `embedding` is not a (V, D) array or an embedding module; `text` is not a str; `tokenizer`
-            is not usable, or returns something other than a flat list of integer ids.
+            is not usable, or returns something other than a flat list of integer ids; `position`, `eps`,
+            `embed_scale` or `input_norm` of the wrong type.
         IndexError: a token id >= V (naming the token, its position and V); L > max_len of `table`.
 
     Example:
@@ -193,15 +195,15 @@ def encode_text(
         >>> encode_text("hello", ByteTokenizer(), E, position="sinusoidal").shape
         (5, 16)
     """
-    at_input = scheme(position).at_input  # ValueError for an unknown name
+    position, eps = check_choice("position", position, POSITIONS), check_float("eps", eps, low=0.0, low_open=True)
+    embed_scale, input_norm = check_bool("embed_scale", embed_scale), check_bool("input_norm", input_norm)
+    at_input = scheme(position).at_input
     if (at_input == "param") != (table is not None):
         raise ValueError(
             "position='learned' needs table=<(max_len, D) array or LearnedPositions>"
             if table is None
             else f"table= is only used with position='learned', got position={position!r}"
         )
-    if not eps > 0.0:
-        raise ValueError(f"eps={eps!r} must be > 0")
     weight = _embedding_matrix(embedding)  # (V, D)
     V, D = weight.shape
     if isinstance(table, LearnedPositions):

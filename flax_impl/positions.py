@@ -14,8 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from flax_impl.config import TransformerConfig, rope_width
+from flax_impl.config import ROPE_STYLES, TransformerConfig, rope_width
 from flax_impl.sharding import REPLICATED_MATRIX, param_metadata
+from flax_impl.validation import check_bool, check_choice, check_float, check_int
 
 
 @dataclass(frozen=True)
@@ -61,25 +62,34 @@ def sinusoidal_table(length: int, d_model: int) -> jax.Array:
 
     PE[pos, 2i] = sin(pos / 10000^(2i/D)), PE[pos, 2i+1] = cos(pos / 10000^(2i/D)). Any length. An odd D keeps
     the sine of the last pair and drops its cosine. Computed in float64 and rounded once to float32.
+
+    Raises:
+        TypeError: length or d_model not an integer (`flax_impl.validation.ArgumentTypeError`).
+        ValueError: length < 0 or d_model < 1.
     """
-    if length < 0 or d_model < 1:
-        raise ValueError(f"sinusoidal_table needs length >= 0 and d_model >= 1, got length={length}, d_model={d_model}")
-    return jnp.asarray(_sinusoidal_np(int(length), int(d_model)))
+    length, d_model = check_int("length", length, low=0), check_int("d_model", d_model, low=1)
+    return jnp.asarray(_sinusoidal_np(length, d_model))
 
 
 class LearnedPositions(nnx.Module):
     """Learned absolute positions (BERT, GPT-2): a `weight` (max_len, D), initialised N(0, 1) as nn.Embedding.
 
     `pos(length, offset=0)` returns rows offset .. offset + length - 1, (L, D). Past max_len raises IndexError.
+
+    Raises:
+        TypeError: max_len or d_model not an integer (here), length or offset not an integer (at call).
+        ValueError: max_len or d_model < 1 (here), length or offset < 0 (at call).
     """
 
     def __init__(self, max_len: int, d_model: int, *, param_dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+        max_len, d_model = check_int("max_len", max_len, low=1), check_int("d_model", d_model, low=1)
         self.max_len = max_len
         w = jax.random.normal(rngs.params(), (max_len, d_model), param_dtype)
         self.weight = nnx.Param(w, **param_metadata(REPLICATED_MATRIX))  # replicated under a mesh
 
     def __call__(self, length: int, offset: int = 0) -> jax.Array:
-        if offset < 0 or offset + length > self.max_len:
+        length, offset = check_int("length", length, low=0), check_int("offset", offset, low=0)
+        if offset + length > self.max_len:
             raise IndexError(
                 f"learned positions cover max_len={self.max_len} positions; positions {offset}..{offset + length - 1}"
                 f" (sequence length {length}) are out of range"
@@ -114,11 +124,13 @@ def apply_rope(
     rest through (GPT-NeoX partial rotary). `scale` > 1 is linear position interpolation (Chen et al., 2023).
     Positions may start at any offset. theta_i / scale is computed in float64 and rounded once to float32; the
     angle p * (theta_i / scale) and the rotation are computed in float32, the result cast back to x.dtype.
+
+    Raises:
+        TypeError: base, fraction or scale not a number, style not a str (`ArgumentTypeError`).
+        ValueError: base <= 1, fraction outside (0, 1], scale <= 0, any of them not finite, an unknown style;
+            x not (B, L, N, H); positions not (L,) or (B, L); an odd or zero rotated width.
     """
-    if style not in ("half", "interleaved"):
-        raise ValueError(f"rope style={style!r} is not one of ['half', 'interleaved']")
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"rope fraction={fraction!r} must be in (0, 1]")
+    base, fraction, scale, style = _rope_args(base, fraction, scale, style)
     if x.ndim != 4:
         raise ValueError(f"apply_rope expects x of shape (B, L, N, H), got {x.shape}")
     B, L, N, H = x.shape
@@ -128,8 +140,6 @@ def apply_rope(
     positions = jnp.asarray(positions)
     if positions.shape not in ((L,), (B, L)):
         raise ValueError(f"positions must have shape (L,)=({L},) or (B, L)=({B}, {L}), got {positions.shape}")
-    if not scale > 0.0:
-        raise ValueError(f"rope scale={scale!r} must be > 0")
     pos = positions.astype(jnp.float32)
     angle = pos[..., None] * jnp.asarray(_rope_inv_freq(r, base, scale))  # (L, r/2) or (B, L, r/2)
     angle = angle[..., None, :]  # (L, 1, r/2) or (B, L, 1, r/2): broadcast over heads
@@ -143,6 +153,16 @@ def apply_rope(
         rotated = jnp.stack([a * cos - b * sin, b * cos + a * sin], axis=-1).reshape(xr.shape)
     rotated = rotated.astype(x.dtype)
     return rotated if r == H else jnp.concatenate([rotated, x[..., r:]], axis=-1)
+
+
+def _rope_args(base: object, fraction: object, scale: object, style: object) -> tuple[float, float, float, str]:
+    """apply_rope's scalar arguments checked by type and range (the rules of TransformerConfig's rope_* fields)."""
+    return (
+        check_float("base", base, low=1.0, low_open=True),
+        check_float("fraction", fraction, low=0.0, high=1.0, low_open=True),
+        check_float("scale", scale, low=0.0, low_open=True),
+        check_choice("style", style, ROPE_STYLES),
+    )
 
 
 def alibi_slopes(n_heads: int, max_bias: float = 8.0) -> np.ndarray:
@@ -159,12 +179,11 @@ def alibi_slopes(n_heads: int, max_bias: float = 8.0) -> np.ndarray:
     Returns:
         (N,) float32.
     Raises:
-        ValueError: n_heads not an integer >= 1, or max_bias not a finite number > 0.
+        TypeError: n_heads not an integer, max_bias not a number (`ArgumentTypeError`).
+        ValueError: n_heads < 1, or max_bias not a finite number > 0.
     """
-    if isinstance(n_heads, bool) or not isinstance(n_heads, int) or n_heads < 1:
-        raise ValueError(f"n_heads={n_heads!r} must be an integer >= 1")
-    if isinstance(max_bias, bool) or not isinstance(max_bias, (int, float)) or not 0.0 < max_bias < math.inf:
-        raise ValueError(f"max_bias={max_bias!r} must be a finite number > 0")
+    n_heads = check_int("n_heads", n_heads, low=1)
+    max_bias = check_float("max_bias", max_bias, low=0.0, low_open=True)
 
     def power_of_two(n: int) -> list[float]:
         return [2.0 ** (-max_bias * h / n) for h in range(1, n + 1)]
@@ -182,8 +201,14 @@ def alibi_bias(q_len: int, k_len: int, slopes: jax.Array, *, causal: bool = Fals
     Queries are the last q_len of the k_len positions (i = k_len - q_len + row), keys j = 0 .. k_len - 1.
     Bidirectional: -m * |i - j| (symmetric). Causal: -m * (i - j) for j <= i and 0 for j > i (the causal mask
     removes those keys separately). Any length: extrapolation is the point of ALiBi.
+
+    Raises:
+        TypeError: q_len or k_len not an integer, causal not a bool.
+        ValueError: unless 0 <= q_len <= k_len.
     """
-    if q_len < 0 or k_len < q_len:
+    q_len, k_len = check_int("q_len", q_len, low=0), check_int("k_len", k_len, low=0)
+    causal = check_bool("causal", causal)
+    if k_len < q_len:
         raise ValueError(f"alibi_bias needs 0 <= q_len <= k_len, got q_len={q_len}, k_len={k_len}")
     i = jnp.arange(k_len - q_len, k_len, dtype=jnp.float32)[:, None]  # (L, 1)
     j = jnp.arange(k_len, dtype=jnp.float32)[None, :]  # (1, S)

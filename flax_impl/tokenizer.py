@@ -11,6 +11,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from flax_impl.validation import check_bool, check_int
+
 # ByteTokenizer's special ids come first, so that pad = 0 can be an Embed's padding_idx; byte b is id b + 4.
 PAD_ID, BOS_ID, EOS_ID, MASK_ID = 0, 1, 2, 3
 N_SPECIAL = 4
@@ -63,10 +65,11 @@ class ByteTokenizer:
             The (L,) ids as a list of int.
 
         Raises:
-            TypeError: `text` is not a str.
+            TypeError: `text` is not a str, `add_bos` / `add_eos` not bools.
         """
         if not isinstance(text, str):
             raise TypeError(f"ByteTokenizer.encode expects a str, got {type(text).__name__}")
+        add_bos, add_eos = check_bool("add_bos", add_bos), check_bool("add_eos", add_eos)
         ids = [b + N_SPECIAL for b in text.encode("utf-8")]
         return ([BOS_ID] if add_bos else []) + ids + ([EOS_ID] if add_eos else [])
 
@@ -193,13 +196,16 @@ def as_tokenizer(obj: Any, *, pad_id: int | None = None, vocab_size: int | None 
         `TokenizerAdapter`.
 
     Raises:
-        TypeError: `obj` is a str or bytes, or none of the supported kinds.
+        TypeError: `obj` is a str or bytes, or none of the supported kinds; `pad_id` / `vocab_size` not integers.
+        ValueError: `pad_id` < 0 or `vocab_size` < 1.
 
     Example:
         >>> tok = as_tokenizer(lambda s: [ord(c) for c in s], pad_id=0, vocab_size=128)
         >>> tok.encode("hi"), tok.pad_id
         ([104, 105], 0)
     """
+    pad_id = check_int("pad_id", pad_id, low=0, none_ok=True)
+    vocab_size = check_int("vocab_size", vocab_size, low=1, none_ok=True)
     if isinstance(obj, (ByteTokenizer, TokenizerAdapter)) and pad_id is None and vocab_size is None:
         return obj
     if isinstance(obj, (str, bytes)):
@@ -262,6 +268,7 @@ def encode_checked(text: str, tokenizer: Any, vocab_size: int) -> np.ndarray:
     """
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
+    vocab_size = check_int("vocab_size", vocab_size, low=1)
     tok = as_tokenizer(tokenizer)
     ids = np.asarray(tok.encode(text), dtype=np.int64).reshape(-1)  # (L,)
     bad = np.flatnonzero(ids >= vocab_size)
@@ -293,8 +300,9 @@ def batch_encode(
 
     Raises:
         TypeError: `texts` is not a sequence of str, or the tokenizer is unusable or returns non-integer ids.
-        ValueError: `max_len` is not None or an integer >= 0; the batch needs padding and the tokenizer has no
-            pad id (pass `as_tokenizer(tok, pad_id=...)`); an id is negative or does not fit in int32.
+        ValueError: `max_len` < 0 (a TypeError if not an integer or None); the batch needs padding and the
+            tokenizer has no pad id (pass `as_tokenizer(tok, pad_id=...)`); an id is negative or does not fit in
+            int32.
 
     Example:
         >>> ids, mask = batch_encode(["hi", "hello"], ByteTokenizer())
@@ -306,8 +314,7 @@ def batch_encode(
     bad = next((t for t in texts if not isinstance(t, str)), None)
     if bad is not None:
         raise TypeError(f"texts must be a list of str, found a {type(bad).__name__}: {bad!r:.40}")
-    if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 0):
-        raise ValueError(f"max_len={max_len!r} must be None or an integer >= 0")
+    max_len = check_int("max_len", max_len, low=0, none_ok=True)
     tok = as_tokenizer(tokenizer)
     rows = [tok.encode(t) for t in texts]
     if max_len is not None:

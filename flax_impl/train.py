@@ -11,6 +11,16 @@ A batch is a dict: `inputs` (B, L) int32, `targets` (B, L) int32, `weights` (B, 
 counts, 0 = ignored: padding, unselected), optionally `attention_mask` (B, L) int32 (1 = real token). Loss =
 sum(weights * CE) / max(sum(weights), 1), cross-entropy in nats, logits in float32.
 
+Checked before any work, the same on both twins (`flax_impl.validation.check_train_batch`): shapes all (B, L),
+integer targets in [0, V) or IGNORE_INDEX = -100 (torch's and Hugging Face's "ignore": such a position counts
+for nothing whatever its weight), weights finite and >= 0. Under `jit` only shapes and dtypes can be checked:
+`train_step` and `eval_step` check the values before they enter their compiled function, and a target out of
+range that reaches the traced loss anyway makes it NaN. A position of weight 0 never changes the loss, even if
+its logits are NaN. No position with weight > 0 (an empty batch, B = 0 or L = 0 included): the loss is 0 and
+the gradient 0 on both twins; AdamW still decays and moves by its momentum. param_dtype="float16" is refused
+by `make_optimizer`: AdamW's eps (1e-8) and second moments underflow to 0 in float16, and its first update is
+NaN; train float16 compute with float32 parameters instead (FlaxConfig(dtype="float16", param_dtype="float32")).
+
 Optimiser (`TrainConfig`, shared with torch_ref.train): clip_by_global_norm -> optax.adamw(schedule, b1, b2,
 eps, weight_decay, mask) with linear warmup then cosine decay. Weight decay applies where `decay(path)` is True;
 the default decays the Linear kernels only (no biases, LayerNorm scales, token or position embeddings).
@@ -40,6 +50,14 @@ from flax import nnx
 from flax_impl.config import TrainConfig, TransformerConfig
 from flax_impl.embedding import check_ids
 from flax_impl.tokenizer import MASK_ID, N_SPECIAL, PAD_ID
+from flax_impl.validation import (
+    IGNORE_INDEX,
+    ArgumentTypeError,
+    check_float,
+    check_int,
+    check_param_dtype_trains,
+    check_train_batch,
+)
 
 Batch = dict[str, Any]
 DecayRule = Callable[[tuple[str, ...]], bool]
@@ -77,16 +95,17 @@ def masked_token_batch(
 
     Raises:
         ValueError: `tokens` not (B, L) with B, L >= 1; `mask_id`, `first_regular_id` or `mask_prob` out of range.
-        TypeError: non-integer tokens.
+        TypeError: non-integer tokens; an argument of the wrong type (`ArgumentTypeError`).
         IndexError: a token outside [0, V).
     """
+    vocab_size = check_int("vocab_size", vocab_size, low=1)
+    mask_id = check_int("mask_id", mask_id, low=0, high=vocab_size)
+    first_regular_id = check_int("first_regular_id", first_regular_id, low=0, high=vocab_size)
+    mask_prob = check_float("mask_prob", mask_prob, low=0.0, high=1.0, low_open=True)
+    pad_id = check_int("pad_id", pad_id, none_ok=True)
+    if not isinstance(rng, np.random.Generator):
+        raise ArgumentTypeError(f"rng={rng!r:.60} must be a numpy.random.Generator, got {type(rng).__name__}")
     tokens = _check_tokens(tokens, vocab_size, min_len=1)
-    if not 0 <= mask_id < vocab_size:
-        raise ValueError(f"mask_id={mask_id} is not in the vocabulary [0, {vocab_size})")
-    if not 0 <= first_regular_id < vocab_size:
-        raise ValueError(f"first_regular_id={first_regular_id} must be in [0, vocab_size={vocab_size})")
-    if not 0.0 < mask_prob <= 1.0:
-        raise ValueError(f"mask_prob={mask_prob!r} must be in (0, 1]")
     real = np.ones(tokens.shape, bool) if pad_id is None else tokens != pad_id  # (B, L)
     selected = (rng.random(tokens.shape) < mask_prob) & real  # (B, L)
     action = rng.random(tokens.shape)  # < 0.8: mask, < 0.9: random, else keep
@@ -113,9 +132,10 @@ def next_token_batch(tokens: np.ndarray, *, vocab_size: int, pad_id: int | None 
 
     Raises:
         ValueError: `tokens` not (B, L + 1) with B >= 1 and L + 1 >= 2.
-        TypeError: non-integer tokens.
+        TypeError: non-integer tokens, or vocab_size / pad_id not integers.
         IndexError: a token outside [0, V).
     """
+    vocab_size, pad_id = check_int("vocab_size", vocab_size, low=1), check_int("pad_id", pad_id, none_ok=True)
     tokens = _check_tokens(tokens, vocab_size, min_len=2)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]  # (B, L) each
     real_t = np.ones(targets.shape, bool) if pad_id is None else targets != pad_id
@@ -145,7 +165,11 @@ def lr_schedule(tcfg: TrainConfig) -> optax.Schedule:
 
     Returns:
         An optax schedule, step -> learning rate.
+
+    Raises:
+        TypeError: `tcfg` is not a TrainConfig.
     """
+    _check_tcfg(tcfg)
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=tcfg.learning_rate,
@@ -218,8 +242,24 @@ def make_optimizer(model: nnx.Module, tcfg: TrainConfig, *, decay: DecayRule = d
 
     Returns:
         The optimizer, for `train_step`.
+
+    Raises:
+        TypeError: `model` not an nnx.Module, `tcfg` not a TrainConfig.
+        ValueError: a float16 parameter (module docstring: AdamW's state underflows; keep float32 parameters).
     """
+    if not isinstance(model, nnx.Module):
+        raise ArgumentTypeError(f"model={model!r:.60} must be an nnx.Module, got {type(model).__name__}")
+    _check_tcfg(tcfg)
+    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    half = [".".join(map(str, path)) for path, var in flat if jnp.asarray(var[...]).dtype == jnp.float16]
+    if half:
+        check_param_dtype_trains("float16", where=f"param_dtype of {half[0]} (and {len(half) - 1} more)")
     return nnx.Optimizer(model, make_tx(tcfg, decay=decay), wrt=nnx.Param)
+
+
+def _check_tcfg(tcfg: object) -> None:
+    if not isinstance(tcfg, TrainConfig):
+        raise ArgumentTypeError(f"tcfg={tcfg!r:.60} must be a TrainConfig, got {type(tcfg).__name__}")
 
 
 # ------------------------------------------------------------------------------------------------ loss and step
@@ -227,17 +267,41 @@ def loss_sums(model: nnx.Module, batch: Batch) -> tuple[jax.Array, jax.Array]:
     """CE of the tied-head logits (float32) against `targets`, in nats, summed with the batch's weights.
 
     Args:
-        model: a TransformerEncoder (or any module with `__call__(inputs, mask)` and `logits`).
+        model: a TransformerEncoder (or any module with `config.vocab_size`, `__call__(inputs, mask)` and
+            `logits`).
         batch: {"inputs", "targets", "weights"} (B, L), optional {"attention_mask"} (B, L).
 
     Returns:
-        (sum of weights * CE, sum of weights), two float32 scalars.
+        (sum of weights * CE, sum of weights), two float32 scalars; IGNORE_INDEX targets count as weight 0.
+
+    Raises:
+        ValueError, TypeError, IndexError: as `check_train_batch` (values only when they are concrete).
     """
+    vocab_size = model.config.vocab_size
+    check_train_batch(batch, vocab_size, values=not _traced(batch))
     hidden = model(batch["inputs"], batch.get("attention_mask"))  # (B, L, D)
     logits = model.logits(hidden).astype(jnp.float32)  # (B, L, V)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])  # (B, L)
-    w = jnp.asarray(batch["weights"], jnp.float32)
-    return jnp.sum(ce * w), jnp.sum(w)
+    targets = jnp.asarray(batch["targets"])
+    ignore = targets == IGNORE_INDEX
+    bad = ~ignore & ((targets < 0) | (targets >= vocab_size))  # only reachable under jit: NaN, not a wrong loss
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(ignore | bad, 0, targets))  # (B, L)
+    w = jnp.where(ignore, 0.0, jnp.asarray(batch["weights"], jnp.float32))
+    terms = jnp.where(bad, jnp.nan, jnp.where(w > 0, ce * w, 0.0))  # weight 0: nothing, even from a NaN logit
+    return jnp.sum(terms), jnp.sum(w)
+
+
+def _traced(batch: Batch) -> bool:
+    return any(isinstance(v, jax.core.Tracer) for v in jax.tree.leaves(dict(batch)))
+
+
+def check_batch(model: nnx.Module, batch: Batch) -> None:
+    """Every check of `loss_sums` on concrete values, plus the input ids against the embedding, before `jit`.
+
+    Raises:
+        ValueError, TypeError, IndexError: as `check_train_batch` and `check_ids`.
+    """
+    check_train_batch(batch, model.config.vocab_size, values=not _traced(batch))
+    check_ids(batch["inputs"], model.config.vocab_size)
 
 
 def loss_fn(model: nnx.Module, batch: Batch) -> jax.Array:
@@ -246,9 +310,8 @@ def loss_fn(model: nnx.Module, batch: Batch) -> jax.Array:
     return total / jnp.maximum(count, 1.0)
 
 
-@nnx.jit
 def train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch) -> dict[str, jax.Array]:
-    """One AdamW update of `model` and `optimizer`, in place, under `nnx.jit`.
+    """One AdamW update of `model` and `optimizer`, in place, under `nnx.jit` (the batch checked first).
 
     Put the model in train mode (`model.train()`) for dropout.
 
@@ -259,15 +322,23 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch) -> dic
 
     Returns:
         {"loss": the loss before the update, "grad_norm": the global norm of the gradient before clipping}.
+
+    Raises:
+        ValueError, TypeError, IndexError: a bad batch (`check_batch`), before any work.
     """
+    check_batch(model, batch)
+    return _train_step(model, optimizer, batch)
+
+
+@nnx.jit
+def _train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch) -> dict[str, jax.Array]:
     loss, grads = nnx.value_and_grad(loss_fn)(model, batch)
     optimizer.update(model, grads)
     return {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
 
-@nnx.jit
 def eval_step(model: nnx.Module, batch: Batch) -> tuple[jax.Array, jax.Array]:
-    """`loss_sums` under jit, for held-out evaluation (call after `model.eval()`).
+    """`loss_sums` under jit, for held-out evaluation (call after `model.eval()`); the batch checked first.
 
     Args:
         model: the module being evaluated.
@@ -275,7 +346,16 @@ def eval_step(model: nnx.Module, batch: Batch) -> tuple[jax.Array, jax.Array]:
 
     Returns:
         (sum of weights * CE, sum of weights): add them up over batches, then divide.
+
+    Raises:
+        ValueError, TypeError, IndexError: a bad batch (`check_batch`), before any work.
     """
+    check_batch(model, batch)
+    return _eval_step(model, batch)
+
+
+@nnx.jit
+def _eval_step(model: nnx.Module, batch: Batch) -> tuple[jax.Array, jax.Array]:
     return loss_sums(model, batch)
 
 

@@ -234,7 +234,9 @@ def test_bad_input_raises_before_work(rng):
 @pytest.mark.slow
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    n_heads=st.sampled_from([1, 2, 4]),
+    multi_head=st.booleans(),  # one head as often as several: single-head bugs and head-splitting bugs alike
+    n_heads=st.sampled_from([2, 3, 4]),
+    grouped=st.booleans(),  # with several heads: one kv head for all (multi-query) half the time
     head_dim=st.sampled_from([2, 4, 8]),
     d_ff=st.integers(1, 24),
     n_layers=st.integers(1, 3),
@@ -249,11 +251,21 @@ def test_bad_input_raises_before_work(rng):
     seed=st.integers(0, 2**16),
 )
 def test_random_configs_match(
-    n_heads, head_dim, d_ff, n_layers, batch, length, position, rope_style, norm_first, activation, causal, padded, seed
+    multi_head, n_heads, grouped, head_dim, d_ff, n_layers, batch, length, position, rope_style, norm_first,
+    activation, causal, padded, seed,
 ):
+    """Random small stacks: outputs and the gradient of every parameter, Flax (one jitted value-and-grad) vs
+    torch_ref, on random (padded) batches.
+
+    Gradients are compared relative to each parameter's largest entry, so only where they are not identically
+    zero: with one real key per sequence the softmax is constant (q and k get no gradient) and a LayerNorm over
+    D = 2 outputs +-1 whatever its input (nothing before it does); there both sides hold rounding noise only.
+    """
+    n_heads = n_heads if multi_head else 1
     cfg = small_config(
         d_model=n_heads * head_dim,
         n_heads=n_heads,
+        n_kv_heads=1 if grouped else None,
         d_ff=d_ff,
         n_layers=n_layers,
         position=position,
@@ -269,10 +281,27 @@ def test_random_configs_match(
     mask = None
     if padded:
         mask = (np.arange(length)[None, :] < rng.integers(1, length + 1, (batch, 1))).astype(np.int32)
-    y = np.asarray(f(jnp.asarray(ids), None if mask is None else jnp.asarray(mask)))
-    with torch.no_grad():
-        yt = t(torch.from_numpy(ids), None if mask is None else torch.from_numpy(mask)).numpy()
-    np.testing.assert_allclose(y, yt, rtol=0, atol=ENCODER)
+    w = randn(rng, batch, length, cfg.d_model)  # a plain sum of final-LayerNorm outputs has zero gradient
+
+    @nnx.jit
+    def forward_and_grads(model):
+        def loss(m):
+            y = m(jnp.asarray(ids), None if mask is None else jnp.asarray(mask))
+            return jnp.sum(y * w), y
+
+        return nnx.grad(loss, has_aux=True)(model)
+
+    g, y = forward_and_grads(f)
+    yt = t(torch.from_numpy(ids), None if mask is None else torch.from_numpy(mask))
+    (yt * torch.from_numpy(w)).sum().backward()
+    np.testing.assert_allclose(np.asarray(y), yt.detach().numpy(), rtol=0, atol=ENCODER)
+    real_keys = length if mask is None else int(mask.sum(axis=1).min())
+    if cfg.d_model < 4 or real_keys < 2:  # identically zero gradients (docstring): nothing but noise to compare
+        return
+    grads = fi.to_numpy_state_dict(_grads_as_module(f, g))
+    for name, p in t.named_parameters():
+        want = p.grad.numpy()
+        np.testing.assert_allclose(grads[name], want, rtol=0, atol=GRAD_REL * np.abs(want).max(), err_msg=name)
 
 
 # ---------------------------------------------------------------------------------------- decoder-family stacks

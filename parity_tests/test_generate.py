@@ -209,17 +209,19 @@ def test_seed_decides_the_samples(rope_model):
         (dict(prompts=[]), TypeError, "non-empty list"),
         (dict(prompts=[[1] * 61]), ValueError, "61 tokens plus max_new_tokens=4 exceeds the model's max_len=64"),
         (dict(prompts=[[1] * 65], max_new_tokens=1), ValueError, "65 tokens plus"),
-        (dict(max_new_tokens=0), ValueError, "max_new_tokens=0 must be >= 1"),
-        (dict(max_new_tokens=True), TypeError, "max_new_tokens must be an int"),
-        (dict(do_sample=True, temperature=0.0), ValueError, "temperature=0.0 must be finite and > 0"),
+        (dict(max_new_tokens=0), ValueError, "max_new_tokens=0 must be an integer >= 1"),
+        (dict(max_new_tokens=True), TypeError, "max_new_tokens=True must be an integer"),
+        (dict(do_sample=True, temperature=0.0), ValueError, "temperature=0.0 must be a finite number > 0"),
         (dict(do_sample=True, temperature=-1.0), ValueError, "temperature=-1.0"),
+        (dict(do_sample=True, temperature=float("nan")), ValueError, "temperature=nan"),
+        (dict(do_sample="yes"), TypeError, "do_sample='yes' must be a bool"),
         (dict(do_sample=True, top_p=0.0), ValueError, "top_p=0.0"),
-        (dict(do_sample=True, top_k=-1), ValueError, "top_k=-1 must be >= 0"),
-        (dict(seed=-1), ValueError, "seed=-1 must be >= 0"),
+        (dict(do_sample=True, top_k=-1), ValueError, "top_k=-1 must be an integer >= 0"),
+        (dict(seed=-1), ValueError, "seed=-1 must be an integer >= 0"),
         (dict(prompts=[[1, 97]]), IndexError, "prompt id 97 is outside the vocabulary"),
-        (dict(stop_tokens=[-1]), ValueError, "a stop token=-1 must be >= 0"),
+        (dict(stop_tokens=[-1]), ValueError, r"stop_tokens\[0\]=-1 must be an integer >= 0"),
         (dict(stop_tokens=[97]), IndexError, "stop token 97 is outside"),
-        (dict(top_k=1.5), TypeError, "top_k must be an int"),
+        (dict(top_k=1.5), TypeError, "top_k=1.5 must be an integer"),
         (dict(prompts=[[1, 2.0]]), TypeError, "prompt ids must be ints"),
         (dict(prompts="abc"), TypeError, "non-empty list"),
         (dict(pad_id=200), IndexError, "pad_id 200"),
@@ -238,3 +240,17 @@ def test_an_encoder_cannot_generate():
     model = fi.TransformerEncoder(small_config(), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="causal"):
         generate(model, [[1, 2]], max_new_tokens=2)
+
+
+def test_nan_at_padding_reaches_no_real_token():
+    """Padded slots hold id 0; with a NaN embedding row for id 0 (untied head, so no logit reads that row), the
+    left-padded rows give the same tokens and logits as with a finite row: nothing at a padded slot leaks."""
+    cfg = small_config(causal=True, position="learned", lm_head="untied")
+    clean = _perturbed(cfg, scan=True, seed=5)
+    poisoned = nnx.clone(clean)
+    poisoned.input.embed.weight[...] = poisoned.input.embed.weight[...].at[0].set(np.nan)
+    a = generate(clean, PROMPTS, max_new_tokens=NEW, return_logits=True)
+    b = generate(poisoned, PROMPTS, max_new_tokens=NEW, return_logits=True)
+    assert (a.tokens != 0).all()  # the premise: no real or generated token reads the NaN row
+    np.testing.assert_array_equal(b.tokens, a.tokens)
+    np.testing.assert_array_equal(b.logits, a.logits)

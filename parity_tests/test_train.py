@@ -310,3 +310,78 @@ def test_batches_reject_bad_token_ids():
         ftrain.next_token_batch(good - 11, vocab_size=260)
     with pytest.raises(TypeError, match="integers"):
         ftrain.next_token_batch(good.astype(np.float32), vocab_size=260)
+
+
+# ------------------------------------------------------------------------------------- training inputs (issue 19)
+@pytest.fixture(scope="module")
+def loss_twins():
+    model, twin = _twins(small_config(n_layers=1))
+    model.eval()
+    twin.eval()
+    return model, twin
+
+
+def _plain_batch(V: int, B: int = 2, L: int = 6) -> dict:
+    rng = np.random.default_rng(2)
+    ids = rng.integers(4, V, (B, L))
+    return {"inputs": ids, "targets": np.roll(ids, 1, axis=1), "weights": np.ones((B, L), np.float32)}
+
+
+def test_ignore_index_counts_for_nothing_on_both_twins(loss_twins):
+    """A target of -100 (torch's and HF's ignore index) adds nothing and counts nothing, whatever its weight:
+    the loss equals the one with weight 0 there, the same on both twins."""
+    model, twin = loss_twins
+    batch = _plain_batch(model.config.vocab_size)
+    ignored = {**batch, "targets": batch["targets"].copy()}
+    ignored["targets"][0, 2] = ignored["targets"][1, 5] = -100
+    zero_w = {**batch, "weights": batch["weights"].copy()}
+    zero_w["weights"][0, 2] = zero_w["weights"][1, 5] = 0.0
+    f_ign, f_w = float(ftrain.loss_fn(model, ignored)), float(ftrain.loss_fn(model, zero_w))
+    t_ign, t_w = ttrain.loss_fn(twin, ignored).item(), ttrain.loss_fn(twin, zero_w).item()
+    assert f_ign == f_w and t_ign == t_w
+    assert f_ign == pytest.approx(t_ign, rel=TRAIN_REL)
+    assert f_ign != pytest.approx(float(ftrain.loss_fn(model, batch)), rel=1e-3)  # the ignored terms mattered
+
+
+@pytest.mark.parametrize(
+    "key, change, error, words",
+    [
+        ("targets", lambda b: b["targets"].__setitem__((1, 3), -1), IndexError, r"holds -1 at \(1, 3\)"),
+        ("targets", lambda b: b["targets"].__setitem__((0, 0), 97), IndexError, r"holds 97 at \(0, 0\).*vocab_size=97"),
+        ("weights", lambda b: b["weights"].__setitem__((0, 1), -0.5), ValueError, r"holds -0.5 at \(0, 1\)"),
+        ("weights", lambda b: b["weights"].__setitem__((1, 1), np.nan), ValueError, "finite and >= 0"),
+        ("weights", lambda b: b.__setitem__("weights", b["weights"][:, :4]), ValueError, r"shape \(2, 4\)"),
+        ("targets", lambda b: b.__setitem__("targets", b["targets"] + 0.5), TypeError, "integer token ids"),
+        ("inputs", lambda b: b.pop("weights"), ValueError, r"lacks \['weights'\]"),
+    ],
+)
+def test_bad_training_batches_fail_first_and_alike(loss_twins, key, change, error, words):
+    model, twin = loss_twins
+    batch = {k: v.copy() for k, v in _plain_batch(model.config.vocab_size).items()}
+    change(batch)
+    for loss in (ftrain.loss_fn, ttrain.loss_fn, ftrain.eval_step):
+        with pytest.raises(error, match=words):
+            loss(twin if loss is ttrain.loss_fn else model, batch)
+
+
+def test_train_step_checks_before_jit_and_a_traced_bad_target_is_nan(loss_twins):
+    model, _ = loss_twins
+    batch = _plain_batch(model.config.vocab_size)
+    bad = {**batch, "targets": batch["targets"].copy()}
+    bad["targets"][0, 0] = -3
+    with pytest.raises(IndexError, match="holds -3"):
+        ftrain.train_step(model, None, bad)  # refused before the optimizer is even looked at
+    traced = nnx.jit(ftrain.loss_fn)
+    assert np.isfinite(float(traced(model, batch)))
+    assert np.isnan(float(traced(model, bad)))  # never a finite wrong loss
+
+
+def test_float16_parameters_are_refused_with_the_reason():
+    cfg = small_config(n_layers=1)
+    model = fi.TransformerEncoder(cfg, flax_config=fi.FlaxConfig(param_dtype="float16"), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="param_dtype of .*='float16' does not train.*param_dtype='float32'"):
+        ftrain.make_optimizer(model, TrainConfig())
+    with pytest.raises(ValueError, match="dtype of .*='float16' does not train.*underflow"):
+        ttrain.make_optimizer(tr.TransformerEncoder(cfg).half(), TrainConfig())
+    with pytest.raises(TypeError, match="tcfg=.* must be a TrainConfig, got dict"):
+        ftrain.make_optimizer(fi.TransformerEncoder(cfg, rngs=nnx.Rngs(0)), {"learning_rate": 1e-3})

@@ -14,11 +14,12 @@ import pytest
 
 from flax_impl.apps import bench, machine
 from flax_impl.apps.bench_report import layers_text
+from flax_impl.apps.bench_results import EAGER_PEERS
 from flax_impl.apps.cli import main
 from flax_impl.apps.progress import Progress
 from flax_impl.config import TransformerConfig
 
-TINY = ["--layers", "1", "--d-model", "32", "--heads", "4", "--vocab", "50", "--shapes", "2x8", "--repeats", "2",
+TINY = ["--layers", "1", "--d-model", "32", "--heads", "4", "--vocab", "50", "--shapes", "2x8", "--repeats", "3",
         "--warmup", "0", "--matmul-size", "64", "--compile-layers", "1,2"]
 
 
@@ -55,6 +56,8 @@ def test_json_machine_is_the_detected_one(report):
     assert result["device_name"] == (m["cpu_model"] or f"{m['arch']} CPU, model not reported")
     assert m["cores"] == result["cores"] == os.cpu_count()
     assert m["torch_threads"] == result["torch_threads"] and m["torch_threads"] >= 1
+    assert m["torch_interop_threads"] >= 1 and m["gpu"] is None  # a CPU run
+    assert m["thread_env"] == {name: os.environ.get(name) for name in machine.THREAD_ENV}
     assert m["versions"] == result["versions"] and set(m["versions"]) == {"python", "jax", "flax", "numpy", "torch"}
     assert m["xla_flags"] == os.environ.get("XLA_FLAGS")
     for key in ("load_average_start", "load_average_end"):
@@ -65,23 +68,53 @@ def test_json_machine_is_the_detected_one(report):
 def test_every_measurement_present_and_positive(report):
     result, _ = report
     rows = result["results"]
+    assert result["peers"] == list(EAGER_PEERS) and result["peer_notes"] == []
     assert {(r["framework"], r["mode"]) for r in rows} == {
-        ("flax", "forward"), ("torch", "forward"), ("flax", "train"), ("torch", "train")
+        (name, mode) for name in ("flax", *EAGER_PEERS) for mode in ("forward", "train")
     }
     for r in rows:
         assert (r["batch"], r["length"], r["position"]) == (2, 8, "sinusoidal")
         tps = r["tokens_per_s"]
         assert all(_positive(tps[k]) for k in ("median", "min", "max"))
         assert tps["min"] <= tps["median"] <= tps["max"]
-        assert len(r["times_s"]) == r["repeats"] == 2 and all(_positive(t) for t in r["times_s"])
+        assert len(r["times_s"]) == r["repeats"] == 3 and all(_positive(t) for t in r["times_s"])
         assert r["compile_s"] >= 0 and _positive(r["first_call_s"])
         assert _positive(r["flops"]) and _positive(r["achieved_flops"]) and _positive(r["peak_fraction"])
         assert r["achieved_flops"] == pytest.approx(r["flops"] / r["step_s"]["median"])
         assert r["peak_fraction"] == pytest.approx(r["achieved_flops"] / result["matmul_peak_flops"])
+        assert r["mfu"] is None and result["device_peak_flops"] is None  # no nominal peak for a CPU
+        assert isinstance(r["attention"], str) and r["attention"]
         if r["peak_rss_mb"] is not None:
             assert _positive(r["peak_rss_mb"])
         if r["framework"] == "flax":
-            assert _positive(r["speedup_vs_torch_eager"])
+            assert r["flax_speedup"] is None and not r["fastest_peer"]
+            continue
+        flax = next(x for x in rows if (x["framework"], x["mode"]) == ("flax", r["mode"]))
+        s = r["flax_speedup"]  # this peer's time over Flax's, round by round
+        assert s["pairs"] == pytest.approx([p / f for p, f in zip(r["times_s"], flax["times_s"], strict=True)])
+        assert s["min"] <= s["q1"] <= s["median"] <= s["q3"] <= s["max"]
+    for mode in ("forward", "train"):
+        peers = [r for r in rows if r["mode"] == mode and r["framework"] in EAGER_PEERS]
+        fastest = [r for r in peers if r["fastest_peer"]]
+        assert len(fastest) == 1
+        assert fastest[0]["tokens_per_s"]["median"] == max(r["tokens_per_s"]["median"] for r in peers)
+    assert result["targets"] == []  # measured only at the target shapes (8x128, 4x512)
+
+
+@pytest.mark.slow
+def test_kernels_precision_and_thread_policy_are_stated(report):
+    result, _ = report
+    assert set(result["attention"]) == {"forward", "train"}
+    for kernels in result["attention"].values():
+        assert set(kernels) == {"flax", *EAGER_PEERS}
+    assert result["attention"]["forward"]["flax"].startswith("einsum")  # CPU: "auto" takes the einsum path
+    assert "dropout" in result["attention"]["train"]["flax"]
+    assert "SDPA" in result["attention"]["forward"]["torch_ref+sdpa"]
+    assert set(result["matmul_precision"]) == {"jax", "torch"}
+    assert "'float32'" in result["matmul_precision"]["jax"] and "'highest'" in result["matmul_precision"]["torch"]
+    omp = result["omp_wait_policy"]
+    assert omp["requested"] == "passive"
+    assert omp["effective"] is False  # the test process imported torch first: the report must say so
 
 
 @pytest.mark.slow
@@ -90,6 +123,7 @@ def test_compile_scaling_and_plot(report):
     assert [s["mode"] for s in result["compile_scaling"]] == ["forward", "train"]
     for s in result["compile_scaling"]:
         assert set(s["compile_s"]) == {"1", "2"} and all(_positive(t) for t in s["compile_s"].values())
+        assert s["layers"] == "scanned layers"
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -115,11 +149,55 @@ def test_bad_shapes_rejected(bad):
         bench.parse_shapes(bad)
 
 
-def test_bad_arguments_exit_2_before_work(capsys):
+def test_bad_arguments_exit_2_before_work(no_work, capsys):
     assert main(["bench", "--shapes", "8x", "--json", "/nonexistent/dir/x.json"]) == 2
     assert "BxL" in capsys.readouterr().err
     assert main(["bench", "--modes", "backward"]) == 2
     assert "--modes" in capsys.readouterr().err
+    for argv, option in [
+        (["--peers", "torch.nn,pytorch"], "--peers"),
+        (["--peers", "torch.nn", "--position", "rope"], "--peers torch.nn"),  # nn.TransformerEncoderLayer: no RoPE
+        (["--frameworks", "flax", "--peers", "torch_ref"], "--peers"),
+        (["--repeats", "0"], "--repeats"),
+        (["--warmup", "-1"], "--warmup"),
+        (["--compile-layers", "1,x"], "--compile-layers"),
+        (["--config", "/nonexistent/cfg.json"], "cfg.json"),
+    ]:
+        assert main(["bench", *argv]) == 2, argv
+        assert option in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device", ["gpu", "tpu"])
+def test_missing_accelerator_exits_2_before_work(no_work, capsys, device):
+    import jax
+
+    try:
+        jax.devices(device)
+        pytest.skip(f"this machine has a {device}")
+    except RuntimeError:
+        pass
+    assert main(["bench", "--quick", "--device", device]) == 2
+    assert f"--device {device}" in capsys.readouterr().err
+
+
+def test_default_peers_leave_out_what_cannot_hold_the_architecture():
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    plan = bench.make_plan(parser.parse_args(["--position", "rope", "--shapes", "2x8"]))
+    assert plan.peers == ["torch_ref", "torch_ref+sdpa"]
+    assert len(plan.peer_notes) == 1 and "position=rope" in plan.peer_notes[0]
+    plan = bench.make_plan(parser.parse_args(["--shapes", "2x8", "--torch-compile"]))
+    assert plan.peers == [*EAGER_PEERS, "torch.compile"]
+
+
+def test_importing_the_bench_leaves_torch_unloaded():
+    """torch's OpenMP runtime reads OMP_WAIT_POLICY when torch loads: the bench must set it first."""
+    import subprocess
+    import sys
+
+    code = "import sys; import flax_impl.apps.bench, flax_impl.apps.cli; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=os.environ)
+    assert out.stdout.strip() == "False"
 
 
 def test_layer_options_reach_the_config_and_the_table():
@@ -185,9 +263,9 @@ flags\t\t: avx2 avx512f avx512_bf16 amx_tile
 
 def test_parse_cpuinfo_reads_the_first_processor_and_guesses_nothing():
     info = machine.parse_cpuinfo(CPUINFO)
-    assert info == {
+    assert info == {  # whole words only: "avx512f_not_a_flag" is not avx512f
         "cpu_model": "AMD EPYC 7B13",
-        "isa": {"avx2": True, "avx512f": False, "avx512_bf16": False, "amx_tile": False},  # whole words only
+        "isa": {"avx2": True, "avx512f": False, "avx512_bf16": False, "amx_tile": False, "amx_bf16": False},
     }
     arm = "processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd\nCPU implementer\t: 0x41\n"
     assert machine.parse_cpuinfo(arm) == {"cpu_model": None, "isa": None}  # no model name, no flags line

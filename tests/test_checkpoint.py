@@ -6,7 +6,10 @@ device is handed) run once in a subprocess (checkpoint_worker.py) with 8 simulat
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import warnings
 from pathlib import Path
 
 import jax
@@ -112,6 +115,7 @@ def test_another_config_is_a_clear_error_naming_every_array_before_any_change(tr
     assert "model/blocks/ff/0/kernel: expected (2, 16, 48) float32, found (2, 16, 32) float32" in message
     assert "model/blocks/ff/3/kernel: expected (2, 48, 16) float32, found (2, 32, 16) float32" in message
     assert "model/blocks/ff/0/bias: expected (2, 48) float32, found (2, 32) float32" in message
+    assert "  config d_ff: checkpoint 32 vs model 48\n" in message  # the reason first, then every array
     assert "in_proj" not in message  # only what differs
     _assert_same(_values(other), before)  # nothing was written
     untied = abstract(lambda: TransformerEncoder(CONFIG.replace(lm_head="untied"), rngs=nnx.Rngs(0)))
@@ -121,6 +125,56 @@ def test_another_config_is_a_clear_error_naming_every_array_before_any_change(tr
     bf16.final_norm.scale.set_value(jax.ShapeDtypeStruct((16,), jnp.bfloat16))
     with pytest.raises(ValueError, match=r"model/final_norm/scale: expected \(16,\) bfloat16, found \(16,\) float32"):
         restore_checkpoint(directory, bf16)
+
+
+@pytest.mark.parametrize(
+    "change, line",
+    [
+        ({"n_heads": 4}, "config n_heads: checkpoint 2 vs model 4"),
+        ({"position": "alibi"}, "config position: checkpoint 'sinusoidal' vs model 'alibi'"),
+        ({"causal": True}, "config causal: checkpoint False vs model True"),
+    ],
+)
+def test_same_shapes_other_config_is_refused_by_both_formats(trained, tmp_path, change, line):
+    """Every key and shape agrees, the computation does not: the config each checkpoint carries tells."""
+    directory, model, *_ = trained
+    other = TransformerEncoder(CONFIG.replace(**change), rngs=nnx.Rngs(3))
+    before = _values(other)
+    with pytest.raises(ValueError, match=f"cannot restore step 2 of .* into TransformerEncoder:\n  {line}"):
+        restore_checkpoint(directory, other)
+    path = tmp_path / "model.safetensors"
+    interop.save(model, path)
+    with pytest.raises(ValueError, match=f"cannot load state dict into TransformerEncoder:\n  {line}"):
+        interop.load(other, path)
+    _assert_same(_values(other), before)  # nothing was written
+    interop.load(other, path, strict=False)  # load what matches, by key: the config is not compared
+
+
+def test_what_may_differ_and_files_without_a_config(trained, tmp_path):
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    from flax_impl.saved_config import CONFIG_KEY
+
+    _, model, *_ = trained
+    path = tmp_path / "model.safetensors"
+    interop.save(model, path)
+    with safe_open(str(path), framework="numpy") as f:
+        assert json.loads(f.metadata()[CONFIG_KEY]) == CONFIG.to_dict()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # dropout rates and max_len do not change what the weights compute
+        interop.load(TransformerEncoder(CONFIG.replace(dropout=0.0, max_len=64), rngs=nnx.Rngs(1)), path)
+    bare = tmp_path / "bare.safetensors"  # as torch writes it: no flax_impl config
+    save_file(interop.to_numpy_state_dict(model), bare, metadata={"format": "pt"})
+    target = TransformerEncoder(CONFIG, rngs=nnx.Rngs(1))
+    with pytest.warns(UserWarning, match="bare.safetensors carries no flax_impl config"):
+        interop.load(target, bare)
+    _assert_same(interop.to_numpy_state_dict(target), interop.to_numpy_state_dict(model))
+    # An Orbax step saved without a config (as before configs were stored) restores with the same warning.
+    save_checkpoint(tmp_path / "orbax", model, step=5)
+    shutil.rmtree(tmp_path / "orbax" / "5" / "config")
+    with pytest.warns(UserWarning, match="step 5 of .* carries no flax_impl config"):
+        restore_checkpoint(tmp_path / "orbax", TransformerEncoder(CONFIG, rngs=nnx.Rngs(1)))
 
 
 def test_bad_arguments_fail_clearly(trained, tmp_path):

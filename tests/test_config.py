@@ -135,15 +135,16 @@ def test_config_module_imports_neither_jax_nor_torch():
         (dict(qkv_bias="yes"), TypeError, "qkv_bias='yes' must be a bool"),
         (dict(causal="no"), TypeError, "causal='no' must be a bool"),
         (dict(norm_first=0), TypeError, "norm_first=0 must be a bool"),
-        (dict(padding_idx=True), TypeError, "padding_idx=True must be an integer token id or None"),
+        (dict(padding_idx=True), TypeError, "padding_idx=True must be an integer in [0, 10000) or None, got bool"),
         (dict(norm_eps=float("inf")), ValueError, "norm_eps=inf must be a finite number"),
         (dict(norm_eps=float("nan")), ValueError, "norm_eps=nan must be a finite number"),
-        (dict(rope_base="10000"), ValueError, "rope_base='10000' must be a finite number"),
-        (dict(rope_scale=None), ValueError, "rope_scale=None must be a finite number"),
+        (dict(rope_base="10000"), TypeError, "rope_base='10000' must be a finite number > 1, got str"),
+        (dict(rope_scale=None), TypeError, "rope_scale=None must be a finite number > 0, got NoneType"),
     ],
 )
 def test_decoder_fields_are_checked(changes, error, words):
-    with pytest.raises(error, match=words.replace("(", r"\(").replace(".", r"\.")):
+    pattern = words.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace(".", r"\.")
+    with pytest.raises(error, match=pattern):
         TransformerConfig(**changes)
 
 

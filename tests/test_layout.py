@@ -302,15 +302,15 @@ LAYERS = "attention block dropout embedding encoder generate norm pipeline posit
 SHARED_HELPERS = ["config", "utils"]  # twins too, but no layer: config is shared, utils counts parameters
 # Twins that reuse torch's own class or the shared file instead of writing the layer out: no length to compare.
 WRAPPERS = {
-    "dropout": "torch_ref re-exports torch.nn.Dropout",
-    "embedding": "torch_ref subclasses torch.nn.Embedding and adds `attend`",
+    "dropout": "torch_ref subclasses torch.nn.Dropout, only checking its arguments",
+    "embedding": "torch_ref subclasses torch.nn.Embedding, checks its arguments and adds `attend`",
     "tokenizer": "torch_ref re-exports flax_impl/tokenizer.py, the one (jax-free) definition",
 }
 # The twin writes the layer out: the Flax file may add its kernels' glue, dtypes and sharding, not a second design.
 WRITTEN_OUT = ["attention", "block", "encoder", "generate", "norm", "pipeline", "positions", "train"]
 KNOWN_LONG_TWINS = {
-    "norm": "torch_ref takes torch.nn.LayerNorm as it is and writes only RMSNorm; the Flax file writes LayerNorm "
-    "(torch's arithmetic; nnx.LayerNorm's epsilon and gradient differ) beside RMSNorm",
+    "norm": "torch_ref takes torch.nn.LayerNorm (arguments checked) and writes only RMSNorm; the Flax file writes "
+    "LayerNorm (torch's arithmetic; nnx.LayerNorm's epsilon and gradient differ) beside RMSNorm",
     "encoder": "3.2x: the Flax encoder also holds the scanned stack (nnx.vmap / nnx.scan), remat and the sharding "
     "constraints, where torch_ref loops over an nn.ModuleList",
 }
@@ -351,9 +351,11 @@ def test_layer_has_a_parity_test(name):
 
 @pytest.mark.parametrize("name", sorted(WRAPPERS))
 def test_wrapper_twin_writes_at_most_one_function(name):
-    """The exemption from the length rule holds only while the twin stays a wrapper."""
+    """The exemption from the length rule holds only while the twin stays a wrapper (an `__init__` that checks the
+    arguments before torch's constructor sees them does not count)."""
     tree = ast.parse((ROOT / "torch_ref" / f"{name}.py").read_text())
-    defs = [n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    functions = [n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    defs = [f for f in functions if f != "__init__"]
     assert len(defs) <= 1, f"torch_ref/{name}.py writes {defs}: move {name} to WRITTEN_OUT ({WRAPPERS[name]} no more)"
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import transformers
+from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "parity_tests"))
 from hf_helpers import SPECS, perturb  # noqa: E402
@@ -59,8 +60,38 @@ def test_a_perturbed_layer_is_reported_at_that_layer(folder, layer, tmp_path, ca
     assert "PARTS WAYS HERE (forward)" in capsys.readouterr().out
 
 
-def test_misuse_is_exit_2_before_any_work(tmp_path, capsys):
+def test_misuse_is_exit_2_before_any_work(tmp_path, capsys, monkeypatch):
     assert parity_hf.run(_args(tmp_path / "nowhere")) == 2
     assert "not a Hugging Face model folder" in capsys.readouterr().err
     assert parity_hf.run(_args(tmp_path)) == 2  # a folder without config.json
     assert "no config.json" in capsys.readouterr().err
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5"}))
+    assert parity_hf.run(_args(tmp_path)) == 2  # read and refused before any comparison
+    assert "t5" in capsys.readouterr().err
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("parity --hf loaded the models before reporting the bad option")
+
+    monkeypatch.setattr(parity_hf, "load_sides", forbidden)
+    cases = [
+        ({"length": 1}, "--length=1 must be >= 2"),
+        ({"batch": 0}, "--batch=0 must be >= 1"),
+        ({"seed": -1}, "--seed=-1 must be in [0, 4294967295]"),
+        ({"json": str(tmp_path / "missing" / "rows.json")}, "--json"),
+        ({"argv": ["parity", "--hf", str(tmp_path), "--d-model=16"]}, "--d-model does not apply with --hf"),
+        ({"argv": ["parity", "--hf", str(tmp_path), "--table-length", "8"]}, "--table-length does not apply"),
+    ]
+    for change, message in cases:
+        args = _args(tmp_path)
+        vars(args).update(change)
+        assert parity_hf.run(args) == 2, change
+        err = capsys.readouterr().err
+        assert err.startswith("flax-impl parity: error: ") and message in err, (change, err)
+
+
+def test_a_flax_file_of_another_config_is_exit_2(folder, tmp_path, capsys):
+    cfg, _ = fh.from_pretrained(folder)
+    other = fi.TransformerEncoder(cfg.replace(n_heads=2, n_kv_heads=None), rngs=nnx.Rngs(0))  # the same shapes
+    fi.save(other, tmp_path / "other.safetensors")
+    assert parity_hf.run(_args(folder, flax=str(tmp_path / "other.safetensors"))) == 2
+    assert f"config n_heads: checkpoint 2 vs model {cfg.n_heads}" in capsys.readouterr().err

@@ -2,6 +2,8 @@
 
 Masks as in flax_impl.attention: (B, S) 1/True = real token; bool (B|1, N|1, L, S) True = may attend; float
 (B|1, N|1, L, S) added to the scores (-inf = masked out). A query row with no key to attend to returns zeros.
+Keys no query may attend to are zeroed first, so a NaN at a padded position reaches no real token; an integer
+(B, S) mask holding a value other than 0/1 raises ValueError (the Flax twin's rules, flax_impl.attention).
 """
 
 import math
@@ -9,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from torch_ref.config import TransformerConfig
+from torch_ref.config import TransformerConfig, as_config
 from torch_ref.positions import alibi_slopes, rotate_qk, score_bias
 
 
@@ -25,6 +27,8 @@ def allowed_and_additive(mask, q_len: int, k_len: int, causal: bool, window: int
     allowed, additive = None, None
     if mask is not None:
         if mask.dim() == 2:
+            if mask.dtype != torch.bool and ((mask != 0) & (mask != 1)).any():
+                raise ValueError(f"a (B, S) attention_mask holds 0/1 only, got values {mask.unique()[:5].tolist()}")
             allowed = mask.bool()[:, None, None, :]  # (B, 1, 1, S)
         elif mask.dtype == torch.bool:
             allowed = mask
@@ -52,6 +56,7 @@ class MultiHeadAttention(nn.Module):
 
     def __init__(self, config: TransformerConfig):
         super().__init__()
+        config = as_config(config)
         D, N, K, H = config.d_model, config.n_heads, config.n_kv_heads, config.head_dim
         self.config = config
         self.in_proj_weight = nn.Parameter(torch.empty((N + 2 * K) * H, D))
@@ -66,10 +71,14 @@ class MultiHeadAttention(nn.Module):
         return self._forward(x, attention_mask, positions)[0]
 
     def prefill(self, x, attention_mask, positions, cache_len: int):
-        """forward, also returning (k, v) (B, K, S, H) of cache_len slots, slots L.. zero."""
+        """forward, also returning (k, v) (B, K, S, H) of cache_len slots; padded slots and slots L.. zero."""
         out, (k, v) = self._forward(x, attention_mask, positions)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, K, L, H)
+        if attention_mask is not None and attention_mask.dim() == 2:  # padding enters the cache as zeros
+            real = attention_mask.bool()[:, None, :, None]
+            k, v = torch.where(real, k, torch.zeros(())), torch.where(real, v, torch.zeros(()))
         pad = (0, 0, 0, cache_len - x.shape[1])
-        return out, (nn.functional.pad(k.transpose(1, 2), pad), nn.functional.pad(v.transpose(1, 2), pad))
+        return out, (nn.functional.pad(k, pad), nn.functional.pad(v, pad))
 
     def decode(self, x, kv, index: int, key_mask, positions):
         """L new tokens at slots index.. attend over the cache (slots j <= i that key_mask (B, S) marks real)."""
@@ -115,11 +124,14 @@ class MultiHeadAttention(nn.Module):
         q = q.transpose(1, 2) * (1.0 / math.sqrt(H))  # (B, N, L, H)
         k = k_kv.repeat_interleave(N // K, dim=2).transpose(1, 2)  # (B, N, S, H)
         v = v_kv.repeat_interleave(N // K, dim=2).transpose(1, 2)  # (B, N, S, H)
+        allowed, additive = allowed_and_additive(attention_mask, L, L, cfg.causal, cfg.sliding_window)
+        if allowed is not None:  # keys no query may read: zero, so that 0 * NaN cannot reach a real query
+            live = allowed.any(dim=-2).unsqueeze(-1)  # (B|1, N|1, S, 1)
+            k, v = torch.where(live, k, torch.zeros(())), torch.where(live, v, torch.zeros(()))
         scores = (q @ k.transpose(-2, -1)).float()  # (B, N, L, S)
         bias = score_bias(cfg, L, L)
         if bias is not None:
             scores = scores + bias
-        allowed, additive = allowed_and_additive(attention_mask, L, L, cfg.causal, cfg.sliding_window)
         if additive is not None:
             scores = scores + additive
         if allowed is not None:

@@ -3,7 +3,7 @@
 from torch import nn
 
 from torch_ref.attention import MultiHeadAttention
-from torch_ref.config import TransformerConfig
+from torch_ref.config import TransformerConfig, as_config
 from torch_ref.norm import make_norm
 
 ACTIVATIONS = {
@@ -19,6 +19,7 @@ class GatedMLP(nn.Module):
 
     def __init__(self, config: TransformerConfig):
         super().__init__()
+        config = as_config(config)
         D, F, bias = config.d_model, config.d_ff, config.mlp_bias
         self.gate = nn.Linear(D, F, bias=bias)
         self.up = nn.Linear(D, F, bias=bias)
@@ -37,6 +38,7 @@ class TransformerBlock(nn.Module):
 
     def __init__(self, config: TransformerConfig):
         super().__init__()
+        config = as_config(config)
         D, F, bias = config.d_model, config.d_ff, config.mlp_bias
         self.norm_first, self.parallel = config.norm_first, config.parallel_residual
         self.attn = MultiHeadAttention(config)

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from torch_ref.block import TransformerBlock
-from torch_ref.config import TransformerConfig
+from torch_ref.config import as_config
 from torch_ref.norm import make_norm
 from torch_ref.pipeline import TransformerInput
 
@@ -18,8 +18,7 @@ class TransformerEncoder(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        if isinstance(config, dict):
-            config = TransformerConfig.from_dict(config)
+        config = as_config(config)
         self.config = config
         self.input = TransformerInput(config)
         self.blocks = nn.ModuleList([TransformerBlock(config) for _ in range(config.n_layers)])

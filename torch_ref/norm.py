@@ -1,11 +1,24 @@
-"""Normalisation layers in plain torch: LayerNorm is torch.nn.LayerNorm itself; RMSNorm written out."""
+"""Normalisation layers in plain torch: LayerNorm is torch.nn.LayerNorm (its arguments checked as the Flax
+twin's); RMSNorm written out."""
 
 import torch
 from torch import nn
 
+from flax_impl.validation import check_bool, check_float, check_int
 from torch_ref.config import TransformerConfig
 
-LayerNorm = nn.LayerNorm
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm over the last axis; a width, eps or bias switch of the wrong type or range raises as the Flax
+    twin (TypeError / ValueError), not later inside torch."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True):
+        super().__init__(
+            check_int("num_features", num_features, low=1),
+            eps=check_float("eps", eps, low=0.0, low_open=True),
+            elementwise_affine=check_bool("elementwise_affine", elementwise_affine),
+            bias=check_bool("bias", bias),
+        )
 
 
 class RMSNorm(nn.Module):
@@ -13,7 +26,8 @@ class RMSNorm(nn.Module):
 
     def __init__(self, num_features: int, eps: float = 1e-6):
         super().__init__()
-        self.eps = eps
+        num_features = check_int("num_features", num_features, low=1)
+        self.eps = check_float("eps", eps, low=0.0, low_open=True)
         self.weight = nn.Parameter(torch.ones(num_features))
 
     def forward(self, x):

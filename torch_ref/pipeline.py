@@ -8,13 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torch_ref.config import TransformerConfig
+from flax_impl.config import POSITIONS
+from flax_impl.validation import check_bool, check_choice, check_float
+from torch_ref.config import TransformerConfig, as_config
 from torch_ref.embedding import Embed
 from torch_ref.norm import make_norm
 from torch_ref.positions import LearnedPositions, sinusoidal_table
 from torch_ref.tokenizer import encode_checked
-
-_POSITIONS = ("sinusoidal", "learned", "rope", "alibi", "none")
 
 
 class TransformerInput(nn.Module):
@@ -31,6 +31,7 @@ class TransformerInput(nn.Module):
 
     def __init__(self, config: TransformerConfig):
         super().__init__()
+        config = as_config(config)
         self.config = config
         self.embed = Embed(config.vocab_size, config.d_model, padding_idx=config.padding_idx)
         if config.position == "learned":
@@ -107,21 +108,19 @@ def encode_text(
 
     Raises:
         ValueError: an unknown `position`; `table` missing for "learned" or given for another scheme; `table` not
-            (max_len, D); `eps` <= 0; the tokenizer returns a negative id.
+            (max_len, D); `eps` not a finite number > 0; the tokenizer returns a negative id.
         TypeError: `embedding` is not a (V, D) tensor or an nn.Embedding; `text` is not a str; `tokenizer` is not
             usable, or returns something other than a flat list of integer ids.
         IndexError: a token id >= V (naming the token, its position and V); L > max_len of `table`.
     """
-    if position not in _POSITIONS:
-        raise ValueError(f"position={position!r} is not one of {list(_POSITIONS)}")
+    position, eps = check_choice("position", position, POSITIONS), check_float("eps", eps, low=0.0, low_open=True)
+    embed_scale, input_norm = check_bool("embed_scale", embed_scale), check_bool("input_norm", input_norm)
     if (position == "learned") != (table is not None):
         raise ValueError(
             "position='learned' needs table=<(max_len, D) tensor or LearnedPositions>"
             if table is None
             else f"table= is only used with position='learned', got position={position!r}"
         )
-    if not eps > 0.0:
-        raise ValueError(f"eps={eps!r} must be > 0")
     weight = embedding.weight if isinstance(embedding, nn.Embedding) else embedding
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise TypeError(

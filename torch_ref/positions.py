@@ -5,16 +5,16 @@ import math
 import torch
 from torch import nn
 
-from torch_ref.config import TransformerConfig, rope_width
+from flax_impl.validation import check_bool, check_choice, check_float, check_int
+from torch_ref.config import ROPE_STYLES, TransformerConfig, rope_width
 
 
 def sinusoidal_table(length: int, d_model: int) -> torch.Tensor:
     """(L, D) float32: PE[pos, 2i] = sin(pos / 10000^(2i/D)), PE[pos, 2i+1] = cos(same) (Vaswani et al., 2017).
 
-    Odd D keeps the sine of the last pair. Computed in float64, rounded once to float32.
+    Odd D keeps the sine of the last pair. Computed in float64, rounded once to float32. Raises as the Flax twin.
     """
-    if length < 0 or d_model < 1:
-        raise ValueError(f"sinusoidal_table needs length >= 0 and d_model >= 1, got length={length}, d_model={d_model}")
+    length, d_model = check_int("length", length, low=0), check_int("d_model", d_model, low=1)
     half = (d_model + 1) // 2
     pos = torch.arange(length, dtype=torch.float64).unsqueeze(1)  # (L, 1)
     exponent = 2.0 * torch.arange(half, dtype=torch.float64) / d_model  # (ceil(D/2),): 2i / D
@@ -31,11 +31,13 @@ class LearnedPositions(nn.Module):
 
     def __init__(self, max_len: int, d_model: int):
         super().__init__()
+        max_len, d_model = check_int("max_len", max_len, low=1), check_int("d_model", d_model, low=1)
         self.max_len = max_len
         self.weight = nn.Parameter(torch.randn(max_len, d_model))
 
     def forward(self, length: int, offset: int = 0) -> torch.Tensor:
-        if offset < 0 or offset + length > self.max_len:
+        length, offset = check_int("length", length, low=0), check_int("offset", offset, low=0)
+        if offset + length > self.max_len:
             raise IndexError(
                 f"learned positions cover max_len={self.max_len} positions; positions {offset}..{offset + length - 1}"
                 f" (sequence length {length}) are out of range"
@@ -48,12 +50,12 @@ def apply_rope(x, positions, *, base=10_000.0, style="half", fraction=1.0, scale
 
     "half": pairs (x[i], x[i + r/2]) (GPT-NeoX / Llama rotate_half); "interleaved": (x[2i], x[2i+1]) (RoFormer,
     GPT-J). The first r = round(fraction * H) dims rotate by p * (base^(-2i/r) / scale), the factor computed in
-    float64 and rounded once to float32; angles and rotation in float32.
+    float64 and rounded once to float32; angles and rotation in float32. Raises as the Flax twin.
     """
-    if style not in ("half", "interleaved"):
-        raise ValueError(f"rope style={style!r} is not one of ['half', 'interleaved']")
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"rope fraction={fraction!r} must be in (0, 1]")
+    base = check_float("base", base, low=1.0, low_open=True)
+    fraction = check_float("fraction", fraction, low=0.0, high=1.0, low_open=True)
+    scale = check_float("scale", scale, low=0.0, low_open=True)
+    style = check_choice("style", style, ROPE_STYLES)
     if x.dim() != 4:
         raise ValueError(f"apply_rope expects x of shape (B, L, N, H), got {tuple(x.shape)}")
     B, L, N, H = x.shape
@@ -63,8 +65,6 @@ def apply_rope(x, positions, *, base=10_000.0, style="half", fraction=1.0, scale
     positions = torch.as_tensor(positions)
     if tuple(positions.shape) not in ((L,), (B, L)):
         raise ValueError(f"positions must have shape (L,)=({L},) or (B, L)=({B}, {L}), got {tuple(positions.shape)}")
-    if not scale > 0.0:
-        raise ValueError(f"rope scale={scale!r} must be > 0")
     inv_freq = (1.0 / base ** (torch.arange(0, r, 2, dtype=torch.float64) / r) / scale).to(torch.float32)  # (r/2,)
     pos = positions.to(torch.float32)
     angle = (pos.unsqueeze(-1) * inv_freq).unsqueeze(-2)  # (L, 1, r/2) or (B, L, 1, r/2)
@@ -83,10 +83,8 @@ def apply_rope(x, positions, *, base=10_000.0, style="half", fraction=1.0, scale
 def alibi_slopes(n_heads: int, max_bias: float = 8.0) -> torch.Tensor:
     """(N,) float32 ALiBi slopes (Press et al., 2022): 2^(-max_bias*h/n) for n a power of two, else the closest
     lower power of two's slopes followed by every other slope of the next power of two."""
-    if isinstance(n_heads, bool) or not isinstance(n_heads, int) or n_heads < 1:
-        raise ValueError(f"n_heads={n_heads!r} must be an integer >= 1")
-    if isinstance(max_bias, bool) or not isinstance(max_bias, (int, float)) or not 0.0 < max_bias < math.inf:
-        raise ValueError(f"max_bias={max_bias!r} must be a finite number > 0")
+    n_heads = check_int("n_heads", n_heads, low=1)
+    max_bias = check_float("max_bias", max_bias, low=0.0, low_open=True)
 
     def power_of_two(n):
         return [2.0 ** (-max_bias * h / n) for h in range(1, n + 1)]
@@ -101,7 +99,9 @@ def alibi_slopes(n_heads: int, max_bias: float = 8.0) -> torch.Tensor:
 def alibi_bias(q_len: int, k_len: int, slopes: torch.Tensor, *, causal: bool = False) -> torch.Tensor:
     """(N, L, S) float32: -m|i - j| (bidirectional) or -m(i - j) for j <= i, 0 above (causal); queries are the
     last q_len of k_len positions."""
-    if q_len < 0 or k_len < q_len:
+    q_len, k_len = check_int("q_len", q_len, low=0), check_int("k_len", k_len, low=0)
+    causal = check_bool("causal", causal)
+    if k_len < q_len:
         raise ValueError(f"alibi_bias needs 0 <= q_len <= k_len, got q_len={q_len}, k_len={k_len}")
     i = torch.arange(k_len - q_len, k_len, dtype=torch.float32).unsqueeze(1)  # (L, 1)
     j = torch.arange(k_len, dtype=torch.float32).unsqueeze(0)  # (1, S)

@@ -2,7 +2,11 @@
 
 Batches as in flax_impl.train (same keys, torch tensors or numpy):
 `inputs` (B, L), `targets` (B, L), `weights` (B, L) (1 = counts in the loss), optional `attention_mask` (B, L)
-(1 = real token). Loss = sum(weights * CE) / max(sum(weights), 1), CE in nats through the tied head.
+(1 = real token). Loss = sum(weights * CE) / max(sum(weights), 1), CE in nats through the tied head. The Flax
+twin's rules: the batch checked first (`flax_impl.validation.check_train_batch`: shapes, targets in [0, V) or
+IGNORE_INDEX = -100, which counts for nothing, weights finite and >= 0); a weight-0 position never changes the
+loss; no position with weight > 0 gives loss 0 and gradient 0; float16 parameters are refused by
+`make_optimizer` (AdamW's state underflows in float16).
 
 AdamW (torch's decoupled form): p <- p * (1 - lr_t * weight_decay), then p <- p - lr_t * m_hat / (sqrt(v_hat) +
 eps), eps outside the square root, bias-corrected; TrainConfig gives every hyper-parameter explicitly.
@@ -21,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from flax_impl.validation import IGNORE_INDEX, ArgumentTypeError, check_param_dtype_trains, check_train_batch
 from torch_ref.config import TrainConfig
 
 DecayRule = Callable[[str, nn.Module], bool]
@@ -92,7 +97,16 @@ def make_optimizer(
 
     Returns:
         (optimizer, scheduler).
+
+    Raises:
+        TypeError: `tcfg` is not a TrainConfig.
+        ValueError: a float16 parameter (the Flax twin's reason).
     """
+    if not isinstance(tcfg, TrainConfig):
+        raise ArgumentTypeError(f"tcfg={tcfg!r:.60} must be a TrainConfig, got {type(tcfg).__name__}")
+    half = [name for name, p in model.named_parameters() if p.dtype == torch.float16]
+    if half:
+        check_param_dtype_trains("float16", where=f"dtype of {half[0]} (and {len(half) - 1} more)")
     optimizer = torch.optim.AdamW(
         param_groups(model, tcfg.weight_decay, decay),
         lr=tcfg.learning_rate,
@@ -118,16 +132,28 @@ def loss_sums(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, to
         batch: {"inputs", "targets", "weights"} (B, L), optional {"attention_mask"} (B, L); tensors or numpy.
 
     Returns:
-        (sum of weights * CE, sum of weights), two float32 scalars.
+        (sum of weights * CE, sum of weights), two float32 scalars; IGNORE_INDEX targets count as weight 0.
+
+    Raises:
+        ValueError, TypeError, IndexError: as `flax_impl.validation.check_train_batch`, before any work.
     """
+    check_train_batch({k: _numpy(v) for k, v in batch.items()}, model.config.vocab_size)
     mask = batch.get("attention_mask")
     mask = None if mask is None else _tensor(mask, torch.long)
     hidden = model(_tensor(batch["inputs"], torch.long), mask)  # (B, L, D)
     logits = model.logits(hidden).float()  # (B, L, V)
-    targets = _tensor(batch["targets"], torch.long)
-    ce = nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")  # (B*L,)
+    targets = _tensor(batch["targets"], torch.long).flatten()
+    ce = nn.functional.cross_entropy(
+        logits.flatten(0, 1), targets, reduction="none", ignore_index=IGNORE_INDEX
+    )  # (B*L,)
     w = _tensor(batch["weights"], torch.float32).flatten()
-    return (ce * w).sum(), w.sum()
+    w = torch.where(targets == IGNORE_INDEX, torch.zeros(()), w)
+    terms = torch.where(w > 0, ce * w, torch.zeros(()))  # weight 0: nothing, even from a NaN logit
+    return terms.sum(), w.sum()
+
+
+def _numpy(x: Any) -> Any:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x
 
 
 def loss_fn(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:

@@ -3,8 +3,9 @@
 Why they exist (docs/design.md#attention): `chunked_attention` computes softmax(q.k^T + bias).v one block of
 queries at a time, so that a block's float32 scores stay in cache, and writes its gradient out (FlashAttention's
 recomputation), so that training keeps no (B, N, L, S) array per layer. `dot_product_attention` wraps
-`jax.nn.dot_product_attention` (cuDNN on GPU) with our fully-masked-row convention. `merge_heads_project` is a
-recompute region: the backward pass redoes the heads merge instead of keeping a second copy of the output.
+`jax.nn.dot_product_attention` (its default implementation, XLA's) with our fully-masked-row convention.
+`merge_heads_project` is a recompute region: the backward pass redoes the heads merge instead of keeping a second
+copy of the output.
 """
 
 from __future__ import annotations
@@ -34,12 +35,12 @@ MAX_QUERY_CHUNKS = 16  # chunks are unrolled at trace time: bound the program si
 
 def query_chunk(batch: int, n_heads: int, q_len: int, k_len: int) -> int:
     """Queries per chunk of the einsum path: the largest power of two c (>= 16) with B*N*c*S*4 bytes <=
-    SCORE_BLOCK_BYTES, but at least ceil(L / MAX_QUERY_CHUNKS); L itself (one chunk) if that covers L."""
+    SCORE_BLOCK_BYTES, but at least ceil(L / MAX_QUERY_CHUNKS); L itself (one chunk) if that covers L; >= 1."""
     c = 16
     while c < q_len and batch * n_heads * (2 * c) * k_len * 4 <= SCORE_BLOCK_BYTES:
         c *= 2
     c = max(c, -(-q_len // MAX_QUERY_CHUNKS))
-    return min(c, q_len)
+    return max(min(c, q_len), 1)  # at least 1, so that L = 0 still has a (empty) chunk size
 
 
 def _rows(x: jax.Array | None, rows: slice) -> jax.Array | None:
@@ -83,10 +84,34 @@ def chunked_attention(
         chunk: queries per chunk; None: `query_chunk(B, N, L, S)`.
 
     Returns:
-        (B, N, L, H) in v's dtype.
+        (B, N, L, H) in v's dtype. Empty (zeros of that shape) when B, N, L or S is 0.
+
+    Keys that no query may attend to (padding) are zeroed in k and v before use, so that a NaN or inf there
+    never reaches a real query through 0 * NaN in the matmuls.
     """
     B, N, L, H = q.shape
+    if 0 in (B, N, L, k.shape[2]):  # nothing to attend to, or no one asking: no chunk, no softmax
+        return jnp.zeros((B, N, L, v.shape[-1]), v.dtype)
+    k, v = zero_dead_keys(k, allowed, key_axis=2), zero_dead_keys(v, allowed, key_axis=2)
     return _attention(q, k, v, bias, allowed, keep, rate, chunk or query_chunk(B, N, L, k.shape[2]))
+
+
+def zero_dead_keys(x: jax.Array, allowed: jax.Array | None, key_axis: int) -> jax.Array:
+    """x (keys or values) with the keys that no query may attend to set to 0.
+
+    Args:
+        x: heads-major (B, N, S, H) (`key_axis` 2) or (B, S, N, H) (`key_axis` 1).
+        allowed: bool (B|1, N|1, L|1, S), True = may attend; None: every key is live (x returned as is).
+        key_axis: where S is in x.
+
+    Returns:
+        x's shape and dtype; a masked-out score is replaced anyway, and a zero there keeps 0 * value finite.
+    """
+    if allowed is None:
+        return x
+    live = jnp.any(allowed, axis=2)  # (B|1, N|1, S): some query may read this key
+    live = live[..., None] if key_axis == 2 else jnp.moveaxis(live, 1, 2)[..., None]  # broadcast as x
+    return jnp.where(live, x, jnp.zeros((), x.dtype))
 
 
 def _row_chunks(q_len: int, chunk: int) -> list[slice]:
@@ -205,9 +230,10 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 def dot_product_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None, allowed: jax.Array | None
 ) -> jax.Array:
-    """jax.nn.dot_product_attention (cuDNN / XLA), no dropout, with our fully-masked-row convention.
+    """jax.nn.dot_product_attention (implementation=None: XLA), no dropout, with our fully-masked-row convention.
 
-    Rows with no key to attend to give zeros (jax.nn.dot_product_attention itself returns the mean of v there).
+    Rows with no key to attend to give zeros (jax.nn.dot_product_attention itself returns the mean of v there);
+    keys no query may attend to are zeroed first (`zero_dead_keys`); empty shapes give an empty result.
 
     Args:
         q: (B, L, N, H), already scaled: the kernel applies no 1/sqrt(H).
@@ -219,6 +245,9 @@ def dot_product_attention(
     Returns:
         (B, L, N, H).
     """
+    if 0 in q.shape[:3] or k.shape[1] == 0:
+        return jnp.zeros(q.shape[:3] + (v.shape[-1],), v.dtype)
+    k, v = zero_dead_keys(k, allowed, key_axis=1), zero_dead_keys(v, allowed, key_axis=1)
     if bias is not None:
         bias = jnp.broadcast_to(bias, (bias.shape[0], bias.shape[1], q.shape[1], k.shape[1])).astype(q.dtype)
     out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=allowed, scale=1.0)  # (B, L, N, H)

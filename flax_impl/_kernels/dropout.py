@@ -46,6 +46,8 @@ def keep_bits(key: jax.Array, rate: float, shape: tuple[int, ...]) -> jax.Array:
 def unpack_keep_bits(bits: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     """`keep_bits`' packed uint8 (..., ceil(n / 8)) -> the bool keep mask of `shape` (..., n)."""
     full = tuple(shape) or (1,)
+    if 0 in full:  # an empty array: nothing to unpack (a reshape to -1 has no answer for size 0)
+        return jnp.zeros(shape, jnp.bool_)
     unpacked = (bits[..., None] >> _BIT_SHIFTS) & jnp.uint8(1)  # (..., ceil(n/8), 8)
     return unpacked.reshape(full[:-1] + (-1,))[..., : full[-1]].astype(jnp.bool_).reshape(shape)
 

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from flax_impl.config import POSITIONS, TransformerConfig
+from flax_impl.validation import check_float
 
 
 def _default(value: Any, unset: str) -> str:
@@ -59,9 +60,12 @@ def add_position_option(parser: argparse.ArgumentParser, default: str | None, un
     )
 
 
+MAX_SEED = 2**32 - 1  # numpy's and JAX's seeds both take it (and seed + 1)
+
+
 def add_seed_option(parser: argparse.ArgumentParser, what: str) -> None:
-    """--seed (default 0); `what` says what it seeds."""
-    parser.add_argument("--seed", type=int, default=0, help=f"seed of {what} [0]")
+    """--seed (default 0, checked by `check_seed`); `what` says what it seeds."""
+    parser.add_argument("--seed", type=int, default=0, help=f"seed of {what}, in [0, 2**32) [0]")
 
 
 def add_json_option(parser: argparse.ArgumentParser, what: str) -> None:
@@ -90,6 +94,56 @@ def check_at_least(args: argparse.Namespace, names: Iterable[str], minimum: int 
         value = getattr(args, name)
         if value is not None and value < minimum:
             raise ValueError(f"--{name.replace('_', '-')}={value} must be >= {minimum}")
+
+
+def check_seed(args: argparse.Namespace) -> None:
+    """ValueError unless --seed is in [0, MAX_SEED]."""
+    if not 0 <= args.seed <= MAX_SEED:
+        raise ValueError(f"--seed={args.seed} must be in [0, {MAX_SEED}]")
+
+
+def check_number(
+    option: str,
+    value: float,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    what: str = "",
+) -> None:
+    """ValueError unless `value` is finite and within [low, high] (an open end excludes the bound).
+
+    Args:
+        option: the option's name as typed, e.g. "--lr".
+        value: its parsed value (argparse's float() also accepts "nan" and "inf", which are refused here).
+        low, high: the bounds; None: no bound on that side.
+        low_open, high_open: exclude the bound itself.
+        what: appended to the message (e.g. "(0 = off)").
+    """
+    try:
+        check_float(option, value, low=low, high=high, low_open=low_open, high_open=high_open)
+    except ValueError as error:  # the library's rule and wording (flax_impl.validation), plus `what`
+        raise ValueError(f"{error}" + (f" {what}" if what else "")) from None
+
+
+def check_output_dir(option: str, path: str | os.PathLike) -> None:
+    """ValueError unless `path` is a writable directory or can be created as one: not a file, and its nearest
+    existing ancestor is a writable directory."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise ValueError(f"{option} {path!r} is a file, not a directory")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ValueError(f"{option} {path!r} is not writable")
+        return
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"{option} {path!r}: {parent!r} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {path!r}: cannot create it, {parent!r} is not writable")
 
 
 def check_output_path(option: str, path: str | os.PathLike) -> None:
@@ -127,8 +181,11 @@ def build_mesh(text: str, config: TransformerConfig, batch_sizes: Iterable[int])
     """
     from flax_impl.distributed import check_shardable, make_mesh, parse_mesh
 
-    mesh = make_mesh(**parse_mesh(text))
-    check_shardable(config, mesh)
+    try:
+        mesh = make_mesh(**parse_mesh(text))
+        check_shardable(config, mesh)
+    except ValueError as err:
+        raise ValueError(f"--mesh {text}: {err}") from None
     n = mesh.shape["data"]
     bad = sorted({b for b in batch_sizes if b % n})
     if bad:

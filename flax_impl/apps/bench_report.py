@@ -34,7 +34,10 @@ class Record:
     rss_step_mb: float | None
     repeats: int
     times_s: list[float] = field(default_factory=list)
-    speedup_vs_torch_eager: float | None = None
+    attention: str | None = None  # the attention kernel this runner ran
+    flax_speedup: dict[str, Any] | None = None  # peers: per-pair ratios, this peer's step time / Flax's
+    fastest_peer: bool = False  # the eager peer with the highest median tokens/s at this (B, L, mode)
+    mfu: float | None = None  # achieved FLOP/s over the device's nominal peak (GPU/TPU only)
 
 
 def layers_text(cfg: dict[str, Any], flax_cfg: dict[str, Any]) -> str:
@@ -46,8 +49,14 @@ def layers_text(cfg: dict[str, Any], flax_cfg: dict[str, Any]) -> str:
     return "scanned layers" if unroll == 1 else f"scanned layers, {unroll} per loop iteration"
 
 
+def _ratio_text(r: dict[str, Any]) -> str:
+    s = r["flax_speedup"]
+    return "-" if s is None else f"{s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f})"
+
+
 def format_table(result: dict[str, Any]) -> str:
-    """The terminal report: the machine, the encoder, one row per measurement, then the compile-time scaling."""
+    """The terminal report: the machine, the encoder, one row per measurement (peers with Flax's per-pair speedup
+    over them; * marks the fastest eager peer), the kernels that ran, the targets, the compile-time scaling."""
     cfg = result["config"]
     lines = [
         f"device: {result['device']} ({result['device_name']}, {result['cores']} cores)  "
@@ -58,26 +67,41 @@ def format_table(result: dict[str, Any]) -> str:
         f"encoder: {cfg['n_layers']} x {cfg['d_model']} (N={cfg['n_heads']}, F={cfg['d_ff']}, V={cfg['vocab_size']}, "
         f"{layers_text(cfg, result['flax_config'])}), "
         f"position={result['position']}, precision={result['precision']}, dropout(train)={cfg['dropout']}, "
-        f"repeats={result['repeats']}",
+        f"pairs={result['repeats']}",
+        "precision pinned: " + "; ".join(result["matmul_precision"].values())
+        + f"; torch OpenMP wait policy {result['omp_wait_policy']['value'] or 'unset'}"
+        + ("" if result["omp_wait_policy"]["effective"] else " (torch was loaded before the bench: not applied)"),
         "",
-        f"{'framework':<14}{'mode':<8}{'B':>4}{'L':>6}{'tok/s med':>11}{'(min - max)':>18}{'ms/step':>9}"
-        f"{'compile s':>10}{'GFLOP/s':>9}{'% peak':>8}{'RSS MB':>8}{'vs torch':>9}",
+        f"{'runner':<16}{'mode':<8}{'B':>4}{'L':>6}{'tok/s med':>11}{'(min - max)':>18}{'ms/step':>9}"
+        f"{'compile s':>10}{'GFLOP/s':>9}{'% peak':>8}{'RSS MB':>8}  flax x (pairs: med (min-max))",
     ]
     if result.get("mesh"):
         lines.insert(3, f"flax sharded on mesh {result['mesh']} over {result['jax_device_count']} devices")
     for r in result["results"]:
         t = r["tokens_per_s"]
-        vs = f"{r['speedup_vs_torch_eager']:.2f}x" if r["speedup_vs_torch_eager"] is not None else "-"
         rss = f"{r['peak_rss_mb']:.0f}" if r["peak_rss_mb"] is not None else "-"
+        name = r["framework"] + ("*" if r["fastest_peer"] else "")
+        mfu = "" if r["mfu"] is None else f"  MFU {100 * r['mfu']:.1f}%"
         lines.append(
-            f"{r['framework']:<14}{r['mode']:<8}{r['batch']:>4}{r['length']:>6}{t['median']:>11.0f}"
+            f"{name:<16}{r['mode']:<8}{r['batch']:>4}{r['length']:>6}{t['median']:>11.0f}"
             f"{'(' + format(t['min'], '.0f') + ' - ' + format(t['max'], '.0f') + ')':>18}"
             f"{1e3 * r['step_s']['median']:>9.1f}{r['compile_s']:>10.2f}{r['achieved_flops'] / 1e9:>9.1f}"
-            f"{100 * r['peak_fraction']:>7.1f}%{rss:>8}{vs:>9}"
+            f"{100 * r['peak_fraction']:>7.1f}%{rss:>8}  {_ratio_text(r)}{mfu}"
+        )
+    lines.append("")
+    for mode, kernels in result["attention"].items():
+        lines.append(f"attention ({mode}): " + "; ".join(f"{k}: {v}" for k, v in kernels.items()))
+    for t in result["targets"]:
+        value = f"{100 * t['value']:.1f}%" if t["what"] == "peak" else f"{t['value']:.2f}x"
+        limit = f"{100 * t['threshold']:.0f}%" if t["what"] == "peak" else f"{t['threshold']:.2f}x"
+        spread = "" if t["spread"] is None else f" (pairs {t['spread'][0]:.2f}-{t['spread'][1]:.2f})"
+        lines.append(
+            f"target {t['mode']} {t['batch']}x{t['length']} flax vs {t['against']}: {value}{spread} "
+            f">= {limit}: {'met' if t['met'] else 'MISSED'}"
         )
     for s in result["compile_scaling"]:
         items = ", ".join(f"{n} layers {t:.2f} s" for n, t in s["compile_s"].items())
-        lines.append(f"flax compile ({s['mode']}, B={s['batch']} L={s['length']}, scanned): {items}")
+        lines.append(f"flax compile ({s['mode']}, B={s['batch']} L={s['length']}, {s['layers']}): {items}")
     lines.append(f"FLOPs: {result['flop_formula']}; wall {result.get('wall_s', 0):.0f} s")
     return "\n".join(lines)
 

@@ -1,6 +1,7 @@
 """The two sides of `flax-impl bench`: the Flax encoder under `jax.jit` (or `nnx.jit`) and torch_ref's encoder
-with the same weights, eager or under torch.compile. Each side hands out runners: argument-less callables that
-do one forward or one train step and return only once the device is done.
+with the same weights, with its PyTorch peers (`bench_peers`: nn.TransformerEncoderLayer, SDPA, torch.compile).
+Each side hands out runners: argument-less callables that do one forward or one train step and return only once
+the device is done.
 
 The train step is the same on both sides: a mean-squared loss of the hidden states against a fixed random
 target, then plain SGD with learning rate `LR` (torch: torch.optim.SGD), dropout on.
@@ -98,6 +99,20 @@ class FlaxSide:
             self.model = create_sharded_model(config, mesh, flax_config=flax_config, rngs=rngs)
         self._fns: dict[str, Callable] = {}
 
+    def compiled_text(self, mode: str, ids: np.ndarray, target: np.ndarray) -> str:
+        """The compiled program of the "forward" or "train" step (`jax.jit` over the split state) as text, to
+        see which kernels XLA chose; leaves the model in `mode`."""
+        jax, nnx = self.jax, self.nnx
+        ids_j = jax.device_put(ids, self.device)
+        if mode == "forward":
+            self.model.eval()
+            gdef, state = nnx.split(self.model)
+            return jax.jit(_flax_forward_fn(gdef)).lower(state, ids_j).compile().as_text()
+        self.model.train()
+        gdef, params, rest = nnx.split(self.model, nnx.Param, ...)
+        target_j = jax.device_put(target, self.device)
+        return jax.jit(_flax_train_fn(gdef)).lower(params, rest, ids_j, target_j).compile().as_text()
+
     def runner(self, mode: str, ids: np.ndarray, target: np.ndarray) -> Runner:
         """One "forward" (eval mode) or "train" step on ids (B, L) and target (B, L, D)."""
         step = self._runner(mode, ids, target)
@@ -146,8 +161,9 @@ class FlaxSide:
 def flax_compile_seconds(
     config: TransformerConfig, flax_config: FlaxConfig, n_layers: int, mode: str, batch: int, length: int, rng_impl: str
 ) -> float:
-    """Trace + lower + compile time of the Flax forward or train step for a scanned encoder of `n_layers`
-    (abstract weights from nnx.eval_shape: nothing is allocated or run)."""
+    """Trace + lower + compile time of the Flax forward or train step for an encoder of `n_layers` with
+    `flax_config`'s layer handling (`scan_unroll` capped at `n_layers`; abstract weights from nnx.eval_shape:
+    nothing is allocated or run)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -155,7 +171,7 @@ def flax_compile_seconds(
     from flax_impl.encoder import TransformerEncoder
 
     cfg = config.replace(n_layers=n_layers)
-    fcfg = flax_config.replace(scan_layers=True, scan_unroll=1)
+    fcfg = flax_config.replace(scan_unroll=min(flax_config.scan_unroll, n_layers))
     model = nnx.eval_shape(
         lambda: TransformerEncoder(
             cfg, flax_config=fcfg, rngs=nnx.Rngs(params=0, dropout=jax.random.key(0, impl=rng_impl))
@@ -177,14 +193,14 @@ def flax_compile_seconds(
 
 # ----------------------------------------------------------------------------------------------- torch side
 class TorchSide:
-    """torch_ref's encoder with the Flax weights copied in; eager and (optionally) torch.compile runners.
+    """torch_ref's encoder with the Flax weights copied in, and its peers (`bench_peers`) holding the same weights.
 
     Args:
         config: the encoder.
         flax_model: the Flax side's model whose weights are copied in, or None (torch's own init).
         device: "cpu" or "cuda".
         seed: torch.manual_seed before building.
-        torch_compile: also wrap the model in torch.compile (runners with `compiled=True`).
+        peers: names from `bench_peers.PEERS`.
         precision: "fp32", or "bf16" for bfloat16 autocast.
     """
 
@@ -195,22 +211,22 @@ class TorchSide:
         *,
         device: str,
         seed: int,
-        torch_compile: bool = False,
+        peers: tuple[str, ...] = ("torch_ref",),
         precision: str = "fp32",
     ):
         import torch
 
         import torch_ref
+        from flax_impl.apps.bench_peers import build_peers
 
         self.torch, self.device = torch, device
         torch.manual_seed(seed)
-        self.model = torch_ref.TransformerEncoder(config)
+        self.twin = torch_ref.TransformerEncoder(config)
         if flax_model is not None:  # same weights as the Flax side
             from flax_impl.interop import to_numpy_state_dict
 
-            self.model.load_state_dict(torch_ref.from_numpy_state_dict(to_numpy_state_dict(flax_model)))
-        self.model.to(device)
-        self.compiled = torch.compile(self.model) if torch_compile else None
+            self.twin.load_state_dict(torch_ref.from_numpy_state_dict(to_numpy_state_dict(flax_model)))
+        self.models = build_peers(self.twin, list(peers), device)
         dev_type = "cuda" if device.startswith("cuda") else "cpu"
         bf16 = precision == "bf16"
         self.autocast = (lambda: torch.autocast(dev_type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
@@ -219,14 +235,16 @@ class TorchSide:
         if self.device.startswith("cuda"):
             self.torch.cuda.synchronize()
 
-    def runner(self, mode: str, ids: np.ndarray, target: np.ndarray, compiled: bool = False) -> Runner:
-        """One "forward" (eval mode, under torch.inference_mode) or "train" step on ids (B, L), target (B, L, D)."""
+    def runner(self, name: str, mode: str, ids: np.ndarray, target: np.ndarray) -> Runner:
+        """Peer `name`'s "forward" (eval mode, under torch.inference_mode) or "train" step on ids (B, L) and
+        target (B, L, D)."""
         torch = self.torch
-        model = self.compiled if compiled else self.model
+        model = self.models[name]
+        trainable = self.twin if name == "torch.compile" else model  # torch.compile shares the twin's weights
         ids_t = torch.from_numpy(ids).to(self.device)
         target_t = torch.from_numpy(target).to(self.device)
         if mode == "forward":
-            self.model.eval()
+            trainable.eval()
 
             def forward() -> None:
                 with torch.inference_mode(), self.autocast():
@@ -234,8 +252,8 @@ class TorchSide:
                 self.sync()
 
             return forward
-        self.model.train()
-        opt = torch.optim.SGD(self.model.parameters(), lr=LR)
+        trainable.train()
+        opt = torch.optim.SGD(trainable.parameters(), lr=LR)
 
         def train_step() -> None:
             opt.zero_grad(set_to_none=True)

@@ -1,5 +1,6 @@
-"""Timing and memory probes of `flax-impl bench`: interleaved calls of several runners, the matmul peak, the
-process's resident-set high-water mark. Every timed call is waited for by the runner itself."""
+"""Timing and memory probes of `flax-impl bench`: rounds of interleaved calls of several runners and the
+per-round (A/B pair) ratios, the matmul peak, the process's resident-set high-water mark. Every timed call is
+waited for by the runner itself."""
 
 from __future__ import annotations
 
@@ -45,10 +46,12 @@ def stats(times: list[float], tokens: int) -> tuple[dict[str, float], dict[str, 
 def measure_interleaved(
     runners: dict[str, Callable[[], None]], warmup: int, repeats: int, progress: Progress, label: str
 ) -> dict[str, dict[str, Any]]:
-    """Time `runners` so that each sees the same machine load.
+    """Time `runners` in rounds of one call each, so that each round's calls see the same machine load.
 
     First call of each runner (compile), one memory-probed call each, `warmup - 1` more, then `repeats` rounds of
-    one timed call per runner in turn (A B A B ...).
+    one timed call per runner, in the given order on even rounds and the reverse order on odd ones (A B C, C B A,
+    ...), so that no runner always follows the same one. `times[r]` of every runner belong to round r: the
+    pairs that `pair_ratios` compares.
 
     Returns:
         {name: {"first": s, "times": [s, ...], "peak_rss_mb": MB or None, "rss_step_mb": MB or None}}.
@@ -70,13 +73,29 @@ def measure_interleaved(
     for _ in range(max(warmup - 1, 0)):
         for fn in runners.values():
             fn()
+    names = list(runners)
     for r in range(repeats):
-        for name, fn in runners.items():
+        for name in names if r % 2 == 0 else names[::-1]:
             start = time.perf_counter()
-            fn()
+            runners[name]()
             out[name]["times"].append(time.perf_counter() - start)
             progress.step(f"{label}: {name} {r + 1}/{repeats}")
     return out
+
+
+def pair_ratios(reference: list[float], other: list[float]) -> dict[str, Any]:
+    """Per-round speed of the `reference` runner relative to `other`: other_time[r] / reference_time[r] (> 1: the
+    reference is faster), with their median and spread.
+
+    Returns:
+        {"median", "min", "max", "q1", "q3", "pairs": [ratio per round]}; q1 / q3 are the 25th / 75th percentiles.
+    """
+    if len(reference) != len(other) or not reference:
+        raise ValueError(f"pair_ratios needs equal, non-empty round lists, got {len(reference)} and {len(other)}")
+    r = np.asarray(other) / np.asarray(reference)
+    q1, median, q3 = np.percentile(r, [25, 50, 75])
+    return {"median": float(median), "min": float(r.min()), "max": float(r.max()), "q1": float(q1), "q3": float(q3),
+            "pairs": [float(x) for x in r]}
 
 
 def matmul_peak(

@@ -14,7 +14,9 @@ from typing import Any
 
 CPUINFO = "/proc/cpuinfo"
 # Instruction-set extensions that decide which matmul kernels XLA and oneDNN can use on x86 CPUs.
-ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile")
+ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
+# Environment variables that change how either framework uses the cores.
+THREAD_ENV = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "GOMP_SPINCOUNT", "XLA_FLAGS")
 
 
 def parse_cpuinfo(text: str) -> dict[str, Any]:
@@ -97,14 +99,15 @@ def detect_machine(*, with_torch: bool, cpuinfo: str = CPUINFO) -> dict[str, Any
         cpuinfo: the cpuinfo file to read (a parameter for tests).
     Returns:
         {"cpu_model", "cpu_model_source", "isa", "arch", "os", "cores", "usable_cores", "load_average_start",
-        "xla_flags", "torch_threads", "versions"}; `cores` is os.cpu_count(), `xla_flags` the XLA_FLAGS
-        environment variable (None when unset), `torch_threads` None without torch.
+        "xla_flags", "torch_threads", "torch_interop_threads", "thread_env", "versions"}; `cores` is
+        os.cpu_count(), `xla_flags` the XLA_FLAGS environment variable (None when unset), the torch thread
+        counts None without torch, `thread_env` each of `THREAD_ENV` (None when unset).
     """
-    torch_threads = None
+    torch_threads = torch_interop_threads = None
     if with_torch:
         import torch
 
-        torch_threads = torch.get_num_threads()
+        torch_threads, torch_interop_threads = torch.get_num_threads(), torch.get_num_interop_threads()
     return {
         **read_cpu(cpuinfo),
         "arch": platform.machine(),
@@ -114,8 +117,59 @@ def detect_machine(*, with_torch: bool, cpuinfo: str = CPUINFO) -> dict[str, Any
         "load_average_start": load_average(),
         "xla_flags": os.environ.get("XLA_FLAGS"),
         "torch_threads": torch_threads,
+        "torch_interop_threads": torch_interop_threads,
+        "thread_env": {name: os.environ.get(name) for name in THREAD_ENV},
         "versions": versions(with_torch),
     }
+
+
+def detect_gpu(jax_device: Any, torch_device: str | None) -> dict[str, Any] | None:
+    """The accelerator of a GPU/TPU run: name, memory and driver as the frameworks and the driver report them.
+
+    Args:
+        jax_device: the JAX device measured; None is returned for a CPU device.
+        torch_device: "cuda" when torch runs on the GPU too, else None.
+    Returns:
+        {"name", "platform", "memory_bytes" (JAX's allocator limit, or torch's total memory; None if neither
+        says), "driver" (nvidia-smi's driver_version; None without nvidia-smi), "torch_cuda" (torch's CUDA
+        version or None)}, or None on CPU.
+    """
+    if jax_device is None or jax_device.platform == "cpu":
+        return None
+    memory = None
+    try:
+        memory = (jax_device.memory_stats() or {}).get("bytes_limit")
+    except Exception:  # some backends do not implement memory_stats
+        memory = None
+    torch_cuda = None
+    if torch_device is not None and torch_device.startswith("cuda"):
+        import torch
+
+        torch_cuda = torch.version.cuda
+        if memory is None:
+            memory = torch.cuda.get_device_properties(0).total_memory
+    return {
+        "name": jax_device.device_kind,
+        "platform": jax_device.platform,
+        "memory_bytes": memory,
+        "driver": _nvidia_driver(),
+        "torch_cuda": torch_cuda,
+    }
+
+
+def _nvidia_driver() -> str | None:
+    import shutil
+    import subprocess
+
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    try:
+        out = subprocess.run([exe, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=20, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.strip().splitlines()[0] if out.strip() else None
 
 
 def finish_machine(machine: dict[str, Any]) -> dict[str, Any]:
@@ -145,7 +199,21 @@ def describe(machine: dict[str, Any], *, load: bool = True) -> str:
         f"{machine['cpu_model'] or 'unknown CPU'} ({machine['cpu_model_source']}); {flags}; "
         f"{machine['cores']} cores ({machine['usable_cores']} usable); {load_text}"
         f"XLA_FLAGS={machine['xla_flags'] or 'unset'}" + ("" if threads is None else f"; torch threads {threads}")
+        + _omp_text(machine) + _gpu_text(machine)
     )
+
+
+def _omp_text(machine: dict[str, Any]) -> str:
+    env = machine.get("thread_env")
+    return "" if env is None else f"; OMP_WAIT_POLICY={env.get('OMP_WAIT_POLICY') or 'unset'}"
+
+
+def _gpu_text(machine: dict[str, Any]) -> str:
+    gpu = machine.get("gpu")
+    if not gpu:
+        return ""
+    memory = "?" if gpu["memory_bytes"] is None else f"{gpu['memory_bytes'] / 2**30:.0f} GiB"
+    return f"; {gpu['platform']} {gpu['name']} ({memory}, driver {gpu['driver'] or '?'})"
 
 
 def _first(load: list[float] | None) -> str:

@@ -3,7 +3,8 @@
 Each row builds both twins, copies the Flax weights into torch (`to_numpy_state_dict`, then
 `torch_ref.from_numpy_state_dict`), runs the same unit-scale input through both in fp32 eval mode and reports
 max |flax - torch| next to its tolerance from `flax_impl.tolerances`. Exit status 1 if any row exceeds its
-tolerance. `--hf FOLDER` compares with transformers instead, layer by layer (`flax_impl.apps.parity_hf`).
+tolerance (a row that compared nothing, empty or NaN, fails too); 2 for misuse, every option and path checked
+before any work. `--hf FOLDER` compares with transformers instead, layer by layer (`flax_impl.apps.parity_hf`).
 """
 
 from __future__ import annotations
@@ -54,10 +55,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _diff(a: object, b: object) -> float:
+    """max |a - b|; NaN (a failed row) for a comparison of nothing (empty arrays) or of NaNs."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     if a.shape != b.shape:
         raise AssertionError(f"shape mismatch {a.shape} vs {b.shape}")
-    return float(np.max(np.abs(a - b))) if a.size else 0.0
+    return float(np.max(np.abs(a - b))) if a.size else float("nan")
 
 
 def build_twins(
@@ -187,8 +189,9 @@ def _rows(cfg: TransformerConfig, batch: int, length: int, table_len: int, seed:
 def _config(args: argparse.Namespace) -> TransformerConfig:
     """The fp32, dropout-free architecture of the block and encoder rows; ValueError naming a bad option."""
     shared.check_at_least(args, ("d_model", "n_heads", "d_ff", "n_layers", "batch", "length", "table_length"))
+    shared.check_seed(args)
     shared.check_output_paths(args)
-    return TransformerConfig(
+    cfg = TransformerConfig(
         vocab_size=1000,
         d_model=args.d_model,
         n_heads=args.n_heads,
@@ -197,6 +200,10 @@ def _config(args: argparse.Namespace) -> TransformerConfig:
         max_len=args.length,
         dropout=0.0,
     )
+    for position in POSITIONS:  # every row's config, so that none fails after the others ran
+        for causal in (False, True):
+            cfg.replace(position=position, causal=causal, input_norm=True)
+    return cfg
 
 
 def run(args: argparse.Namespace) -> int:
@@ -228,6 +235,8 @@ def run(args: argparse.Namespace) -> int:
         rows.append(check())
         progress.step("comparing the twins", detail=f"row {i}/{len(checks)}")
     progress.close()
+    if not rows:
+        return shared.fail("parity", "no rows to compare: a comparison of nothing proves nothing")
     width = max(len(r.module) for r in rows), max(len(r.case) for r in rows)
     print(f"{'module':<{width[0]}}  {'case':<{width[1]}}  {'max abs diff':>12}  {'tolerance':>9}  ok")
     for r in rows:

@@ -94,29 +94,42 @@ def _layer_of(key: str) -> str:
     return match.group(1) if match else "other"
 
 
-def compare(hf_path: str, flax_path: str | None = None, *, batch: int = 2, length: int = 16, seed: int = 0) -> list:
-    """The per-layer rows (see the module docstring).
+MODEL_OPTIONS = ("--d-model", "--n-heads", "--heads", "--n-layers", "--layers", "--d-ff", "--table-length")
 
-    Args:
-        hf_path: the reference Hugging Face folder, run by transformers.
-        flax_path: what the Flax side loads: another Hugging Face folder, a `flax_impl.save` .safetensors file
-            (weights for the architecture of `hf_path`), or None (the same folder).
-        batch: B of the random batch; its last row is right-padded by a quarter of `length`.
-        length: L.
-        seed: the batch's and the loss weights' seed.
-    Returns:
-        A list of LayerRow: "input", one per layer, "output".
+
+def check_options(args: argparse.Namespace) -> None:
+    """Every option of `flax-impl parity --hf`, before any work: the paths (`check_paths`), --batch >= 1,
+    --length >= 2 (the padded row keeps a real token: nothing compared is no comparison), --seed, --json; the
+    architecture options (the folder's config.json defines the model) refused when given.
+
+    Raises:
+        ValueError: naming the option, the bad value and what is allowed.
     """
-    import jax
-    import jax.numpy as jnp
+    from flax_impl.apps import args as shared
+
+    check_paths(args.hf, args.flax)
+    given = [a.split("=")[0] for a in getattr(args, "argv", []) if a.split("=")[0] in MODEL_OPTIONS]
+    if given:
+        raise ValueError(f"{given[0]} does not apply with --hf: the folder's config.json defines the model")
+    shared.check_at_least(args, ("batch",))
+    shared.check_at_least(args, ("length",), minimum=2)
+    shared.check_seed(args)
+    shared.check_output_paths(args)
+
+
+def load_sides(hf_path: str, flax_path: str | None = None) -> tuple[Any, Any, Any, str]:
+    """(config, the Flax model, transformers' model in eval mode, model_type), every file read and checked.
+
+    Raises:
+        ValueError, OSError: a folder or file that cannot be compared (an unsupported model_type or option, a
+            missing or misshaped key, a --flax of another architecture or config), before any comparison.
+    """
     import torch
     import transformers
-    from flax import nnx
 
     import flax_impl as fi
     from flax_impl import hf
 
-    jax.config.update("jax_default_matmul_precision", "highest")
     cfg, model = hf.from_pretrained(hf_path)
     if flax_path is not None and os.path.isdir(flax_path):
         cfg2, model = hf.from_pretrained(flax_path)
@@ -124,9 +137,47 @@ def compare(hf_path: str, flax_path: str | None = None, *, batch: int = 2, lengt
             raise ValueError(f"--flax {flax_path} has another architecture than --hf {hf_path}")
     elif flax_path is not None:
         fi.load(model, flax_path)
-    model_type = json.load(open(os.path.join(hf_path, "config.json")))["model_type"]
+    model_type = hf.io.read_config(hf_path)["model_type"]
     auto = transformers.AutoModelForCausalLM if cfg.causal else transformers.AutoModel
     ref = auto.from_pretrained(hf_path, attn_implementation="eager", dtype=torch.float32).eval()
+    return cfg, model, ref, model_type
+
+
+def compare(
+    hf_path: str,
+    flax_path: str | None = None,
+    *,
+    batch: int = 2,
+    length: int = 16,
+    seed: int = 0,
+    sides: tuple[Any, Any, Any, str] | None = None,
+) -> list:
+    """The per-layer rows (see the module docstring).
+
+    Args:
+        hf_path: the reference Hugging Face folder, run by transformers.
+        flax_path: what the Flax side loads: another Hugging Face folder, a `flax_impl.save` .safetensors file
+            (weights for the architecture of `hf_path`), or None (the same folder).
+        batch: B of the random batch; its last row is right-padded by a quarter of `length`.
+        length: L >= 2.
+        seed: the batch's and the loss weights' seed.
+        sides: `load_sides(hf_path, flax_path)` when already loaded.
+    Returns:
+        A list of LayerRow: "input", one per layer, "output".
+    Raises:
+        ValueError: `length` < 2 (the padded row would have no real token).
+    """
+    import jax
+    import jax.numpy as jnp
+    import torch
+    from flax import nnx
+
+    from flax_impl import hf
+
+    if length < 2:
+        raise ValueError(f"length={length} must be >= 2: the padded row keeps at least one real token")
+    jax.config.update("jax_default_matmul_precision", "highest")
+    cfg, model, ref, model_type = sides if sides is not None else load_sides(hf_path, flax_path)
 
     rng = np.random.default_rng(seed)
     B, L = batch, length
@@ -202,7 +253,7 @@ def format_rows(rows: list[LayerRow]) -> str:
 def run(args: argparse.Namespace) -> int:
     """`flax-impl parity --hf`: 0 when every layer is within tolerance, 1 otherwise, 2 for misuse."""
     try:
-        check_paths(args.hf, args.flax)
+        check_options(args)
         import transformers  # noqa: F401  (the reference; a test dependency, not a core one)
     except ImportError:
         print("flax-impl parity: error: --hf needs transformers (pip install 'transformers>=5,<6')", file=sys.stderr)
@@ -210,7 +261,12 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"flax-impl parity: error: {e}", file=sys.stderr)
         return 2
-    rows = compare(args.hf, args.flax, batch=args.batch, length=args.length, seed=args.seed)
+    try:
+        sides = load_sides(args.hf, args.flax)
+    except (ValueError, OSError) as e:
+        print(f"flax-impl parity: error: {e}", file=sys.stderr)
+        return 2
+    rows = compare(args.hf, args.flax, batch=args.batch, length=args.length, seed=args.seed, sides=sides)
     print(format_rows(rows))
     if args.json:
         with open(args.json, "w") as f:

@@ -1,6 +1,9 @@
 """`flax-impl train`: train a small encoder (masked-token) or causal model (next-token) on the Python standard
-library's source, byte-tokenized; held-out evaluation, atomic resumable checkpoints (their layout:
-`flax_impl.apps.checkpoint`), a loss plot.
+library's source, byte-tokenized; held-out evaluation, resumable checkpoints that survive any sequence of kills
+(their layout and recovery: `flax_impl.apps.checkpoint`), a loss plot.
+
+Every option, path and checkpoint file is checked before any work (exit 2, the error names the option or the
+file); one run at a time per --out (a lock); exit 1 only when training diverged (a non-finite loss).
 
 Batches depend only on (seed, step), so a resumed run replays the uninterrupted run's batches and masks.
 """
@@ -9,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -18,7 +23,19 @@ from typing import Any
 import numpy as np
 
 from flax_impl.apps import args as shared
-from flax_impl.apps.checkpoint import check_resumable, checkpoint_dir, load_state, save_checkpoint
+from flax_impl.apps.checkpoint import (
+    MANIFEST,
+    MODEL_FILE,
+    STATE_FILE,
+    CheckpointError,
+    RunLock,
+    check_fault_spec,
+    checkpoint_files,
+    find_checkpoint,
+    load_state,
+    recover,
+    save_checkpoint,
+)
 from flax_impl.apps.progress import Progress
 from flax_impl.config import TrainConfig, TransformerConfig
 from flax_impl.tokenizer import PAD_ID, ByteTokenizer
@@ -52,21 +69,38 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     shared.add_mesh_option(p, "train sharded")
 
 
-def _configs(args: argparse.Namespace) -> tuple[TransformerConfig, TrainConfig]:
-    """Validate the options (ValueError naming the option) and build the two configs, before any work."""
-    names = ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "n_layers", "d_model", "n_heads", "d_ff")
+def _check_options(args: argparse.Namespace) -> None:
+    """ValueError naming the first option out of range, before any work."""
+    names = ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "n_layers", "d_model", "n_heads", "d_ff",
+             "max_len")
     shared.check_at_least(args, names)
+    shared.check_seed(args)
     if args.warmup < 0 or args.warmup >= args.steps:
         raise ValueError(f"--warmup={args.warmup} must be in [0, --steps={args.steps})")
     if args.stop_at is not None and not 1 <= args.stop_at <= args.steps:
         raise ValueError(f"--stop-at={args.stop_at} must be in [1, --steps={args.steps}]")
-    if not args.corpus_mb > 0:
-        raise ValueError(f"--corpus-mb={args.corpus_mb} must be > 0")
+    shared.check_number("--lr", args.lr, low=0.0, low_open=True)
+    shared.check_number("--weight-decay", args.weight_decay, low=0.0)
+    shared.check_number("--clip-norm", args.clip_norm, low=0.0, what="(0 = off)")
+    shared.check_number("--dropout", args.dropout, low=0.0, high=1.0, high_open=True)
+    shared.check_number("--mask-prob", args.mask_prob, low=0.0, high=1.0, low_open=True)
+    shared.check_number("--corpus-mb", args.corpus_mb, low=1e-6, what="(one byte)")
     if args.position == "learned" and args.seq_len > args.max_len:
         raise ValueError(
             f"--seq-len={args.seq_len} is above --max-len={args.max_len}: learned positions have no row past "
             "max_len (raise --max-len or shorten --seq-len)"
         )
+    if args.corpus is not None and not os.path.exists(args.corpus):
+        raise ValueError(f"--corpus {args.corpus!r} does not exist")
+    shared.check_output_dir("--out", args.out)
+    if args.plot is not None and args.plot.lower() != "none":
+        shared.check_output_paths(args)
+    check_fault_spec()
+
+
+def _configs(args: argparse.Namespace) -> tuple[TransformerConfig, TrainConfig]:
+    """Validate the options (ValueError naming the option) and build the two configs, before any work."""
+    _check_options(args)
     cfg = TransformerConfig(
         vocab_size=ByteTokenizer.vocab_size,
         d_model=args.d_model,
@@ -89,6 +123,62 @@ def _configs(args: argparse.Namespace) -> tuple[TransformerConfig, TrainConfig]:
         mask_prob=args.mask_prob,
     )
     return cfg, tcfg
+
+
+def _data_options(args: argparse.Namespace) -> dict[str, Any]:
+    """What the batches depend on besides the seed: a resumed run must read the same data the same way."""
+    corpus = None if args.corpus is None else os.path.abspath(args.corpus)
+    return {"corpus": corpus, "corpus_mb": args.corpus_mb, "seq_len": args.seq_len, "batch_size": args.batch_size}
+
+
+def check_resumable(folder: Path, meta: dict[str, Any], run: dict[str, Any], stop: int) -> None:
+    """CheckpointError (naming the file) unless the run `run` ({"model", "train", "data", "seed"} as saved) can
+    continue the complete checkpoint `folder` with config.json `meta`: the same model and data options, gradient
+    clipping on or off as saved (the optimizer state differs), the same seed, a model file of the same config,
+    and `stop` past the saved step."""
+    from safetensors import safe_open
+
+    from flax_impl.interop import CONFIG_KEY
+
+    manifest = folder / MANIFEST
+    for part in ("model", "data"):
+        saved, given = meta.get(part) or {}, run[part]
+        diff = [f"{k}: saved {saved.get(k)!r}, given {given.get(k)!r}" for k in sorted(set(saved) | set(given))
+                if saved.get(k) != given.get(k)]
+        if diff:
+            raise CheckpointError(f"--resume with other {part} options than {manifest}: " + "; ".join(diff))
+    if (meta.get("train", {}).get("clip_norm") is None) != (run["train"]["clip_norm"] is None):
+        raise CheckpointError(f"--resume cannot switch gradient clipping on or off ({manifest}: the optimizer "
+                              "state differs)")
+    if meta.get("seed") != run["seed"]:
+        raise CheckpointError(f"--resume with --seed={run['seed']}, {manifest} used --seed={meta.get('seed')}")
+    with safe_open(str(folder / MODEL_FILE), framework="numpy") as f:
+        written = (f.metadata() or {}).get(CONFIG_KEY)
+    if written is None:
+        raise CheckpointError(f"{folder / MODEL_FILE} has no flax_impl config in its metadata: not written by "
+                              "flax-impl train")
+    if json.loads(written) != run["model"]:
+        raise CheckpointError(f"{folder / MODEL_FILE} was written for another model than {manifest} describes")
+    if stop <= int(meta["step"]):
+        raise CheckpointError(f"{manifest} is at step {meta['step']}: --stop-at / --steps={stop} leaves nothing "
+                              "to train")
+
+
+def _prepare(args: argparse.Namespace, out: Path, run_meta: dict[str, Any]) -> Path | None:
+    """Under the lock: the checkpoint to resume (recovered, checked) or None for a new run (leftovers deleted)."""
+    found = find_checkpoint(out)
+    if not args.resume:
+        if found is not None:
+            raise ValueError(
+                f"{str(out)!r} holds a checkpoint (step {found[1]['step']}, {str(found[0])!r}): pass --resume to "
+                "continue it, or another --out"
+            )
+        recover(out)
+        return None
+    if found is None:
+        raise ValueError(f"--resume: no complete checkpoint in {str(out)!r}")
+    check_resumable(*found, run_meta, args.stop_at or args.steps)
+    return recover(out)
 
 
 def plot_losses(path: Path, history: dict[str, list[float]], baseline: float, title: str) -> str:
@@ -123,36 +213,43 @@ def _scale_embedding(model: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Exit code: 0 done, 1 stopped on a non-finite loss (last good checkpoint kept), 2 bad input."""
+    """Exit code: 0 done, 1 stopped on a non-finite loss (last good checkpoint kept), 2 bad input (an option, a
+    path, a checkpoint file, another run on --out), reported before any work."""
     from flax_impl.apps.corpus import load_corpus
 
     out = Path(args.out)
     try:
         cfg, tcfg = _configs(args)
         mesh = shared.build_mesh(args.mesh, cfg, [args.batch_size]) if args.mesh else None
-        ckpt = checkpoint_dir(out)
-        if args.resume and ckpt is None:
-            raise ValueError(f"--resume: no checkpoint in {str(out)!r}")
-        if not args.resume and ckpt is not None:
-            raise ValueError(f"{str(ckpt)!r} exists: pass --resume to continue it, or another --out")
-        if ckpt is not None:
-            check_resumable(ckpt, cfg, tcfg, args.seed)
-        corpus = load_corpus(args.corpus, max_bytes=int(args.corpus_mb * 1e6))
-        window = args.seq_len + 1 if cfg.causal else args.seq_len
-        for name, stream in (("training", corpus.train), ("held-out", corpus.heldout)):
-            if stream.size < window:
-                raise ValueError(
-                    f"the {name} split has {stream.size} tokens, fewer than one --seq-len window ({window})"
-                )
+        created = not out.exists()
+        out.mkdir(parents=True, exist_ok=True)
+        lock = RunLock(out).acquire()
     except (ValueError, OSError) as e:
         return shared.fail("train", e)
-    out.mkdir(parents=True, exist_ok=True)
-    if mesh is None:
-        return _train(args, cfg, tcfg, corpus, ckpt, out, window)
-    import jax
+    run_meta = {"model": cfg.to_dict(), "train": tcfg.to_dict(), "data": _data_options(args), "seed": args.seed}
+    try:
+        try:
+            ckpt = _prepare(args, out, run_meta)
+            corpus = load_corpus(args.corpus, max_bytes=int(args.corpus_mb * 1e6))
+            window = args.seq_len + 1 if cfg.causal else args.seq_len
+            for name, stream in (("training", corpus.train), ("held-out", corpus.heldout)):
+                if stream.size < window:
+                    raise ValueError(
+                        f"the {name} split has {stream.size} tokens, fewer than one --seq-len window ({window})"
+                    )
+        except (ValueError, OSError) as e:
+            lock.release()
+            if created and not any(out.iterdir()):
+                out.rmdir()
+            return shared.fail("train", e)
+        if mesh is None:
+            return _train(args, cfg, tcfg, corpus, ckpt, out, window, run_meta)
+        import jax
 
-    with jax.set_mesh(mesh):
-        return _train(args, cfg, tcfg, corpus, ckpt, out, window, mesh)
+        with jax.set_mesh(mesh):
+            return _train(args, cfg, tcfg, corpus, ckpt, out, window, run_meta, mesh)
+    finally:
+        lock.release()
 
 
 def _train(
@@ -163,6 +260,7 @@ def _train(
     ckpt: Path | None,
     out: Path,
     window: int,
+    meta: dict[str, Any],
     mesh: Any = None,
 ) -> int:
     import jax
@@ -187,8 +285,8 @@ def _train(
         step_fn = functools.partial(distributed.sharded_train_step, mesh=mesh)
     history: dict[str, list[float]] = {"train_step": [], "train_loss": [], "eval_step": [], "eval_loss": []}
     if ckpt is not None:
-        load(model, ckpt / "model.safetensors")
-        history = load_state(ckpt / "train_state.npz", model, optimizer)
+        load(model, ckpt / MODEL_FILE)
+        history = load_state(ckpt / STATE_FILE, model, optimizer)
         if mesh is not None:  # loaded values are plain arrays: back to their shards
             distributed.reshard(model, mesh)
             distributed.reshard(optimizer, mesh)
@@ -206,7 +304,6 @@ def _train(
         make_batch(heldout[i : i + args.batch_size], cfg, tcfg, np.random.default_rng([args.seed, 2**31, i]))
         for i in range(0, len(heldout), args.batch_size)
     ]
-    meta = {"model": cfg.to_dict(), "train": tcfg.to_dict(), "seed": args.seed, "seq_len": args.seq_len}
     schedule = lr_schedule(tcfg)
     baseline = unigram_entropy(corpus.heldout)
 
@@ -219,7 +316,7 @@ def _train(
     progress = Progress(stop, initial=start)
     t_start, t_first, tokens, t_tokens = time.perf_counter(), None, 0, 0.0
     model.train()
-    last_good = str(ckpt / "model.safetensors") if ckpt else None
+    last_good = str(ckpt / MODEL_FILE) if ckpt else None
     code, reason = 0, ""
     for step in range(start, stop):
         rng = np.random.default_rng([args.seed, step])
@@ -248,8 +345,8 @@ def _train(
                 break
             history["eval_step"].append(step + 1)
             history["eval_loss"].append(eval_loss)
-            path = save_checkpoint(out, model, optimizer, {**meta, "step": step + 1}, history)
-            last_good = str(path / "model.safetensors")
+            path = save_checkpoint(out, checkpoint_files(model, optimizer, history), {**meta, "step": step + 1})
+            last_good = str(path / MODEL_FILE)
             progress.write(
                 f"step {step + 1:>5}  train {loss:.4f}  held-out {eval_loss:.4f} nats/token  "
                 f"lr {float(schedule(step)):.2e}  |g| {gnorm:.2f}  -> {path}"
