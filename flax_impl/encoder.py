@@ -25,15 +25,16 @@ class KVCache(NamedTuple):
     left-padded row and the same prompt alone see the same positions.
 
     Attributes:
-        k: (n_layers, B, K, S, H) keys after RoPE, only the K kv heads (grouped-query attention stores no copy).
-        v: (n_layers, B, K, S, H) values.
+        k: n_layers arrays (B, K, S, H): keys after RoPE, only the K kv heads (grouped-query attention stores no
+            copy). One array per layer, so that a decode step updates each in place.
+        v: n_layers arrays (B, K, S, H): values.
         key_mask: (B, S) bool, True = a real token sits at that slot (padding and unwritten slots are False).
         index: int32 scalar, the next slot to write.
         next_position: (B,) int32, the position of each row's next token.
     """
 
-    k: jax.Array
-    v: jax.Array
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
     key_mask: jax.Array
     index: jax.Array
     next_position: jax.Array
@@ -155,31 +156,46 @@ class TransformerEncoder(nnx.Module):
         def layer(h: jax.Array, block: TransformerBlock) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
             return block.prefill(h, mask, positions, cache_len)
 
-        x, (k, v) = self._over_layers(layer, x, None)  # k, v: (n_layers, B, K, S, H)
+        x, (k, v) = self._over_layers(layer, x)  # k, v: (n_layers, B, K, S, H)
+        k, v = tuple(k[n] for n in range(self.config.n_layers)), tuple(v[n] for n in range(self.config.n_layers))
         key_mask = jnp.zeros((B, cache_len), bool).at[:, :P].set(mask.astype(bool))
         cache = KVCache(k, v, key_mask, jnp.asarray(P, jnp.int32), jnp.sum(mask, axis=1, dtype=jnp.int32))
         return self._final(x), cache
 
-    def decode(self, ids: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    def decode(
+        self, ids: jax.Array, cache: KVCache, *, layers: tuple[TransformerBlock, ...] | None = None
+    ) -> tuple[jax.Array, KVCache]:
         """The hidden states of L new tokens per row (every one real) attending over the cache.
 
         Args:
             ids: (B, L) token ids, written at slots cache.index .. cache.index + L - 1 (the caller keeps
                 index + L <= S: under jit a write past the end is clamped by `dynamic_update_slice`).
             cache: from `prefill` or a previous `decode`.
+            layers: the blocks as separate modules, from `self.layers()`: a decode loop takes them once, outside
+                the loop, so that no step copies a layer's weights out of the stacked ones. None: `self.layers()`.
         Returns:
             (hidden (B, L, D) after `final_norm`, the updated cache).
         """
         B, L = self._check_decoding(ids, None)
+        layers = self.layers() if layers is None else layers
         positions = cache.next_position[:, None] + jnp.arange(L, dtype=jnp.int32)  # (B, L)
         key_mask = jax.lax.dynamic_update_slice(cache.key_mask, jnp.ones((B, L), bool), (0, cache.index))
         x = self._input(ids, None, None, positions)  # (B, L, D)
+        ks, vs = [], []
+        for block, k, v in zip(layers, cache.k, cache.v, strict=True):  # unrolled: each layer's cache in place
+            x, (k, v) = block.decode(x, (k, v), cache.index, key_mask, positions)
+            ks.append(k)
+            vs.append(v)
+        return self._final(x), KVCache(tuple(ks), tuple(vs), key_mask, cache.index + L, cache.next_position + L)
 
-        def layer(h: jax.Array, block: TransformerBlock, kv: tuple) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-            return block.decode(h, kv, cache.index, key_mask, positions)
-
-        x, (k, v) = self._over_layers(layer, x, (cache.k, cache.v))
-        return self._final(x), KVCache(k, v, key_mask, cache.index + L, cache.next_position + L)
+    def layers(self) -> tuple[TransformerBlock, ...]:
+        """The n_layers blocks as separate modules (slices of the stacked parameters when layers are scanned)."""
+        if not self.flax_config.scan_layers:
+            return tuple(self.blocks)
+        graphdef, state = nnx.split(self.blocks)  # every leaf with a leading (n_layers,) axis
+        return tuple(
+            nnx.merge(graphdef, jax.tree.map(lambda a, n=n: a[n], state)) for n in range(self.config.n_layers)
+        )
 
     def _check_decoding(self, ids: jax.Array, mask: jax.Array | None) -> tuple[int, int]:
         if not self.config.causal:
@@ -190,21 +206,20 @@ class TransformerEncoder(nnx.Module):
             raise ValueError(f"attention_mask must be (B, P) = {jnp.shape(ids)} for a prompt, got {jnp.shape(mask)}")
         return jnp.shape(ids)
 
-    def _over_layers(self, layer: Callable, x: jax.Array, kv: tuple | None) -> tuple[jax.Array, tuple]:
-        """Run `layer(h, block[, kv_l]) -> (h, kv_l)` over the blocks; the per-layer kv stacked on axis 0."""
+    def _over_layers(self, layer: Callable, x: jax.Array) -> tuple[jax.Array, tuple]:
+        """Run `layer(h, block) -> (h, out)` over the blocks; the per-layer outs stacked on axis 0."""
         if not self.flax_config.scan_layers:
             outs = []
-            for n, block in enumerate(self.blocks):
-                x, out = layer(x, block) if kv is None else layer(x, block, (kv[0][n], kv[1][n]))
+            for block in self.blocks:
+                x, out = layer(x, block)
                 outs.append(out)
-            return x, (jnp.stack([o[0] for o in outs]), jnp.stack([o[1] for o in outs]))
+            return x, jax.tree.map(lambda *o: jnp.stack(o), *outs)
         graphdef, state = nnx.split(self.blocks)  # every leaf with a leading (n_layers,) axis
 
-        def step(h: jax.Array, xs: tuple) -> tuple[jax.Array, tuple]:
-            block = nnx.merge(graphdef, xs[0])
-            return layer(h, block) if kv is None else layer(h, block, xs[1])
+        def step(h: jax.Array, layer_state: nnx.State) -> tuple[jax.Array, tuple]:
+            return layer(h, nnx.merge(graphdef, layer_state))
 
-        return jax.lax.scan(step, x, (state, kv), unroll=self.flax_config.scan_unroll)
+        return jax.lax.scan(step, x, state, unroll=self.flax_config.scan_unroll)
 
     def _final(self, x: jax.Array) -> jax.Array:
         return self.final_norm(x) if self.config.final_norm else x

@@ -121,21 +121,28 @@ def _generate(
         return token, tokens, all_logits, done | jnp.isin(token, stop)
 
     token, tokens, all_logits, done = emit(0, logits, tokens, all_logits, jnp.zeros((B,), bool))
+    # Each layer's weights are taken out of the stacked ones once, here, and carried through the loop unchanged:
+    # taken inside the loop body, every step would copy them (docs/generation.md#the-decode-loop).
+    layer_defs, layer_states = zip(*(nnx.split(block) for block in model.layers()), strict=True)
 
     def cond(carry):
         t, *_, done = carry
         return (t < max_new) & ~jnp.all(done)
 
     def body(carry):
-        t, token, cache, tokens, all_logits, done = carry
+        t, token, cache, tokens, all_logits, layer_states, done = carry
         m = nnx.merge(graphdef, state)
         m.eval()
-        h, cache = m.decode(token[:, None], cache)  # (B, 1, D)
+        layers = tuple(nnx.merge(d, s) for d, s in zip(layer_defs, layer_states, strict=True))
+        for block in layers:
+            block.eval()
+        h, cache = m.decode(token[:, None], cache, layers=layers)  # (B, 1, D)
         logits = m.logits(h)[:, 0].astype(jnp.float32)  # (B, V)
         token, tokens, all_logits, done = emit(t, logits, tokens, all_logits, done)
-        return t + 1, token, cache, tokens, all_logits, done
+        return t + 1, token, cache, tokens, all_logits, layer_states, done
 
-    t, _, _, tokens, all_logits, _ = jax.lax.while_loop(cond, body, (1, token, cache, tokens, all_logits, done))
+    carry = (1, token, cache, tokens, all_logits, layer_states, done)
+    t, _, _, tokens, all_logits, _, _ = jax.lax.while_loop(cond, body, carry)
     return tokens, t, all_logits
 
 
