@@ -30,7 +30,7 @@ NEW = 12
 # continue; ALiBi's absolute distance; the keys a sliding window drops; grouped kv heads; the layer loop unrolled.
 CONFIGS = {
     "rope-gqa": dict(position="rope", n_kv_heads=2),
-    "learned-postln": dict(position="learned", norm_first=False),
+    "learned-postln-unscanned": dict(position="learned", norm_first=False),
     "sinusoidal-parallel": dict(position="sinusoidal", parallel_residual=True),
     "alibi-window": dict(position="alibi", sliding_window=3, n_heads=2),
     "rope-gated-unscanned": dict(position="rope", mlp="gated", norm="rmsnorm", n_kv_heads=1, activation="silu"),
