@@ -110,6 +110,7 @@ class DecodeModels:
 
     def _torch_ref(self, ids: np.ndarray, mask: np.ndarray, n: int) -> np.ndarray:
         import torch
+
         import torch_ref.generate
 
         rows = [row[m.astype(bool)].tolist() for row, m in zip(ids, mask, strict=True)]  # ragged lists of ids
