@@ -30,8 +30,9 @@ from typing import Any
 import numpy as np
 
 from flax_impl.apps import args as shared
-from flax_impl.apps.bench_decode_report import format_table, write_json, write_plot
+from flax_impl.apps.bench_decode_report import format_table, write_plot
 from flax_impl.apps.bench_decode_sides import MODELS, SIDES, DecodeModels, Side, agreement, hf_config
+from flax_impl.apps.bench_report import write_json
 from flax_impl.apps.bench_timing import rss_mb, rss_reset
 from flax_impl.apps.machine import detect_machine, finish_machine
 from flax_impl.apps.progress import Progress

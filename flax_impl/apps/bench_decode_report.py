@@ -105,12 +105,6 @@ def markdown_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_json(result: dict[str, Any], path: str) -> None:
-    """`result` as indented JSON at `path`."""
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
-
-
 def write_plot(result: dict[str, Any], path: str) -> None:
     """PNG: per model, prefill ms and decode tokens/s of every side (median bars, min-max error bars) per case."""
     import matplotlib
