@@ -156,8 +156,7 @@ class TransformerEncoder(nnx.Module):
         def layer(h: jax.Array, block: TransformerBlock) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
             return block.prefill(h, mask, positions, cache_len)
 
-        x, (k, v) = self._over_layers(layer, x)  # k, v: (n_layers, B, K, S, H)
-        k, v = tuple(k[n] for n in range(self.config.n_layers)), tuple(v[n] for n in range(self.config.n_layers))
+        x, k, v = self._over_layers(layer, x)  # k, v: n_layers arrays (B, K, S, H)
         key_mask = jnp.zeros((B, cache_len), bool).at[:, :P].set(mask.astype(bool))
         cache = KVCache(k, v, key_mask, jnp.asarray(P, jnp.int32), jnp.sum(mask, axis=1, dtype=jnp.int32))
         return self._final(x), cache
@@ -206,20 +205,23 @@ class TransformerEncoder(nnx.Module):
             raise ValueError(f"attention_mask must be (B, P) = {jnp.shape(ids)} for a prompt, got {jnp.shape(mask)}")
         return jnp.shape(ids)
 
-    def _over_layers(self, layer: Callable, x: jax.Array) -> tuple[jax.Array, tuple]:
-        """Run `layer(h, block) -> (h, out)` over the blocks; the per-layer outs stacked on axis 0."""
+    def _over_layers(self, layer: Callable, x: jax.Array) -> tuple[jax.Array, tuple, tuple]:
+        """Run `layer(h, block) -> (h, (k, v))` over the blocks; returns h and each layer's k and v as tuples."""
         if not self.flax_config.scan_layers:
-            outs = []
+            ks, vs = [], []
             for block in self.blocks:
-                x, out = layer(x, block)
-                outs.append(out)
-            return x, jax.tree.map(lambda *o: jnp.stack(o), *outs)
+                x, (k, v) = layer(x, block)
+                ks.append(k)
+                vs.append(v)
+            return x, tuple(ks), tuple(vs)
         graphdef, state = nnx.split(self.blocks)  # every leaf with a leading (n_layers,) axis
 
         def step(h: jax.Array, layer_state: nnx.State) -> tuple[jax.Array, tuple]:
             return layer(h, nnx.merge(graphdef, layer_state))
 
-        return jax.lax.scan(step, x, state, unroll=self.flax_config.scan_unroll)
+        x, (k, v) = jax.lax.scan(step, x, state, unroll=self.flax_config.scan_unroll)  # (n_layers, B, K, S, H)
+        n = self.config.n_layers
+        return x, tuple(k[i] for i in range(n)), tuple(v[i] for i in range(n))
 
     def _final(self, x: jax.Array) -> jax.Array:
         return self.final_norm(x) if self.config.final_norm else x

@@ -133,9 +133,7 @@ def _generate(
         t, token, cache, tokens, all_logits, layer_states, done = carry
         m = nnx.merge(graphdef, state)
         m.eval()
-        layers = tuple(nnx.merge(d, s) for d, s in zip(layer_defs, layer_states, strict=True))
-        for block in layers:
-            block.eval()
+        layers = tuple(nnx.merge(d, s) for d, s in zip(layer_defs, layer_states, strict=True))  # eval: from `model`
         h, cache = m.decode(token[:, None], cache, layers=layers)  # (B, 1, D)
         logits = m.logits(h)[:, 0].astype(jnp.float32)  # (B, V)
         token, tokens, all_logits, done = emit(t, logits, tokens, all_logits, done)
