@@ -8,13 +8,12 @@ Example:
     >>> import flax_impl as fi
     >>> from flax import nnx
     >>> cfg = fi.TransformerConfig(vocab_size=260, d_model=64, n_heads=4, d_ff=256, n_layers=2)
-    >>> model = fi.TransformerEncoder(cfg, rngs=nnx.Rngs(0)); model.eval()
+    >>> model = fi.Transformer(cfg, rngs=nnx.Rngs(0)); model.eval()
     >>> ids, mask = fi.batch_encode(["hello", "hi"], fi.ByteTokenizer())    # (B, L) each
     >>> model(ids, mask).shape                                              # (B, L, D)
     (2, 5, 64)
 
-Generation (causal models): `from flax_impl.generate import generate` (the module shares its name, so the
-function is not an attribute of the package).
+Generation (causal models): `flax_impl.generate(model, prompts, max_new_tokens=...)`.
 """
 
 from __future__ import annotations
@@ -36,9 +35,10 @@ _EXPORTS = {
     "alibi_slopes": "flax_impl.positions",
     "alibi_bias": "flax_impl.positions",
     "MultiHeadAttention": "flax_impl.attention",
-    "KVCache": "flax_impl.encoder",
-    "GenerateOutput": "flax_impl.generate",
-    "filter_logits": "flax_impl.generate",
+    "KVCache": "flax_impl.transformer",
+    "generate": "flax_impl.generation",
+    "GenerateOutput": "flax_impl.generation",
+    "filter_logits": "flax_impl.generation",
     "GenerationConfig": "flax_impl.generation_config",
     "from_torch_mha_mask": "flax_impl.attention",
     "TransformerBlock": "flax_impl.block",
@@ -53,7 +53,7 @@ _EXPORTS = {
     "ByteTokenizer": "flax_impl.tokenizer",
     "as_tokenizer": "flax_impl.tokenizer",
     "batch_encode": "flax_impl.tokenizer",
-    "TransformerEncoder": "flax_impl.encoder",
+    "Transformer": "flax_impl.transformer",
     "to_numpy_state_dict": "flax_impl.interop",
     "load_torch_state_dict": "flax_impl.interop",
     "from_torch_encoder_layer": "flax_impl.interop",
@@ -101,8 +101,7 @@ if TYPE_CHECKING:  # let type checkers and IDEs see the real names
     )
     from flax_impl.dropout import Dropout  # noqa: F401
     from flax_impl.embedding import Embed, check_ids  # noqa: F401
-    from flax_impl.encoder import KVCache, TransformerEncoder  # noqa: F401
-    from flax_impl.generate import GenerateOutput, filter_logits  # noqa: F401
+    from flax_impl.generation import GenerateOutput, filter_logits, generate  # noqa: F401
     from flax_impl.generation_config import GenerationConfig  # noqa: F401
     from flax_impl.interop import (  # noqa: F401
         from_torch_encoder_layer,
@@ -130,6 +129,7 @@ if TYPE_CHECKING:  # let type checkers and IDEs see the real names
         next_token_batch,
         train_step,
     )
+    from flax_impl.transformer import KVCache, Transformer  # noqa: F401
     from flax_impl.utils import count_params  # noqa: F401
 
 

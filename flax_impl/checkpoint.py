@@ -5,7 +5,7 @@ both frameworks read), an Orbax checkpoint keeps everything needed to resume tra
 
     directory/<step>/model       nnx.state(model): parameters and the rng streams (each Dropout's key and count)
     directory/<step>/optimizer   nnx.state(optimizer): its step counter and optax's state (AdamW: count, mu, nu)
-    directory/<step>/config      the model's TransformerConfig (JSON), for a model that keeps one (TransformerEncoder)
+    directory/<step>/config      the model's TransformerConfig (JSON), for a model that keeps one (Transformer)
 
 Each step is written by an `orbax.checkpoint.CheckpointManager` into a temporary folder that is renamed when
 complete, so a reader finds whole steps only. Typed PRNG keys (`jax.random.key`) are stored by Orbax as their key
@@ -20,10 +20,10 @@ model of another architecture is refused, listing every field that differs; a st
 with a warning), shapes and dtypes are checked before any array is read.
 
 Example:
-    >>> model = TransformerEncoder(cfg, rngs=nnx.Rngs(0))
+    >>> model = Transformer(cfg, rngs=nnx.Rngs(0))
     >>> optimizer = nnx.Optimizer(model, optax.adamw(1e-3), wrt=nnx.Param)
     >>> save_checkpoint("ckpt", model, optimizer, step=100)
-    >>> model = abstract(lambda: TransformerEncoder(cfg, rngs=nnx.Rngs(0)), mesh=mesh)  # nothing allocated
+    >>> model = abstract(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh=mesh)  # nothing allocated
     >>> restore_checkpoint("ckpt", model)          # parameters and rng streams, placed on the mesh
     100
 """
@@ -54,8 +54,8 @@ def abstract(factory: Callable[[], T], *, mesh: Mesh | None = None) -> T:
     places every array on the mesh, shard by shard.
 
     Args:
-        factory: builds the module, e.g. `lambda: TransformerEncoder(cfg, rngs=nnx.Rngs(0))` or
-            `lambda: nnx.Optimizer(TransformerEncoder(cfg, rngs=nnx.Rngs(0)), tx, wrt=nnx.Param)`.
+        factory: builds the module, e.g. `lambda: Transformer(cfg, rngs=nnx.Rngs(0))` or
+            `lambda: nnx.Optimizer(Transformer(cfg, rngs=nnx.Rngs(0)), tx, wrt=nnx.Param)`.
         mesh: the device mesh to place the restored arrays on; None: the default device.
 
     Returns:

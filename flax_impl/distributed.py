@@ -28,9 +28,9 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from flax_impl.config import FlaxConfig, TransformerConfig
-from flax_impl.encoder import TransformerEncoder
 from flax_impl.sharding import DATA, MODEL
 from flax_impl.train import loss_fn as default_loss_fn
+from flax_impl.transformer import Transformer
 
 AXES = (DATA, MODEL)
 LossFn = Callable[[nnx.Module, dict[str, Any]], jax.Array]
@@ -118,8 +118,8 @@ def create_sharded_model(
     flax_config: FlaxConfig | None = None,
     seed: int = 0,
     rngs: nnx.Rngs | None = None,
-) -> TransformerEncoder:
-    """`TransformerEncoder(config, flax_config=flax_config, rngs=rngs or nnx.Rngs(seed))`, built sharded.
+) -> Transformer:
+    """`Transformer(config, flax_config=flax_config, rngs=rngs or nnx.Rngs(seed))`, built sharded.
 
     Initialised under jit with every parameter constrained to its partition spec: each device computes only its
     own shards (no full copy on one device). The values equal the unsharded model's for the same rngs (threefry
@@ -142,8 +142,8 @@ def create_sharded_model(
     rngs = nnx.Rngs(seed) if rngs is None else rngs
 
     @nnx.jit
-    def init(rngs: nnx.Rngs) -> TransformerEncoder:
-        model = TransformerEncoder(config, flax_config=flax_config, rngs=rngs)
+    def init(rngs: nnx.Rngs) -> Transformer:
+        model = Transformer(config, flax_config=flax_config, rngs=rngs)
         _constrain_state(model)
         return model
 
@@ -218,7 +218,7 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
 
 
 def sharded_forward(
-    model: TransformerEncoder, ids: Any, attention_mask: Any = None, *, mesh: Mesh
+    model: Transformer, ids: Any, attention_mask: Any = None, *, mesh: Mesh
 ) -> jax.Array:
     """The encoder's forward pass on the mesh: ids (B, L) -> hidden (B, L, D), split on `data` along B.
 
@@ -227,7 +227,7 @@ def sharded_forward(
     Args:
         model: a sharded encoder, e.g. from `create_sharded_model`.
         ids: (B, L) integer ids, B divisible by the `data` axis size.
-        attention_mask: as in TransformerEncoder: a (B, S) or (B, N|1, L, S) mask is split along B too, a
+        attention_mask: as in Transformer: a (B, S) or (B, N|1, L, S) mask is split along B too, a
             (1, N|1, L, S) one replicated; None: every key.
         mesh: the model's mesh.
 
@@ -235,7 +235,7 @@ def sharded_forward(
         (B, L, D), split on `data` along B.
 
     Raises:
-        ValueError: B not divisible by the `data` axis size; a malformed mask (from TransformerEncoder).
+        ValueError: B not divisible by the `data` axis size; a malformed mask (from Transformer).
     """
     ids = shard_batch(ids, mesh)
     if attention_mask is not None:
@@ -248,7 +248,7 @@ def sharded_forward(
 
 
 @nnx.jit
-def _forward(model: TransformerEncoder, ids: jax.Array, mask: jax.Array | None) -> jax.Array:
+def _forward(model: Transformer, ids: jax.Array, mask: jax.Array | None) -> jax.Array:
     return model(ids, mask)
 
 

@@ -1,5 +1,5 @@
 """The options of cached generation and the left-padding of prompts: pure Python + numpy, one definition that
-both twins' `generate` read (flax_impl.generate, torch_ref.generate), so both refuse the same input the same way."""
+both twins' `generate` read (flax_impl.generation, torch_ref.generation), so both refuse the same input the same way."""
 
 from __future__ import annotations
 

@@ -8,15 +8,15 @@ Torch keys are the twin's `state_dict()` keys. The only rules are layout rules:
 - a scanned encoder's stacked `blocks.*` (n_layers, ...) <-> per-layer `blocks.{i}.*`.
 Values are copied exactly (transposes and stacking only): flax -> torch -> flax is bit-exact.
 
-A file written by `save` from a module that keeps its config (`TransformerEncoder.config`) carries that
+A file written by `save` from a module that keeps its config (`Transformer.config`) carries that
 TransformerConfig as JSON in its safetensors metadata (`CONFIG_KEY`); `load` into a model of another config is a
 ValueError listing every field that differs, because two configs can share every key and shape (n_heads 2 vs 4,
 another position scheme) and still compute different things. Files without it (written by torch, or by an older
 `save`) still load, with a warning that the architecture could not be checked.
 
 Example:
-    >>> model = TransformerEncoder(cfg, rngs=nnx.Rngs(0))
-    >>> twin = torch_ref.TransformerEncoder(cfg)
+    >>> model = Transformer(cfg, rngs=nnx.Rngs(0))
+    >>> twin = torch_ref.Transformer(cfg)
     >>> twin.load_state_dict(tr.from_numpy_state_dict(to_numpy_state_dict(model)))  # strict: all keys, shapes
     >>> load_torch_state_dict(model, twin.state_dict())       # and back
     >>> save(model, "model.safetensors"); load(model, "model.safetensors")
@@ -53,11 +53,11 @@ class _Entry:
 
 def _stacked_prefixes(module: nnx.Module) -> dict[Path, int]:
     """Path prefixes whose parameters carry a leading layer axis (scanned encoders), with the layer count."""
-    from flax_impl.encoder import TransformerEncoder
+    from flax_impl.transformer import Transformer
 
     found = {}
     for path, node in nnx.iter_graph(module):
-        if isinstance(node, TransformerEncoder) and node.flax_config.scan_layers:
+        if isinstance(node, Transformer) and node.flax_config.scan_layers:
             found[tuple(path) + ("blocks",)] = node.config.n_layers
     return found
 
@@ -307,7 +307,7 @@ def from_torch_encoder_layer(state_dict: dict[str, Any], prefix: str = "") -> di
 
     Args:
         state_dict: the layer's state dict.
-        prefix: stripped from every key first (e.g. "layers.0." for one layer of an nn.TransformerEncoder).
+        prefix: stripped from every key first (e.g. "layers.0." for one layer of an nn.Transformer).
 
     Returns:
         The same values under torch_ref.TransformerBlock keys, ready for `load_torch_state_dict`.

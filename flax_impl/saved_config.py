@@ -23,7 +23,7 @@ CONFIG_FIELDS_IGNORED = ("dropout", "attention_dropout", "max_len")
 
 
 def saved_config(module: Any) -> dict[str, Any] | None:
-    """`module.config.to_dict()` when the module keeps a TransformerConfig as `.config` (TransformerEncoder),
+    """`module.config.to_dict()` when the module keeps a TransformerConfig as `.config` (Transformer),
     else None (the module cannot be checked)."""
     config = getattr(module, "config", None)
     return config.to_dict() if isinstance(config, TransformerConfig) else None

@@ -45,7 +45,7 @@ TRAIN_REL = 1e-5
 # deviations of p (issue 2); 5 sigma fails a correct implementation with probability ~6e-7.
 DROPOUT_SIGMAS = 5.0
 
-# Decoding with a KV cache (parity_tests/test_generate.py): a whole causal model's logits (2 blocks, every
+# Decoding with a KV cache (parity_tests/test_generation.py): a whole causal model's logits (2 blocks, every
 # parameter perturbed, logits up to ~27), through the cache against the full forward of the unpadded prefix (the
 # same framework with another attention kernel and summation order), and the twins' decoding loops against each
 # other. Float32 roundoff scales with the logits, so compared relative to the largest |logit| of the row (BLOCK's
@@ -53,7 +53,7 @@ DROPOUT_SIGMAS = 5.0
 # seeds; a position off by one, a dropped window key or a wrong ALiBi distance moves logits by O(1) relative.
 DECODE_REL = 1e-5
 
-# Sampling's law (parity_tests/test_generate.py): each token's frequency over n draws lies within this many
+# Sampling's law (parity_tests/test_generation.py): each token's frequency over n draws lies within this many
 # binomial standard deviations of its probability under the filtered softmax; 5 sigma per token fails a correct
 # sampler with probability ~6e-7 each.
 SAMPLING_SIGMAS = 5.0

@@ -1,6 +1,6 @@
 """Training with optax: one `nnx.jit` AdamW step for the masked-token and the next-token objectives.
 
-Objective (chosen by `config.causal`), both through the tied head `TransformerEncoder.logits` (Embed.attend):
+Objective (chosen by `config.causal`), both through the tied head `Transformer.logits` (Embed.attend):
 - masked-token (causal=False), BERT's recipe (Devlin et al., 2019): every non-pad position is selected with
   probability `mask_prob`; a selected token becomes `mask_id` (80%), a random regular token (10%) or stays (10%);
   only selected positions count in the loss. The default `mask_id` is 3, ByteTokenizer's `<mask>` (pad = 0,
@@ -28,7 +28,7 @@ Dropout: each Dropout owns an rng stream split from the model's `nnx.Rngs`; the 
 advances every stream, so each step draws fresh masks and the same seed replays the same masks.
 
 Example:
-    >>> model = TransformerEncoder(cfg, rngs=nnx.Rngs(0)); model.train()
+    >>> model = Transformer(cfg, rngs=nnx.Rngs(0)); model.train()
     >>> tcfg = TrainConfig(learning_rate=1e-3, warmup_steps=10, total_steps=100)
     >>> optimizer = make_optimizer(model, tcfg)
     >>> batch = make_batch(tokens, cfg, tcfg, np.random.default_rng(0))   # tokens (B, L) int, or (B, L + 1)
@@ -267,7 +267,7 @@ def loss_sums(model: nnx.Module, batch: Batch) -> tuple[jax.Array, jax.Array]:
     """CE of the tied-head logits (float32) against `targets`, in nats, summed with the batch's weights.
 
     Args:
-        model: a TransformerEncoder (or any module with `config.vocab_size`, `__call__(inputs, mask)` and
+        model: a Transformer (or any module with `config.vocab_size`, `__call__(inputs, mask)` and
             `logits`).
         batch: {"inputs", "targets", "weights"} (B, L), optional {"attention_mask"} (B, L).
 

@@ -139,7 +139,7 @@ class Built:
     hf: torch.nn.Module  # the transformers model (eval, float32, eager attention)
     folder: Path  # where transformers saved it
     cfg: fi.TransformerConfig
-    ours: fi.TransformerEncoder
+    ours: fi.Transformer
     batch: Batch
     theirs_out: tuple  # (last_hidden_state, logits or None), numpy
     theirs_grads: dict  # checkpoint key -> gradient of the test loss
@@ -176,7 +176,7 @@ def run_theirs(model: torch.nn.Module, spec: Spec, batch: Batch, wh, wl):
     return (hidden.detach().numpy(), None if logits is None else logits.detach().numpy()), grads
 
 
-def run_ours(model: fi.TransformerEncoder, family: str, spec: Spec, batch: Batch, wh, wl):
+def run_ours(model: fi.Transformer, family: str, spec: Spec, batch: Batch, wh, wl):
     """Hidden states, logits and the gradients of the same loss, in one compiled program."""
     types = None if batch.types is None else jnp.asarray(batch.types)
 

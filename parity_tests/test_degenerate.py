@@ -20,7 +20,7 @@ CONFIG = dict(vocab_size=41, d_model=D, n_heads=2, d_ff=24, n_layers=2, max_len=
 @pytest.fixture(scope="module")
 def encoders():
     """Encoder twins with dropout on (train mode works), learned positions (a table to slice at L = 0)."""
-    return twins("TransformerEncoder", small_config(**CONFIG, position="learned"))
+    return twins("Transformer", small_config(**CONFIG, position="learned"))
 
 
 def _mode(f, t, mode):
@@ -88,7 +88,7 @@ def test_nothing_at_a_padded_position_reaches_a_real_token(blocks, name, poison,
 def test_out_of_range_id_at_a_padded_position(rng):
     """Eager: IndexError on both twins (ids are checked, padding included). Under jit the Flax lookup gives a
     NaN row there, which reaches no real token and no loss term of weight 0."""
-    f, t = twins("TransformerEncoder", small_config(**{**CONFIG, "dropout": 0.0}, position="rope", causal=True))
+    f, t = twins("Transformer", small_config(**{**CONFIG, "dropout": 0.0}, position="rope", causal=True))
     ids = rng.integers(0, CONFIG["vocab_size"], (2, 6))
     mask = np.ones((2, 6), np.int32)
     mask[0, 3:] = 0

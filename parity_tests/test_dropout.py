@@ -176,7 +176,7 @@ def _view_model(kind: str) -> tuple[nnx.Module, jax.Array]:
     if kind == "block":
         return fi.TransformerBlock(cfg, rngs=rngs), x
     ids = jnp.asarray(np.random.default_rng(6).integers(0, cfg.vocab_size, (2, 8)))  # (B, L)
-    return fi.TransformerEncoder(cfg, flax_config=fi.FlaxConfig(scan_layers=kind == "scanned"), rngs=rngs), ids
+    return fi.Transformer(cfg, flax_config=fi.FlaxConfig(scan_layers=kind == "scanned"), rngs=rngs), ids
 
 
 def _modes(module: nnx.Module) -> set[bool]:

@@ -346,7 +346,7 @@ def test_mismatched_checkpoint_lists_every_key_in_one_error(built, tmp_path):
 
 def test_save_refuses_a_config_the_family_cannot_hold(built, tmp_path):
     cfg = built.cfg.replace(position="sinusoidal", embed_scale=True)
-    model = fi.TransformerEncoder(cfg, rngs=nnx.Rngs(0))
+    model = fi.Transformer(cfg, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=rf"model_type='{built.family}' cannot represent") as err:
         fh.save_pretrained(model, tmp_path / "out", model_type=built.family)
     assert "position='sinusoidal'" in str(err.value) and "embed_scale=True" in str(err.value)

@@ -22,14 +22,14 @@ def assert_same_params(a, b):
 @pytest.mark.parametrize("position", ["learned", "rope"])
 def test_keys_are_the_twins_and_round_trip_is_bit_exact(scan, position):
     cfg = small_config(position=position, input_norm=True)
-    model = fi.TransformerEncoder(cfg, flax_config=fi.FlaxConfig(scan_layers=scan), rngs=nnx.Rngs(0))
-    twin = tr.TransformerEncoder(cfg)
+    model = fi.Transformer(cfg, flax_config=fi.FlaxConfig(scan_layers=scan), rngs=nnx.Rngs(0))
+    twin = tr.Transformer(cfg)
     sd = tr.from_numpy_state_dict(fi.to_numpy_state_dict(model))
     assert set(sd) == set(twin.state_dict())
     for k, v in twin.state_dict().items():
         assert tuple(sd[k].shape) == tuple(v.shape), k
     twin.load_state_dict(sd)  # strict by default in torch
-    back = fi.TransformerEncoder(cfg, flax_config=fi.FlaxConfig(scan_layers=scan), rngs=nnx.Rngs(1))
+    back = fi.Transformer(cfg, flax_config=fi.FlaxConfig(scan_layers=scan), rngs=nnx.Rngs(1))
     fi.load_torch_state_dict(back, twin.state_dict())
     assert_same_params(model, back)
     # and the torch side is bit-exact too
@@ -39,15 +39,15 @@ def test_keys_are_the_twins_and_round_trip_is_bit_exact(scan, position):
 
 def test_scanned_and_unrolled_share_the_checkpoint_format():
     cfg = small_config(n_layers=3)
-    scanned = fi.TransformerEncoder(cfg, rngs=nnx.Rngs(0))
-    unrolled = fi.TransformerEncoder(cfg, flax_config=fi.FlaxConfig(scan_layers=False), rngs=nnx.Rngs(5))
+    scanned = fi.Transformer(cfg, rngs=nnx.Rngs(0))
+    unrolled = fi.Transformer(cfg, flax_config=fi.FlaxConfig(scan_layers=False), rngs=nnx.Rngs(5))
     fi.load_torch_state_dict(unrolled, fi.to_numpy_state_dict(scanned))
     assert_same_params(scanned, unrolled)
 
 
 def test_expected_torch_keys_for_the_lesson_layout():
     cfg = small_config(position="learned", input_norm=True, n_layers=2)
-    keys = set(fi.to_numpy_state_dict(fi.TransformerEncoder(cfg, rngs=nnx.Rngs(0))))
+    keys = set(fi.to_numpy_state_dict(fi.Transformer(cfg, rngs=nnx.Rngs(0))))
     for k in [
         "input.embed.weight",
         "input.pos.weight",
@@ -67,7 +67,7 @@ def test_expected_torch_keys_for_the_lesson_layout():
 
 def test_strict_errors_name_every_bad_key():
     cfg = small_config()
-    model = fi.TransformerEncoder(cfg, rngs=nnx.Rngs(0))
+    model = fi.Transformer(cfg, rngs=nnx.Rngs(0))
     sd = fi.to_numpy_state_dict(model)
     del sd["blocks.1.ln2.weight"]
     sd["blocks.0.attn.bias_k"] = np.zeros(3, np.float32)
@@ -82,7 +82,7 @@ def test_strict_errors_name_every_bad_key():
 
 def test_non_strict_loads_what_matches():
     cfg = small_config()
-    src, dst = fi.TransformerEncoder(cfg, rngs=nnx.Rngs(0)), fi.TransformerEncoder(cfg, rngs=nnx.Rngs(1))
+    src, dst = fi.Transformer(cfg, rngs=nnx.Rngs(0)), fi.Transformer(cfg, rngs=nnx.Rngs(1))
     before = fi.to_numpy_state_dict(dst)
     sd = fi.to_numpy_state_dict(src)
     del sd["final_norm.weight"]
@@ -94,7 +94,7 @@ def test_non_strict_loads_what_matches():
 
 def test_bf16_torch_tensors_load():
     cfg = small_config()
-    model = fi.TransformerEncoder(cfg, rngs=nnx.Rngs(0))
+    model = fi.Transformer(cfg, rngs=nnx.Rngs(0))
     sd = {k: v.to(torch.bfloat16) for k, v in tr.from_numpy_state_dict(fi.to_numpy_state_dict(model)).items()}
     fi.load_torch_state_dict(model, sd)
     got = fi.to_numpy_state_dict(model)["input.embed.weight"]
@@ -103,12 +103,12 @@ def test_bf16_torch_tensors_load():
 
 def test_save_load_safetensors_both_frameworks(tmp_path):
     cfg = small_config(position="learned")
-    model = fi.TransformerEncoder(cfg, rngs=nnx.Rngs(0))
+    model = fi.Transformer(cfg, rngs=nnx.Rngs(0))
     path = tmp_path / "model.safetensors"
     fi.save(model, path)
-    twin = tr.TransformerEncoder(cfg)
+    twin = tr.Transformer(cfg)
     twin.load_state_dict(torch_load_file(str(path)))  # the torch side reads it with safetensors.torch
-    back = fi.TransformerEncoder(cfg, rngs=nnx.Rngs(3))
+    back = fi.Transformer(cfg, rngs=nnx.Rngs(3))
     fi.load(back, path)
     assert_same_params(model, back)
     assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]  # no temp file left behind
@@ -116,7 +116,7 @@ def test_save_load_safetensors_both_frameworks(tmp_path):
 
 def test_save_is_atomic(tmp_path, monkeypatch):
     cfg = small_config()
-    model = fi.TransformerEncoder(cfg, rngs=nnx.Rngs(0))
+    model = fi.Transformer(cfg, rngs=nnx.Rngs(0))
     path = tmp_path / "model.safetensors"
     fi.save(model, path)
     before = path.read_bytes()
@@ -126,11 +126,11 @@ def test_save_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr("safetensors.numpy.save_file", broken)
     with pytest.raises(OSError, match="disk full"):
-        fi.save(fi.TransformerEncoder(cfg, rngs=nnx.Rngs(1)), path)
+        fi.save(fi.Transformer(cfg, rngs=nnx.Rngs(1)), path)
     assert path.read_bytes() == before  # the old checkpoint is intact
     assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
 
 
 def test_count_params_both_sides():
     cfg = small_config(position="learned")
-    assert fi.count_params(fi.TransformerEncoder(cfg, rngs=nnx.Rngs(0))) == tr.count_params(tr.TransformerEncoder(cfg))
+    assert fi.count_params(fi.Transformer(cfg, rngs=nnx.Rngs(0))) == tr.count_params(tr.Transformer(cfg))

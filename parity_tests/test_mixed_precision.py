@@ -37,8 +37,8 @@ def test_bf16_encoder_matches_torch_autocast(position, norm_first):
     """Same float32 weights; Flax computes in bf16, torch under autocast. Both are within BF16_REL of each other
     and of torch in float32, while the float32 Flax path is thousands of times closer (ENCODER)."""
     kw = dict(position=position, norm_first=norm_first)
-    flax_bf16, twin = twins("TransformerEncoder", small_config(**kw), seed=3, flax_config=BF16)
-    flax_f32 = fi.TransformerEncoder(small_config(**kw), rngs=nnx.Rngs(3))
+    flax_bf16, twin = twins("Transformer", small_config(**kw), seed=3, flax_config=BF16)
+    flax_f32 = fi.Transformer(small_config(**kw), rngs=nnx.Rngs(3))
     flax_f32.eval()
     ids, mask = _ids_and_mask(seed=3)
     out = flax_bf16(jnp.asarray(ids), jnp.asarray(mask))
@@ -105,7 +105,7 @@ def test_bf16_keeps_params_float32_and_norms_softmax_rope_in_float32(position):
     """Parameters stay float32; every matmul takes bf16 operands; every exp (softmax), cos / sin (RoPE angles),
     rsqrt (LayerNorm) and reduction (LayerNorm statistics, softmax max and sum) runs in float32."""
     cfg = small_config(position=position, input_norm=True)
-    model = fi.TransformerEncoder(cfg, flax_config=BF16, rngs=nnx.Rngs(0))
+    model = fi.Transformer(cfg, flax_config=BF16, rngs=nnx.Rngs(0))
     model.eval()
     dtypes = {str(v[...].dtype) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     assert dtypes == {"float32"}

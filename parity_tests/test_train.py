@@ -42,8 +42,8 @@ TCFG = TrainConfig(learning_rate=1e-2, warmup_steps=3, total_steps=STEPS, weight
 
 
 def _twins(cfg, seed: int = 0):
-    model = fi.TransformerEncoder(cfg, rngs=nnx.Rngs(seed))
-    twin = tr.TransformerEncoder(cfg)
+    model = fi.Transformer(cfg, rngs=nnx.Rngs(seed))
+    twin = tr.Transformer(cfg)
     twin.load_state_dict(tr.from_numpy_state_dict(fi.to_numpy_state_dict(model)))
     return model, twin
 
@@ -271,7 +271,7 @@ def test_dropout_masks_fresh_every_step_and_reproducible_from_seed():
     tcfg = TrainConfig(learning_rate=1e-12, warmup_steps=0, total_steps=10, weight_decay=0.0)
 
     def losses(seed: int, dropout: float) -> list[float]:
-        model = fi.TransformerEncoder(cfg.replace(dropout=dropout), rngs=nnx.Rngs(seed))
+        model = fi.Transformer(cfg.replace(dropout=dropout), rngs=nnx.Rngs(seed))
         opt = ftrain.make_optimizer(model, tcfg)
         model.train()
         return [float(ftrain.train_step(model, opt, batch)["loss"]) for _ in range(4)]
@@ -378,10 +378,10 @@ def test_train_step_checks_before_jit_and_a_traced_bad_target_is_nan(loss_twins)
 
 def test_float16_parameters_are_refused_with_the_reason():
     cfg = small_config(n_layers=1)
-    model = fi.TransformerEncoder(cfg, flax_config=fi.FlaxConfig(param_dtype="float16"), rngs=nnx.Rngs(0))
+    model = fi.Transformer(cfg, flax_config=fi.FlaxConfig(param_dtype="float16"), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="param_dtype of .*='float16' does not train.*param_dtype='float32'"):
         ftrain.make_optimizer(model, TrainConfig())
     with pytest.raises(ValueError, match="dtype of .*='float16' does not train.*underflow"):
-        ttrain.make_optimizer(tr.TransformerEncoder(cfg).half(), TrainConfig())
+        ttrain.make_optimizer(tr.Transformer(cfg).half(), TrainConfig())
     with pytest.raises(TypeError, match="tcfg=.* must be a TrainConfig, got dict"):
-        ftrain.make_optimizer(fi.TransformerEncoder(cfg, rngs=nnx.Rngs(0)), {"learning_rate": 1e-3})
+        ftrain.make_optimizer(fi.Transformer(cfg, rngs=nnx.Rngs(0)), {"learning_rate": 1e-3})

@@ -31,7 +31,7 @@ from flax_impl import interop  # noqa: E402
 from flax_impl import train as ftrain  # noqa: E402
 from flax_impl.checkpoint import abstract, restore_checkpoint, save_checkpoint  # noqa: E402
 from flax_impl.config import TransformerConfig  # noqa: E402
-from flax_impl.encoder import TransformerEncoder  # noqa: E402
+from flax_impl.transformer import Transformer  # noqa: E402
 
 # Tiny, every split real on both meshes (heads, d_ff and vocab divisible by 4); dropout on, so the rng streams
 # matter for resuming.
@@ -147,8 +147,8 @@ def main() -> dict:
         layout = dist.create_sharded_model(CONFIG, mesh_b, seed=5)
         layout_opt = dist.create_sharded_optimizer(layout, _tx(), mesh_b)
 
-        target = abstract(lambda: TransformerEncoder(CONFIG, rngs=nnx.Rngs(1)), mesh=mesh_b)
-        target_opt = abstract(lambda: nnx.Optimizer(TransformerEncoder(CONFIG, rngs=nnx.Rngs(1)), _tx(),
+        target = abstract(lambda: Transformer(CONFIG, rngs=nnx.Rngs(1)), mesh=mesh_b)
+        target_opt = abstract(lambda: nnx.Optimizer(Transformer(CONFIG, rngs=nnx.Rngs(1)), _tx(),
                                                     wrt=nnx.Param), mesh=mesh_b)
         with Recorder() as rec:
             out["step"] = restore_checkpoint(ckpt, target, target_opt)
@@ -164,14 +164,14 @@ def main() -> dict:
         # Into a concrete sharded model (other seed): its shardings kept, values replaced.
         concrete = dist.create_sharded_model(CONFIG, mesh_b, seed=7)
         restore_checkpoint(ckpt, concrete, step=1)
-        saved_model = abstract(lambda: TransformerEncoder(CONFIG, rngs=nnx.Rngs(1)), mesh=mesh_b)
+        saved_model = abstract(lambda: Transformer(CONFIG, rngs=nnx.Rngs(1)), mesh=mesh_b)
         restore_checkpoint(ckpt, saved_model)  # the step-1 values again (model and target moved on since)
         out["orbax_concrete"] = _compare(concrete, saved_model, layout)
 
         # safetensors (torch key names), loaded onto mesh_b as each array is read.
         path = os.path.join(tmp, "model.safetensors")
         interop.save(saved_model, path)
-        st_target = abstract(lambda: TransformerEncoder(CONFIG, rngs=nnx.Rngs(1)), mesh=mesh_b)
+        st_target = abstract(lambda: Transformer(CONFIG, rngs=nnx.Rngs(1)), mesh=mesh_b)
         with Recorder() as rec:
             interop.load(st_target, path)
         out["safetensors_record"] = rec.report()

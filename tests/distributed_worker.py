@@ -25,8 +25,8 @@ from flax_impl import distributed as dist  # noqa: E402
 from flax_impl import train as ftrain  # noqa: E402
 from flax_impl.apps.cli import main as cli_main  # noqa: E402
 from flax_impl.config import TransformerConfig  # noqa: E402
-from flax_impl.encoder import TransformerEncoder  # noqa: E402
 from flax_impl.tokenizer import PAD_ID  # noqa: E402
+from flax_impl.transformer import Transformer  # noqa: E402
 
 MESHES = ((8, 1), (4, 2), (2, 4), (1, 8))
 # Tiny, but every split is real on every mesh: 8 heads (model axis up to 8), d_ff and vocab divisible by 8.
@@ -109,7 +109,7 @@ def _cli_bench() -> dict:
 def main() -> dict:
     assert jax.device_count() == 8, f"expected 8 simulated devices, got {jax.device_count()}"
     batch = _batch()
-    ref = TransformerEncoder(CONFIG, rngs=nnx.Rngs(0))  # one device, no mesh
+    ref = Transformer(CONFIG, rngs=nnx.Rngs(0))  # one device, no mesh
     ref.eval()
     ref_hidden = np.asarray(ref(jnp.asarray(batch["inputs"]), jnp.asarray(batch["attention_mask"])))
     ref_before = _params(ref)

@@ -25,8 +25,8 @@ CFG = fi.TransformerConfig(vocab_size=50, d_model=32, n_heads=4, d_ff=64, n_laye
 @pytest.mark.parametrize("norm_first", [True, False])
 def test_peers_compute_the_twins_output(norm_first):
     cfg = CFG.replace(norm_first=norm_first)
-    twin = tr.TransformerEncoder(cfg)
-    flax_model = fi.TransformerEncoder(cfg, rngs=nnx.Rngs(3))
+    twin = tr.Transformer(cfg)
+    flax_model = fi.Transformer(cfg, rngs=nnx.Rngs(3))
     twin.load_state_dict(tr.from_numpy_state_dict(fi.to_numpy_state_dict(flax_model)))
     peers = build_peers(twin, list(EAGER_PEERS), "cpu")
     ids = torch.from_numpy(np.random.default_rng(0).integers(0, 50, (2, 9)))
@@ -42,7 +42,7 @@ def test_peers_compute_the_twins_output(norm_first):
 
 def test_sdpa_peer_keeps_rope_and_causality():
     cfg = CFG.replace(position="rope", causal=True)
-    twin = tr.TransformerEncoder(cfg).eval()
+    twin = tr.Transformer(cfg).eval()
     sdpa = build_peers(twin, ["torch_ref+sdpa"], "cpu")["torch_ref+sdpa"].eval()
     ids = torch.from_numpy(np.random.default_rng(1).integers(0, 50, (2, 7)))
     with torch.no_grad():
@@ -54,9 +54,9 @@ def test_torch_nn_refuses_what_it_cannot_hold():
     assert "position=alibi" in torch_nn_unsupported(CFG.replace(position="alibi"))
     assert "grouped-query" in torch_nn_unsupported(CFG.replace(n_kv_heads=2))
     with pytest.raises(ValueError, match="torch.nn"):
-        build_peers(tr.TransformerEncoder(CFG.replace(norm="rmsnorm")), ["torch.nn"], "cpu")
+        build_peers(tr.Transformer(CFG.replace(norm="rmsnorm")), ["torch.nn"], "cpu")
     with pytest.raises(ValueError, match="unknown peer"):
-        build_peers(tr.TransformerEncoder(CFG), ["torch.jit"], "cpu")
+        build_peers(tr.Transformer(CFG), ["torch.jit"], "cpu")
 
 
 def test_sdpa_backend_is_the_dispatchers_choice():
@@ -135,12 +135,12 @@ def test_omp_policy_is_reported_as_not_applied_once_torch_is_loaded(monkeypatch)
 
 
 def test_flax_attention_names_the_kernel_that_runs():
-    model = fi.TransformerEncoder(CFG.replace(dropout=0.1), rngs=nnx.Rngs(0))
+    model = fi.Transformer(CFG.replace(dropout=0.1), rngs=nnx.Rngs(0))
     model.eval()
     assert bench_device.flax_attention(model, None).startswith("einsum")  # CPU, "auto"
     model.train()
     assert "dropout" in bench_device.flax_attention(model, None)
-    dpa = fi.TransformerEncoder(CFG, flax_config=fi.FlaxConfig(attention_impl="dot_product_attention"),
+    dpa = fi.Transformer(CFG, flax_config=fi.FlaxConfig(attention_impl="dot_product_attention"),
                                 rngs=nnx.Rngs(0))
     dpa.eval()
     assert bench_device.flax_attention(dpa, None) == "jax.nn.dot_product_attention (lowering not inspected)"
@@ -162,7 +162,7 @@ def test_torch_nn_peer_takes_pytorchs_fused_fast_path(monkeypatch):
     calls = []
     fused = torch._transformer_encoder_layer_fwd
     monkeypatch.setattr(torch, "_transformer_encoder_layer_fwd", lambda *a, **k: calls.append(1) or fused(*a, **k))
-    peer = build_peers(tr.TransformerEncoder(CFG), ["torch.nn"], "cpu")["torch.nn"].eval()
+    peer = build_peers(tr.Transformer(CFG), ["torch.nn"], "cpu")["torch.nn"].eval()
     with torch.inference_mode():
         peer(torch.zeros(2, 8, dtype=torch.long))
     assert len(calls) == CFG.n_layers  # one fused call per layer: the peer a PyTorch user gets in inference

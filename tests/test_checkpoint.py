@@ -24,8 +24,8 @@ from flax_impl import interop
 from flax_impl import train as ftrain
 from flax_impl.checkpoint import abstract, checkpoint_steps, restore_checkpoint, save_checkpoint
 from flax_impl.config import TransformerConfig
-from flax_impl.encoder import TransformerEncoder
 from flax_impl.tolerances import TRAIN_REL
+from flax_impl.transformer import Transformer
 
 WORKER = Path(__file__).with_name("checkpoint_worker.py")
 CONFIG = TransformerConfig(vocab_size=61, d_model=16, n_heads=2, d_ff=32, n_layers=2, max_len=16, dropout=0.2)
@@ -62,7 +62,7 @@ def _assert_same(got: dict, want: dict) -> None:
 def trained(tmp_path_factory):
     """A model + AdamW optimizer after two steps with dropout on (moments, counts and rng streams all moved),
     saved as steps 1 and 2, with the values at step 2."""
-    model = TransformerEncoder(CONFIG, rngs=nnx.Rngs(0))
+    model = Transformer(CONFIG, rngs=nnx.Rngs(0))
     opt = nnx.Optimizer(model, _tx(), wrt=nnx.Param)
     directory = tmp_path_factory.mktemp("ckpt") / "run"
     for step in (1, 2):
@@ -75,8 +75,8 @@ def test_round_trip_into_abstract_modules_is_exact_and_resumes(trained):
     directory, model, opt, model_values, opt_values = trained
     assert checkpoint_steps(directory) == [1, 2]
     assert sorted(os.listdir(directory)) == ["1", "2"]  # no temporary folder left behind
-    target = abstract(lambda: TransformerEncoder(CONFIG, rngs=nnx.Rngs(1)))
-    target_opt = abstract(lambda: nnx.Optimizer(TransformerEncoder(CONFIG, rngs=nnx.Rngs(1)), _tx(), wrt=nnx.Param))
+    target = abstract(lambda: Transformer(CONFIG, rngs=nnx.Rngs(1)))
+    target_opt = abstract(lambda: nnx.Optimizer(Transformer(CONFIG, rngs=nnx.Rngs(1)), _tx(), wrt=nnx.Param))
     assert isinstance(target.blocks.attn.in_proj.kernel.get_value(), jax.ShapeDtypeStruct)  # nothing allocated
     assert restore_checkpoint(directory, target, target_opt) == 2  # the newest step
     _assert_same(_values(target), model_values)  # parameters, dropout keys and counts
@@ -93,12 +93,12 @@ def test_round_trip_into_abstract_modules_is_exact_and_resumes(trained):
 
 def test_restore_into_concrete_modules_an_older_step_and_the_model_alone(trained):
     directory, *_ = trained
-    model = TransformerEncoder(CONFIG, rngs=nnx.Rngs(5))
+    model = Transformer(CONFIG, rngs=nnx.Rngs(5))
     opt = nnx.Optimizer(model, _tx(), wrt=nnx.Param)
     assert restore_checkpoint(directory, model, opt, step=1) == 1
     assert int(opt.step.get_value()) == 1
     step1 = _values(model)
-    alone = TransformerEncoder(CONFIG, rngs=nnx.Rngs(6))
+    alone = Transformer(CONFIG, rngs=nnx.Rngs(6))
     restore_checkpoint(directory, alone, step=1)  # no optimizer: the model item only
     _assert_same(_values(alone), step1)
     assert not np.array_equal(step1["final_norm/bias"], trained[3]["final_norm/bias"])  # step 1 is not step 2
@@ -106,22 +106,22 @@ def test_restore_into_concrete_modules_an_older_step_and_the_model_alone(trained
 
 def test_another_config_is_a_clear_error_naming_every_array_before_any_change(trained):
     directory, *_ = trained
-    other = TransformerEncoder(CONFIG.replace(d_ff=48), rngs=nnx.Rngs(0))
+    other = Transformer(CONFIG.replace(d_ff=48), rngs=nnx.Rngs(0))
     before = _values(other)
     with pytest.raises(ValueError) as info:
         restore_checkpoint(directory, other)
     message = str(info.value)
-    assert message.startswith(f"cannot restore step 2 of {str(directory)!r} into TransformerEncoder:")
+    assert message.startswith(f"cannot restore step 2 of {str(directory)!r} into Transformer:")
     assert "model/blocks/ff/0/kernel: expected (2, 16, 48) float32, found (2, 16, 32) float32" in message
     assert "model/blocks/ff/3/kernel: expected (2, 48, 16) float32, found (2, 32, 16) float32" in message
     assert "model/blocks/ff/0/bias: expected (2, 48) float32, found (2, 32) float32" in message
     assert "  config d_ff: checkpoint 32 vs model 48\n" in message  # the reason first, then every array
     assert "in_proj" not in message  # only what differs
     _assert_same(_values(other), before)  # nothing was written
-    untied = abstract(lambda: TransformerEncoder(CONFIG.replace(lm_head="untied"), rngs=nnx.Rngs(0)))
+    untied = abstract(lambda: Transformer(CONFIG.replace(lm_head="untied"), rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match=r"model/lm_head/kernel: not in the checkpoint \(expected \(16, 61\) float32"):
         restore_checkpoint(directory, untied)
-    bf16 = abstract(lambda: TransformerEncoder(CONFIG, flax_config=None, rngs=nnx.Rngs(0)))
+    bf16 = abstract(lambda: Transformer(CONFIG, flax_config=None, rngs=nnx.Rngs(0)))
     bf16.final_norm.scale.set_value(jax.ShapeDtypeStruct((16,), jnp.bfloat16))
     with pytest.raises(ValueError, match=r"model/final_norm/scale: expected \(16,\) bfloat16, found \(16,\) float32"):
         restore_checkpoint(directory, bf16)
@@ -138,13 +138,13 @@ def test_another_config_is_a_clear_error_naming_every_array_before_any_change(tr
 def test_same_shapes_other_config_is_refused_by_both_formats(trained, tmp_path, change, line):
     """Every key and shape agrees, the computation does not: the config each checkpoint carries tells."""
     directory, model, *_ = trained
-    other = TransformerEncoder(CONFIG.replace(**change), rngs=nnx.Rngs(3))
+    other = Transformer(CONFIG.replace(**change), rngs=nnx.Rngs(3))
     before = _values(other)
-    with pytest.raises(ValueError, match=f"cannot restore step 2 of .* into TransformerEncoder:\n  {line}"):
+    with pytest.raises(ValueError, match=f"cannot restore step 2 of .* into Transformer:\n  {line}"):
         restore_checkpoint(directory, other)
     path = tmp_path / "model.safetensors"
     interop.save(model, path)
-    with pytest.raises(ValueError, match=f"cannot load state dict into TransformerEncoder:\n  {line}"):
+    with pytest.raises(ValueError, match=f"cannot load state dict into Transformer:\n  {line}"):
         interop.load(other, path)
     _assert_same(_values(other), before)  # nothing was written
     interop.load(other, path, strict=False)  # load what matches, by key: the config is not compared
@@ -163,10 +163,10 @@ def test_what_may_differ_and_files_without_a_config(trained, tmp_path):
         assert json.loads(f.metadata()[CONFIG_KEY]) == CONFIG.to_dict()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # dropout rates and max_len do not change what the weights compute
-        interop.load(TransformerEncoder(CONFIG.replace(dropout=0.0, max_len=64), rngs=nnx.Rngs(1)), path)
+        interop.load(Transformer(CONFIG.replace(dropout=0.0, max_len=64), rngs=nnx.Rngs(1)), path)
     bare = tmp_path / "bare.safetensors"  # as torch writes it: no flax_impl config
     save_file(interop.to_numpy_state_dict(model), bare, metadata={"format": "pt"})
-    target = TransformerEncoder(CONFIG, rngs=nnx.Rngs(1))
+    target = Transformer(CONFIG, rngs=nnx.Rngs(1))
     with pytest.warns(UserWarning, match="bare.safetensors carries no flax_impl config"):
         interop.load(target, bare)
     _assert_same(interop.to_numpy_state_dict(target), interop.to_numpy_state_dict(model))
@@ -174,7 +174,7 @@ def test_what_may_differ_and_files_without_a_config(trained, tmp_path):
     save_checkpoint(tmp_path / "orbax", model, step=5)
     shutil.rmtree(tmp_path / "orbax" / "5" / "config")
     with pytest.warns(UserWarning, match="step 5 of .* carries no flax_impl config"):
-        restore_checkpoint(tmp_path / "orbax", TransformerEncoder(CONFIG, rngs=nnx.Rngs(1)))
+        restore_checkpoint(tmp_path / "orbax", Transformer(CONFIG, rngs=nnx.Rngs(1)))
 
 
 def test_bad_arguments_fail_clearly(trained, tmp_path):
@@ -190,7 +190,7 @@ def test_bad_arguments_fail_clearly(trained, tmp_path):
         save_checkpoint(tmp_path / "x", model, step=0, max_to_keep=0)
     with pytest.raises(TypeError, match="model must be an nnx.Module, got dict"):
         save_checkpoint(tmp_path / "x", {}, step=0)
-    with pytest.raises(TypeError, match="optimizer must be an nnx.Optimizer or None, got TransformerEncoder"):
+    with pytest.raises(TypeError, match="optimizer must be an nnx.Optimizer or None, got Transformer"):
         restore_checkpoint(directory, model, model)
     with pytest.raises(FileNotFoundError, match="no checkpoint in"):
         restore_checkpoint(tmp_path / "empty", model)
@@ -201,7 +201,7 @@ def test_bad_arguments_fail_clearly(trained, tmp_path):
 
 
 def test_max_to_keep_deletes_the_oldest_steps(tmp_path):
-    model = TransformerEncoder(CONFIG, rngs=nnx.Rngs(0))
+    model = Transformer(CONFIG, rngs=nnx.Rngs(0))
     for step in (10, 20, 30):
         save_checkpoint(tmp_path, model, step=step, max_to_keep=2)
     assert checkpoint_steps(tmp_path) == [20, 30]
@@ -213,7 +213,7 @@ def test_safetensors_load_into_an_abstract_model(trained, tmp_path):
     _, model, *_ = trained
     path = tmp_path / "model.safetensors"
     interop.save(model, path)
-    target = abstract(lambda: TransformerEncoder(CONFIG, rngs=nnx.Rngs(1)))
+    target = abstract(lambda: Transformer(CONFIG, rngs=nnx.Rngs(1)))
     interop.load(target, path)
     want = interop.to_numpy_state_dict(model)
     got = interop.to_numpy_state_dict(target)
@@ -232,10 +232,10 @@ def test_safetensors_partial_load_into_an_abstract_model_is_an_error(trained, tm
     _, model, *_ = trained
     state = {k: v for k, v in interop.to_numpy_state_dict(model).items() if not k.startswith("blocks.1.")}
     save_file(state, tmp_path / "part.safetensors")
-    target = abstract(lambda: TransformerEncoder(CONFIG, rngs=nnx.Rngs(1)))
+    target = abstract(lambda: Transformer(CONFIG, rngs=nnx.Rngs(1)))
     with pytest.raises(ValueError, match="strict=False: the abstract parameter blocks.attn.in_proj.bias is not"):
         interop.load(target, tmp_path / "part.safetensors", strict=False)
-    concrete = TransformerEncoder(CONFIG, rngs=nnx.Rngs(1))
+    concrete = Transformer(CONFIG, rngs=nnx.Rngs(1))
     before = interop.to_numpy_state_dict(concrete)
     interop.load(concrete, tmp_path / "part.safetensors", strict=False)  # layer 1 keeps its values
     got = interop.to_numpy_state_dict(concrete)

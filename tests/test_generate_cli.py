@@ -68,7 +68,7 @@ def model(folder):
 
 def _library(model, tokenizer, prompts, **kw):
     """The library's tokens for `prompts`: one list of new ids per prompt (up to its length)."""
-    from flax_impl.generate import generate
+    from flax_impl.generation import generate
 
     out = generate(model, [tokenizer.encode(p).ids for p in prompts], **kw)
     tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)

@@ -42,9 +42,9 @@ def test_parity_cli_reports_every_module_and_scheme(tmp_path, capsys):
         "TransformerInput",
         "MultiHeadAttention",
         "TransformerBlock",
-        "TransformerEncoder",
+        "Transformer",
     } <= modules
-    for module in ("TransformerInput", "MultiHeadAttention", "TransformerBlock", "TransformerEncoder"):
+    for module in ("TransformerInput", "MultiHeadAttention", "TransformerBlock", "Transformer"):
         cases = " ".join(r["case"] for r in rows if r["module"] == module)
         assert all(p in cases for p in POSITIONS), module
     assert all(r["ok"] and r["max_abs_diff"] <= r["tolerance"] for r in rows)

@@ -91,7 +91,7 @@ def test_misuse_is_exit_2_before_any_work(tmp_path, capsys, monkeypatch):
 
 def test_a_flax_file_of_another_config_is_exit_2(folder, tmp_path, capsys):
     cfg, _ = fh.from_pretrained(folder)
-    other = fi.TransformerEncoder(cfg.replace(n_heads=2, n_kv_heads=None), rngs=nnx.Rngs(0))  # the same shapes
+    other = fi.Transformer(cfg.replace(n_heads=2, n_kv_heads=None), rngs=nnx.Rngs(0))  # the same shapes
     fi.save(other, tmp_path / "other.safetensors")
     assert parity_hf.run(_args(folder, flax=str(tmp_path / "other.safetensors"))) == 2
     assert f"config n_heads: checkpoint 2 vs model {cfg.n_heads}" in capsys.readouterr().err

@@ -304,7 +304,7 @@ FUNCTIONS = {
     **{
         f"{side}.{name}": (_flax_module(name) if side == "fi" else getattr(tr, name), {"config": CONFIG_ARG}, {})
         for side in ("fi", "tr")
-        for name in ("MultiHeadAttention", "TransformerBlock", "TransformerInput", "TransformerEncoder")
+        for name in ("MultiHeadAttention", "TransformerBlock", "TransformerInput", "Transformer")
     },
     "fi.TransformerBlock(flax_config)": (
         lambda **kw: fi.TransformerBlock(MODULE_CONFIG, **kw, rngs=nnx.Rngs(0)), {"flax_config": OPT_CONFIG_ARG}, {}
@@ -341,4 +341,4 @@ def test_config_arguments_name_their_type():
     with pytest.raises(TypeError, match="flax_config=.* must be a FlaxConfig or None, got dict"):
         fi.TransformerInput(MODULE_CONFIG, flax_config={"dtype": "float32"}, rngs=nnx.Rngs(0))
     with pytest.raises(TypeError, match="tcfg=None must be a TrainConfig, got NoneType"):
-        ftrain.make_optimizer(fi.TransformerEncoder(MODULE_CONFIG, rngs=nnx.Rngs(0)), None)
+        ftrain.make_optimizer(fi.Transformer(MODULE_CONFIG, rngs=nnx.Rngs(0)), None)

@@ -51,9 +51,9 @@ def test_cli_trains_checkpoint_loads_into_torch_and_resume_replays(tmp_path, cap
     # The checkpoint loads into torch_ref and computes what the Flax model loaded from it computes.
     meta = json.loads((out / "checkpoint" / "config.json").read_text())
     cfg = fi.TransformerConfig.from_dict(meta["model"])
-    twin = tr.TransformerEncoder(cfg).eval()
+    twin = tr.Transformer(cfg).eval()
     twin.load_state_dict(load_file(out / "checkpoint" / "model.safetensors"))
-    model = fi.TransformerEncoder(cfg, rngs=nnx.Rngs(5))
+    model = fi.Transformer(cfg, rngs=nnx.Rngs(5))
     fi.load(model, out / "checkpoint" / "model.safetensors")
     model.eval()
     ids = np.random.default_rng(0).integers(4, 260, size=(2, 12))

@@ -5,7 +5,7 @@ from torch_ref.block import GatedMLP, TransformerBlock
 from torch_ref.config import TrainConfig, TransformerConfig
 from torch_ref.dropout import Dropout
 from torch_ref.embedding import Embed
-from torch_ref.encoder import TransformerEncoder
+from torch_ref.generation import GenerateOutput, filter_logits, generate
 from torch_ref.norm import LayerNorm, RMSNorm
 from torch_ref.pipeline import TransformerInput, encode_text
 from torch_ref.positions import (
@@ -17,6 +17,7 @@ from torch_ref.positions import (
 )
 from torch_ref.tokenizer import ByteTokenizer, as_tokenizer, batch_encode
 from torch_ref.train import lr_lambda, make_optimizer, train_step
+from torch_ref.transformer import Transformer
 from torch_ref.utils import count_params, from_numpy_state_dict
 
 __all__ = [
@@ -24,13 +25,14 @@ __all__ = [
     "Dropout",
     "Embed",
     "GatedMLP",
+    "GenerateOutput",
     "TransformerConfig",
     "LayerNorm",
     "LearnedPositions",
     "MultiHeadAttention",
     "RMSNorm",
     "TransformerBlock",
-    "TransformerEncoder",
+    "Transformer",
     "TransformerInput",
     "TrainConfig",
     "alibi_bias",
@@ -40,8 +42,10 @@ __all__ = [
     "batch_encode",
     "count_params",
     "encode_text",
+    "filter_logits",
     "from_numpy_state_dict",
     "from_torch_mha_mask",
+    "generate",
     "lr_lambda",
     "make_optimizer",
     "sinusoidal_table",

@@ -128,7 +128,7 @@ def loss_sums(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, to
     """CE of the tied-head logits (float32) against `targets`, in nats, summed with the batch's weights.
 
     Args:
-        model: a TransformerEncoder (or any module with `forward(inputs, mask)` and `logits`).
+        model: a Transformer (or any module with `forward(inputs, mask)` and `logits`).
         batch: {"inputs", "targets", "weights"} (B, L), optional {"attention_mask"} (B, L); tensors or numpy.
 
     Returns:

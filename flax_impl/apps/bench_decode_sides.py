@@ -5,8 +5,8 @@ to a temporary folder, and loaded from there by `flax_impl.hf.from_pretrained`; 
 weights through `torch_ref.from_numpy_state_dict(flax_impl.to_numpy_state_dict(model))`. Every side then
 generates greedily from the same (B, P) prompts, with no stop token, so each generates exactly the tokens asked
 for:
-- "flax": `flax_impl.generate.generate` (the decode loop compiled as one program);
-- "torch_ref": `torch_ref.generate.generate` (the same loop, eager), under `torch.inference_mode()`;
+- "flax": `flax_impl.generate` (the decode loop compiled as one program);
+- "torch_ref": `torch_ref.generate` (the same loop, eager), under `torch.inference_mode()`;
 - "hf-eager", "hf-sdpa": transformers' `model.generate(do_sample=False)` with `attn_implementation` "eager" and
   "sdpa", under `torch.inference_mode()`.
 
@@ -88,7 +88,7 @@ class DecodeModels:
                     ).eval()
         self.twin = None
         if "torch_ref" in sides:
-            self.twin = torch_ref.TransformerEncoder(self.config).eval()
+            self.twin = torch_ref.Transformer(self.config).eval()
             self.twin.load_state_dict(torch_ref.from_numpy_state_dict(to_numpy_state_dict(self.flax)))
         self.params = sum(p.numel() for p in hf.parameters())
 
@@ -104,18 +104,18 @@ class DecodeModels:
         raise ValueError(f"side {name!r}: choose from {', '.join(SIDES)}")
 
     def _flax(self, ids: np.ndarray, mask: np.ndarray, n: int) -> np.ndarray:
-        from flax_impl.generate import generate
+        from flax_impl.generation import generate
 
         return np.asarray(generate(self.flax, ids, mask=mask, max_new_tokens=n).tokens)
 
     def _torch_ref(self, ids: np.ndarray, mask: np.ndarray, n: int) -> np.ndarray:
         import torch
 
-        import torch_ref.generate
+        import torch_ref.generation
 
         rows = [row[m.astype(bool)].tolist() for row, m in zip(ids, mask, strict=True)]  # ragged lists of ids
         with torch.inference_mode():
-            out = torch_ref.generate.generate(self.twin, rows, max_new_tokens=n)
+            out = torch_ref.generation.generate(self.twin, rows, max_new_tokens=n)
         return _numpy(out.tokens)
 
 

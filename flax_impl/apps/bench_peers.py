@@ -59,10 +59,10 @@ class TorchNNEncoder(nn.Module):
     """ids (B, L) -> (B, L, D): the twin's input embedding, `nn.TransformerEncoderLayer`s, the twin's final norm.
 
     Args:
-        twin: a torch_ref.TransformerEncoder whose weights are copied (its input and final norm are deep copies).
+        twin: a torch_ref.Transformer whose weights are copied (its input and final norm are deep copies).
     """
 
-    def __init__(self, twin: torch_ref.TransformerEncoder):
+    def __init__(self, twin: torch_ref.Transformer):
         super().__init__()
         cfg = twin.config
         self.input = copy.deepcopy(twin.input)
@@ -112,7 +112,7 @@ class SDPAAttention(MultiHeadAttention):
         return self.out_proj(out.transpose(1, 2).reshape(B, L, D))
 
 
-def sdpa_twin(twin: torch_ref.TransformerEncoder) -> torch_ref.TransformerEncoder:
+def sdpa_twin(twin: torch_ref.Transformer) -> torch_ref.Transformer:
     """A deep copy of `twin` whose attention modules run `SDPAAttention` (same weights).
 
     Raises:
@@ -128,7 +128,7 @@ def sdpa_twin(twin: torch_ref.TransformerEncoder) -> torch_ref.TransformerEncode
     return out
 
 
-def build_peers(twin: torch_ref.TransformerEncoder, names: list[str], device: str) -> dict[str, nn.Module]:
+def build_peers(twin: torch_ref.Transformer, names: list[str], device: str) -> dict[str, nn.Module]:
     """{name: module} for the requested peers (`PEERS`), all holding `twin`'s weights, on `device`.
 
     Raises:

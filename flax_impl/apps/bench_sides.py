@@ -89,12 +89,12 @@ class FlaxSide:
         from flax import nnx
 
         from flax_impl.distributed import create_sharded_model
-        from flax_impl.encoder import TransformerEncoder
+        from flax_impl.transformer import Transformer
 
         self.jax, self.nnx, self.device, self.flax_jit, self.mesh = jax, nnx, device, flax_jit, mesh
         rngs = nnx.Rngs(params=seed, dropout=jax.random.key(seed, impl=rng_impl))
         if mesh is None:
-            self.model = TransformerEncoder(config, flax_config=flax_config, rngs=rngs)
+            self.model = Transformer(config, flax_config=flax_config, rngs=rngs)
         else:  # every parameter on its partition spec, initialised shard by shard
             self.model = create_sharded_model(config, mesh, flax_config=flax_config, rngs=rngs)
         self._fns: dict[str, Callable] = {}
@@ -168,12 +168,12 @@ def flax_compile_seconds(
     import jax.numpy as jnp
     from flax import nnx
 
-    from flax_impl.encoder import TransformerEncoder
+    from flax_impl.transformer import Transformer
 
     cfg = config.replace(n_layers=n_layers)
     fcfg = flax_config.replace(scan_unroll=min(flax_config.scan_unroll, n_layers))
     model = nnx.eval_shape(
-        lambda: TransformerEncoder(
+        lambda: Transformer(
             cfg, flax_config=fcfg, rngs=nnx.Rngs(params=0, dropout=jax.random.key(0, impl=rng_impl))
         )
     )
@@ -221,7 +221,7 @@ class TorchSide:
 
         self.torch, self.device = torch, device
         torch.manual_seed(seed)
-        self.twin = torch_ref.TransformerEncoder(config)
+        self.twin = torch_ref.Transformer(config)
         if flax_model is not None:  # same weights as the Flax side
             from flax_impl.interop import to_numpy_state_dict
 

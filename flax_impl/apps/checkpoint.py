@@ -3,7 +3,7 @@
 Layout of OUT/:
   checkpoint/           the newest complete checkpoint:
     model.safetensors   parameters with torch_ref key names and the TransformerConfig in the metadata
-                        (flax_impl.save's format: `torch_ref.TransformerEncoder(cfg)` + `safetensors.torch.load_file`
+                        (flax_impl.save's format: `torch_ref.Transformer(cfg)` + `safetensors.torch.load_file`
                         + `load_state_dict` reads it);
     train_state.npz     optimizer state (AdamW moments, counts), dropout rng keys/counts, loss history;
     config.json         {"model", "train", "data", "seed", "step", "files": {name: {"bytes", "sha256"}}}: the

@@ -3,7 +3,7 @@
 The folder holds config.json, the safetensors weights and the tokenizer's own tokenizer.json (read with the
 `tokenizers` library; nothing is downloaded). Each prompt is encoded as `Tokenizer.encode(text)` does (special
 tokens such as a BOS included, as `transformers` tokenizers do), the prompts run as one left-padded batch through
-`flax_impl.generate.generate` (the KV-cache decode loop compiled as one program), and the text goes to stdout: with
+`flax_impl.generate` (the KV-cache decode loop compiled as one program), and the text goes to stdout: with
 one prompt it streams as the tokens are chosen; with several, each prompt's text is printed when the batch is done.
 Timing goes to stderr.
 
@@ -255,7 +255,7 @@ def run(args: argparse.Namespace) -> int:
         return shared.fail("generate", err)
 
     import flax_impl.hf
-    from flax_impl.generate import generate
+    from flax_impl.generation import generate
 
     start = time.perf_counter()
     _, model = flax_impl.hf.from_pretrained(plan.folder)

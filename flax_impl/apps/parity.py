@@ -69,7 +69,7 @@ def build_twins(
 
     Args:
         name: a module both packages export: "MultiHeadAttention", "TransformerBlock", "TransformerInput",
-            "TransformerEncoder".
+            "Transformer".
         config: the architecture both twins read.
         seed: the Flax initialisation seed.
         flax_config: the Flax side's execution settings (default FlaxConfig()).
@@ -176,12 +176,12 @@ def _rows(cfg: TransformerConfig, batch: int, length: int, table_len: int, seed:
             c = cfg.replace(position=position, causal=causal)
 
             def encoder_row(c: TransformerConfig = c) -> Row:
-                f, t = twins("TransformerEncoder", c)
+                f, t = twins("Transformer", c)
                 y = nnx.jit(lambda m, i, a: m(i, a))(f, jnp.asarray(ids), jnp.asarray(mask))
                 with torch.no_grad():
                     d = _diff(y, t(torch.from_numpy(ids), torch.from_numpy(mask)))
                 what = f"{c.n_layers} layers, {c.position}, {'causal' if c.causal else 'padding mask'}"
-                return Row("TransformerEncoder", what, d, tolerances.ENCODER)
+                return Row("Transformer", what, d, tolerances.ENCODER)
 
             yield encoder_row
 

@@ -267,13 +267,13 @@ def _train(
     from flax import nnx
 
     from flax_impl.apps.corpus import even_windows, sample_windows, unigram_entropy
-    from flax_impl.encoder import TransformerEncoder
     from flax_impl.interop import load
     from flax_impl.train import eval_step, lr_schedule, make_batch, make_optimizer, make_tx, train_step
+    from flax_impl.transformer import Transformer
 
     rngs = nnx.Rngs(params=args.seed, dropout=args.seed + 1)
     if mesh is None:
-        model = TransformerEncoder(cfg, rngs=rngs)
+        model = Transformer(cfg, rngs=rngs)
         _scale_embedding(model)
         optimizer, step_fn = make_optimizer(model, tcfg), train_step
     else:  # sharded init (the same values as unsharded for the same seed), sharded optimizer state and step

@@ -1,7 +1,7 @@
 """Read and write Hugging Face model folders (config.json + safetensors): bert, gpt2, llama, mistral, qwen2,
 bloom, mpt. Local folders only; nothing is downloaded, and neither torch nor transformers is imported.
 
-    cfg, model = flax_impl.hf.from_pretrained("path/to/gpt2-folder")      # TransformerConfig, TransformerEncoder
+    cfg, model = flax_impl.hf.from_pretrained("path/to/gpt2-folder")      # TransformerConfig, Transformer
     flax_impl.hf.save_pretrained(model, "out/", model_type="gpt2")        # transformers.AutoModel* loads out/
 
 Each family is a declarative table in `flax_impl.hf.families` (config fields with named converters, refused
@@ -17,7 +17,6 @@ import numpy as np
 from flax import nnx
 
 from flax_impl.config import FlaxConfig, TransformerConfig
-from flax_impl.encoder import TransformerEncoder
 from flax_impl.hf.convert import (
     check_checkpoint,
     config_from_hf,
@@ -31,14 +30,15 @@ from flax_impl.hf.convert import (
 from flax_impl.hf.families import FAMILIES
 from flax_impl.hf.io import read_config, read_headers, read_tensor, weight_files, write_folder
 from flax_impl.interop import load_torch_state_dict, to_numpy_state_dict
+from flax_impl.transformer import Transformer
 
 __all__ = ["FAMILIES", "from_pretrained", "save_pretrained", "to_hf_state_dict"]
 
 
 def from_pretrained(
     path: str | os.PathLike, *, flax_config: FlaxConfig | None = None, rngs_seed: int = 0
-) -> tuple[TransformerConfig, TransformerEncoder]:
-    """Load a local Hugging Face model folder into a TransformerEncoder, in eval mode (as transformers does).
+) -> tuple[TransformerConfig, Transformer]:
+    """Load a local Hugging Face model folder into a Transformer, in eval mode (as transformers does).
 
     The folder holds config.json and model.safetensors, or model.safetensors.index.json and its shards. Keys with
     or without the base-model prefix ("transformer.", "model.", "bert.") are accepted, so both XModel and
@@ -62,7 +62,7 @@ def from_pretrained(
     fam, cfg = config_from_hf(hf)
     files = weight_files(path)
     header = read_headers(files)
-    model = TransformerEncoder(cfg, flax_config=flax_config, rngs=nnx.Rngs(rngs_seed))
+    model = Transformer(cfg, flax_config=flax_config, rngs=nnx.Rngs(rngs_seed))
     plan = weight_plan(fam, cfg, {k: v.shape for k, v in to_numpy_state_dict(model).items()})
     names = normalize_keys(fam, cfg, list(header))
     check_checkpoint(fam, cfg, plan, {short: header[full][0] for short, full in names.items()})
@@ -75,16 +75,16 @@ def from_pretrained(
     return cfg, model
 
 
-def to_hf_state_dict(model: TransformerEncoder, model_type: str) -> dict[str, np.ndarray]:
+def to_hf_state_dict(model: Transformer, model_type: str) -> dict[str, np.ndarray]:
     """The model's parameters as the checkpoint tensors of family `model_type`: the keys and layouts that
     `save_pretrained` writes (with the XForCausalLM / XModel prefix), numpy arrays in the param_dtype.
 
     Raises:
-        TypeError: `model` is not a TransformerEncoder.
+        TypeError: `model` is not a Transformer.
         ValueError: an unsupported model_type, or a config the family cannot hold (see `save_pretrained`).
     """
-    if not isinstance(model, TransformerEncoder):
-        raise TypeError(f"model must be a TransformerEncoder, got {type(model).__name__}")
+    if not isinstance(model, Transformer):
+        raise TypeError(f"model must be a Transformer, got {type(model).__name__}")
     fam = family(model_type)
     cfg = model.config
     config_to_hf(fam, cfg)  # refuses a config the family cannot hold, before any tensor is converted
@@ -97,7 +97,7 @@ def to_hf_state_dict(model: TransformerEncoder, model_type: str) -> dict[str, np
     return tensors
 
 
-def save_pretrained(model: TransformerEncoder, path: str | os.PathLike, *, model_type: str) -> None:
+def save_pretrained(model: Transformer, path: str | os.PathLike, *, model_type: str) -> None:
     """Write `model` as a Hugging Face folder (config.json + model.safetensors) of family `model_type`.
 
     transformers loads it with AutoModel (bert) or AutoModelForCausalLM (the decoder families) and computes the
@@ -105,11 +105,11 @@ def save_pretrained(model: TransformerEncoder, path: str | os.PathLike, *, model
     padding_idx) take transformers' defaults. Tensors keep the model's param_dtype.
 
     Args:
-        model: the TransformerEncoder.
+        model: the Transformer.
         path: the folder (created if absent; config.json and model.safetensors are replaced).
         model_type: one of `FAMILIES`.
     Raises:
-        TypeError: `model` is not a TransformerEncoder.
+        TypeError: `model` is not a Transformer.
         ValueError: before anything is written: an unsupported model_type, or a config the family cannot hold
             (one message naming every field that would not survive, e.g. rmsnorm for gpt2).
     """

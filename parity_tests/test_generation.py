@@ -1,4 +1,4 @@
-"""Cached generation (flax_impl.generate, torch_ref.generate): the cached logits of every step equal the full
+"""Cached generation (flax_impl.generation, torch_ref.generation): the cached logits of every step equal the full
 causal forward's logits for that prefix; the twins generate the same tokens; greedy tokens equal transformers'
 `generate(do_sample=False)` for every causal family, on a left-padded batch of prompts of different lengths; the
 sampling filters match their definitions; seeds, stop tokens, streaming and bad input.
@@ -20,8 +20,8 @@ from hf_helpers import SPECS, perturb
 import flax_impl as fi
 import flax_impl.hf as fh
 import torch_ref as tr
-import torch_ref.generate as tg
-from flax_impl.generate import bucket, choose, filter_logits, generate
+import torch_ref.generation as tg
+from flax_impl.generation import bucket, choose, filter_logits, generate
 from flax_impl.tolerances import DECODE_REL, HF_FORWARD, SAMPLING_SIGMAS
 
 PROMPTS = [[5, 6, 7, 8, 9, 3, 4, 11, 12], [10, 11], [20, 21, 22, 23, 24]]  # lengths 9, 2, 5: left-padded
@@ -37,9 +37,9 @@ CONFIGS = {
 }
 
 
-def _perturbed(cfg: fi.TransformerConfig, scan: bool, seed: int) -> fi.TransformerEncoder:
+def _perturbed(cfg: fi.TransformerConfig, scan: bool, seed: int) -> fi.Transformer:
     """A model with every parameter (norm scales and biases included) moved off its init."""
-    model = fi.TransformerEncoder(cfg, flax_config=fi.FlaxConfig(scan_layers=scan), rngs=nnx.Rngs(seed))
+    model = fi.Transformer(cfg, flax_config=fi.FlaxConfig(scan_layers=scan), rngs=nnx.Rngs(seed))
     rng = np.random.default_rng(seed)
     for _, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         value = np.asarray(var[...])
@@ -73,7 +73,7 @@ def test_cached_logits_equal_the_full_forward(case):
 def test_twins_generate_the_same(case):
     """torch_ref's eager loop (no bucketing, its own cache) gives the same tokens and logits."""
     _, cfg, model, out = case
-    twin = tr.TransformerEncoder(cfg)
+    twin = tr.Transformer(cfg)
     twin.load_state_dict(tr.from_numpy_state_dict(fi.to_numpy_state_dict(model)))
     theirs = tg.generate(twin, PROMPTS, max_new_tokens=NEW, return_logits=True)
     np.testing.assert_array_equal(out.tokens, theirs.tokens.numpy())
@@ -237,7 +237,7 @@ def test_bad_input_is_refused_before_work(rope_model, kwargs, error, match):
 
 
 def test_an_encoder_cannot_generate():
-    model = fi.TransformerEncoder(small_config(), rngs=nnx.Rngs(0))
+    model = fi.Transformer(small_config(), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="causal"):
         generate(model, [[1, 2]], max_new_tokens=2)
 

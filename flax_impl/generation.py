@@ -1,8 +1,8 @@
 """Cached autoregressive generation for causal TransformerEncoders: greedy, temperature, top-k and top-p
 sampling, stop tokens, left-padded batches, the whole decode loop inside one `jax.jit`.
 
-The loop: `TransformerEncoder.prefill` runs the left-padded prompts once and returns a `KVCache`; each step then
-picks one token per row from the last logits (`choose`), feeds it to `TransformerEncoder.decode`, and stops when
+The loop: `Transformer.prefill` runs the left-padded prompts once and returns a `KVCache`; each step then
+picks one token per row from the last logits (`choose`), feeds it to `Transformer.decode`, and stops when
 `max_new_tokens` are out or every row has produced a stop token. A row that has stopped emits `pad_id` from then
 on (as transformers' `generate`).
 
@@ -24,8 +24,8 @@ import numpy as np
 from flax import nnx
 from jax.experimental import io_callback
 
-from flax_impl.encoder import TransformerEncoder
 from flax_impl.generation_config import GenerationConfig, left_pad, stop_lengths
+from flax_impl.transformer import Transformer
 
 MIN_BUCKET = 16
 
@@ -152,7 +152,7 @@ def _stream(token: np.ndarray) -> None:
 
 
 def generate(
-    model: TransformerEncoder,
+    model: Transformer,
     prompts: Sequence[Sequence[int]] | np.ndarray | jax.Array,
     *,
     max_new_tokens: int,
@@ -170,7 +170,7 @@ def generate(
     """Continue each prompt with up to `max_new_tokens` tokens, with a KV cache, in one compiled loop.
 
     Args:
-        model: a causal TransformerEncoder (config.causal); run as in eval mode (the model is not changed).
+        model: a causal Transformer (config.causal); run as in eval mode (the model is not changed).
         prompts: a list of B non-empty lists of token ids (left-padded here), or a (B, P) int array, left-padded,
             with `mask`.
         max_new_tokens: int >= 1; the real prompt length plus it must fit in config.max_len.
@@ -188,14 +188,14 @@ def generate(
     Returns:
         GenerateOutput(tokens, lengths, logits).
     Raises:
-        TypeError: a model that is not a TransformerEncoder; non-integer ids or options of the wrong type.
+        TypeError: a model that is not a Transformer; non-integer ids or options of the wrong type.
         ValueError: a non-causal model, an empty prompt, a mask that is not left padding, max_new_tokens < 1, a
             prompt (plus max_new_tokens) longer than max_len, a temperature <= 0 or top_p outside (0, 1] or
             top_k < 0 with sampling, a negative seed.
         IndexError: a prompt id, stop token or pad_id outside [0, V).
     """
-    if not isinstance(model, TransformerEncoder):
-        raise TypeError(f"model must be a flax_impl.TransformerEncoder, got {type(model).__name__}")
+    if not isinstance(model, Transformer):
+        raise TypeError(f"model must be a flax_impl.Transformer, got {type(model).__name__}")
     if on_token is not None and not callable(on_token):
         raise TypeError(f"on_token must be callable or None, got {type(on_token).__name__}")
     options = GenerationConfig(

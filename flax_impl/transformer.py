@@ -18,7 +18,7 @@ from flax_impl.sharding import BATCH_ACTIVATION, constrain, parallel_linear
 
 
 class KVCache(NamedTuple):
-    """The decoding state of a causal TransformerEncoder (a pytree; `TransformerEncoder.prefill` builds it).
+    """The decoding state of a causal Transformer (a pytree; `Transformer.prefill` builds it).
 
     Slots are the cache's time axis: a left-padded prompt fills slots 0 .. P - 1, each decoded token the next one.
     Positions are per row: a row's first real token is position 0 (transformers' `cumsum(mask) - 1`), so a
@@ -51,7 +51,7 @@ def _stacked_blocks(config: TransformerConfig, flax_config: FlaxConfig, rngs: nn
     return make(rngs)
 
 
-class TransformerEncoder(nnx.Module):
+class Transformer(nnx.Module):
     """ids (B, L) -> hidden states (B, L, D): `input` -> `blocks` x n_layers -> `final_norm` (if configured).
 
     With `flax_config.scan_layers` (default) `blocks` is one TransformerBlock with parameters stacked on a leading
@@ -65,7 +65,7 @@ class TransformerEncoder(nnx.Module):
 
     Example:
         >>> cfg = TransformerConfig(vocab_size=100, d_model=32, n_heads=4, d_ff=64, n_layers=2)
-        >>> model = TransformerEncoder(cfg, rngs=nnx.Rngs(0)); model.eval()
+        >>> model = Transformer(cfg, rngs=nnx.Rngs(0)); model.eval()
         >>> model(jnp.ones((2, 5), jnp.int32)).shape
         (2, 5, 32)
     """

@@ -9,7 +9,7 @@ from torch_ref.norm import make_norm
 from torch_ref.pipeline import TransformerInput
 
 
-class TransformerEncoder(nn.Module):
+class Transformer(nn.Module):
     """ids (B, L) -> (B, L, D): `input` -> `blocks` (nn.ModuleList) -> `final_norm` (if configured).
 
     Checkpoint keys: input.embed.weight, input.pos.weight, input.token_type.weight, input.norm.*,
@@ -41,7 +41,7 @@ class TransformerEncoder(nn.Module):
         return torch.stack(outs)
 
     def prefill(self, ids, attention_mask, cache_len: int):
-        """A left-padded prompt (B, P) -> (hidden (B, P, D), cache): see flax_impl's TransformerEncoder.prefill.
+        """A left-padded prompt (B, P) -> (hidden (B, P, D), cache): see flax_impl's Transformer.prefill.
         The cache is a dict: k, v lists of (B, K, S, H) per layer, key_mask (B, S), index, next_position (B,)."""
         B, P = ids.shape
         mask = torch.ones(B, P, dtype=torch.long) if attention_mask is None else attention_mask.long()

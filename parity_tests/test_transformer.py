@@ -1,4 +1,4 @@
-"""TransformerEncoder: the N-layer stack, Flax (scanned and unrolled) vs torch_ref, jit behaviour, bad input."""
+"""Transformer: the N-layer stack, Flax (scanned and unrolled) vs torch_ref, jit behaviour, bad input."""
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +38,7 @@ def forward_both(f, t, ids, mask):
 @pytest.mark.parametrize("norm_first", [True, False])
 def test_six_layer_forward_matches(position, mask, norm_first, rng):
     cfg = small_config(position=position, norm_first=norm_first, causal=mask == "causal", n_layers=6)
-    f, t = twins("TransformerEncoder", cfg)
+    f, t = twins("Transformer", cfg)
     ids, m = ids_and_mask(rng, cfg, mask)
     y, yt = forward_both(f, t, ids, m)
     assert np.abs(yt).max() > 0.5  # unit-scale outputs (final LayerNorm)
@@ -49,7 +49,7 @@ def test_six_layer_forward_matches(position, mask, norm_first, rng):
 @pytest.mark.parametrize("norm_first", [True, False])
 def test_six_layer_gradients_match(position, norm_first, rng):
     cfg = small_config(position=position, norm_first=norm_first, n_layers=6, input_norm=True, padding_idx=0)
-    f, t = twins("TransformerEncoder", cfg)
+    f, t = twins("Transformer", cfg)
     ids, m = ids_and_mask(rng, cfg, "padding")
     ids[:, -1] = 0  # the padding id occurs
     cot = rng.standard_normal((B, L, cfg.d_model)).astype(np.float32)
@@ -74,29 +74,29 @@ def test_six_layer_gradients_match(position, norm_first, rng):
 
 def test_lesson_stack_parameter_count():
     cfg = fi.TransformerConfig()  # 6 x 512, the lesson's exercise
-    model = fi.TransformerEncoder(cfg, rngs=nnx.Rngs(0))
+    model = fi.Transformer(cfg, rngs=nnx.Rngs(0))
     assert fi.count_params(model.blocks) == 18_914_304
-    assert tr.count_params(tr.TransformerEncoder(cfg).blocks) == 18_914_304
+    assert tr.count_params(tr.Transformer(cfg).blocks) == 18_914_304
     embed = cfg.vocab_size * cfg.d_model
     assert fi.count_params(model) == 18_914_304 + embed + 2 * cfg.d_model  # + embedding + final_norm
 
 
 def test_config_dict_drives_the_depth(rng):
     d = small_config(n_layers=3).to_dict()
-    f = fi.TransformerEncoder(d, rngs=nnx.Rngs(0))
-    t = tr.TransformerEncoder(d)
+    f = fi.Transformer(d, rngs=nnx.Rngs(0))
+    t = tr.Transformer(d)
     assert len(t.blocks) == 3
     assert f.blocks.ln1.scale[...].shape == (3, d["d_model"])  # stacked on a leading layer axis
     with pytest.raises(TypeError, match="TransformerConfig or a dict"):
-        fi.TransformerEncoder([("n_layers", 3)], rngs=nnx.Rngs(0))
+        fi.Transformer([("n_layers", 3)], rngs=nnx.Rngs(0))
 
 
 @pytest.mark.parametrize("remat", [False, True])
 def test_scanned_equals_unrolled(remat, rng):
     cfg = small_config(n_layers=3, position="rope")
     fcfg = fi.FlaxConfig(remat=remat)
-    scanned = fi.TransformerEncoder(cfg, flax_config=fcfg, rngs=nnx.Rngs(0))
-    unrolled = fi.TransformerEncoder(cfg, flax_config=fcfg.replace(scan_layers=False), rngs=nnx.Rngs(1))
+    scanned = fi.Transformer(cfg, flax_config=fcfg, rngs=nnx.Rngs(0))
+    unrolled = fi.Transformer(cfg, flax_config=fcfg.replace(scan_layers=False), rngs=nnx.Rngs(1))
     fi.load_torch_state_dict(unrolled, fi.to_numpy_state_dict(scanned))
     scanned.eval()
     unrolled.eval()
@@ -118,8 +118,8 @@ def test_scan_unroll_computes_the_same(unroll, rng):
     gradients as the rolled scan; with unroll >= n_layers no loop is left in the lowered program."""
     cfg = small_config(n_layers=3, dropout=0.3)
     rngs = lambda: nnx.Rngs(params=0, dropout=jax.random.key(0, impl="philox4x32"))  # noqa: E731 (compiles faster)
-    rolled = fi.TransformerEncoder(cfg, rngs=rngs())
-    unrolled = fi.TransformerEncoder(cfg, flax_config=fi.FlaxConfig(scan_unroll=unroll), rngs=rngs())
+    rolled = fi.Transformer(cfg, rngs=rngs())
+    unrolled = fi.Transformer(cfg, flax_config=fi.FlaxConfig(scan_unroll=unroll), rngs=rngs())
     ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 8)))
     forward = nnx.jit(lambda m, i: m(i))
     w = jnp.asarray(randn(rng, 2, 8, cfg.d_model))  # a plain sum of final-LayerNorm outputs has zero gradient
@@ -140,7 +140,7 @@ def test_scan_unroll_computes_the_same(unroll, rng):
 def test_scanned_layers_draw_their_own_dropout_masks():
     """Each scanned layer has its own dropout stream; two identical layers given the same input differ."""
     cfg = small_config(n_layers=2, dropout=0.5, attention_dropout=0.0)
-    model = fi.TransformerEncoder(cfg, rngs=nnx.Rngs(0))
+    model = fi.Transformer(cfg, rngs=nnx.Rngs(0))
     keys = nnx.state(model.blocks, nnx.RngKey)
     leaves = [
         np.asarray(jax.random.key_data(k[...]))
@@ -151,7 +151,7 @@ def test_scanned_layers_draw_their_own_dropout_masks():
 
 def test_no_retrace_for_same_shapes_and_one_trace_per_mode(rng):
     cfg = small_config(dropout=0.1)
-    model = fi.TransformerEncoder(cfg, rngs=nnx.Rngs(0))
+    model = fi.Transformer(cfg, rngs=nnx.Rngs(0))
     traces = []
 
     @nnx.jit
@@ -191,11 +191,11 @@ def test_no_retrace_for_same_shapes_and_one_trace_per_mode(rng):
 def test_scanned_program_size_is_flat_in_depth(n_layers):
     """Compile time stays flat with scan: the traced program does not grow with the number of layers."""
     cfg = small_config(n_layers=n_layers)
-    model = fi.TransformerEncoder(cfg, rngs=nnx.Rngs(0))
+    model = fi.Transformer(cfg, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
     jaxpr = jax.make_jaxpr(lambda s, i: nnx.merge(graphdef, s)(i))(state, jnp.zeros((1, 4), jnp.int32))
     n_eqns = len(jaxpr.jaxpr.eqns)
-    one = fi.TransformerEncoder(small_config(n_layers=1), rngs=nnx.Rngs(0))
+    one = fi.Transformer(small_config(n_layers=1), rngs=nnx.Rngs(0))
     g1, s1 = nnx.split(one)
     n_one = len(jax.make_jaxpr(lambda s, i: nnx.merge(g1, s)(i))(s1, jnp.zeros((1, 4), jnp.int32)).jaxpr.eqns)
     assert n_eqns == n_one
@@ -203,7 +203,7 @@ def test_scanned_program_size_is_flat_in_depth(n_layers):
 
 def test_tied_lm_head_matches(rng):
     cfg = small_config()
-    f, t = twins("TransformerEncoder", cfg)
+    f, t = twins("Transformer", cfg)
     ids = rng.integers(0, cfg.vocab_size, (B, L))
     logits = np.asarray(f.logits(f(jnp.asarray(ids))))
     with torch.no_grad():
@@ -214,7 +214,7 @@ def test_tied_lm_head_matches(rng):
 
 def test_bad_input_raises_before_work(rng):
     cfg = small_config(position="learned", max_len=8)
-    model = fi.TransformerEncoder(cfg, rngs=nnx.Rngs(0))
+    model = fi.Transformer(cfg, rngs=nnx.Rngs(0))
     model.eval()
     good = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 6)))
     with pytest.raises(ValueError, match=r"shape \(2, 6\), got \(2, 5\)"):
@@ -275,7 +275,7 @@ def test_random_configs_match(
         causal=causal,
         max_len=8,
     )
-    f, t = twins("TransformerEncoder", cfg, seed=seed % 7)
+    f, t = twins("Transformer", cfg, seed=seed % 7)
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, cfg.vocab_size, (batch, length))
     mask = None
@@ -321,7 +321,7 @@ def test_family_stacks_logits_hidden_states_and_gradients_match(family, scan, rn
     embedding LayerNorm), every parameter perturbed: per-layer hidden states, logits and the gradient of every
     parameter, Flax (scanned and unrolled) vs torch_ref, on a padded batch."""
     cfg = small_config(**(LLAMA_LIKE if family == "llama-like" else BERT_LIKE))
-    f, t = perturbed_twins("TransformerEncoder", cfg, rng, flax_config=fi.FlaxConfig(scan_layers=scan))
+    f, t = perturbed_twins("Transformer", cfg, rng, flax_config=fi.FlaxConfig(scan_layers=scan))
     ids, mask = ids_and_mask(rng, cfg, "padding")
     types = rng.integers(0, 2, (B, L)) if cfg.type_vocab_size else None
     kw = {} if types is None else {"token_type_ids": jnp.asarray(types)}
@@ -358,7 +358,7 @@ def _grads_as_module(module, grads_state):
 def test_hidden_states_end_where_the_forward_ends(rng):
     """hidden_states()[-1] is the last block's output: final_norm of it is the forward; [0] is the input."""
     cfg = small_config(position="learned", final_norm=True)
-    f, _ = twins("TransformerEncoder", cfg)
+    f, _ = twins("Transformer", cfg)
     ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (B, L)))
     h = f.hidden_states(ids)
     np.testing.assert_array_equal(np.asarray(f.final_norm(h[-1])), np.asarray(f(ids)))
@@ -368,7 +368,7 @@ def test_hidden_states_end_where_the_forward_ends(rng):
 def test_untied_head_owns_its_matrix(rng):
     """lm_head="untied": logits = hidden @ W^T + b with its own (V, D) W, not the embedding (torch key lm_head.*)."""
     cfg = small_config(lm_head="untied", lm_head_bias=True)
-    f, t = perturbed_twins("TransformerEncoder", cfg, rng)
+    f, t = perturbed_twins("Transformer", cfg, rng)
     assert {"lm_head.weight", "lm_head.bias"} <= set(t.state_dict())
     h = randn(rng, B, L, cfg.d_model)
     want = h.astype(np.float64) @ np.asarray(f.lm_head.kernel[...], np.float64) + np.asarray(f.lm_head.bias[...])

@@ -1,4 +1,4 @@
-"""Cached generation in plain torch, the same loop as flax_impl.generate run eagerly: prefill the left-padded
+"""Cached generation in plain torch, the same loop as flax_impl.generation run eagerly: prefill the left-padded
 prompts, then one token per step from the last logits (greedy, or temperature + top-k + top-p sampling), stop
 tokens, `pad_id` after a row stops. Prompts are left-padded to their longest, with no bucketing."""
 
@@ -49,7 +49,7 @@ def generate(
     pad_id: int = 0,
     return_logits: bool = False,
 ) -> GenerateOutput:
-    """Continue each of B prompts (lists of ids) by up to max_new_tokens tokens; see flax_impl.generate.generate
+    """Continue each of B prompts (lists of ids) by up to max_new_tokens tokens; see flax_impl.generate
     (the same options, checked by the same flax_impl.generation_config). Sampling draws with a torch.Generator
     seeded by `seed` (not the same draws as JAX's)."""
     options = GenerationConfig(
