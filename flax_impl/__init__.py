@@ -35,7 +35,8 @@ _EXPORTS = {
     "alibi_slopes": "flax_impl.positions",
     "alibi_bias": "flax_impl.positions",
     "MultiHeadAttention": "flax_impl.attention",
-    "KVCache": "flax_impl.transformer",
+    "KVCache": "flax_impl.cache",
+    "init_cache": "flax_impl.cache",
     "generate": "flax_impl.generation",
     "GenerateOutput": "flax_impl.generation",
     "filter_logits": "flax_impl.generation",
@@ -85,6 +86,7 @@ __all__ = sorted(_EXPORTS)
 if TYPE_CHECKING:  # let type checkers and IDEs see the real names
     from flax_impl.attention import MultiHeadAttention, from_torch_mha_mask  # noqa: F401
     from flax_impl.block import GatedMLP, TransformerBlock  # noqa: F401
+    from flax_impl.cache import KVCache, init_cache  # noqa: F401
     from flax_impl.checkpoint import checkpoint_steps, restore_checkpoint, save_checkpoint  # noqa: F401
     from flax_impl.config import FlaxConfig, TrainConfig, TransformerConfig  # noqa: F401
     from flax_impl.distributed import (  # noqa: F401
@@ -129,7 +131,7 @@ if TYPE_CHECKING:  # let type checkers and IDEs see the real names
         next_token_batch,
         train_step,
     )
-    from flax_impl.transformer import KVCache, Transformer  # noqa: F401
+    from flax_impl.transformer import Transformer  # noqa: F401
     from flax_impl.utils import count_params  # noqa: F401
 
 

@@ -23,15 +23,18 @@ when no attention dropout is active, the einsum path otherwise.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from flax_impl._kernels.attention import chunked_attention, dot_product_attention, merge_heads_project
+from flax_impl.cache import write
 from flax_impl.config import FlaxConfig, TransformerConfig, as_config, as_flax_config
 from flax_impl.dropout import Dropout
-from flax_impl.positions import alibi_slopes, rotate_qk, scheme, score_bias
+from flax_impl.positions import alibi_slopes, rotate_qk, scheme
 from flax_impl.sharding import QKV_ACTIVATION, constrain, parallel_linear
 
 
@@ -84,41 +87,110 @@ def nan_rows_of_bad_mask(x: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.where(bad[:, None, None], jnp.asarray(jnp.nan, x.dtype), x)
 
 
-def _allowed_and_additive(
-    mask: jax.Array | None, q_len: int, k_len: int, causal: bool, window: int | None = None
+# A layer without a sliding window sees every earlier key: its window is larger than any slot distance.
+NO_WINDOW = 2**31 - 1
+
+
+class LayerKind(NamedTuple):
+    """What may differ from one layer to the next, as data: a scanned stack reads it per layer like the weights.
+
+    Attributes:
+        window: () int32, the sliding window W of a causal layer (query at slot i sees keys i - W < j <= i),
+            NO_WINDOW for full attention; or None when no layer of the model has a window (nothing to compute).
+    """
+
+    window: jax.Array | int | None = None
+
+
+def layer_kinds(config: TransformerConfig) -> LayerKind:
+    """Every layer's kind, stacked: each field (n_layers,) (or None when it is the same nothing for all)."""
+    window = None
+    if config.sliding_window is not None:
+        window = jnp.full((config.n_layers,), config.sliding_window, jnp.int32)
+    return LayerKind(window=window)
+
+
+def mask_rules(
+    attention_mask: jax.Array | None,
+    q_slots: jax.Array,
+    k_len: int,
+    *,
+    causal: bool,
+    window: jax.Array | int | None = None,
+    slopes: jax.Array | None = None,
 ) -> tuple[jax.Array | None, jax.Array | None]:
-    """Split a mask into a bool 'may attend' (broadcastable to (B, N, L, S)) and an additive float part."""
-    allowed, additive = None, None
-    if mask is not None:
-        mask = jnp.asarray(mask)
+    """Which keys each query may attend to, and what is added to its scores: the one place the rules live.
+
+    Queries sit at slots `q_slots`, keys at slots 0 .. S - 1: without a cache both are 0 .. L - 1; with one the
+    new tokens sit at index .. index + L - 1 and the keys are the cache's slots. Causal: j <= i; with a sliding
+    window W also i - j < W. ALiBi (`slopes`, Press et al., 2022): -m (i - j) for the keys a causal query sees,
+    -m |i - j| without `causal`.
+
+    Args:
+        attention_mask: None; (B, S) 1/True = real key; bool (B|1, N|1, L, S) True = may attend; or float
+            (B|1, N|1, L, S) added to the scores (-inf = masked out).
+        q_slots: (L,) int32.
+        k_len: S.
+        causal: mask future keys.
+        window: () int32 W, or None (no window).
+        slopes: (N,) ALiBi slopes, or None.
+    Returns:
+        (allowed: bool broadcastable to (B, N, L, S), or None for every key; bias: float32 broadcastable to
+        (B, N, L, S), or None).
+    """
+    allowed, bias = None, None
+    if attention_mask is not None:
+        mask = jnp.asarray(attention_mask)
         if mask.ndim == 2:
             allowed = mask.astype(jnp.bool_)[:, None, None, :]  # (B, 1, 1, S)
         elif mask.dtype == jnp.bool_:
             allowed = mask
         else:
-            additive = mask.astype(jnp.float32)
-            allowed = ~jnp.isneginf(additive)
-            additive = jnp.where(allowed, additive, 0.0)
+            bias = mask.astype(jnp.float32)
+            allowed = ~jnp.isneginf(bias)
+            bias = jnp.where(allowed, bias, 0.0)
+    i = q_slots[:, None]  # (L, 1)
+    j = jnp.arange(k_len)[None, :]  # (1, S)
     if causal:
-        i = jnp.arange(k_len - q_len, k_len)[:, None]  # (L, 1) absolute query positions
-        j = jnp.arange(k_len)[None, :]  # (1, S)
-        tril = j <= i
-        if window is not None:  # sliding window: the last `window` positions, the query's own included
-            tril = tril & (i - j < window)
-        tril = tril[None, None]  # (1, 1, L, S)
-        allowed = tril if allowed is None else allowed & tril
-    return allowed, additive
+        rule = j <= i
+        if window is not None:  # the last W slots, the query's own included
+            rule = rule & (i - j < window)
+        rule = rule[None, None]  # (1, 1, L, S)
+        allowed = rule if allowed is None else allowed & rule
+    if slopes is not None:
+        dist = (i - j).astype(jnp.float32)  # (L, S)
+        dist = jnp.where(dist >= 0, dist, 0.0) if causal else jnp.abs(dist)
+        alibi = -jnp.asarray(slopes, jnp.float32)[None, :, None, None] * dist  # (1, N, L, S)
+        bias = alibi if bias is None else alibi + bias
+    return allowed, bias
+
+
+def group_rows(x: jax.Array | None, n_kv: int, groups: int, q_len: int) -> jax.Array | None:
+    """A (B|1, N|1, L|1, S) mask or bias laid out for grouped queries (B|1, K|1, G L|1, S): head n = (n // G,
+    n % G) and the G query heads of kv head k become G blocks of L query rows (a free reshape of (B, N, L, S))."""
+    if x is None or (x.shape[1] == 1 and x.shape[2] == 1):
+        return x
+    b, n, _, s = x.shape
+    if n == 1:  # one row set for every head: repeat it for each of the G heads sharing a kv head
+        x = jnp.broadcast_to(x[:, :, None], (b, 1, groups, q_len, s))
+        return x.reshape(b, 1, groups * q_len, s)
+    return jnp.broadcast_to(x, (b, n, q_len, s)).reshape(b, n_kv, groups * q_len, s)
 
 
 class MultiHeadAttention(nnx.Module):
-    """Self-attention over x (B, L, D) -> (B, L, D).
+    """Self-attention over x (B, L, D) -> (B, L, D), with an optional KV cache.
 
     Parameters: `in_proj` (D -> (N + 2K) H, columns [q (N H) | k (K H) | v (K H)], head h = columns h*H:(h+1)*H
     of each; with K = N the transpose of nn.MultiheadAttention's `in_proj_weight` (3D, D)) and `out_proj`
     (D -> D). Scores q.k / sqrt(H), softmax in float32, dropout on the probabilities (train mode), RoPE on q and
     k and ALiBi on the scores according to `config.position`, causal masking if `config.causal` (within the last
-    `config.sliding_window` positions if set). Grouped-query attention (K = `n_kv_heads` < N): query head n
-    reads kv head n // (N / K).
+    `config.sliding_window` positions if set; `mask_rules`). Grouped-query attention (K = `n_kv_heads` < N):
+    query head n reads kv head n // (N / K); the kv heads are never repeated: the G = N / K query heads of a kv
+    head are attended as G blocks of query rows.
+
+    Without a cache the keys are x's own. With `cache=(k, v)` (B, K, S, H) the new tokens' keys and values are
+    written at slots cache_index .. cache_index + L - 1 and the queries attend over every slot, by the same
+    rules: prefill is this forward on a whole prompt, decoding the same on one token.
     """
 
     def __init__(self, config: TransformerConfig, *, flax_config: FlaxConfig | None = None, rngs: nnx.Rngs):
@@ -134,81 +206,57 @@ class MultiHeadAttention(nnx.Module):
         self.dropout = Dropout(config.attention_dropout, rngs=rngs)
 
     def __call__(
-        self, x: jax.Array, attention_mask: jax.Array | None = None, *, positions: jax.Array | None = None
-    ) -> jax.Array:
-        """x (B, L, D) -> (B, L, D). `positions`: (L,) or (B, L) RoPE positions, default 0 .. L - 1."""
-        return self._forward(x, attention_mask, positions)[0]
-
-    def prefill(
-        self, x: jax.Array, attention_mask: jax.Array | None, positions: jax.Array, cache_len: int
-    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        """The forward of a whole prompt, also returning its keys and values as a cache of `cache_len` slots.
-
-        Args:
-            x: (B, L, D), the prompt at slots 0 .. L - 1.
-            attention_mask: as for `__call__` ((B, L) 1 = real token for left-padded prompts), or None.
-            positions: (B, L) RoPE positions (for a left-padded row, its first real token is position 0).
-            cache_len: S >= L, the slots the cache holds.
-        Returns:
-            (out (B, L, D), (k, v)): k and v (B, K, S, H), after RoPE; padded slots (a (B, L) mask's zeros)
-            and slots L .. S - 1 are zero.
-        """
-        out, (k, v) = self._forward(x, attention_mask, positions)
-        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (B, K, L, H)
-        if attention_mask is not None and jnp.ndim(attention_mask) == 2:  # padding enters the cache as zeros,
-            real = jnp.asarray(attention_mask).astype(bool)[:, None, :, None]  # so a NaN there cannot reach a
-            k, v = jnp.where(real, k, 0), jnp.where(real, v, 0)  # real token through 0 * NaN
-        pad = ((0, 0), (0, 0), (0, cache_len - x.shape[1]), (0, 0))
-        return out, (jnp.pad(k, pad), jnp.pad(v, pad))
-
-    def decode(
         self,
         x: jax.Array,
-        kv: tuple[jax.Array, jax.Array],
-        index: jax.Array,
-        key_mask: jax.Array,
-        positions: jax.Array,
-    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        """Attention of L new tokens at slots index .. index + L - 1 over the cache, which they are written into.
-
-        The new token at slot i attends to the cached slots j <= i that `key_mask` marks real (and, with a
-        sliding window W, i - j < W); ALiBi's distance is i - j. The kv heads stay grouped: query head n reads
-        kv head n // (N / K) without repeating the cache.
+        attention_mask: jax.Array | None = None,
+        *,
+        positions: jax.Array | None = None,
+        kind: LayerKind | None = None,
+        cache: tuple[jax.Array, jax.Array] | None = None,
+        cache_index: jax.Array | int = 0,
+    ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """Attend x to itself, or to the cache it is written into.
 
         Args:
             x: (B, L, D).
-            kv: (k, v), each (B, K, S, H), from `prefill` or a previous `decode`.
-            index: int32 scalar, the first slot written (traced under jit; index + L <= S is the caller's).
-            key_mask: (B, S) bool, True = a real token is (or is now being) written at that slot.
-            positions: (B, L) RoPE positions of the new tokens.
+            attention_mask: without a cache, any form of `mask_rules` (None: every key); with one, (B, S) bool,
+                True = a real token sits at that slot once this call's tokens are written (padding False).
+            positions: (L,) or (B, L) RoPE positions; None: 0 .. L - 1.
+            kind: this layer's `LayerKind`; None: the config's (the same for every layer).
+            cache: (k, v) each (B, K, S, H), keys after RoPE; zero at every slot `attention_mask` marks False.
+            cache_index: () int32, the slot of x's first token (with a cache).
         Returns:
-            (out (B, L, D), (k, v) with the new tokens written).
+            (B, L, D); with a cache, (out, (k, v) with the new tokens written).
+        Raises:
+            ValueError / TypeError: x not (B, L, D) of width d_model; a malformed mask (`check_attention_mask`).
         """
         cfg = self.config
         B, L, D = x.shape
-        N, K, H = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        q, k, v = self._project(x, positions)  # (B, L, N, H), (B, L, K, H), (B, L, K, H)
-        k_cache = jax.lax.dynamic_update_slice(kv[0], k.transpose(0, 2, 1, 3).astype(kv[0].dtype), (0, 0, index, 0))
-        v_cache = jax.lax.dynamic_update_slice(kv[1], v.transpose(0, 2, 1, 3).astype(kv[1].dtype), (0, 0, index, 0))
-        S = k_cache.shape[2]
-        q = (q * jnp.asarray(H**-0.5, q.dtype)).reshape(B, L, K, N // K, H)  # head n = (n // G, n % G)
-        scores = jnp.einsum("blkgh,bksh->bkgls", q, k_cache, preferred_element_type=jnp.float32)  # (B, K, G, L, S)
-        i = index + jnp.arange(L)[:, None]  # (L, 1) slots of the new tokens
-        j = jnp.arange(S)[None, :]  # (1, S)
-        allowed = (j <= i) & key_mask[:, None, :]  # (B, L, S)
-        if cfg.sliding_window is not None:
-            allowed = allowed & (i - j < cfg.sliding_window)
-        if scheme(cfg.position).biases_scores:  # ALiBi: -m (i - j) for the keys j <= i that remain
-            slopes = jnp.asarray(alibi_slopes(N, cfg.alibi_max_bias)).reshape(1, K, N // K, 1, 1)
-            scores = scores - slopes * (i - j).astype(jnp.float32)
-        allowed = allowed[:, None, None]  # (B, 1, 1, L, S)
-        scores = jnp.where(allowed, scores, -jnp.inf)
-        row_max = jnp.max(scores, axis=-1, keepdims=True)
-        e = jnp.where(allowed, jnp.exp(scores - jnp.where(jnp.isfinite(row_max), row_max, 0.0)), 0.0)
-        denom = jnp.sum(e, axis=-1, keepdims=True)
-        probs = e / jnp.where(denom > 0, denom, 1.0)  # a row with no key: zeros
-        out = jnp.einsum("bkgls,bksh->blkgh", probs.astype(v_cache.dtype), v_cache)  # (B, L, K, G, H)
-        return self.out_proj(out.reshape(B, L, D)), (k_cache, v_cache)
+        if D != cfg.d_model:
+            raise ValueError(f"attention input width {D} != d_model={cfg.d_model}")
+        window = (layer_kinds(cfg) if kind is None else kind).window
+        window = window[0] if kind is None and window is not None else window
+        if cache is None:
+            if attention_mask is not None:
+                check_attention_mask(attention_mask, B, cfg.n_heads, L, L)
+                x = nan_rows_of_bad_mask(x, attention_mask)
+            q, k, v = self._project(x, positions)  # (B, L, N, H), (B, L, K, H), (B, L, K, H)
+            keys, values = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (B, K, L, H)
+            q_slots = jnp.arange(L)
+        else:
+            if jnp.ndim(attention_mask) != 2 or jnp.shape(attention_mask)[0] != B:
+                shape = jnp.shape(attention_mask)
+                raise ValueError(f"with a cache, attention_mask must be the (B, S) slot mask, got shape {shape}")
+            q, k, v = self._project(x, positions)
+            real = jax.lax.dynamic_slice_in_dim(attention_mask, cache_index, L, axis=1)  # (B, L)
+            keys, values = write(cache[0], cache[1], k, v, real, cache_index)  # (B, K, S, H)
+            q_slots = cache_index + jnp.arange(L)
+        slopes = alibi_slopes(cfg.n_heads, cfg.alibi_max_bias) if scheme(cfg.position).biases_scores else None
+        allowed, bias = mask_rules(
+            attention_mask, q_slots, keys.shape[2], causal=cfg.causal, window=window, slopes=slopes
+        )
+        out = self._attend(q, keys, values, bias, allowed, keys_zeroed=cache is not None)
+        return out if cache is None else (out, (keys, values))
 
     def _project(self, x: jax.Array, positions: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
         """q (B, L, N, H), k and v (B, L, K, H), RoPE applied to q and k."""
@@ -227,44 +275,37 @@ class MultiHeadAttention(nnx.Module):
         q, k = rotate_qk(cfg, q, k, jnp.arange(L) if positions is None else positions)
         return q, k, v
 
-    def _forward(
-        self, x: jax.Array, attention_mask: jax.Array | None, positions: jax.Array | None
-    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        """(out (B, L, D), (k, v) (B, L, K, H)): self-attention of x over itself."""
-        cfg = self.config
-        B, L, D = x.shape
-        N, K, H = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        if D != cfg.d_model:
-            raise ValueError(f"attention input width {D} != d_model={cfg.d_model}")
-        if attention_mask is not None:
-            check_attention_mask(attention_mask, B, N, L, L)
-            x = nan_rows_of_bad_mask(x, attention_mask)
-        q, k_kv, v_kv = self._project(x, positions)
-        # grouped-query: query head n reads kv head n // (N / K) (repeat, not tile)
-        k = k_kv if K == N else jnp.repeat(k_kv, N // K, axis=2)  # (B, L, N, H)
-        v = v_kv if K == N else jnp.repeat(v_kv, N // K, axis=2)  # (B, L, N, H)
+    def _attend(
+        self,
+        q: jax.Array,
+        k: jax.Array,
+        v: jax.Array,
+        bias: jax.Array | None,
+        allowed: jax.Array | None,
+        keys_zeroed: bool,
+    ) -> jax.Array:
+        """softmax(q.k^T / sqrt(H) + bias, masked).v through the configured kernel, then out_proj.
+
+        q (B, L, N, H); k, v (B, K, S, H); `keys_zeroed`: keys no query may read are zero already (a cache).
+        """
+        B, L, N, H = q.shape
+        K, S = k.shape[1], k.shape[2]
         q = q * jnp.asarray(H**-0.5, q.dtype)
-        bias = score_bias(cfg, L, L)  # (N, L, S) or None
-        allowed, additive = _allowed_and_additive(attention_mask, L, L, cfg.causal, cfg.sliding_window)
-        if bias is not None:
-            bias = bias[None] if additive is None else bias[None] + additive  # (B|1, N|1, L|1, S)
-        elif additive is not None:
-            bias = additive
         if self._use_dot_product_attention():
-            out = dot_product_attention(q, k, v, bias, allowed)  # (B, L, N, H)
-            return self.out_proj(out.reshape(B, L, D)), (k_kv, v_kv)
+            kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (B, S, K, H)
+            out = dot_product_attention(q, kt, vt, bias, allowed)  # (B, L, N, H)
+            return self.out_proj(out.reshape(B, L, N * H))
+        G = N // K  # the query heads of kv head k are G blocks of L rows: (B, K, G L, H), a free reshape
+        qg = q.transpose(0, 2, 1, 3).reshape(B, K, G * L, H)
+        keep = self.dropout.keep_bits((B, N, L, S))  # (B, N, L, ceil(S / 8)) packed, or None
+        keep = None if keep is None else keep.reshape(B, K, G * L, keep.shape[-1])
         out = chunked_attention(
-            q.transpose(0, 2, 1, 3),  # (B, N, L, H)
-            k.transpose(0, 2, 1, 3),  # (B, N, S, H)
-            v.transpose(0, 2, 1, 3),  # (B, N, S, H)
-            bias,
-            allowed,
-            self.dropout.keep_bits((B, N, L, L)),
-            self.dropout.rate,
-        )  # (B, N, L, H)
+            qg, k, v, group_rows(bias, K, G, L), group_rows(allowed, K, G, L), keep, self.dropout.rate,
+            zero_dead=not keys_zeroed,
+        )  # fmt: skip
         # The backward pass redoes the (B, N, L, H) -> (B, L, D) transpose for out_proj's weight gradient, so that
         # only the heads-major output, which the attention gradient keeps anyway, is kept.
-        return merge_heads_project(self.out_proj, out), (k_kv, v_kv)
+        return merge_heads_project(self.out_proj, out.reshape(B, N, L, H))
 
     def _use_dot_product_attention(self) -> bool:
         """`attention_impl`: "auto" takes jax.nn.dot_product_attention on GPU/TPU unless attention dropout is

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +10,7 @@ from flax import nnx
 
 from flax_impl._kernels.feed_forward import activation_dropout_linear
 from flax_impl._kernels.gelu import gelu_exact
-from flax_impl.attention import MultiHeadAttention
+from flax_impl.attention import LayerKind, MultiHeadAttention
 from flax_impl.config import FlaxConfig, TransformerConfig, as_config, as_flax_config
 from flax_impl.dropout import Dropout
 from flax_impl.norm import make_norm
@@ -117,31 +116,31 @@ class TransformerBlock(nnx.Module):
         return self.ff[4](y)  # (B, L, D)
 
     def __call__(
-        self, x: jax.Array, attention_mask: jax.Array | None = None, *, positions: jax.Array | None = None
-    ) -> jax.Array:
-        return self._residuals(x, lambda h: self.attn(h, attention_mask, positions=positions))
-
-    def prefill(
-        self, x: jax.Array, attention_mask: jax.Array | None, positions: jax.Array, cache_len: int
-    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        """`__call__` on a whole prompt, also returning the attention's (k, v) cache: see
-        `MultiHeadAttention.prefill`."""
-        kv = []
-        out = self._residuals(x, lambda h: _keep(kv, self.attn.prefill(h, attention_mask, positions, cache_len)))
-        return out, kv[0]
-
-    def decode(
         self,
         x: jax.Array,
-        kv: tuple[jax.Array, jax.Array],
-        index: jax.Array,
-        key_mask: jax.Array,
-        positions: jax.Array,
-    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        """`__call__` on new tokens attending over the cache: see `MultiHeadAttention.decode`."""
-        new = []
-        out = self._residuals(x, lambda h: _keep(new, self.attn.decode(h, kv, index, key_mask, positions)))
-        return out, new[0]
+        attention_mask: jax.Array | None = None,
+        *,
+        positions: jax.Array | None = None,
+        kind: LayerKind | None = None,
+        cache: tuple[jax.Array, jax.Array] | None = None,
+        cache_index: jax.Array | int = 0,
+    ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """x (B, L, D) -> (B, L, D); with a cache, (out, the attention's updated cache).
+
+        The arguments after x are the attention's (`MultiHeadAttention.__call__`): the mask, RoPE positions, the
+        layer's kind, and the (k, v) cache with the slot of x's first token.
+        """
+        new_cache = []
+
+        def attend(h: jax.Array) -> jax.Array:
+            out = self.attn(h, attention_mask, positions=positions, kind=kind, cache=cache, cache_index=cache_index)
+            if cache is None:
+                return out
+            new_cache.append(out[1])
+            return out[0]
+
+        out = self._residuals(x, attend)
+        return out if cache is None else (out, new_cache[0])
 
     def _residuals(self, x: jax.Array, attend: Callable[[jax.Array], jax.Array]) -> jax.Array:
         """The block's residual wiring around `attend` (the attention of its normed or raw input)."""
@@ -154,8 +153,3 @@ class TransformerBlock(nnx.Module):
         x = self.ln1(x + attend(x))
         return self.ln2(x + self.feed_forward(x))
 
-
-def _keep(store: list, result: tuple[jax.Array, Any]) -> jax.Array:
-    """Append a cached attention's cache to `store` and return its output."""
-    store.append(result[1])
-    return result[0]

@@ -44,6 +44,7 @@ ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("plain", "gated")
 LM_HEADS = ("tied", "untied")
+POSITIONS_FROM = ("index", "mask", "tokens")
 BIAS_SWITCHES = ("qkv_bias", "out_bias", "mlp_bias", "norm_bias")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("auto", "einsum", "dot_product_attention")
@@ -65,6 +66,7 @@ TRANSFORMER_CHOICES = {
     "norm": NORMS,
     "mlp": MLPS,
     "lm_head": LM_HEADS,
+    "positions_from": POSITIONS_FROM,
 }
 
 
@@ -87,6 +89,13 @@ class TransformerConfig(_DictMixin):
     `alibi_max_bias` is the 8 of ALiBi's slopes 2^(-8h/N); `lm_head` "untied" adds its own (V, D) output
     matrix (with a bias if `lm_head_bias`) instead of reusing the embedding; `type_vocab_size` > 0 adds BERT's
     token-type embeddings at the input.
+
+    Positions (what the sinusoidal / learned rows and RoPE are taken at) when a forward is given none:
+    `positions_from` "index" counts slots, p = 0 .. L - 1 (transformers' default); "mask" counts real tokens,
+    p = cumsum(attention_mask) - 1 (OPT); "tokens" counts tokens that are not `padding_idx`, p = cumsum(ids !=
+    padding_idx) - 1 (RoBERTa); `position_offset` is added to each (OPT 2, RoBERTa padding_idx + 1), and a padded
+    token gets position_offset - 1 (at least 0). Cached decoding always counts real tokens from position_offset
+    (as transformers' generate). A table of learned positions has `max_len` rows, the offset included.
 
     Raises:
         ArgumentTypeError: a field of the wrong type (module docstring).
@@ -135,6 +144,8 @@ class TransformerConfig(_DictMixin):
     lm_head: str = "tied"
     lm_head_bias: bool = False
     type_vocab_size: int = 0
+    positions_from: str = "index"
+    position_offset: int = 0
 
     def __post_init__(self) -> None:
         # Types and ranges first, each field on its own (flax_impl.validation), then the rules between fields.
@@ -150,6 +161,7 @@ class TransformerConfig(_DictMixin):
         _set("n_kv_heads", self.n_heads if kv is None else kv)
         _set("sliding_window", check_int("sliding_window", self.sliding_window, low=1, none_ok=True))
         _set("type_vocab_size", check_int("type_vocab_size", self.type_vocab_size, low=0))
+        _set("position_offset", check_int("position_offset", self.position_offset, low=0))
         _set("padding_idx", check_int("padding_idx", self.padding_idx, low=0, high=self.vocab_size, none_ok=True))
         _set("dropout", check_float("dropout", self.dropout, low=0.0, high=1.0))
         drop = check_float("attention_dropout", self.attention_dropout, low=0.0, high=1.0, none_ok=True)
@@ -168,6 +180,8 @@ class TransformerConfig(_DictMixin):
             raise ValueError("parallel_residual=True needs norm_first=True (both branches read the normalised input)")
         if self.lm_head_bias and self.lm_head != "untied":
             raise ValueError("lm_head_bias=True needs lm_head='untied' (a tied head reuses the embedding, no bias)")
+        if self.positions_from == "tokens" and self.padding_idx is None:
+            raise ValueError("positions_from='tokens' counts the tokens that are not padding_idx: set padding_idx")
         if self.d_model % self.n_heads:
             raise ValueError(f"n_heads={self.n_heads} must divide d_model={self.d_model}")
         if self.position == "rope":

@@ -1,10 +1,10 @@
-"""Cached autoregressive generation for causal TransformerEncoders: greedy, temperature, top-k and top-p
-sampling, stop tokens, left-padded batches, the whole decode loop inside one `jax.jit`.
+"""Cached autoregressive generation for causal Transformers: greedy, temperature, top-k and top-p sampling, stop
+tokens, left-padded batches, the whole decode loop inside one `jax.jit`.
 
-The loop: `Transformer.prefill` runs the left-padded prompts once and returns a `KVCache`; each step then
-picks one token per row from the last logits (`choose`), feeds it to `Transformer.decode`, and stops when
-`max_new_tokens` are out or every row has produced a stop token. A row that has stopped emits `pad_id` from then
-on (as transformers' `generate`).
+The loop: the model's forward with a fresh `KVCache` (`Transformer.init_cache`) runs the left-padded prompts once
+and fills the cache (prefill); each step then picks one token per row from the last logits (`choose`), feeds it to
+the same forward with the cache, and stops when `max_new_tokens` are out or every row has produced a stop token.
+A row that has stopped emits `pad_id` from then on (as transformers' `generate`).
 
 Compiles: one per (batch size, prompt bucket, new-token bucket, do_sample, return_logits, streaming, number of
 stop tokens). Prompts are left-padded to the next power of two >= 16 (`bucket`); the cache holds that plus
@@ -101,10 +101,11 @@ def _generate(
     n_slots, do_sample, return_logits, stream,
 ):  # fmt: skip
     """The compiled loop: prefill, then decode steps in a `lax.while_loop`. Returns (tokens, steps, logits)."""
-    model = nnx.merge(graphdef, state)
-    model.eval()  # the merged copy: the caller's model keeps its mode
+    model = nnx.merge(graphdef, state).unstacked()  # one array per layer: no step copies weights out of a stack
+    model.eval()  # a copy: the caller's model keeps its mode
+    step_graph, step_state = nnx.split(model)  # carried unchanged through the loop: merged in the body, not copied
     B, P = ids.shape
-    h, cache = model.prefill(ids, mask, P + n_slots)
+    h, cache = model(ids, mask, cache=model.init_cache(B, P + n_slots))  # prefill: the forward, cache filled
     logits = model.logits(h[:, -1:])[:, 0].astype(jnp.float32)  # (B, V): left padding puts every row's last here
     V = logits.shape[-1]
     tokens = jnp.full((B, n_slots), pad_id, jnp.int32)
@@ -121,26 +122,21 @@ def _generate(
         return token, tokens, all_logits, done | jnp.isin(token, stop)
 
     token, tokens, all_logits, done = emit(0, logits, tokens, all_logits, jnp.zeros((B,), bool))
-    # Each layer's weights are taken out of the stacked ones once, here, and carried through the loop unchanged:
-    # taken inside the loop body, every step would copy them (docs/generation.md#the-decode-loop).
-    layer_defs, layer_states = zip(*(nnx.split(block) for block in model.layers()), strict=True)
 
     def cond(carry):
-        t, *_, done = carry
+        t, *_, done, _ = carry
         return (t < max_new) & ~jnp.all(done)
 
     def body(carry):
-        t, token, cache, tokens, all_logits, layer_states, done = carry
-        m = nnx.merge(graphdef, state)
-        m.eval()
-        layers = tuple(nnx.merge(d, s) for d, s in zip(layer_defs, layer_states, strict=True))  # eval: from `model`
-        h, cache = m.decode(token[:, None], cache, layers=layers)  # (B, 1, D)
+        t, token, cache, tokens, all_logits, done, weights = carry
+        m = nnx.merge(step_graph, weights)  # modules of the body's trace (nnx transforms inside may write them)
+        h, cache = m(token[:, None], cache=cache)  # (B, 1, D): the same forward on one token
         logits = m.logits(h)[:, 0].astype(jnp.float32)  # (B, V)
         token, tokens, all_logits, done = emit(t, logits, tokens, all_logits, done)
-        return t + 1, token, cache, tokens, all_logits, layer_states, done
+        return t + 1, token, cache, tokens, all_logits, done, weights
 
-    carry = (1, token, cache, tokens, all_logits, layer_states, done)
-    t, _, _, tokens, all_logits, _, _ = jax.lax.while_loop(cond, body, carry)
+    carry = (1, token, cache, tokens, all_logits, done, step_state)
+    t, _, _, tokens, all_logits, *_ = jax.lax.while_loop(cond, body, carry)
     return tokens, t, all_logits
 
 

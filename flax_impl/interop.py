@@ -27,11 +27,11 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import SingleDeviceSharding
@@ -141,40 +141,96 @@ def _check_shapes(
         raise ValueError("\n".join(lines))
 
 
+def state_dict_shapes(module: nnx.Module) -> dict[str, tuple[int, ...]]:
+    """The torch-layout shape of every key of `to_numpy_state_dict(module)`, without reading any array (the
+    module may be abstract)."""
+    return {e.torch_key: e.torch_shape for e in _entries(module)}
+
+
 def load_torch_state_dict(module: nnx.Module, state_dict: dict[str, Any], *, strict: bool = True) -> None:
     """Copy a torch-keyed state dict into `module`, in place, cast to each parameter's dtype.
 
     Nothing is written unless every check passes.
 
     Args:
-        module: any flax_impl module.
+        module: any flax_impl module, concrete or abstract (`build_abstract`): each parameter is placed once, on
+            its current sharding (or its ShapeDtypeStruct's, or the default device).
         state_dict: {torch key: torch tensor or numpy array}, e.g. a twin's `state_dict()`; bfloat16 tensors are
             widened losslessly.
         strict: True: every key of the module must be present and nothing else. False: load what matches by key
-            and leave the rest untouched.
+            and leave the rest untouched (the module must then be concrete).
 
     Raises:
         ValueError: one message listing every shape mismatch and, if `strict`, every missing and unexpected key.
     """
+    shapes = {k: tuple(np.shape(_as_numpy(v))) for k, v in state_dict.items()}
+    place_torch_tensors(module, shapes, lambda key: _as_numpy(state_dict[key]), strict=strict)
+
+
+def place_torch_tensors(
+    module: nnx.Module,
+    shapes: dict[str, tuple[int, ...]],
+    fetch: Callable[[str], np.ndarray],
+    *,
+    strict: bool = True,
+) -> None:
+    """Build each parameter of `module` once from torch-keyed tensors read on demand, in place.
+
+    The keys and shapes are checked first (from `shapes` alone); then, one parameter at a time, its tensors are
+    fetched, transposed and stacked by the layout rules above into one host array in the parameter's dtype, and
+    put on the parameter's sharding. So loading holds the model plus one parameter's host copy, never a second
+    model (`hf.from_pretrained` reads a checkpoint this way into an abstract model).
+
+    Args:
+        module: concrete or abstract (its ShapeDtypeStructs give dtypes and shardings).
+        shapes: {torch key: torch-layout shape} of what `fetch` can give.
+        fetch: torch key -> array (torch layout).
+        strict: as in `load_torch_state_dict`.
+
+    Raises:
+        ValueError: as `load_torch_state_dict`; or `strict=False` leaves an abstract parameter without a value.
+    """
     entries = _entries(module)
-    _check_shapes(module, entries, {k: tuple(np.shape(_as_numpy(v))) for k, v in state_dict.items()}, strict, [])
+    _check_shapes(module, entries, shapes, strict, [])
+    groups: dict[Path, list[_Entry]] = {}
+    for e in entries:
+        groups.setdefault(e.flax_path, []).append(e)
     state = nnx.state(module, nnx.Param)
     current = {tuple(p): v for p, v in nnx.to_flat_state(state)}
-    new_values: dict[Path, np.ndarray] = {}
-    for e in entries:
-        if e.torch_key not in state_dict:
+    for path, group in groups.items():
+        present = [e for e in group if e.torch_key in shapes]
+        old = current[path].get_value()
+        if len(present) < len(group) and not isinstance(old, jax.Array):
+            raise ValueError(f"strict=False: the abstract parameter {'.'.join(map(str, path))} has no value")
+        if not present:
             continue
-        a = _as_numpy(state_dict[e.torch_key])
-        a = a.T if e.transpose else a
-        dtype = current[e.flax_path][...].dtype
-        if e.layer is None:
-            new_values[e.flax_path] = np.asarray(a).astype(dtype)
-        else:
-            stack = new_values.setdefault(e.flax_path, np.array(current[e.flax_path][...]))
-            stack[e.layer] = np.asarray(a).astype(dtype)
-    for path, value in new_values.items():
-        current[path][...] = jnp.asarray(value)
+        if group[0].layer is None:
+            a = fetch(present[0].torch_key)
+            value = np.asarray(a.T if present[0].transpose else a, dtype=old.dtype)
+        else:  # a scanned stack: every layer's tensor into one (n_layers, ...) array
+            value = np.array(old) if len(present) < len(group) else np.empty(old.shape, old.dtype)
+            for e in present:
+                a = fetch(e.torch_key)
+                value[e.layer] = a.T if e.transpose else a
+        sharding = getattr(old, "sharding", None) or SingleDeviceSharding(jax.devices()[0])
+        current[path].set_value(jax.device_put(value, sharding))
     nnx.update(module, state)
+
+
+def build_abstract(factory: Callable[[], nnx.Module]) -> nnx.Module:
+    """`factory()` with its parameters abstract (ShapeDtypeStructs: no weight is initialised or allocated) and every
+    other variable concrete (rng streams: the same keys and counts as `factory()` gives), ready for
+    `load_torch_state_dict` / `place_torch_tensors` / `load` to place each weight once.
+
+    Args:
+        factory: builds the module, e.g. `lambda: Transformer(cfg, rngs=nnx.Rngs(0))`.
+    Returns:
+        The module.
+    """
+    module = nnx.eval_shape(factory)
+    rest = jax.jit(lambda: nnx.state(factory(), nnx.Not(nnx.Param)))()  # the parameters' init is dead code there
+    nnx.update(module, rest)
+    return module
 
 
 def safetensors_metadata(module: nnx.Module) -> dict[str, str]:

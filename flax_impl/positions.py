@@ -1,6 +1,6 @@
 """The four position schemes: sinusoidal, learned, RoPE, ALiBi (and "none"), as pure functions plus one
-uniform interface (`SCHEMES`, `rotate_qk`, `score_bias`) so that the rest of the model branches on the scheme name
-in this file only.
+uniform interface (`SCHEMES`, `scheme`, `rotate_qk`) so that the rest of the model branches on the scheme name
+in this file only (the attention adds ALiBi's bias from `alibi_slopes` in its mask rules).
 """
 
 from __future__ import annotations
@@ -224,10 +224,3 @@ def rotate_qk(
         return q, k
     kw = dict(base=config.rope_base, style=config.rope_style, fraction=config.rope_fraction, scale=config.rope_scale)
     return apply_rope(q, positions, **kw), apply_rope(k, positions, **kw)
-
-
-def score_bias(config: TransformerConfig, q_len: int, k_len: int) -> jax.Array | None:
-    """The scheme's additive score bias (N, L, S): ALiBi for "alibi", None otherwise."""
-    if not scheme(config.position).biases_scores:
-        return None
-    return alibi_bias(q_len, k_len, alibi_slopes(config.n_heads, config.alibi_max_bias), causal=config.causal)

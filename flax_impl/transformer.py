@@ -1,50 +1,31 @@
-"""The N-layer encoder of lesson 08's exercise, driven by a TransformerConfig (or its dict)."""
+"""The Transformer: an encoder or a decoder, driven by a TransformerConfig (or its dict). Lesson 08's 6 x 512
+encoder is its default configuration; a causal config with a KV cache is the decoder of the Hugging Face families.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flax_impl.attention import check_attention_mask
+from flax_impl.attention import LayerKind, check_attention_mask, layer_kinds, nan_rows_of_bad_mask
 from flax_impl.block import TransformerBlock
+from flax_impl.cache import KVCache, advance, check_cache, init_cache
 from flax_impl.config import FlaxConfig, TransformerConfig, as_config, as_flax_config
 from flax_impl.norm import make_norm
 from flax_impl.pipeline import TransformerInput
 from flax_impl.sharding import BATCH_ACTIVATION, constrain, parallel_linear
 
-
-class KVCache(NamedTuple):
-    """The decoding state of a causal Transformer (a pytree; `Transformer.prefill` builds it).
-
-    Slots are the cache's time axis: a left-padded prompt fills slots 0 .. P - 1, each decoded token the next one.
-    Positions are per row: a row's first real token is position 0 (transformers' `cumsum(mask) - 1`), so a
-    left-padded row and the same prompt alone see the same positions.
-
-    Attributes:
-        k: n_layers arrays (B, K, S, H): keys after RoPE, only the K kv heads (grouped-query attention stores no
-            copy). One array per layer, so that a decode step updates each in place.
-        v: n_layers arrays (B, K, S, H): values.
-        key_mask: (B, S) bool, True = a real token sits at that slot (padding and unwritten slots are False).
-        index: int32 scalar, the next slot to write.
-        next_position: (B,) int32, the position of each row's next token.
-    """
-
-    k: tuple[jax.Array, ...]
-    v: tuple[jax.Array, ...]
-    key_mask: jax.Array
-    index: jax.Array
-    next_position: jax.Array
+_LAYER_AXIS = {nnx.PARTITION_NAME: None}  # the stacked layer axis is never sharded
 
 
 def _stacked_blocks(config: TransformerConfig, flax_config: FlaxConfig, rngs: nnx.Rngs) -> TransformerBlock:
     """n_layers blocks as one TransformerBlock whose every parameter (and rng stream) has a leading layer axis."""
 
     @nnx.split_rngs(splits=config.n_layers)
-    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: None})  # layer axis: unsharded
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=_LAYER_AXIS)
     def make(rngs: nnx.Rngs) -> TransformerBlock:
         return TransformerBlock(config, flax_config=flax_config, rngs=rngs)
 
@@ -54,28 +35,29 @@ def _stacked_blocks(config: TransformerConfig, flax_config: FlaxConfig, rngs: nn
 class Transformer(nnx.Module):
     """ids (B, L) -> hidden states (B, L, D): `input` -> `blocks` x n_layers -> `final_norm` (if configured).
 
-    With `flax_config.scan_layers` (default) `blocks` is one TransformerBlock with parameters stacked on a leading
-    (n_layers,) axis, applied with `nnx.scan`: compile time stays flat in depth (`flax_config.scan_unroll` layers per
-    loop iteration; n_layers unrolls the loop fully, compile time growing with depth). Otherwise
-    `blocks` is an `nnx.List` of blocks, unrolled by jit. `flax_config.remat` rematerialises each block in the
-    backward pass.
-    `attention_mask` takes the forms documented in `flax_impl.attention`. `logits(h)` is the tied LM head.
-    Parameters carry sharding annotations (flax_impl.sharding; the stacked layer axis is never sharded) and,
-    under a mesh, the (B, L, D) activations between blocks are split on `data`: see flax_impl.distributed.
+    One walk over the layers serves the forward, the per-layer hidden states and cached decoding. With
+    `flax_config.scan_layers` (default) `blocks` is one TransformerBlock whose parameters are stacked on a leading
+    (n_layers,) axis, applied with `nnx.scan`: compile time stays flat in depth (`scan_unroll` layers per loop
+    iteration). Otherwise `blocks` is an `nnx.List` of blocks, unrolled by jit; `unstacked()` turns the first
+    form into the second. `flax_config.remat` rematerialises each block in the backward pass. Parameters carry
+    sharding annotations (flax_impl.sharding; the layer axis is never sharded) and, under a mesh, the (B, L, D)
+    activations between blocks are split on `data` (flax_impl.distributed).
 
     Example:
-        >>> cfg = TransformerConfig(vocab_size=100, d_model=32, n_heads=4, d_ff=64, n_layers=2)
+        >>> cfg = TransformerConfig(vocab_size=100, d_model=32, n_heads=4, d_ff=64, n_layers=2, causal=True)
         >>> model = Transformer(cfg, rngs=nnx.Rngs(0)); model.eval()
-        >>> model(jnp.ones((2, 5), jnp.int32)).shape
+        >>> ids = jnp.ones((2, 5), jnp.int32)
+        >>> model(ids).shape                                        # (B, L, D)
         (2, 5, 32)
+        >>> cache = model.init_cache(batch=2, max_len=8)
+        >>> h, cache = model(ids, cache=cache)                      # prefill: the same forward, cache filled
+        >>> h, cache = model(ids[:, :1], cache=cache)               # one more token per row
+        >>> model.logits(h).shape                                   # (B, 1, V)
+        (2, 1, 100)
     """
 
     def __init__(
-        self,
-        config: TransformerConfig | dict[str, Any],
-        *,
-        flax_config: FlaxConfig | None = None,
-        rngs: nnx.Rngs,
+        self, config: TransformerConfig | dict[str, Any], *, flax_config: FlaxConfig | None = None, rngs: nnx.Rngs
     ):
         config, flax_config = as_config(config), as_flax_config(flax_config)
         self.config, self.flax_config = config, flax_config
@@ -92,171 +74,65 @@ class Transformer(nnx.Module):
             self.lm_head = parallel_linear(flax_config, D, V, "column", use_bias=config.lm_head_bias, rngs=rngs)
 
     def __call__(
-        self, ids: jax.Array, attention_mask: jax.Array | None = None, *, token_type_ids: jax.Array | None = None
-    ) -> jax.Array:
-        x = self._input(ids, attention_mask, token_type_ids)  # (B, L, D)
-        if self.flax_config.scan_layers:
-            x = self._scan_blocks(x, attention_mask)
-        else:
-            for block in self.blocks:
-                x = self._apply_block(block, x, attention_mask)
-        if self.config.final_norm:
-            x = self.final_norm(x)
-        return x
-
-    def hidden_states(
-        self, ids: jax.Array, attention_mask: jax.Array | None = None, *, token_type_ids: jax.Array | None = None
-    ) -> jax.Array:
-        """Every layer's output, for locating where two implementations part ways.
+        self, ids: jax.Array, attention_mask: jax.Array | None = None, *, positions: jax.Array | None = None,
+        token_type_ids: jax.Array | None = None, cache: KVCache | None = None,
+    ) -> jax.Array | tuple[jax.Array, KVCache]:  # fmt: skip
+        """The hidden states after the last block (and `final_norm`).
 
         Args:
             ids: (B, L) int token ids.
-            attention_mask: as for `__call__`.
+            attention_mask: without a cache, the forms of `flax_impl.attention.mask_rules` ((B, L) 1 = real token,
+                a bool or float (B|1, N|1, L, L)); with a cache, (B, L) 1 = real token (a left-padded prompt;
+                None: all real).
+            positions: (L,) or (B, L) positions of the tokens; None: the config's rule (`positions_from`). With a
+                cache they come from the cache (one more per real token) and must be None.
             token_type_ids: (B, L) ints below `type_vocab_size`, or None (zeros).
+            cache: a KVCache from `init_cache` (causal models): the tokens are written at its next slots and
+                attend over every filled one.
+        Returns:
+            (B, L, D); with a cache, (hidden, the advanced cache).
+        Raises:
+            ValueError / TypeError / IndexError: malformed ids, mask, positions or cache (before any work).
+        """
+        hidden, cache, _ = self._run(ids, attention_mask, positions, token_type_ids, cache, collect=False)
+        return hidden if cache is None else (hidden, cache)
+
+    def hidden_states(
+        self, ids: jax.Array, attention_mask: jax.Array | None = None, *, positions: jax.Array | None = None,
+        token_type_ids: jax.Array | None = None,
+    ) -> jax.Array:  # fmt: skip
+        """Every layer's output, for locating where two implementations part ways.
+
+        Args:
+            ids, attention_mask, positions, token_type_ids: as for `__call__` (no cache).
         Returns:
             (n_layers + 1, B, L, D): the input of block 1, then the output of each block (before `final_norm`).
         """
-        x = self._input(ids, attention_mask, token_type_ids)
-        if self.flax_config.scan_layers:
-            scan = nnx.scan(
-                lambda h, block, mask: (_scan_step(h, block, mask),) * 2,
-                in_axes=(nnx.Carry, 0, None),
-                out_axes=(nnx.Carry, 0),
-                transform_metadata={nnx.PARTITION_NAME: None},
-            )
-            _, outs = scan(x, self.blocks, attention_mask)
-            return jnp.concatenate([x[None], outs], axis=0)
-        outs = [x]
-        for block in self.blocks:
-            outs.append(_call_block(block, outs[-1], attention_mask))
-        return jnp.stack(outs)
+        return self._run(ids, attention_mask, positions, token_type_ids, None, collect=True)[2]
 
-    def prefill(
-        self, ids: jax.Array, attention_mask: jax.Array | None, cache_len: int
-    ) -> tuple[jax.Array, KVCache]:
-        """The hidden states of a (left-padded) prompt, and the cache that continues it.
+    def init_cache(self, batch: int, max_len: int) -> KVCache:
+        """An empty KVCache for `batch` rows of up to `max_len` tokens (prompt and continuation), laid out as this
+        model's layers are (stacked or one array per layer), in its compute dtype (`flax_impl.cache.init_cache`)."""
+        stacked = self.flax_config.scan_layers
+        return init_cache(self.config, batch, max_len, stacked=stacked, dtype=self.flax_config.dtype)
 
-        Args:
-            ids: (B, P) token ids, P <= cache_len.
-            attention_mask: (B, P), 1 = real token (padding on the left: the last slot is every row's last
-                token), or None (every token real).
-            cache_len: S, the slots of the cache (P plus the tokens to decode).
-        Returns:
-            (hidden (B, P, D) after `final_norm`, the KVCache with slots 0 .. P - 1 filled, index = P).
-        Raises:
-            ValueError: a non-causal model, a mask not (B, P), cache_len < P.
+    def unstacked(self) -> Transformer:
+        """This model with each layer's parameters in arrays of its own (`scan_layers=False`), computing the same.
+
+        A decode loop should run on this form: XLA copies a layer's weights out of a stacked array at every use,
+        inside a loop too, so a scanned stack pays that copy at every step (docs/design.md#the-decode-loop).
+        Returns the model itself when its layers are not stacked; otherwise a new model whose layers hold slices
+        of the stacked arrays (a copy of the layer weights).
         """
-        B, P = self._check_decoding(ids, attention_mask)
-        if not isinstance(cache_len, int) or cache_len < P:
-            raise ValueError(f"cache_len={cache_len!r} must be an int >= the prompt length {P}")
-        mask = jnp.ones((B, P), jnp.int32) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
-        positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)  # (B, P): pads get 0, as transformers
-        x = self._input(ids, mask, None, positions)  # (B, P, D)
-
-        def layer(h: jax.Array, block: TransformerBlock) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-            return block.prefill(h, mask, positions, cache_len)
-
-        x, k, v = self._over_layers(layer, x)  # k, v: n_layers arrays (B, K, S, H)
-        key_mask = jnp.zeros((B, cache_len), bool).at[:, :P].set(mask.astype(bool))
-        cache = KVCache(k, v, key_mask, jnp.asarray(P, jnp.int32), jnp.sum(mask, axis=1, dtype=jnp.int32))
-        return self._final(x), cache
-
-    def decode(
-        self, ids: jax.Array, cache: KVCache, *, layers: tuple[TransformerBlock, ...] | None = None
-    ) -> tuple[jax.Array, KVCache]:
-        """The hidden states of L new tokens per row (every one real) attending over the cache.
-
-        Args:
-            ids: (B, L) token ids, written at slots cache.index .. cache.index + L - 1 (the caller keeps
-                index + L <= S: under jit a write past the end is clamped by `dynamic_update_slice`).
-            cache: from `prefill` or a previous `decode`.
-            layers: the blocks as separate modules, from `self.layers()`: a decode loop takes them once, outside
-                the loop, so that no step copies a layer's weights out of the stacked ones. None: `self.layers()`.
-        Returns:
-            (hidden (B, L, D) after `final_norm`, the updated cache).
-        """
-        B, L = self._check_decoding(ids, None)
-        layers = self.layers() if layers is None else layers
-        positions = cache.next_position[:, None] + jnp.arange(L, dtype=jnp.int32)  # (B, L)
-        key_mask = jax.lax.dynamic_update_slice(cache.key_mask, jnp.ones((B, L), bool), (0, cache.index))
-        x = self._input(ids, None, None, positions)  # (B, L, D)
-        ks, vs = [], []
-        for block, k, v in zip(layers, cache.k, cache.v, strict=True):  # unrolled: each layer's cache in place
-            x, (k, v) = block.decode(x, (k, v), cache.index, key_mask, positions)
-            ks.append(k)
-            vs.append(v)
-        return self._final(x), KVCache(tuple(ks), tuple(vs), key_mask, cache.index + L, cache.next_position + L)
-
-    def layers(self) -> tuple[TransformerBlock, ...]:
-        """The n_layers blocks as separate modules (slices of the stacked parameters when layers are scanned)."""
         if not self.flax_config.scan_layers:
-            return tuple(self.blocks)
-        graphdef, state = nnx.split(self.blocks)  # every leaf with a leading (n_layers,) axis
-        return tuple(
-            nnx.merge(graphdef, jax.tree.map(lambda a, n=n: a[n], state)) for n in range(self.config.n_layers)
-        )
-
-    def _check_decoding(self, ids: jax.Array, mask: jax.Array | None) -> tuple[int, int]:
-        if not self.config.causal:
-            raise ValueError("prefill/decode need a causal model (config.causal=True): an encoder sees every token")
-        if jnp.ndim(ids) != 2:
-            raise ValueError(f"ids must have shape (B, L), got {jnp.shape(ids)}")
-        if mask is not None and jnp.shape(mask) != jnp.shape(ids):
-            raise ValueError(f"attention_mask must be (B, P) = {jnp.shape(ids)} for a prompt, got {jnp.shape(mask)}")
-        return jnp.shape(ids)
-
-    def _over_layers(self, layer: Callable, x: jax.Array) -> tuple[jax.Array, tuple, tuple]:
-        """Run `layer(h, block) -> (h, (k, v))` over the blocks; returns h and each layer's k and v as tuples."""
-        if not self.flax_config.scan_layers:
-            ks, vs = [], []
-            for block in self.blocks:
-                x, (k, v) = layer(x, block)
-                ks.append(k)
-                vs.append(v)
-            return x, tuple(ks), tuple(vs)
-        graphdef, state = nnx.split(self.blocks)  # every leaf with a leading (n_layers,) axis
-
-        def step(h: jax.Array, layer_state: nnx.State) -> tuple[jax.Array, tuple]:
-            return layer(h, nnx.merge(graphdef, layer_state))
-
-        x, (k, v) = jax.lax.scan(step, x, state, unroll=self.flax_config.scan_unroll)  # (n_layers, B, K, S, H)
-        n = self.config.n_layers
-        return x, tuple(k[i] for i in range(n)), tuple(v[i] for i in range(n))
-
-    def _final(self, x: jax.Array) -> jax.Array:
-        return self.final_norm(x) if self.config.final_norm else x
-
-    def _input(
-        self,
-        ids: jax.Array,
-        attention_mask: jax.Array | None,
-        token_type_ids: jax.Array | None,
-        positions: jax.Array | None = None,
-    ) -> jax.Array:
-        if jnp.ndim(ids) != 2:
-            raise ValueError(f"ids must have shape (B, L), got {jnp.shape(ids)}")
-        B, L = jnp.shape(ids)
-        if attention_mask is not None:
-            check_attention_mask(attention_mask, B, self.config.n_heads, L, L)
-        x = self.input(ids, token_type_ids, positions=positions)  # (B, L, D)
-        return constrain(x, BATCH_ACTIVATION)  # split on B under a mesh
-
-    def _apply_block(self, block: TransformerBlock, x: jax.Array, mask: jax.Array | None) -> jax.Array:
-        if self.flax_config.remat:
-            return nnx.remat(_call_block)(block, x, mask)
-        return _call_block(block, x, mask)
-
-    def _scan_blocks(self, x: jax.Array, attention_mask: jax.Array | None) -> jax.Array:
-        step = nnx.remat(_scan_step) if self.flax_config.remat else _scan_step
-        layer_axis = {nnx.PARTITION_NAME: None}  # the stacked layer axis is unsharded
-        scan = nnx.scan(  # lax.scan itself caps unroll at the loop length
-            step,
-            in_axes=(nnx.Carry, 0, None),
-            out_axes=nnx.Carry,
-            transform_metadata=layer_axis,
-            unroll=self.flax_config.scan_unroll,
-        )
-        return scan(x, self.blocks, attention_mask)
+            return self
+        flax_config = self.flax_config.replace(scan_layers=False)
+        shape = nnx.eval_shape(lambda: Transformer(self.config, flax_config=flax_config, rngs=nnx.Rngs(0)))
+        state = nnx.state(self)
+        stacked = state["blocks"]  # every leaf (n_layers, ...)
+        layers = range(self.config.n_layers)
+        state["blocks"] = nnx.State({n: jax.tree.map(lambda a, n=n: a[n], stacked) for n in layers})
+        return nnx.merge(nnx.graphdef(shape), state)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """LM head: (B, L, D) -> (B, L, V) logits in the compute dtype: hidden @ input.embed.weight.T when tied,
@@ -265,10 +141,81 @@ class Transformer(nnx.Module):
             return self.lm_head(hidden)
         return self.input.embed.attend(hidden)
 
+    def default_positions(self, ids: jax.Array, attention_mask: jax.Array | None) -> jax.Array | None:
+        """The positions (B, L) of a forward given none, by the config's `positions_from` and `position_offset`;
+        None for plain slots 0 .. L - 1 (the input and RoPE then use that range directly)."""
+        cfg = self.config
+        B, L = jnp.shape(ids)
+        if cfg.positions_from == "index" or (cfg.positions_from == "mask" and attention_mask is None):
+            if cfg.position_offset == 0:
+                return None
+            return jnp.broadcast_to(cfg.position_offset + jnp.arange(L, dtype=jnp.int32), (B, L))
+        if cfg.positions_from == "mask":
+            real = jnp.asarray(attention_mask) != 0
+        else:
+            real = jnp.asarray(ids) != cfg.padding_idx
+        count = jnp.cumsum(real.astype(jnp.int32), axis=1)
+        return jnp.maximum(jnp.where(real, count, 0) + cfg.position_offset - 1, 0)
 
-def _call_block(block: TransformerBlock, x: jax.Array, mask: jax.Array | None) -> jax.Array:
-    return constrain(block(x, mask), BATCH_ACTIVATION)
+    def _run(
+        self, ids: jax.Array, attention_mask: jax.Array | None, positions: jax.Array | None,
+        token_type_ids: jax.Array | None, cache: KVCache | None, collect: bool,
+    ) -> tuple[jax.Array, KVCache | None, jax.Array | None]:  # fmt: skip
+        """(hidden after final_norm, the advanced cache or None, the per-layer states or None)."""
+        cfg = self.config
+        if jnp.ndim(ids) != 2:
+            raise ValueError(f"ids must have shape (B, L), got {jnp.shape(ids)}")
+        B, L = jnp.shape(ids)
+        if attention_mask is not None:
+            check_attention_mask(attention_mask, B, cfg.n_heads, L, L)
+        if positions is not None and cache is not None:
+            raise ValueError("positions come from the cache when one is given: pass positions=None")
+        positions = None if positions is None else jnp.broadcast_to(jnp.asarray(positions), (B, L))
+        layer_mask, cache_index = attention_mask, 0
+        if cache is None and positions is None:
+            positions = self.default_positions(ids, attention_mask)
+        elif cache is not None:
+            check_cache(cache, cfg, self.flax_config.scan_layers, B, attention_mask)
+            real = jnp.ones((B, L), bool) if attention_mask is None else jnp.asarray(attention_mask) != 0
+            cache_index, (cache, positions) = cache.index, advance(cache, real)
+            layer_mask = cache.key_mask
+        x = self.input(ids, token_type_ids, positions=positions)  # (B, L, D)
+        if cache is not None and attention_mask is not None:  # the attention NaNs rows of a bad mask without one
+            x = nan_rows_of_bad_mask(x, attention_mask)
+        kv = None if cache is None else (cache.k, cache.v)
+        x, kv, states = self._walk(constrain(x, BATCH_ACTIVATION), layer_mask, positions, cache_index, kv, collect)
+        hidden = self.final_norm(x) if cfg.final_norm else x
+        return hidden, None if cache is None else cache._replace(k=kv[0], v=kv[1]), states
 
+    def _walk(
+        self, x: jax.Array, mask: jax.Array | None, positions: jax.Array | None, cache_index: jax.Array | int,
+        kv: tuple[Any, Any] | None, collect: bool,
+    ) -> tuple[jax.Array, tuple[Any, Any] | None, jax.Array | None]:  # fmt: skip
+        """The one loop over the layers: x through every block, each with its kind and its slice of the cache.
 
-def _scan_step(x: jax.Array, block: TransformerBlock, mask: jax.Array | None) -> jax.Array:
-    return constrain(block(x, mask), BATCH_ACTIVATION)
+        Returns (x, the caches written (as `kv` was laid out) or None, (n_layers + 1, B, L, D) states or None).
+        """
+        kinds = layer_kinds(self.config)
+
+        def layer(h: jax.Array, block: TransformerBlock, kind: LayerKind, layer_kv: tuple | None) -> tuple:
+            out = block(h, mask, positions=positions, kind=kind, cache=layer_kv, cache_index=cache_index)
+            h, layer_kv = (out, None) if layer_kv is None else out
+            h = constrain(h, BATCH_ACTIVATION)
+            return h, (layer_kv, h if collect else None)
+
+        step = nnx.remat(layer) if self.flax_config.remat else layer
+        first = x
+        if self.flax_config.scan_layers:  # lax.scan itself caps the unroll at the loop length
+            axes = dict(in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0), unroll=self.flax_config.scan_unroll)
+            x, (kv, states) = nnx.scan(step, transform_metadata=_LAYER_AXIS, **axes)(x, self.blocks, kinds, kv)
+        else:
+            outs = []
+            for n, block in enumerate(self.blocks):
+                layer_kv = None if kv is None else (kv[0][n], kv[1][n])
+                x, out = step(x, block, jax.tree.map(lambda a, n=n: a[n], kinds), layer_kv)
+                outs.append(out)
+            kv = None if kv is None else tuple(zip(*(out[0] for out in outs), strict=True))
+            states = jnp.stack([out[1] for out in outs]) if collect else None
+        if collect:
+            states = jnp.concatenate([first[None], states], axis=0)
+        return x, kv, states

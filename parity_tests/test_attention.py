@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from helpers import POSITIONS, randn, small_config, twins
+from helpers import ALIBI_SLOPES, POSITIONS, alibi_bias_formula, randn, small_config, twins
 
 import flax_impl as fi
 import torch_ref as tr
@@ -22,6 +22,37 @@ def run_both(cfg, x, mask=None):
     y = np.asarray(f(jnp.asarray(x), None if mask is None else jnp.asarray(mask)))
     yt = t(torch.from_numpy(x), None if mask is None else torch.from_numpy(mask)).detach().numpy()
     return y, yt
+
+
+@pytest.mark.parametrize("alibi", [False, True])
+@pytest.mark.parametrize("causal,window", [(False, None), (True, None), (True, 3)])
+def test_mask_rules_twins_formula_and_cached_rows(alibi, causal, window):
+    """The one place the mask rules live, on both twins: the same allowed keys and ALiBi bias; the bias is Press et
+    al.'s formula; a cached call's queries at slots 5..8 get exactly rows 5..8 of the full call's rules."""
+    from flax_impl.attention import mask_rules
+    from torch_ref.attention import mask_rules as torch_mask_rules
+
+    slopes = np.asarray(ALIBI_SLOPES[3], np.float32) if alibi else None
+    keys = np.ones((2, 9), np.int32)
+    keys[1, :2] = 0  # a left-padded row
+    rules = dict(causal=causal, window=window)
+    allowed, bias = mask_rules(jnp.asarray(keys), jnp.arange(9), 9, slopes=slopes, **rules)
+    t_allowed, t_bias = torch_mask_rules(
+        torch.from_numpy(keys), torch.arange(9), 9, slopes=None if slopes is None else torch.from_numpy(slopes), **rules
+    )
+    full = np.broadcast_to(np.asarray(allowed), (2, 1, 9, 9))
+    np.testing.assert_array_equal(full, np.broadcast_to(t_allowed.numpy(), (2, 1, 9, 9)))
+    i, j = np.arange(9)[:, None], np.arange(9)[None, :]
+    want = keys.astype(bool)[:, None, None, :] & ((j <= i) if causal else True) & ((i - j < window) if window else True)
+    np.testing.assert_array_equal(full, np.broadcast_to(want, (2, 1, 9, 9)))
+    assert (bias is None) == (t_bias is None) == (not alibi)
+    if alibi:
+        np.testing.assert_array_equal(np.asarray(bias)[0], alibi_bias_formula(9, 9, slopes, causal))
+        np.testing.assert_array_equal(np.asarray(bias), t_bias.numpy())
+    cached_allowed, cached_bias = mask_rules(jnp.asarray(keys), 5 + jnp.arange(4), 9, slopes=slopes, **rules)
+    np.testing.assert_array_equal(np.broadcast_to(np.asarray(cached_allowed), (2, 1, 4, 9)), full[:, :, 5:])
+    if alibi:
+        np.testing.assert_array_equal(np.asarray(cached_bias), np.asarray(bias)[:, :, 5:])
 
 
 def padding_mask():

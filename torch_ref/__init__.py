@@ -2,6 +2,7 @@
 
 from torch_ref.attention import MultiHeadAttention, from_torch_mha_mask
 from torch_ref.block import GatedMLP, TransformerBlock
+from torch_ref.cache import KVCache, init_cache
 from torch_ref.config import TrainConfig, TransformerConfig
 from torch_ref.dropout import Dropout
 from torch_ref.embedding import Embed
@@ -26,6 +27,7 @@ __all__ = [
     "Embed",
     "GatedMLP",
     "GenerateOutput",
+    "KVCache",
     "TransformerConfig",
     "LayerNorm",
     "LearnedPositions",
@@ -46,6 +48,7 @@ __all__ = [
     "from_numpy_state_dict",
     "from_torch_mha_mask",
     "generate",
+    "init_cache",
     "lr_lambda",
     "make_optimizer",
     "sinusoidal_table",

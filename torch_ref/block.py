@@ -56,18 +56,15 @@ class TransformerBlock(nn.Module):
                 nn.Dropout(config.dropout),
             )
 
-    def forward(self, x, attention_mask=None, positions=None):
-        return self._residuals(x, lambda h: self.attn(h, attention_mask, positions))
+    def forward(self, x, attention_mask=None, positions=None, kind=None, cache=None, cache_index: int = 0):
+        """x (B, L, D) -> (B, L, D); with a (k, v) cache (written in place), (out, cache)."""
 
-    def prefill(self, x, attention_mask, positions, cache_len: int):
-        kv = []
-        out = self._residuals(x, lambda h: _keep(kv, self.attn.prefill(h, attention_mask, positions, cache_len)))
-        return out, kv[0]
+        def attend(h):
+            out = self.attn(h, attention_mask, positions, kind, cache, cache_index)
+            return out if cache is None else out[0]
 
-    def decode(self, x, kv, index: int, key_mask, positions):
-        new = []
-        out = self._residuals(x, lambda h: _keep(new, self.attn.decode(h, kv, index, key_mask, positions)))
-        return out, new[0]
+        out = self._residuals(x, attend)
+        return out if cache is None else (out, cache)
 
     def _residuals(self, x, attend):
         if self.parallel:
@@ -79,7 +76,3 @@ class TransformerBlock(nn.Module):
         x = self.ln1(x + attend(x))
         return self.ln2(x + self.ff(x))
 
-
-def _keep(store, result):
-    store.append(result[1])
-    return result[0]

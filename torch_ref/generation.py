@@ -62,13 +62,13 @@ def generate(
     model.eval()
     generator = torch.Generator().manual_seed(seed)
     stop = torch.as_tensor(options.stop_tokens, dtype=torch.long)
-    h, cache = model.prefill(ids, mask, P + max_new_tokens)
+    h, cache = model(ids, mask, cache=model.init_cache(B, P + max_new_tokens))  # prefill fills the cache
     logits = model.logits(h[:, -1:])[:, 0].float()  # (B, V)
     done = torch.zeros(B, dtype=torch.bool)
     tokens, steps_logits = [], []
     for t in range(max_new_tokens):
         if t > 0:
-            h, cache = model.decode(tokens[-1][:, None], cache)
+            h, cache = model(tokens[-1][:, None], cache=cache)
             logits = model.logits(h)[:, 0].float()
         if do_sample:
             probs = torch.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)

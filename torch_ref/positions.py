@@ -118,10 +118,3 @@ def rotate_qk(config: TransformerConfig, q, k, positions):
         return q, k
     kw = dict(base=config.rope_base, style=config.rope_style, fraction=config.rope_fraction, scale=config.rope_scale)
     return apply_rope(q, positions, **kw), apply_rope(k, positions, **kw)
-
-
-def score_bias(config: TransformerConfig, q_len: int, k_len: int):
-    """ALiBi bias (N, L, S) when config.position == "alibi", None otherwise."""
-    if config.position != "alibi":
-        return None
-    return alibi_bias(q_len, k_len, alibi_slopes(config.n_heads, config.alibi_max_bias), causal=config.causal)

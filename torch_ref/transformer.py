@@ -1,9 +1,12 @@
-"""Lesson 08's exercise in plain torch: N blocks in an nn.ModuleList, depth from the config."""
+"""The Transformer in plain torch, the twin of flax_impl/transformer.py: N blocks in an nn.ModuleList, depth from
+the config, one loop over them for the forward, the per-layer hidden states and cached decoding."""
 
 import torch
 from torch import nn
 
+from torch_ref.attention import layer_kinds
 from torch_ref.block import TransformerBlock
+from torch_ref.cache import KVCache, advance, init_cache
 from torch_ref.config import as_config
 from torch_ref.norm import make_norm
 from torch_ref.pipeline import TransformerInput
@@ -27,52 +30,53 @@ class Transformer(nn.Module):
         if config.lm_head == "untied":
             self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=config.lm_head_bias)
 
-    def forward(self, ids, attention_mask=None, token_type_ids=None):
-        x = self.hidden_states(ids, attention_mask, token_type_ids)[-1]
-        if self.config.final_norm:
-            x = self.final_norm(x)
-        return x
+    def forward(self, ids, attention_mask=None, positions=None, token_type_ids=None, cache: KVCache | None = None):
+        """(B, L, D) after final_norm; with a cache (from `init_cache`, written in place), (hidden, cache). The
+        arguments as flax_impl's Transformer.__call__."""
+        x, _ = self._run(ids, attention_mask, positions, token_type_ids, cache, collect=False)
+        return x if cache is None else (x, cache)
 
-    def hidden_states(self, ids, attention_mask=None, token_type_ids=None):
+    def hidden_states(self, ids, attention_mask=None, positions=None, token_type_ids=None):
         """(n_layers + 1, B, L, D): the input of block 1, then each block's output (before final_norm)."""
-        outs = [self.input(ids, token_type_ids)]
-        for block in self.blocks:
-            outs.append(block(outs[-1], attention_mask))
-        return torch.stack(outs)
+        return self._run(ids, attention_mask, positions, token_type_ids, None, collect=True)[1]
 
-    def prefill(self, ids, attention_mask, cache_len: int):
-        """A left-padded prompt (B, P) -> (hidden (B, P, D), cache): see flax_impl's Transformer.prefill.
-        The cache is a dict: k, v lists of (B, K, S, H) per layer, key_mask (B, S), index, next_position (B,)."""
-        B, P = ids.shape
-        mask = torch.ones(B, P, dtype=torch.long) if attention_mask is None else attention_mask.long()
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, P): pads get 0, as transformers
-        x, ks, vs = self.input(ids, positions=positions), [], []
-        for block in self.blocks:
-            x, (k, v) = block.prefill(x, mask, positions, cache_len)
-            ks.append(k)
-            vs.append(v)
-        key_mask = torch.zeros(B, cache_len, dtype=torch.bool)
-        key_mask[:, :P] = mask.bool()
-        cache = dict(k=ks, v=vs, key_mask=key_mask, index=P, next_position=mask.sum(dim=1))
-        return self._final(x), cache
+    def init_cache(self, batch: int, max_len: int) -> KVCache:
+        """An empty KVCache (torch_ref.cache.init_cache) in the model's parameter dtype."""
+        return init_cache(self.config, batch, max_len, dtype=self.input.embed.weight.dtype)
 
-    def decode(self, ids, cache):
-        """(B, L) new tokens at slots cache["index"].. -> (hidden (B, L, D), the updated cache)."""
+    def default_positions(self, ids, attention_mask):
+        """(B, L) positions by the config's positions_from / position_offset, or None for 0 .. L - 1."""
+        cfg = self.config
+        if cfg.positions_from == "index" or (cfg.positions_from == "mask" and attention_mask is None):
+            if cfg.position_offset == 0:
+                return None
+            return (cfg.position_offset + torch.arange(ids.shape[1])).expand(ids.shape)
+        real = attention_mask != 0 if cfg.positions_from == "mask" else ids != cfg.padding_idx
+        count = real.long().cumsum(dim=1)
+        return (torch.where(real, count, 0) + cfg.position_offset - 1).clamp(min=0)
+
+    def _run(self, ids, attention_mask, positions, token_type_ids, cache, collect: bool):
         B, L = ids.shape
-        index = cache["index"]
-        positions = cache["next_position"][:, None] + torch.arange(L)  # (B, L)
-        key_mask = cache["key_mask"].clone()
-        key_mask[:, index : index + L] = True
-        x, ks, vs = self.input(ids, positions=positions), [], []
-        for n, block in enumerate(self.blocks):
-            x, (k, v) = block.decode(x, (cache["k"][n], cache["v"][n]), index, key_mask, positions)
-            ks.append(k)
-            vs.append(v)
-        cache = dict(k=ks, v=vs, key_mask=key_mask, index=index + L, next_position=cache["next_position"] + L)
-        return self._final(x), cache
-
-    def _final(self, x):
-        return self.final_norm(x) if self.config.final_norm else x
+        if positions is not None and positions.dim() == 1:
+            positions = positions.expand(B, L)
+        cache_index = 0
+        if cache is None:
+            positions = self.default_positions(ids, attention_mask) if positions is None else positions
+            layer_mask = attention_mask
+        else:
+            real = torch.ones(B, L, dtype=torch.bool) if attention_mask is None else attention_mask != 0
+            cache_index = cache.index
+            positions = advance(cache, real)
+            layer_mask = cache.key_mask
+        x = self.input(ids, token_type_ids, positions)
+        outs = [x]
+        for n, (block, kind) in enumerate(zip(self.blocks, layer_kinds(self.config), strict=True)):
+            layer_cache = None if cache is None else (cache.k[n], cache.v[n])
+            x = block(x, layer_mask, positions, kind, layer_cache, cache_index)
+            x = x if cache is None else x[0]
+            outs.append(x)
+        hidden = self.final_norm(x) if self.config.final_norm else x
+        return hidden, torch.stack(outs) if collect else None
 
     def logits(self, hidden):
         """LM head: (B, L, D) -> (B, L, V): tied (hidden @ input.embed.weight.T) or the `lm_head` Linear."""

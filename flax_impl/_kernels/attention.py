@@ -19,11 +19,18 @@ from flax import nnx
 from flax_impl._kernels.dropout import keep_scale, scale_kept
 
 
-@nnx.remat
 def merge_heads_project(out_proj: nnx.Linear, out: jax.Array) -> jax.Array:
-    """out_proj of the heads-major attention output: (B, N, L, H) -> (B, L, N * H) -> (B, L, D)."""
-    B, N, L, H = out.shape
-    return out_proj(out.transpose(0, 2, 1, 3).reshape(B, L, N * H))
+    """out_proj of the heads-major attention output: (B, N, L, H) -> (B, L, N * H) -> (B, L, D), as a recompute
+    region (`jax.checkpoint` over the layer's split state, so that nothing is written back to the module: it may
+    be called inside a loop body)."""
+    graphdef, state = nnx.split(out_proj)
+
+    @jax.checkpoint
+    def project(state: nnx.State, out: jax.Array) -> jax.Array:
+        B, N, L, H = out.shape
+        return nnx.merge(graphdef, state)(out.transpose(0, 2, 1, 3).reshape(B, L, N * H))
+
+    return project(state, out)
 
 
 # Query chunking of the einsum path: the float32 score block (B, N, c, S) of one chunk is kept under this size, so
@@ -59,6 +66,8 @@ def chunked_attention(
     keep: jax.Array | None = None,
     rate: float = 0.0,
     chunk: int | None = None,
+    *,
+    zero_dead: bool = True,
 ) -> jax.Array:
     """softmax(q.k^T + bias, masked), dropped out, . v, heads-major, with a written-out gradient.
 
@@ -82,6 +91,8 @@ def chunked_attention(
             no dropout.
         rate: the dropout rate `keep` was drawn with (sets the 1 / (1 - rate) scale).
         chunk: queries per chunk; None: `query_chunk(B, N, L, S)`.
+        zero_dead: zero the keys no query may attend to first (below); False where the caller guarantees they
+            are zero (a KV cache holds zeros at padded and unwritten slots), saving a pass over k and v.
 
     Returns:
         (B, N, L, H) in v's dtype. Empty (zeros of that shape) when B, N, L or S is 0.
@@ -92,7 +103,8 @@ def chunked_attention(
     B, N, L, H = q.shape
     if 0 in (B, N, L, k.shape[2]):  # nothing to attend to, or no one asking: no chunk, no softmax
         return jnp.zeros((B, N, L, v.shape[-1]), v.dtype)
-    k, v = zero_dead_keys(k, allowed, key_axis=2), zero_dead_keys(v, allowed, key_axis=2)
+    if zero_dead:
+        k, v = zero_dead_keys(k, allowed, key_axis=2), zero_dead_keys(v, allowed, key_axis=2)
     return _attention(q, k, v, bias, allowed, keep, rate, chunk or query_chunk(B, N, L, k.shape[2]))
 
 
@@ -100,7 +112,8 @@ def zero_dead_keys(x: jax.Array, allowed: jax.Array | None, key_axis: int) -> ja
     """x (keys or values) with the keys that no query may attend to set to 0.
 
     Args:
-        x: heads-major (B, N, S, H) (`key_axis` 2) or (B, S, N, H) (`key_axis` 1).
+        x: heads-major (B, N, S, H) (`key_axis` 2) or (B, S, N, H) (`key_axis` 1); with K < N kv heads,
+            (B, K, S, H) or (B, S, K, H), key k read by query heads k G .. k G + G - 1 (G = N / K).
         allowed: bool (B|1, N|1, L|1, S), True = may attend; None: every key is live (x returned as is).
         key_axis: where S is in x.
 
@@ -110,6 +123,9 @@ def zero_dead_keys(x: jax.Array, allowed: jax.Array | None, key_axis: int) -> ja
     if allowed is None:
         return x
     live = jnp.any(allowed, axis=2)  # (B|1, N|1, S): some query may read this key
+    heads = x.shape[1] if key_axis == 2 else x.shape[2]
+    if live.shape[1] not in (1, heads):  # per query head, x per kv head (grouped): live if one head reads it
+        live = jnp.any(live.reshape(live.shape[0], heads, -1, live.shape[-1]), axis=2)
     live = live[..., None] if key_axis == 2 else jnp.moveaxis(live, 1, 2)[..., None]  # broadcast as x
     return jnp.where(live, x, jnp.zeros((), x.dtype))
 
@@ -237,8 +253,8 @@ def dot_product_attention(
 
     Args:
         q: (B, L, N, H), already scaled: the kernel applies no 1/sqrt(H).
-        k: (B, S, N, H).
-        v: (B, S, N, H).
+        k: (B, S, K, H), K dividing N (grouped-query: query head n reads kv head n // (N / K)).
+        v: (B, S, K, H).
         bias: float (B|1, N|1, L|1, S) added to the scores, or None.
         allowed: bool (B|1, N|1, L|1, S); True = may attend. None: every key.
 

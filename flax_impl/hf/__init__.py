@@ -29,7 +29,7 @@ from flax_impl.hf.convert import (
 )
 from flax_impl.hf.families import FAMILIES
 from flax_impl.hf.io import read_config, read_headers, read_tensor, weight_files, write_folder
-from flax_impl.interop import load_torch_state_dict, to_numpy_state_dict
+from flax_impl.interop import build_abstract, place_torch_tensors, state_dict_shapes, to_numpy_state_dict
 from flax_impl.transformer import Transformer
 
 __all__ = ["FAMILIES", "from_pretrained", "save_pretrained", "to_hf_state_dict"]
@@ -50,7 +50,8 @@ def from_pretrained(
         path: the folder.
         flax_config: how the Flax model computes (dtype, scanned layers, ...); the weights are cast to its
             param_dtype.
-        rngs_seed: seeds the model's rngs (the random init, overwritten, and dropout in train mode).
+        rngs_seed: seeds the model's rngs (dropout in train mode). No weight is initialised: the model is built
+            abstractly and each parameter is placed once, read from the checkpoint.
     Returns:
         (config, model).
     Raises:
@@ -62,15 +63,17 @@ def from_pretrained(
     fam, cfg = config_from_hf(hf)
     files = weight_files(path)
     header = read_headers(files)
-    model = Transformer(cfg, flax_config=flax_config, rngs=nnx.Rngs(rngs_seed))
-    plan = weight_plan(fam, cfg, {k: v.shape for k, v in to_numpy_state_dict(model).items()})
+    model = build_abstract(lambda: Transformer(cfg, flax_config=flax_config, rngs=nnx.Rngs(rngs_seed)))
+    plan = weight_plan(fam, cfg, state_dict_shapes(model))
     names = normalize_keys(fam, cfg, list(header))
     check_checkpoint(fam, cfg, plan, {short: header[full][0] for short, full in names.items()})
-    state = {}
-    for entry in plan:
-        tensors = [read_tensor(header[names[k]][1], names[k]) for k in entry.hf_keys]
-        state[entry.ours] = to_ours(entry, tensors, cfg)
-    load_torch_state_dict(model, state)
+    by_ours = {entry.ours: entry for entry in plan}
+
+    def fetch(ours: str) -> np.ndarray:  # read on demand: one parameter's tensors at a time
+        entry = by_ours[ours]
+        return to_ours(entry, [read_tensor(header[names[k]][1], names[k]) for k in entry.hf_keys], cfg)
+
+    place_torch_tensors(model, state_dict_shapes(model), fetch)
     model.eval()
     return cfg, model
 
