@@ -4,7 +4,7 @@
 An explicit pytree (a NamedTuple of arrays), not `nnx.Cache` variables inside the modules: the decode loop of
 `flax_impl.generate` carries it through `jax.lax.while_loop` and `jax.jit` as an ordinary value, a scanned stack
 scans over it beside the stacked weights, and the model stays a pure function of (weights, cache) -> (output,
-cache), so that prefill and decode are the same forward (docs/design.md#the-kv-cache).
+cache), so that prefill and decode are the same forward (docs/design.md#the-decoder-core).
 
 Slots are the cache's time axis: the first call writes slots 0 .. L - 1 (a left-padded prompt), each later call
 the next ones. Positions are per row: a row's first real token is position `position_offset` (0 unless the

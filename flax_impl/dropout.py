@@ -6,8 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flax_impl._kernels.dropout import apply_keep_bits
-from flax_impl._kernels.dropout import keep_bits as draw_keep_bits
+from flax_impl._kernels.dropout import apply_keep_bits, keep_bits as draw_keep_bits
 from flax_impl.validation import check_bool, check_float
 
 

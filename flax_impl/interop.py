@@ -218,9 +218,8 @@ def place_torch_tensors(
 
 
 def build_abstract(factory: Callable[[], nnx.Module]) -> nnx.Module:
-    """`factory()` with its parameters abstract (ShapeDtypeStructs: no weight is initialised or allocated) and every
-    other variable concrete (rng streams: the same keys and counts as `factory()` gives), ready for
-    `load_torch_state_dict` / `place_torch_tensors` / `load` to place each weight once.
+    """`factory()` with its parameters abstract (ShapeDtypeStructs: no weight initialised or allocated) and every other
+    variable concrete (rng streams as `factory()` gives them), for `place_torch_tensors` / `load` to fill.
 
     Args:
         factory: builds the module, e.g. `lambda: Transformer(cfg, rngs=nnx.Rngs(0))`.
@@ -363,7 +362,7 @@ def from_torch_encoder_layer(state_dict: dict[str, Any], prefix: str = "") -> di
 
     Args:
         state_dict: the layer's state dict.
-        prefix: stripped from every key first (e.g. "layers.0." for one layer of an nn.Transformer).
+        prefix: stripped from every key first (e.g. "layers.0." for one layer of an nn.TransformerEncoder).
 
     Returns:
         The same values under torch_ref.TransformerBlock keys, ready for `load_torch_state_dict`.
@@ -371,21 +370,8 @@ def from_torch_encoder_layer(state_dict: dict[str, Any], prefix: str = "") -> di
     Raises:
         ValueError: a key outside those five groups, or without `prefix`.
     """
-    out = {}
-    for key, value in state_dict.items():
-        rest = key[len(prefix) :] if key.startswith(prefix) else None
-        new = next(
-            (
-                ours + rest[len(theirs) :]
-                for theirs, ours in TORCH_ENCODER_LAYER_KEYS.items()
-                if rest is not None and rest.startswith(theirs)
-            ),
-            None,
-        )
-        if new is None:
-            raise ValueError(f"unexpected nn.TransformerEncoderLayer key {key!r}")
-        out[new] = value
-    return out
+    stripped = {(k[len(prefix) :] if k.startswith(prefix) else "\0" + k): v for k, v in state_dict.items()}
+    return _renamed(stripped, TORCH_ENCODER_LAYER_KEYS, "nn.TransformerEncoderLayer")
 
 
 def to_torch_encoder_layer(state_dict: dict[str, Any]) -> dict[str, Any]:
@@ -400,13 +386,15 @@ def to_torch_encoder_layer(state_dict: dict[str, Any]) -> dict[str, Any]:
     Raises:
         ValueError: a key outside attn, ff.0, ff.3, ln1 and ln2.
     """
+    return _renamed(state_dict, {ours: theirs for theirs, ours in TORCH_ENCODER_LAYER_KEYS.items()}, "TransformerBlock")
+
+
+def _renamed(state_dict: dict[str, Any], table: dict[str, str], what: str) -> dict[str, Any]:
+    """Each key's prefix renamed by `table`; a key no entry matches raises ValueError naming it."""
     out = {}
     for key, value in state_dict.items():
-        new = next(
-            (theirs + key[len(ours) :] for theirs, ours in TORCH_ENCODER_LAYER_KEYS.items() if key.startswith(ours)),
-            None,
-        )
+        new = next((new + key[len(old) :] for old, new in table.items() if key.startswith(old)), None)
         if new is None:
-            raise ValueError(f"unexpected TransformerBlock key {key!r}")
+            raise ValueError(f"unexpected {what} key {key.lstrip(chr(0))!r}")
         out[new] = value
     return out

@@ -120,7 +120,7 @@ class Transformer(nnx.Module):
         """This model with each layer's parameters in arrays of its own (`scan_layers=False`), computing the same.
 
         A decode loop should run on this form: XLA copies a layer's weights out of a stacked array at every use,
-        inside a loop too, so a scanned stack pays that copy at every step (docs/design.md#the-decode-loop).
+        inside a loop too, so a scanned stack pays that copy at every step (docs/design.md#the-decoder-core).
         Returns the model itself when its layers are not stacked; otherwise a new model whose layers hold slices
         of the stacked arrays (a copy of the layer weights).
         """

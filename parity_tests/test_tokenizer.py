@@ -4,8 +4,7 @@
 import numpy as np
 import pytest
 from helpers import SENTENCES
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 import flax_impl as fi
 import torch_ref as tr

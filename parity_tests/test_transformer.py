@@ -7,8 +7,7 @@ import pytest
 import torch
 from flax import nnx
 from helpers import POSITIONS, perturbed_twins, randn, small_config, twins
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 import flax_impl as fi
 import torch_ref as tr

@@ -26,9 +26,11 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 
-from flax_impl import distributed as dist  # noqa: E402
-from flax_impl import interop  # noqa: E402
-from flax_impl import train as ftrain  # noqa: E402
+from flax_impl import (  # noqa: E402
+    distributed as dist,  # noqa: E402
+    interop,  # noqa: E402
+    train as ftrain,  # noqa: E402
+)
 from flax_impl.checkpoint import abstract, restore_checkpoint, save_checkpoint  # noqa: E402
 from flax_impl.config import TransformerConfig  # noqa: E402
 from flax_impl.transformer import Transformer  # noqa: E402

@@ -21,8 +21,10 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 
-from flax_impl import distributed as dist  # noqa: E402
-from flax_impl import train as ftrain  # noqa: E402
+from flax_impl import (  # noqa: E402
+    distributed as dist,  # noqa: E402
+    train as ftrain,  # noqa: E402
+)
 from flax_impl.apps.cli import main as cli_main  # noqa: E402
 from flax_impl.config import TransformerConfig  # noqa: E402
 from flax_impl.tokenizer import PAD_ID  # noqa: E402

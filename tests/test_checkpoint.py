@@ -20,8 +20,7 @@ import pytest
 from flax import nnx
 from helpers import eight_device_report
 
-from flax_impl import interop
-from flax_impl import train as ftrain
+from flax_impl import interop, train as ftrain
 from flax_impl.checkpoint import abstract, checkpoint_steps, restore_checkpoint, save_checkpoint
 from flax_impl.config import TransformerConfig
 from flax_impl.tolerances import TRAIN_REL

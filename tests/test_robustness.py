@@ -16,13 +16,11 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 import flax_impl as fi
 import torch_ref as tr
-from flax_impl import config as C
-from flax_impl import train as ftrain
+from flax_impl import config as C, train as ftrain
 from flax_impl.tolerances import ELEMENTWISE
 
 

@@ -19,8 +19,7 @@ from safetensors.torch import load_file
 
 import flax_impl as fi
 import torch_ref as tr
-from flax_impl.apps import checkpoint as ck
-from flax_impl.apps import corpus, train
+from flax_impl.apps import checkpoint as ck, corpus, train
 from flax_impl.apps.cli import main as cli_main
 from flax_impl.saved_config import CONFIG_KEY
 from flax_impl.tolerances import TRAIN_REL

@@ -50,8 +50,7 @@ from typing import Any
 
 import numpy as np
 
-from flax_impl.apps import args as shared
-from flax_impl.apps import bench_device
+from flax_impl.apps import args as shared, bench_device
 from flax_impl.apps.bench_plan import Plan, add_arguments, build_config, make_plan, parse_shapes
 from flax_impl.apps.bench_report import Record, format_table, layers_text, write_json, write_plot
 from flax_impl.apps.bench_results import check_targets, encoder_flops, make_records

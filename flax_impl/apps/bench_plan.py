@@ -9,8 +9,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from flax_impl.apps import args as shared
-from flax_impl.apps import bench_device
+from flax_impl.apps import args as shared, bench_device
 from flax_impl.config import FlaxConfig, TransformerConfig
 
 QUICK_SHAPES = ((8, 128), (4, 512))
