@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -53,8 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--repeats", type=int, help="timed rounds [3]")
     a("--sides", help=f"comma-separated, from {', '.join(SIDES)} [all but hf-compile]")
     a("--torch-compile", action="store_true", help="add hf-compile (compiles per case: minutes at real size)")
-    shared.add_model_options(parser, d_model=None, n_heads=None, n_layers=None, d_ff=None, unset="small: 512, 8, "
-                             "6", d_ff_unset="gpt2: 4 x D; llama: 8/3 x D rounded up to a multiple of 64")
+    shared.add_model_options(parser, d_model=None, n_heads=None, n_layers=None, d_ff=None,
+                             unset="small models: D 512, N 8, 6 layers",
+                             d_ff_unset="gpt2: 4 x D; llama: 8/3 x D rounded up to a multiple of 64")
     a("--kv-heads", type=int, help="kv heads K of the small llama, a divisor of N [2]")
     a("--vocab", type=int, help="vocabulary size V of the small models [1000]")
     common.add_common_options(parser, "prefill and decode speed per side")
@@ -151,7 +153,7 @@ def _measure(args: argparse.Namespace, plan: dict[str, Any], result: dict[str, A
         cfg = configs[name]
         with tempfile.TemporaryDirectory(prefix="bench-decode-") as folder:
             sides = Sides(cfg, "gpt2" if name == "gpt2" else "llama", dtype, plan["sides"], args.seed, folder)
-            hf_config = json.load(open(f"{folder}/config.json")) if hf else None
+            hf_config = json.loads(Path(folder, "config.json").read_text()) if hf else None
         info = result["models"].setdefault(name, {"config": cfg.to_dict(), "hf_config": hf_config,
                                                   "params": sides.params, "weight_bytes": {}})
         info["weight_bytes"][dtype] = weight_bytes[name, dtype]
@@ -163,6 +165,7 @@ def _measure(args: argparse.Namespace, plan: dict[str, Any], result: dict[str, A
             raw = common.time_calls(runners, R, progress, f"{name} {dtype} B={B} P={P}")
             row = {"model": name, "dtype": dtype, "batch": B, "prompt": P, "new_tokens": N}
             result["results"].append({**row, **summarize(raw, plan["sides"], B, N, plan["size"])})
+        sides = runners = None  # free this model on every side before the next is built
     progress.step("memory bandwidth again", 0)
     for k, v in common.bandwidth(nbytes, with_torch).items():
         result["floor"]["bandwidth"][k] = max(result["floor"]["bandwidth"][k], v)
