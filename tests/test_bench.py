@@ -136,6 +136,9 @@ def test_markdown_of_recorded_runs(capsys):
     text = capsys.readouterr().out
     assert text.count("| flax | forward | 8 | 128 |") == 2 and "median of runs [all pairs]" in text
     assert "| 8 x 128 | forward | torch_ref | 1.03 (0.91-1.15) / 1.03 (0.91-1.15) | 1.03 [" in text
+    older = ROOT / "benchmarks" / "cpu-quick-2026-12-01-1.json"  # written before the peers and the pairs
+    assert main(["bench", "--markdown", str(older)]) == 2
+    assert "not a result of this command" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("mode", ["forward", "train"])

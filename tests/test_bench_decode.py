@@ -129,6 +129,12 @@ def test_peer_ratios_and_markdown(report, capsys):
     assert capsys.readouterr().out.count("| llama | bfloat16 | 2 | 8 |") == len(DEFAULT_SIDES)
 
 
+def test_markdown_of_a_run_recorded_before_the_floor(capsys):
+    assert main(["bench-decode", "--markdown", str(RECORDED)]) == 0
+    text = capsys.readouterr().out
+    assert "| llama | float32 | 8 | 512 | hf-sdpa | 689.7 (" in text and "floor:" not in text
+
+
 def test_summarize_on_known_times():
     """Made-up times: the figures are the formulas of the method, the peer the faster transformers side."""
     tokens = np.zeros((2, 3), np.int32)

@@ -237,7 +237,10 @@ def run_command(name: str, args: argparse.Namespace, *, plan: Callable, measure:
                     runs.append(json.load(f))
         except (OSError, ValueError) as err:
             return shared.fail(name, f"--markdown: {err}")
-        print(markdown(runs))
+        try:
+            print(markdown(runs))
+        except KeyError as err:
+            return shared.fail(name, f"--markdown: not a result of this command (no field {err})")
         return 0
     omp = machine.set_omp_wait_policy(args.omp_wait_policy)  # before anything imports torch
     try:

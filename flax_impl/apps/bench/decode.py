@@ -276,20 +276,24 @@ def _cell(s: dict[str, float] | None, scale: float = 1.0, fmt: str = ".1f") -> s
 
 
 def format_table(result: dict[str, Any], *, markdown: bool = False) -> str:
-    """The report: machine, models, the floor, one row per (model, dtype, B, P, side), Flax's ratios per case."""
-    bw = result["floor"].get("bandwidth_bytes_per_s") or max(result["floor"]["bandwidth"].values())
-    lines = [f"machine: {machine.describe(result['machine'])}", machine.omp_text(result["omp_wait_policy"]),
-             f"floor: every weight byte read once per step at {bw / 1e9:.1f} GB/s (best of summing a "
-             f"{result['floor']['buffer_bytes'] / 1e6:.0f} MB buffer: " + ", ".join(
-                 f"{k} {v / 1e9:.1f}" for k, v in result["floor"]["bandwidth"].items()) + ")"]
+    """The report: machine, models, the floor, one row per (model, dtype, B, P, side), Flax's ratios per case.
+    Runs recorded before the floor and the dtypes (2026-12-01) print without them."""
+    floor = result.get("floor", {"bandwidth": {}})
+    bw = floor.get("bandwidth_bytes_per_s") or max(floor["bandwidth"].values(), default=None)
+    lines = [f"machine: {machine.describe(result['machine'])}"]
+    lines += [machine.omp_text(result["omp_wait_policy"])] if "omp_wait_policy" in result else []
+    lines += [f"floor: every weight byte read once per step at {bw / 1e9:.1f} GB/s (best of summing a "
+              f"{floor['buffer_bytes'] / 1e6:.0f} MB buffer: " + ", ".join(
+                  f"{k} {v / 1e9:.1f}" for k, v in floor["bandwidth"].items()) + ")"] if bw else []
     for name, m in result["models"].items():
         c = m["config"]
         lines.append(f"{name}: {c['n_layers']} x {c['d_model']} (N={c['n_heads']}, K={c['n_kv_heads'] or c['n_heads']}"
                      f", F={c['d_ff']}, V={c['vocab_size']}, {c['position']}, {c['norm']}, {c['mlp']} MLP, "
-                     f"{c['lm_head']} head), {m['params'] / 1e6:.1f} M parameters; floor step " + ", ".join(
-                         f"{d} {b / 1e6:.0f} MB = {1e3 * b / bw:.1f} ms" for d, b in m["weight_bytes"].items()))
+                     f"{c['lm_head']} head), {m['params'] / 1e6:.1f} M parameters" + "; floor step " * bool(bw)
+                     + ", ".join(f"{d} {b / 1e6:.0f} MB = {1e3 * b / bw:.1f} ms"
+                                 for d, b in m.get("weight_bytes", {}).items() if bw))
     lines += [f"greedy, {result['new_tokens']} new tokens, medians of {result['repeats']} rounds (min-max)", ""]
-    rows = [[r["model"], r["dtype"], str(r["batch"]), str(r["prompt"]), name, _cell(s["prefill_s"], 1e3),
+    rows = [[r["model"], r.get("dtype", "float32"), str(r["batch"]), str(r["prompt"]), name, _cell(s["prefill_s"], 1e3),
              _cell(s["decode_s_per_token"], 1e3, ".2f"), _cell(s["decode_tokens_per_s"], fmt=".0f"),
              _cell(s.get("decode_floor_share"), 100, ".0f"), " / ".join(f"{v:.2f}" for v in s["compile_s"].values()),
              "-" if s["peak_rss_mb"] is None else f"{s['peak_rss_mb']:.0f}",
@@ -303,7 +307,8 @@ def format_table(result: dict[str, Any], *, markdown: bool = False) -> str:
         cells = [f"{k.replace('_', ' ')} {v:.2f}" + ("" if r["targets_met"][k] else " (below target)")
                  for k, v in r["ratios"].items() if v is not None]
         if cells:
-            lines.append(f"{r['model']} {r['dtype']} B={r['batch']} P={r['prompt']}: Flax " + "; ".join(cells))
+            lines.append(f"{r['model']} {r.get('dtype', 'float32')} B={r['batch']} P={r['prompt']}: Flax "
+                         + "; ".join(cells))
     lines.append("targets: " + ", ".join(f"{k} {v}" for k, v in targets.items()))
     return "\n".join(lines + [f"wall {result.get('wall_s', 0):.0f} s"])
 
