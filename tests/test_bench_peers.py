@@ -152,6 +152,14 @@ def test_flax_attention_names_the_kernel_that_runs():
     assert encoder_sides.flax_attention(dpa, "fusion dot").endswith("XLA (not cuDNN)")
 
 
+def test_compiled_program_text_is_the_steps_own():
+    """The text the bench searches for cuDNN's kernel on a GPU (read here on the CPU): the jitted forward."""
+    side = encoder_sides.FlaxSide(CFG, fi.FlaxConfig(), device=jax.devices("cpu")[0], seed=0, rng_impl="philox4x32")
+    ids = np.random.default_rng(0).integers(0, 50, (2, 8)).astype(np.int32)
+    text = side.compiled_text("forward", ids, np.zeros((2, 8, 32), np.float32))
+    assert "ENTRY" in text and "s32[2,8]" in text and "f32[2,8,32]" in text
+
+
 def test_gpu_is_none_on_cpu_and_described_when_present():
     assert machine.detect_gpu(jax.devices("cpu")[0], None) is None
     m = machine.detect_machine(with_torch=False)

@@ -192,7 +192,7 @@ def summarize(raw: dict[str, dict[str, Any]], sides: list[str], B: int, N: int, 
     Returns:
         {"sides": {side: {...}}, "peer": {"decode", "prefill"}, "ratios": {...}, "targets_met": {...}}.
     """
-    ref = raw[f"{sides[0]}/{N}"]["output"]
+    ref = raw[f"{'flax' if 'flax' in sides else sides[0]}/{N}"]["output"]  # tokens_vs_flax: against Flax's
     out = {}
     for s in sides:
         one, many = raw[f"{s}/1"], raw[f"{s}/{N}"]

@@ -265,7 +265,7 @@ def make_records(raw: dict[str, dict[str, Any]], config: TransformerConfig, B: i
                      "precision": precision, "step_s": step, "tokens_per_s": {
                          "median": B * L / step["median"], "min": B * L / step["max"], "max": B * L / step["min"]},
                      "compile_s": max(m["first"] - step["median"], 0.0), "first_call_s": m["first"], "flops": flops,
-                     "achieved_flops": flops / step["median"], "peak_fraction": math.nan,
+                     "achieved_flops": flops / step["median"], "peak_fraction": None,
                      "peak_rss_mb": m["peak_rss_mb"], "rss_step_mb": m["rss_step_mb"], "repeats": repeats,
                      "times_s": m["times"], "attention": attention.get(name), "flax_speedup": None,
                      "fastest_peer": False, "mfu": None})
