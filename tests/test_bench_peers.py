@@ -12,11 +12,11 @@ from flax import nnx
 
 import flax_impl as fi
 import torch_ref as tr
-from flax_impl.apps import bench_device, machine
-from flax_impl.apps.bench_peers import build_peers, sdpa_backend, torch_nn_unsupported
-from flax_impl.apps.bench_report import Record
-from flax_impl.apps.bench_results import EAGER_PEERS, check_targets, make_records
-from flax_impl.apps.bench_timing import pair_ratios
+from flax_impl.apps.bench import encoder_sides, machine
+from flax_impl.apps.bench.common import pair_ratios, rounds
+from flax_impl.apps.bench.encoder import EAGER_PEERS, check_targets, make_records
+from flax_impl.apps.bench.encoder_sides import unsupported
+from flax_impl.apps.bench.peers import build_peers, sdpa_backend
 from flax_impl.tolerances import BLOCK
 
 CFG = fi.TransformerConfig(vocab_size=50, d_model=32, n_heads=4, d_ff=64, n_layers=2, dropout=0.0)
@@ -50,12 +50,12 @@ def test_sdpa_peer_keeps_rope_and_causality():
 
 
 def test_torch_nn_refuses_what_it_cannot_hold():
-    assert torch_nn_unsupported(CFG) is None
-    assert "position=alibi" in torch_nn_unsupported(CFG.replace(position="alibi"))
-    assert "grouped-query" in torch_nn_unsupported(CFG.replace(n_kv_heads=2))
+    assert unsupported("torch.nn", CFG) is None
+    assert "position=alibi" in unsupported("torch.nn", CFG.replace(position="alibi"))
+    assert "grouped-query" in unsupported("torch.nn", CFG.replace(n_kv_heads=2))
     with pytest.raises(ValueError, match="torch.nn"):
         build_peers(tr.Transformer(CFG.replace(norm="rmsnorm")), ["torch.nn"], "cpu")
-    with pytest.raises(ValueError, match="unknown peer"):
+    with pytest.raises(ValueError, match="choose from"):
         build_peers(tr.Transformer(CFG), ["torch.jit"], "cpu")
 
 
@@ -75,6 +75,11 @@ def test_pair_ratios_are_round_by_round():
         pair_ratios([1.0], [1.0, 2.0])
 
 
+def test_rounds_alternate_the_order():
+    assert list(rounds(["a", "b", "c"], 3)) == [(0, "a"), (0, "b"), (0, "c"), (1, "c"), (1, "b"), (1, "a"),
+                                                (2, "a"), (2, "b"), (2, "c")]
+
+
 def _raw(times: dict[str, list[float]]) -> dict:
     return {k: {"first": 2 * max(t), "times": t, "peak_rss_mb": None, "rss_step_mb": None} for k, t in times.items()}
 
@@ -87,13 +92,13 @@ def test_records_and_targets():
     for mode, scale in (("forward", 1.0), ("train", 3.0)):
         raw = _raw({k: [scale * x for x in t] for k, t in times.items()})
         runs[mode] = make_records(raw, cfg, 8, 128, mode, "fp32", 3, {"flax": "einsum"})
-    records: list[Record] = runs["forward"] + runs["train"]
-    nn_row = next(r for r in runs["forward"] if r.framework == "torch.nn")
-    assert nn_row.fastest_peer and nn_row.flax_speedup["median"] == pytest.approx(1.04)
-    assert sum(r.fastest_peer for r in records) == 2  # one per (B, L, mode)
-    assert runs["forward"][0].attention == "einsum" and runs["forward"][1].attention is None
+    records = runs["forward"] + runs["train"]
+    nn_row = next(r for r in runs["forward"] if r["framework"] == "torch.nn")
+    assert nn_row["fastest_peer"] and nn_row["flax_speedup"]["median"] == pytest.approx(1.04)
+    assert sum(r["fastest_peer"] for r in records) == 2  # one per (B, L, mode)
+    assert runs["forward"][0]["attention"] == "einsum" and runs["forward"][1]["attention"] is None
     for r in records:
-        r.peak_fraction = 0.9 if r.mode == "forward" else 0.5
+        r["peak_fraction"] = 0.9 if r["mode"] == "forward" else 0.5
     targets = {(t["mode"], t["what"]): t for t in check_targets(records)}
     assert set(targets) == {("forward", "torch_ref"), ("forward", "fastest"), ("forward", "peak"), ("train", "fastest")}
     ref = targets[("forward", "torch_ref")]
@@ -103,50 +108,56 @@ def test_records_and_targets():
     assert targets[("forward", "peak")]["met"] and targets[("train", "fastest")]["met"]
 
 
-def test_device_peaks_and_compute_kind():
-    assert bench_device.device_peak("NVIDIA H200", "float32") == pytest.approx(66.9e12)
-    assert bench_device.device_peak("NVIDIA H100 PCIe", "bfloat16") == pytest.approx(756e12)  # PCIe before H100
-    assert bench_device.device_peak("TPU v5 lite", "float32") is None  # no such entry: no MFU, not a guess
-    assert bench_device.device_peak("Intel(R) Xeon(R) Processor", "float32") is None
-    assert bench_device.compute_kind("bf16", "float32") == "bfloat16"
-    assert bench_device.compute_kind("fp32", "tensorfloat32") == "tensorfloat32"
+def test_device_peaks():
+    assert encoder_sides.device_peak("NVIDIA H200", "float32") == pytest.approx(66.9e12)
+    assert encoder_sides.device_peak("NVIDIA H100 PCIe", "bfloat16") == pytest.approx(756e12)  # PCIe before H100
+    assert encoder_sides.device_peak("TPU v5 lite", "float32") is None  # no such entry: no MFU, not a guess
+    assert encoder_sides.device_peak("Intel(R) Xeon(R) Processor", "float32") is None
 
 
 def test_matmul_precision_is_pinned_and_restored():
     before = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
-    with bench_device.pin_matmul_precision("tensorfloat32", with_torch=True) as stated:
+    with encoder_sides.pin_matmul_precision("tensorfloat32", with_torch=True) as stated:
         assert jax.config.jax_default_matmul_precision == "tensorfloat32"
         assert torch.get_float32_matmul_precision() == "high" and torch.backends.cudnn.allow_tf32 is True
         assert set(stated) == {"jax", "torch"}
     assert (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32) == before
     with pytest.raises(ValueError, match="--matmul-precision"):
-        with bench_device.pin_matmul_precision("fp64", with_torch=False):
+        with encoder_sides.pin_matmul_precision("fp64", with_torch=False):
             pass
 
 
 def test_omp_policy_is_reported_as_not_applied_once_torch_is_loaded(monkeypatch):
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    state = bench_device.set_omp_wait_policy("passive")
+    state = machine.set_omp_wait_policy("passive")
     assert state == {"requested": "passive", "value": "PASSIVE", "effective": False}  # torch is imported here
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the user's own setting wins
-    assert bench_device.set_omp_wait_policy("passive")["value"] == "ACTIVE"
+    assert machine.set_omp_wait_policy("passive")["value"] == "ACTIVE"
     with pytest.raises(ValueError, match="--omp-wait-policy"):
-        bench_device.set_omp_wait_policy("sleepy")
+        machine.set_omp_wait_policy("sleepy")
 
 
 def test_flax_attention_names_the_kernel_that_runs():
     model = fi.Transformer(CFG.replace(dropout=0.1), rngs=nnx.Rngs(0))
     model.eval()
-    assert bench_device.flax_attention(model, None).startswith("einsum")  # CPU, "auto"
+    assert encoder_sides.flax_attention(model, None).startswith("einsum")  # CPU, "auto"
     model.train()
-    assert "dropout" in bench_device.flax_attention(model, None)
+    assert "dropout" in encoder_sides.flax_attention(model, None)
     dpa = fi.Transformer(CFG, flax_config=fi.FlaxConfig(attention_impl="dot_product_attention"),
                                 rngs=nnx.Rngs(0))
     dpa.eval()
-    assert bench_device.flax_attention(dpa, None) == "jax.nn.dot_product_attention (lowering not inspected)"
-    fused = bench_device.flax_attention(dpa, "custom_call_target=\"__cudnn$fmhaSoftmax\"")
+    assert encoder_sides.flax_attention(dpa, None) == "jax.nn.dot_product_attention (lowering not inspected)"
+    fused = encoder_sides.flax_attention(dpa, "custom_call_target=\"__cudnn$fmhaSoftmax\"")
     assert fused.endswith("cuDNN fused attention")
-    assert bench_device.flax_attention(dpa, "fusion dot").endswith("XLA (not cuDNN)")
+    assert encoder_sides.flax_attention(dpa, "fusion dot").endswith("XLA (not cuDNN)")
+
+
+def test_compiled_program_text_is_the_steps_own():
+    """The text the bench searches for cuDNN's kernel on a GPU (read here on the CPU): the jitted forward."""
+    side = encoder_sides.FlaxSide(CFG, fi.FlaxConfig(), device=jax.devices("cpu")[0], seed=0, rng_impl="philox4x32")
+    ids = np.random.default_rng(0).integers(0, 50, (2, 8)).astype(np.int32)
+    text = side.compiled_text("forward", ids, np.zeros((2, 8, 32), np.float32))
+    assert "ENTRY" in text and "s32[2,8]" in text and "f32[2,8,32]" in text
 
 
 def test_gpu_is_none_on_cpu_and_described_when_present():

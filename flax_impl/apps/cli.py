@@ -9,10 +9,10 @@ import sys
 
 SUBCOMMANDS = {
     "parity": ("flax_impl.apps.parity", "max abs difference Flax vs torch_ref for every module and position scheme"),
-    "bench": ("flax_impl.apps.bench", "jit benchmark side by side with PyTorch"),
+    "bench": ("flax_impl.apps.bench.encoder", "jit benchmark side by side with PyTorch"),
     "train": ("flax_impl.apps.train", "train a small encoder on the Python standard library's source"),
     "generate": ("flax_impl.apps.generate", "continue a prompt with a local Hugging Face causal LM (KV cache)"),
-    "bench-decode": ("flax_impl.apps.bench_decode", "decode benchmark: Flax generate vs torch_ref vs transformers"),
+    "bench-decode": ("flax_impl.apps.bench.decode", "decode benchmark: Flax generate vs torch_ref vs transformers"),
 }
 
 
