@@ -96,7 +96,7 @@ def prepare(out: Path, run: dict[str, Any], *, resume: bool, stop: int) -> Any:
     return found
 
 
-def save(out: Path, model: Any, optimizer: Any, step: int, metadata: dict[str, Any], export: bool) -> Path:
+def save_run(out: Path, model: Any, optimizer: Any, step: int, metadata: dict[str, Any], export: bool) -> Path:
     """Save step `step` as the only step of OUT/checkpoint, then (if `export`) OUT/model.safetensors; returns the
     step's folder.
 

@@ -297,11 +297,11 @@ def _train(
 
     saved = (start, ckpt.path) if ckpt else (0, None)  # the newest checkpoint: (step, folder)
 
-    def save(step: int) -> str | None:
+    def save_step(step: int) -> str | None:
         """Checkpoint `step`; None if done, else the one-line error (a full disk), the previous one intact."""
         nonlocal saved
         try:
-            saved = (step, ck.save(out, model, optimizer, step, {**meta, "history": history}, export))
+            saved = (step, ck.save_run(out, model, optimizer, step, {**meta, "history": history}, export))
         except OSError as e:
             kept = f"the checkpoint of step {saved[0]} is intact ({saved[1]})" if saved[1] else "none was written"
             return f"cannot write the checkpoint of step {step}: {e}; {kept}"
@@ -342,7 +342,7 @@ def _train(
                 break
             history["eval_step"].append(step + 1)
             history["eval_loss"].append(eval_loss)
-            if error := save(step + 1):
+            if error := save_step(step + 1):
                 progress.close()
                 return shared.fail("train", error)
             progress.write(
@@ -352,7 +352,7 @@ def _train(
     progress.close()
     if code == INTERRUPTED:
         done = history["train_step"][-1] if history["train_step"] else start
-        if done > saved[0] and (error := save(done)):
+        if done > saved[0] and (error := save_step(done)):
             return shared.fail("train", error)
         where = f"checkpoint {saved[1]}" if saved[1] else "nothing to save"
         print(f"flax-impl train: interrupted after step {done} of {stop} (train loss {loss:.4f}): {where}",
