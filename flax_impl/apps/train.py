@@ -53,7 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     shared.add_position_option(p, "rope")
     a("--causal", action="store_true", help="next-token objective with causal attention (default: masked-token)")
     a("--mask-prob", type=float, default=0.15, help="masked-token objective: fraction of positions predicted [0.15]")
-    a("--out", default="flax-impl-train", help="output directory for checkpoint and plot [./flax-impl-train]")
+    a("--out", default="flax-impl-train", help="output directory: checkpoint/, model.safetensors, loss.png "
+      "[./flax-impl-train]")
     a("--resume", action="store_true", help="continue from OUT/checkpoint (same model options)")
     a("--stop-at", type=int, default=None, help="stop (with a checkpoint) after this step; resume later")
     shared.add_seed_option(p, "the weights, dropout masks, batches and token masks")
@@ -311,7 +312,7 @@ def _train(
     progress.step("training (the first step compiles)", 0)
     t_start, t_first, tokens, t_tokens = time.perf_counter(), None, 0, 0.0
     model.train()
-    code, reason, loss = 0, "", float("nan")
+    code, reason = 0, ""
     for step in range(start, stop):
         if ctrl_c.requested:
             code = INTERRUPTED
@@ -354,9 +355,9 @@ def _train(
         done = history["train_step"][-1] if history["train_step"] else start
         if done > saved[0] and (error := save_step(done)):
             return shared.fail("train", error)
-        where = f"checkpoint {saved[1]}" if saved[1] else "nothing to save"
-        print(f"flax-impl train: interrupted after step {done} of {stop} (train loss {loss:.4f}): {where}",
-              file=sys.stderr)
+        last = f" (train loss {history['train_loss'][-1]:.4f})" if history["train_loss"] else ""
+        where = f"checkpoint {saved[1]}" if saved[1] else "no checkpoint (no step was trained)"
+        print(f"flax-impl train: interrupted after step {done} of {stop}{last}: {where}", file=sys.stderr)
         if saved[1]:
             print(f"resume with: {_resume_command(args)}", file=sys.stderr)
         return code
