@@ -1,11 +1,13 @@
-"""Read and write Hugging Face model folders (config.json + safetensors): bert, gpt2, llama, mistral, qwen2,
-bloom, mpt. Local folders only; nothing is downloaded, and neither torch nor transformers is imported.
+"""Read and write Hugging Face model folders (config.json + safetensors) of the families in `FAMILIES` (docs/
+huggingface.md lists them). Local folders only; nothing is downloaded, and neither torch nor transformers is
+imported.
 
     cfg, model = flax_impl.hf.from_pretrained("path/to/gpt2-folder")      # TransformerConfig, Transformer
     flax_impl.hf.save_pretrained(model, "out/", model_type="gpt2")        # transformers.AutoModel* loads out/
 
-Each family is a declarative table in `flax_impl.hf.families` (config fields with named converters, refused
-options, weight-key templates with named layouts); `flax_impl.hf.convert` holds the two engines that read them.
+Each family is a declarative table (`flax_impl.hf.families`; the vocabulary in `flax_impl.hf.spec`: config fields
+with named converters, refused options, weight-key templates with layouts); `flax_impl.hf.convert` holds the two
+engines that read them. `register_family` adds a table without editing the library (docs/adding-a-family.md).
 Weights pass through torch_ref's state-dict names (`flax_impl.interop`), the stable interchange format.
 """
 
@@ -21,18 +23,36 @@ from flax_impl.hf.convert import (
     check_checkpoint,
     config_from_hf,
     config_to_hf,
-    family,
+    dims,
+    hf_values,
     normalize_keys,
     to_hf,
     to_ours,
     weight_plan,
 )
-from flax_impl.hf.families import FAMILIES
+from flax_impl.hf.families import FAMILIES, family, register_family
 from flax_impl.hf.io import read_config, read_headers, read_tensor, weight_files, write_folder
+from flax_impl.hf.layouts import Dims, Layout
+from flax_impl.hf.spec import Convert, Derived, Family, Field, Key, Require, Unsupported
 from flax_impl.interop import build_abstract, place_torch_tensors, state_dict_shapes, to_numpy_state_dict
 from flax_impl.transformer import Transformer
 
-__all__ = ["FAMILIES", "from_pretrained", "save_pretrained", "to_hf_state_dict"]
+__all__ = [
+    "FAMILIES",
+    "Convert",
+    "Derived",
+    "Dims",
+    "Family",
+    "Field",
+    "Key",
+    "Layout",
+    "Require",
+    "Unsupported",
+    "from_pretrained",
+    "register_family",
+    "save_pretrained",
+    "to_hf_state_dict",
+]
 
 
 def from_pretrained(
@@ -61,17 +81,20 @@ def from_pretrained(
     """
     hf = read_config(path)
     fam, cfg = config_from_hf(hf)
+    values = hf_values(fam, hf)
     files = weight_files(path)
     header = read_headers(files)
     model = build_abstract(lambda: Transformer(cfg, flax_config=flax_config, rngs=nnx.Rngs(rngs_seed)))
-    plan = weight_plan(fam, cfg, state_dict_shapes(model))
+    plan = weight_plan(fam, cfg, state_dict_shapes(model), values)
     names = normalize_keys(fam, cfg, list(header))
     check_checkpoint(fam, cfg, plan, {short: header[full][0] for short, full in names.items()})
-    by_ours = {entry.ours: entry for entry in plan}
+    by_ours = {ours: entry for entry in plan for ours in entry.ours}
+    d = dims(cfg, values)
 
     def fetch(ours: str) -> np.ndarray:  # read on demand: one parameter's tensors at a time
-        entry = by_ours[ours]
-        return to_ours(entry, [read_tensor(header[names[k]][1], names[k]) for k in entry.hf_keys], cfg)
+        entry = by_ours[ours]  # a fused checkpoint tensor (Phi-3's gate_up_proj) is read once per part of ours
+        tensors = to_ours(entry, [read_tensor(header[names[k]][1], names[k]) for k in entry.hf_keys], d)
+        return tensors[entry.ours.index(ours)]
 
     place_torch_tensors(model, state_dict_shapes(model), fetch)
     model.eval()
@@ -90,12 +113,13 @@ def to_hf_state_dict(model: Transformer, model_type: str) -> dict[str, np.ndarra
         raise TypeError(f"model must be a Transformer, got {type(model).__name__}")
     fam = family(model_type)
     cfg = model.config
-    config_to_hf(fam, cfg)  # refuses a config the family cannot hold, before any tensor is converted
+    values = hf_values(fam, config_to_hf(fam, cfg))  # refuses a config the family cannot hold, before any tensor
     state = to_numpy_state_dict(model)
-    plan = weight_plan(fam, cfg, {k: v.shape for k, v in state.items()})
+    plan = weight_plan(fam, cfg, {k: v.shape for k, v in state.items()}, values)
+    d = dims(cfg, values)
     tensors = {}
     for entry in plan:
-        for key, tensor in zip(entry.hf_keys, to_hf(entry, state[entry.ours], cfg), strict=True):
+        for key, tensor in zip(entry.hf_keys, to_hf(entry, [state[o] for o in entry.ours], d), strict=True):
             tensors[(fam.save_prefix if entry.base else "") + key] = tensor
     return tensors
 

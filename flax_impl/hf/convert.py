@@ -16,20 +16,14 @@ from typing import Any
 import numpy as np
 
 from flax_impl.config import TransformerConfig
-from flax_impl.hf.families import FAMILIES
-from flax_impl.hf.spec import LAYOUTS, Dims, Family, Key, Unsupported
+from flax_impl.hf.families import family
+from flax_impl.hf.layouts import LAYOUTS, Dims, Layout
+from flax_impl.hf.spec import Family, Key, Unsupported
 from flax_impl.validation import ArgumentTypeError, check_json_kind
 
 # Our fields that change training only (dropout rates, the frozen padding row), never the weights or the eval-mode
 # forward: written where the family has a place for them, not required to survive a save.
 TRAINING_ONLY = ("dropout", "attention_dropout", "padding_idx")
-
-
-def family(model_type: object) -> Family:
-    """The table for a Hugging Face model_type; ValueError naming the supported ones otherwise."""
-    if not isinstance(model_type, str) or model_type not in FAMILIES:
-        raise ValueError(f"model_type={model_type!r} is not supported; supported: {sorted(FAMILIES)}")
-    return FAMILIES[model_type]
 
 
 def lookup(hf: Mapping[str, Any], path: str, default: Any = None) -> Any:
@@ -73,6 +67,31 @@ def standardize_rope(hf: Mapping[str, Any]) -> dict[str, Any]:
 
 
 _ABSENT = object()
+
+
+def _renamed(fam: Family, hf: dict[str, Any]) -> dict[str, Any]:
+    """Older config.json keys moved to the dotted keys transformers reads them into, where those are absent."""
+    for old, new in fam.renamed.items():
+        if old in hf:
+            value = hf.pop(old)
+            if lookup(hf, new, _ABSENT) is _ABSENT:
+                put(hf, new, value)
+    return hf
+
+
+def hf_values(fam: Family, hf: Mapping[str, Any], *, source: str = "config.json") -> dict[str, Any]:
+    """Every config.json key the family's table names -> its value (transformers' default where absent), RoPE
+    settings and renamed keys standardized, each value's JSON kind checked: what converters, `Require` checks,
+    `Key.when` and layouts read.
+
+    Raises:
+        ArgumentTypeError / ValueError: as `config_from_hf`.
+    """
+    try:
+        standard = standardize_rope(hf)
+    except ArgumentTypeError as e:
+        raise ArgumentTypeError(f"{source} (model_type={fam.model_type!r}): {e}") from None
+    return _resolved(fam, _renamed(fam, standard), source)
 
 
 def _resolved(fam: Family, hf: Mapping[str, Any], source: str) -> dict[str, Any]:
@@ -138,11 +157,7 @@ def config_from_hf(hf: Mapping[str, Any], *, source: str = "config.json") -> tup
         fam = family(hf.get("model_type"))
     except ValueError as e:
         raise ValueError(f"{source}: {e}") from None
-    try:
-        standard = standardize_rope(hf)
-    except ArgumentTypeError as e:
-        raise ArgumentTypeError(f"{source} (model_type={fam.model_type!r}): {e}") from None
-    values = _resolved(fam, standard, source)
+    values = hf_values(fam, hf, source=source)
     problems = [f"{r.hf}={values[r.hf]!r}: {r.why}" for r in fam.require if not r.ok(values[r.hf], values)]
     fields: dict[str, Any] = dict(fam.fixed)
     for f in fam.config:
@@ -213,8 +228,9 @@ def config_to_hf(fam: Family, cfg: TransformerConfig, *, dtype: str = "float32")
 # Weights.
 
 
-def dims(cfg: TransformerConfig) -> Dims:
-    return Dims(N=cfg.n_heads, K=cfg.n_kv_heads, H=cfg.head_dim)
+def dims(cfg: TransformerConfig, values: Mapping[str, Any] | None = None) -> Dims:
+    """The `Dims` a layout reads: our head counts and the family's resolved config.json values."""
+    return Dims(N=cfg.n_heads, K=cfg.n_kv_heads, H=cfg.head_dim, hf={} if values is None else dict(values))
 
 
 def _ours_regex(template: str) -> re.Pattern[str]:
@@ -222,35 +238,57 @@ def _ours_regex(template: str) -> re.Pattern[str]:
     return re.compile(pattern + r"\Z")
 
 
+def layout_of(key: Key) -> Layout:
+    return key.layout if isinstance(key.layout, Layout) else LAYOUTS[key.layout]
+
+
 @dataclass(frozen=True)
 class Entry:
-    """One of our tensors and the checkpoint tensors that store it (keys without the base-model prefix)."""
+    """Our tensors (one, or several stored as one checkpoint tensor) and the checkpoint tensors that store them
+    (keys without the base-model prefix), with the layout between them."""
 
-    ours: str
-    layout: str
+    ours: tuple[str, ...]
+    layout: Layout
     hf_keys: tuple[str, ...]
     hf_shapes: tuple[tuple[int, ...], ...]
     base: bool
 
 
-def weight_plan(fam: Family, cfg: TransformerConfig, our_shapes: Mapping[str, tuple[int, ...]]) -> list[Entry]:
+def weight_plan(
+    fam: Family, cfg: TransformerConfig, our_shapes: Mapping[str, tuple[int, ...]], values: Mapping[str, Any]
+) -> list[Entry]:
     """For each of our keys (torch_ref names, torch layout shapes) the checkpoint keys and shapes that store it.
 
+    Args:
+        fam: the family.
+        cfg: our config.
+        our_shapes: our key -> torch-layout shape.
+        values: the family's resolved config.json values (`hf_values`), read by `Key.when` and the layouts.
     Raises:
         ValueError: one of our parameters has no entry in the family's table (a config the family cannot hold).
     """
-    d = dims(cfg)
-    compiled = [(key, _ours_regex(key.ours)) for key in fam.keys]
-    plan, unmapped = [], []
-    for ours, shape in our_shapes.items():
-        hit = next(((key, m) for key, rx in compiled if (m := rx.match(ours))), None)
+    d = dims(cfg, values)
+    keys = [key for key in fam.keys if key.when is None or key.when(values)]
+    compiled = [(key, [_ours_regex(t) for t in key.ours_templates]) for key in keys]
+    plan, unmapped, covered = [], [], set()
+    for ours in our_shapes:
+        if ours in covered:
+            continue
+        hit = next(((key, m) for key, rxs in compiled for rx in rxs if (m := rx.match(ours))), None)
         if hit is None:
             unmapped.append(ours)
             continue
         key, m = hit
-        names = _hf_names(key, m.groupdict())
-        shapes = tuple(tuple(s) for s in LAYOUTS[key.layout].hf_shapes(tuple(shape), d))
-        plan.append(Entry(ours, key.layout, names, shapes, key.base))
+        bindings = {k: v for k, v in m.groupdict().items() if v is not None}
+        group = tuple(t.format(**bindings) for t in key.ours_templates)
+        missing = [o for o in group if o not in our_shapes]
+        if missing:
+            unmapped += missing
+            continue
+        covered.update(group)
+        layout = layout_of(key)
+        shapes = layout.hf_shapes([tuple(our_shapes[o]) for o in group], d)
+        plan.append(Entry(group, layout, _hf_names(key, bindings), tuple(tuple(s) for s in shapes), key.base))
     if unmapped:
         raise ValueError(f"model_type={fam.model_type!r} has no checkpoint key for our parameters {unmapped}")
     return plan
@@ -262,14 +300,14 @@ def _hf_names(key: Key, bindings: dict[str, str]) -> tuple[str, ...]:
     return (key.hf.format(**bindings),)
 
 
-def to_ours(entry: Entry, tensors: list[np.ndarray], cfg: TransformerConfig) -> np.ndarray:
-    """The checkpoint tensors of one entry -> our tensor (torch layout)."""
-    return LAYOUTS[entry.layout].to_ours(tensors, dims(cfg))
+def to_ours(entry: Entry, tensors: list[np.ndarray], d: Dims) -> list[np.ndarray]:
+    """The checkpoint tensors of one entry -> our tensors (torch layout), in `entry.ours` order."""
+    return entry.layout.to_ours(tensors, d)
 
 
-def to_hf(entry: Entry, tensor: np.ndarray, cfg: TransformerConfig) -> list[np.ndarray]:
-    """Our tensor (torch layout) -> the checkpoint tensors of one entry, C-contiguous."""
-    return [np.ascontiguousarray(t) for t in LAYOUTS[entry.layout].to_hf(tensor, dims(cfg))]
+def to_hf(entry: Entry, tensors: list[np.ndarray], d: Dims) -> list[np.ndarray]:
+    """Our tensors (torch layout, in `entry.ours` order) -> the checkpoint tensors of one entry, C-contiguous."""
+    return [np.ascontiguousarray(t) for t in entry.layout.to_hf(tensors, d)]
 
 
 def check_checkpoint(
@@ -300,8 +338,9 @@ def normalize_keys(fam: Family, cfg: TransformerConfig, keys: list[str]) -> dict
     """Checkpoint key -> key relative to the base-model prefix, minus the keys the family ignores (and a tied
     LM head's copy of the embedding, which transformers itself re-ties on load)."""
     ignore = [re.compile(p + r"\Z") for p in fam.ignore]
-    if cfg.lm_head == "tied":
-        ignore.append(re.compile(r"lm_head\.weight\Z"))
+    if cfg.lm_head == "tied":  # the head's key as the table names it (GPT-NeoX: embed_out.weight)
+        heads = [key.hf for key in fam.keys if "lm_head.weight" in key.ours_templates] or ["lm_head.weight"]
+        ignore += [re.compile(re.escape(h) + r"\Z") for h in heads]
     out: dict[str, str] = {}
     for key in keys:
         short = key[len(fam.prefix) :] if fam.prefix and key.startswith(fam.prefix) else key

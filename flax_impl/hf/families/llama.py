@@ -10,23 +10,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from flax_impl.config import TransformerConfig
-from flax_impl.hf.spec import (
-    ACTIVATION,
-    COMMON_IGNORED,
-    ROPE_LINEAR_FACTOR,
-    TIE,
-    Convert,
-    Derived,
-    Family,
-    Field,
-    Key,
-    Require,
-    Unsupported,
-    head_dim_check,
-    kv_heads,
-)
+from flax_impl.hf.converters import ACTIVATION, ROPE_TYPE, TIE, head_dim_require, kv_heads, rope_fields
+from flax_impl.hf.spec import COMMON_IGNORED, Convert, Derived, Family, Field, Key, Require, Unsupported
 
-_FIXED = dict(
+FIXED = dict(
     position="rope",
     rope_style="half",  # rotate_half pairs x[i] with x[i + H/2]
     rope_fraction=1.0,
@@ -61,42 +48,27 @@ def _common(defaults: Mapping[str, Any]) -> tuple[Field, ...]:
         Field("max_position_embeddings", "max_len", d["max_position_embeddings"], kind="int"),
         Field("rms_norm_eps", "norm_eps", 1e-6, kind="float"),
         Field("tie_word_embeddings", "lm_head", False, TIE, kind="bool"),
-        Field("rope_parameters.rope_theta", "rope_base", 10_000.0, kind="float"),
-        Field("rope_parameters.factor", "rope_scale", 1.0, ROPE_LINEAR_FACTOR, omit_default=True, kind="float"),
+        *rope_fields(),
         Field("attention_dropout", "attention_dropout", 0.0, kind="float?"),
         Field("pad_token_id", "padding_idx", None, kind="int?"),  # nn.Embedding(..., padding_idx=pad_token_id)
     )
 
 
-_REQUIRE = (
-    Require(
-        "rope_parameters.rope_type",
-        "default",
-        ("default", "linear"),
-        why="only plain RoPE and linear position interpolation are implemented (not dynamic/yarn/llama3/longrope)",
-        kind="str",
-    ),
-    Require(
-        "rope_parameters.partial_rotary_factor",
-        None,
-        (None, 1, 1.0),
-        why="these families rotate the whole head (partial rotary is not part of their modeling code)",
-        kind="float?",
-    ),
-)
-_HEAD_DIM = Require(
-    "head_dim",
+FULL_ROTARY = Require(
+    "rope_parameters.partial_rotary_factor",
     None,
-    check=head_dim_check("hidden_size", "num_attention_heads"),
-    why="a head_dim other than hidden_size / num_attention_heads is not implemented",
-    kind="int?",
+    (None, 1, 1.0),
+    why="these families rotate the whole head (partial rotary is not part of their modeling code)",
+    kind="float?",
 )
-_DERIVED = (
+_REQUIRE = (ROPE_TYPE, FULL_ROTARY)
+HEAD_DIM = head_dim_require("hidden_size", "num_attention_heads")
+DERIVED = (
     Derived("head_dim", lambda c: c.head_dim),
     Derived("rope_parameters.rope_type", lambda c: "linear" if c.rope_scale != 1.0 else "default"),
 )
 
-_KEYS = (
+KEYS = (
     Key("embed_tokens.weight", "input.embed.weight"),
     Key("layers.{i}.input_layernorm.weight", "blocks.{i}.ln1.weight"),
     Key("layers.{i}.self_attn.{part}_proj.{p}", "blocks.{i}.attn.in_proj_{p}", "qkv_concat", ("q", "k", "v")),
@@ -109,7 +81,7 @@ _KEYS = (
     Key("lm_head.weight", "lm_head.weight", base=False),
 )
 # Older checkpoints store each layer's RoPE inverse frequencies, a buffer computed from the config.
-_IGNORE = (r"layers\.\d+\.self_attn\.rotary_emb\.inv_freq",)
+IGNORE = (r"layers\.\d+\.self_attn\.rotary_emb\.inv_freq",)
 
 LLAMA = Family(
     model_type="llama",
@@ -123,11 +95,11 @@ LLAMA = Family(
         Field("attention_bias", "out_bias", False, kind="bool"),  # one switch for q, k, v and o in LlamaAttention
         Field("mlp_bias", "mlp_bias", False, kind="bool"),
     ),
-    fixed=dict(_FIXED, sliding_window=None),
-    require=(*_REQUIRE, _HEAD_DIM),
-    derived=_DERIVED,
-    keys=_KEYS,
-    ignore=_IGNORE,
+    fixed=dict(FIXED, sliding_window=None),
+    require=(*_REQUIRE, HEAD_DIM),
+    derived=DERIVED,
+    keys=KEYS,
+    ignore=IGNORE,
     ignored_hf=COMMON_IGNORED + ("pretraining_tp",),  # unused by transformers 5 (4: sliced matmuls, same sums)
 )
 
@@ -139,11 +111,11 @@ MISTRAL = Family(
         dict(vocab_size=32000, intermediate_size=14336, num_key_value_heads=8, max_position_embeddings=4096 * 32)
     )
     + (Field("sliding_window", "sliding_window", 4096, kind="int?"),),  # query i sees keys i - W < j <= i
-    fixed=dict(_FIXED, qkv_bias=False, out_bias=False, mlp_bias=False),
-    require=(*_REQUIRE, _HEAD_DIM),
-    derived=_DERIVED,
-    keys=_KEYS,
-    ignore=_IGNORE,
+    fixed=dict(FIXED, qkv_bias=False, out_bias=False, mlp_bias=False),
+    require=(*_REQUIRE, HEAD_DIM),
+    derived=DERIVED,
+    keys=KEYS,
+    ignore=IGNORE,
     ignored_hf=COMMON_IGNORED,
 )
 
@@ -191,15 +163,15 @@ QWEN2 = Family(
         dict(vocab_size=151936, intermediate_size=22016, num_key_value_heads=32, max_position_embeddings=32768)
     )
     + (Field("sliding_window", "sliding_window", 4096, _QWEN2_WINDOW, kind="int?"),),
-    fixed=dict(_FIXED, qkv_bias=True, out_bias=False, mlp_bias=False),  # Qwen2Attention: biases on q, k, v only
-    require=(*_REQUIRE, _HEAD_DIM),  # Qwen2Attention reads head_dim when config.json has one
+    fixed=dict(FIXED, qkv_bias=True, out_bias=False, mlp_bias=False),  # Qwen2Attention: biases on q, k, v only
+    require=(*_REQUIRE, HEAD_DIM),  # Qwen2Attention reads head_dim when config.json has one
     derived=(
-        _DERIVED[1],
+        DERIVED[1],
         Derived("use_sliding_window", lambda c: c.sliding_window is not None),
         Derived("max_window_layers", lambda c: 0),
         Derived("layer_types", _qwen2_layer_types),
     ),
-    keys=_KEYS,
-    ignore=_IGNORE,
+    keys=KEYS,
+    ignore=IGNORE,
     ignored_hf=COMMON_IGNORED,
 )

@@ -1,0 +1,23 @@
+"""What several family tables share."""
+
+from __future__ import annotations
+
+from flax_impl.hf.spec import Require
+
+NO_CROSS_ATTENTION = Require(
+    "add_cross_attention", False, (False,), why="cross-attention layers are not implemented", kind="bool"
+)
+# A plain pre-LN decoder with LayerNorm and a plain MLP: what GPT-2, BLOOM, MPT, OPT and GPT-BigCode share.
+DECODER = dict(
+    norm="layernorm",
+    mlp="plain",
+    norm_first=True,
+    final_norm=True,
+    causal=True,
+    embed_scale=False,
+    padding_idx=None,  # their embeddings have no padding_idx (OPT's table says otherwise)
+    sliding_window=None,
+    parallel_residual=False,
+    type_vocab_size=0,
+    lm_head_bias=False,
+)

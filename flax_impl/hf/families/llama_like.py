@@ -1,0 +1,174 @@
+"""Llama's neighbours: gemma (Gemma 1: the (1 + w) RMSNorm, embeddings x sqrt(D), GeGLU with the tanh GELU), phi3
+(fused qkv_proj and gate_up_proj, partial rotary, a sliding window) and starcoder2 (LayerNorm with biases, a plain
+MLP, biases by one switch, a sliding window). Separate or fused q/k/v, RoPE "half" pairs."""
+
+from __future__ import annotations
+
+from flax_impl.hf.converters import (
+    ACTIVATION,
+    ACTIVATION_NAMES,
+    ROPE_TYPE,
+    TIE,
+    head_dim_require,
+    kv_heads,
+    rope_fields,
+    rotary_fraction,
+)
+from flax_impl.hf.families.llama import DERIVED, FIXED, FULL_ROTARY, HEAD_DIM, IGNORE, KEYS
+from flax_impl.hf.spec import COMMON_IGNORED, Derived, Family, Field, Key, Require, choice
+
+# GemmaConfig rewrites hidden_act "gelu" (the released configs' value) to the tanh GELU, "gelu_pytorch_tanh".
+# On save the tanh GELU is written under that name (listed first).
+_GEMMA_ACTIVATION = choice(
+    "hidden_act ('gelu' is the tanh GELU)", {"gelu_pytorch_tanh": "gelu_tanh", **ACTIVATION_NAMES, "gelu": "gelu_tanh"}
+)
+
+GEMMA = Family(
+    model_type="gemma",
+    architecture="GemmaForCausalLM",
+    prefix="model.",
+    config=(
+        Field("vocab_size", "vocab_size", 256000, kind="int"),
+        Field("hidden_size", "d_model", 3072, kind="int"),
+        Field("intermediate_size", "d_ff", 24576, kind="int"),
+        Field("num_hidden_layers", "n_layers", 28, kind="int"),
+        Field("num_attention_heads", "n_heads", 16, kind="int"),
+        Field("num_key_value_heads", "n_kv_heads", 16, kv_heads("num_attention_heads"), kind="int"),
+        Field("hidden_act", "activation", "gelu_pytorch_tanh", _GEMMA_ACTIVATION, kind="str"),
+        Field("max_position_embeddings", "max_len", 8192, kind="int"),
+        Field("rms_norm_eps", "norm_eps", 1e-6, kind="float"),
+        Field("tie_word_embeddings", "lm_head", True, TIE, kind="bool"),
+        *rope_fields(),
+        Field("attention_bias", "qkv_bias", False, kind="bool"),  # one switch for q, k, v and o
+        Field("attention_bias", "out_bias", False, kind="bool"),
+        Field("attention_dropout", "attention_dropout", 0.0, kind="float"),
+        Field("pad_token_id", "padding_idx", 0, kind="int?"),  # nn.Embedding(..., padding_idx=pad_token_id)
+    ),
+    # GemmaRMSNorm: x * (1 + w) in float32 (norm_offset 1, a weight stored as it is); GemmaTextScaledWordEmbedding:
+    # embeddings x sqrt(D) rounded to the weights' dtype; GemmaMLP: down(act(gate(x)) * up(x)) without biases.
+    fixed=dict(FIXED, norm_offset=1.0, embed_scale=True, mlp_bias=False, sliding_window=None),
+    require=(
+        ROPE_TYPE,
+        FULL_ROTARY,
+        # Released Gemma checkpoints have head_dim != hidden / heads (gemma-7b: 256 vs 3072 / 16 = 192), as the
+        # class default: they need a head width of their own, which the block does not have yet.
+        HEAD_DIM,
+        Require(
+            "use_bidirectional_attention",
+            None,
+            (None, False),
+            why="bidirectional Gemma (EmbeddingGemma) is not mapped: transformers' eager attention still masks "
+            "it causally",
+            kind="bool?",
+        ),
+    ),
+    derived=DERIVED,
+    keys=KEYS,
+    ignore=IGNORE,
+    ignored_hf=COMMON_IGNORED,
+)
+
+PHI3 = Family(
+    model_type="phi3",
+    architecture="Phi3ForCausalLM",
+    prefix="model.",
+    config=(
+        Field("vocab_size", "vocab_size", 32064, kind="int"),
+        Field("hidden_size", "d_model", 3072, kind="int"),
+        Field("intermediate_size", "d_ff", 8192, kind="int"),
+        Field("num_hidden_layers", "n_layers", 32, kind="int"),
+        Field("num_attention_heads", "n_heads", 32, kind="int"),
+        Field("num_key_value_heads", "n_kv_heads", None, kv_heads("num_attention_heads"), kind="int?"),
+        Field("resid_pdrop", "dropout", 0.0, kind="float"),
+        Field("attention_dropout", "attention_dropout", 0.0, kind="float"),
+        Field("hidden_act", "activation", "silu", ACTIVATION, kind="str"),
+        Field("max_position_embeddings", "max_len", 4096, kind="int"),
+        Field("rms_norm_eps", "norm_eps", 1e-5, kind="float"),
+        Field("tie_word_embeddings", "lm_head", False, TIE, kind="bool"),
+        rope_fields()[0],
+        # Phi-4-mini (model_type phi3) rotates 3/4 of each head.
+        Field(
+            "rope_parameters.partial_rotary_factor",
+            "rope_fraction",
+            1.0,
+            rotary_fraction("hidden_size", "num_attention_heads"),
+            kind="float",
+        ),
+        Field("pad_token_id", "padding_idx", 32000, kind="int?"),  # nn.Embedding(..., padding_idx=pad_token_id)
+        Field("sliding_window", "sliding_window", None, kind="int?"),  # query i sees keys i - W < j <= i
+    ),
+    fixed=dict(FIXED, qkv_bias=False, out_bias=False, mlp_bias=False),
+    require=(
+        Require(
+            "rope_parameters.rope_type",
+            "default",
+            ("default",),
+            why="longrope (Phi-3's long-context RoPE, also written 'su' or 'yarn') is not implemented yet",
+            kind="str",
+        ),
+        HEAD_DIM,
+    ),
+    derived=(Derived("rope_parameters.rope_type", lambda c: "default"),),
+    keys=(
+        Key("embed_tokens.weight", "input.embed.weight"),
+        Key("layers.{i}.input_layernorm.weight", "blocks.{i}.ln1.weight"),
+        Key("layers.{i}.self_attn.qkv_proj.weight", "blocks.{i}.attn.in_proj_weight"),  # rows [q; k; v], as ours
+        Key("layers.{i}.self_attn.o_proj.weight", "blocks.{i}.attn.out_proj.weight"),
+        Key("layers.{i}.post_attention_layernorm.weight", "blocks.{i}.ln2.weight"),
+        # gate_up_proj: rows [gate; up] (Phi3MLP chunks it in two), two of ours written back as one tensor.
+        Key("layers.{i}.mlp.gate_up_proj.weight", ("blocks.{i}.ff.gate.weight", "blocks.{i}.ff.up.weight"),
+            "concat_rows"),  # fmt: skip
+        Key("layers.{i}.mlp.down_proj.weight", "blocks.{i}.ff.down.weight"),
+        Key("norm.weight", "final_norm.weight"),
+        Key("lm_head.weight", "lm_head.weight", base=False),
+    ),
+    ignore=IGNORE,
+    ignored_hf=COMMON_IGNORED
+    + (
+        "embd_pdrop",  # unused by transformers' Phi-3
+        "original_max_position_embeddings",  # read by longrope only, which is refused
+    ),
+)
+
+STARCODER2 = Family(
+    model_type="starcoder2",
+    architecture="Starcoder2ForCausalLM",
+    prefix="model.",
+    config=(
+        Field("vocab_size", "vocab_size", 49152, kind="int"),
+        Field("hidden_size", "d_model", 3072, kind="int"),
+        Field("intermediate_size", "d_ff", 12288, kind="int"),
+        Field("num_hidden_layers", "n_layers", 30, kind="int"),
+        Field("num_attention_heads", "n_heads", 24, kind="int"),
+        Field("num_key_value_heads", "n_kv_heads", 2, kv_heads("num_attention_heads"), kind="int"),
+        Field("hidden_act", "activation", "gelu_pytorch_tanh", ACTIVATION, kind="str"),
+        Field("max_position_embeddings", "max_len", 4096, kind="int"),
+        Field("norm_epsilon", "norm_eps", 1e-5, kind="float"),
+        *rope_fields(),
+        Field("sliding_window", "sliding_window", None, kind="int?"),  # query i sees keys i - W < j <= i
+        Field("attention_dropout", "attention_dropout", 0.0, kind="float"),
+        Field("residual_dropout", "dropout", 0.0, kind="float"),
+        Field("use_bias", "qkv_bias", True, kind="bool"),  # one switch for q, k, v, o, c_fc and c_proj
+        Field("use_bias", "out_bias", True, kind="bool"),
+        Field("use_bias", "mlp_bias", True, kind="bool"),
+        Field("tie_word_embeddings", "lm_head", True, TIE, kind="bool"),
+        Field("pad_token_id", "padding_idx", None, kind="int?"),  # nn.Embedding(..., padding_idx=pad_token_id)
+    ),
+    # nn.LayerNorm (with its bias whatever use_bias says), c_fc -> GELU -> c_proj.
+    fixed=dict(FIXED, norm="layernorm", norm_bias=True, mlp="plain"),
+    require=(ROPE_TYPE, FULL_ROTARY, head_dim_require("hidden_size", "num_attention_heads")),
+    derived=DERIVED,
+    keys=(
+        Key("embed_tokens.weight", "input.embed.weight"),
+        Key("layers.{i}.input_layernorm.{p}", "blocks.{i}.ln1.{p}"),
+        Key("layers.{i}.self_attn.{part}_proj.{p}", "blocks.{i}.attn.in_proj_{p}", "qkv_concat", ("q", "k", "v")),
+        Key("layers.{i}.self_attn.o_proj.{p}", "blocks.{i}.attn.out_proj.{p}"),
+        Key("layers.{i}.post_attention_layernorm.{p}", "blocks.{i}.ln2.{p}"),
+        Key("layers.{i}.mlp.c_fc.{p}", "blocks.{i}.ff.0.{p}"),
+        Key("layers.{i}.mlp.c_proj.{p}", "blocks.{i}.ff.3.{p}"),
+        Key("norm.{p}", "final_norm.{p}"),
+        Key("lm_head.weight", "lm_head.weight", base=False),
+    ),
+    ignore=IGNORE,
+    ignored_hf=COMMON_IGNORED + ("embedding_dropout",),  # training only
+)
