@@ -1,5 +1,6 @@
-"""Tiny transformers models for parity_tests/test_hf.py: how each family is built (SPECS), the right-padded
-batch, and both sides' outputs and gradients of one test loss. Nothing is downloaded."""
+"""Tiny transformers models for the Hugging Face parity tests: how each family is built (`hf_specs`), the padded
+batch, and both sides' outputs and gradients of one test loss (ours through the Flax model or its torch twin).
+Nothing is downloaded."""
 
 from __future__ import annotations
 
@@ -9,96 +10,30 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import torch
+import transformers
 from flax import nnx
+from hf_specs import FAMILIES, SPECS, VARIANTS, Spec
 
 import flax_impl as fi
 import flax_impl.hf as fh
+import torch_ref as tr
 
-B, L = 2, 12
-N_REAL = (L, 7)  # real tokens per row: row 1 is right-padded
+__all__ = ["FAMILIES", "SPECS", "VARIANTS", "Spec"]
 
-
-@dataclasses.dataclass(frozen=True)
-class Spec:
-    """How the test builds one family with transformers: config class + kwargs, model class (+ its kwargs),
-    whether it has an LM head, whether ids come with token types, and the id at padded positions."""
-
-    config_cls: str
-    kwargs: dict
-    model_cls: str
-    lm: bool = True
-    token_types: bool = False
-    pad_id: int = 0
-    model_kwargs: dict = dataclasses.field(default_factory=dict)
+B, L = 3, 12
+# Row 0 is full; row 1 right-padded (7 real tokens); row 2 left-padded (8 real tokens: where OPT's and RoBERTa's
+# positions differ from 0 .. L - 1).
+REAL = [(0, L), (0, 7), (4, L)]
 
 
-TINY = dict(vocab_size=100, bos_token_id=1, eos_token_id=2)
-LLAMA_LIKE = dict(
-    TINY,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-    rms_norm_eps=1e-5,
-)
-# Each family's tiny model also exercises what is special about it: GPT-2's Conv1D layout; BERT's post-LN, token
-# types and padding_idx; Llama's biases (attention_bias, mlp_bias), linear RoPE scaling and a non-default theta;
-# Mistral's sliding window (5 < L); Qwen2's q/k/v-only biases and tied head; BLOOM's per-head qkv with 6 heads
-# (not a power of two: Press et al.'s slope order); MPT's 6 heads (its own slope code) and untied head.
-SPECS = {
-    "gpt2": Spec(
-        "GPT2Config",
-        dict(TINY, n_embd=32, n_head=4, n_layer=2, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
-        "GPT2LMHeadModel",
-    ),
-    "bert": Spec(
-        "BertConfig",
-        dict(
-            TINY,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=64,
-            max_position_embeddings=64,
-            hidden_dropout_prob=0.0,
-            attention_probs_dropout_prob=0.0,
-            pad_token_id=0,
-        ),
-        "BertModel",
-        lm=False,
-        token_types=True,
-        model_kwargs=dict(add_pooling_layer=False),
-    ),
-    "llama": Spec(
-        "LlamaConfig",
-        dict(
-            LLAMA_LIKE,
-            attention_bias=True,
-            mlp_bias=True,
-            pad_token_id=0,
-            rope_parameters=dict(rope_type="linear", factor=2.0, rope_theta=500.0),
-        ),
-        "LlamaForCausalLM",
-    ),
-    "mistral": Spec("MistralConfig", dict(LLAMA_LIKE, sliding_window=5), "MistralForCausalLM"),
-    "qwen2": Spec("Qwen2Config", dict(LLAMA_LIKE, tie_word_embeddings=True), "Qwen2ForCausalLM"),
-    "bloom": Spec("BloomConfig", dict(TINY, hidden_size=48, n_head=6, n_layer=2), "BloomForCausalLM"),
-    "mpt": Spec(
-        "MptConfig",
-        dict(
-            TINY,
-            d_model=48,
-            n_heads=6,
-            n_layers=2,
-            max_seq_len=64,
-            tie_word_embeddings=False,
-        ),
-        "MptForCausalLM",
-    ),
-}
-FAMILIES = sorted(SPECS)
+def build_hf(spec: Spec, seed: int = 1) -> torch.nn.Module:
+    """The family's tiny transformers model: eval mode, float32, eager attention, every parameter perturbed."""
+    config = getattr(transformers, spec.config_cls)(**spec.kwargs)
+    torch.manual_seed(0)
+    model_cls = getattr(transformers, spec.model_cls)
+    model = model_cls._from_config(config, attn_implementation="eager", **spec.model_kwargs).eval()
+    perturb(model, seed=seed)
+    return model
 
 
 def perturb(model: torch.nn.Module, seed: int) -> None:
@@ -111,7 +46,7 @@ def perturb(model: torch.nn.Module, seed: int) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Batch:
-    """Right-padded ids (B, L), the mask (1 = real token) and token types (BERT) or None."""
+    """Padded ids (B, L) (right and left), the mask (1 = real token) and token types (BERT) or None."""
 
     ids: np.ndarray
     mask: np.ndarray
@@ -125,8 +60,8 @@ class Batch:
 def make_batch(spec: Spec, vocab: int, seed: int = 0) -> Batch:
     rng = np.random.default_rng(seed)
     mask = np.zeros((B, L), np.int64)
-    for b, n in enumerate(N_REAL):
-        mask[b, :n] = 1
+    for b, (start, stop) in enumerate(REAL):
+        mask[b, start:stop] = 1
     ids = np.where(mask == 1, rng.integers(0, vocab, (B, L)), spec.pad_id)
     ids[0, 3] = spec.pad_id  # the padding id also occurs as a real token (a padding_idx row gets no gradient)
     types = rng.integers(0, 2, (B, L)) if spec.token_types else None
@@ -160,19 +95,20 @@ def hf_outputs(model: torch.nn.Module, spec: Spec, batch: Batch):
 def loss_weights(cfg: fi.TransformerConfig, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Fixed random weights of the test loss sum(hidden * Wh) + sum(logits * Wl), zero at padded positions."""
     rng = np.random.default_rng(7)
-    wh = rng.standard_normal((B, L, cfg.d_model)).astype(np.float32) * mask[..., None]
-    wl = rng.standard_normal((B, L, cfg.vocab_size)).astype(np.float32) * mask[..., None]
+    wh = rng.standard_normal((*mask.shape, cfg.d_model)).astype(np.float32) * mask[..., None]
+    wl = rng.standard_normal((*mask.shape, cfg.vocab_size)).astype(np.float32) * mask[..., None]
     return wh, wl
 
 
 def run_theirs(model: torch.nn.Module, spec: Spec, batch: Batch, wh, wl):
+    """transformers' outputs and the gradients of the test loss, keyed as transformers saves each parameter."""
     model.zero_grad()
     hidden, logits = hf_outputs(model, spec, batch)
     loss = (hidden * torch.from_numpy(wh)).sum()
     if spec.lm:
         loss = loss + (logits * torch.from_numpy(wl)).sum()
     loss.backward()
-    grads = {k: p.grad.numpy().copy() for k, p in model.named_parameters()}
+    grads = {spec.saved_names.get(k, k): p.grad.numpy().copy() for k, p in model.named_parameters()}
     return (hidden.detach().numpy(), None if logits is None else logits.detach().numpy()), grads
 
 
@@ -190,3 +126,21 @@ def run_ours(model: fi.Transformer, family: str, spec: Spec, batch: Batch, wh, w
     holder = nnx.clone(model)
     nnx.update(holder, grads)
     return (np.asarray(h), None if logits is None else np.asarray(logits)), fh.to_hf_state_dict(holder, family)
+
+
+def run_twin(model: fi.Transformer, family: str, spec: Spec, batch: Batch, wh, wl):
+    """As `run_ours`, through the torch twin holding the Flax model's weights (no compile)."""
+    twin = tr.Transformer(model.config)
+    twin.load_state_dict(tr.from_numpy_state_dict(fi.to_numpy_state_dict(model)))
+    twin.eval()
+    types = None if batch.types is None else torch.from_numpy(batch.types)
+    h = twin(torch.from_numpy(batch.ids), torch.from_numpy(batch.mask), token_type_ids=types)
+    logits = twin.logits(h) if spec.lm else None
+    loss = (h * torch.from_numpy(wh)).sum() + ((logits * torch.from_numpy(wl)).sum() if spec.lm else 0.0)
+    loss.backward()
+    holder = nnx.clone(model)
+    grads = {k: np.zeros(tuple(p.shape), np.float32) if p.grad is None else p.grad.numpy()
+             for k, p in twin.named_parameters()}  # fmt: skip
+    fi.load_torch_state_dict(holder, grads)
+    out = (h.detach().numpy(), None if logits is None else logits.detach().numpy())
+    return out, fh.to_hf_state_dict(holder, family)

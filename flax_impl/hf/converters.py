@@ -98,11 +98,12 @@ ROPE_TYPE = Require(
 )
 
 
-def head_dim_require(hidden_key: str, heads_key: str) -> Require:
-    """A config.json head_dim must be null or hidden / heads (ours is always D / N)."""
+def head_dim_require(hidden_key: str, heads_key: str, default: int | None = None) -> Require:
+    """A config.json head_dim must be null or hidden / heads (ours is always D / N); `default`: the config
+    class's (None: hidden / heads)."""
     return Require(
         "head_dim",
-        None,
+        default,
         check=head_dim_check(hidden_key, heads_key),
         why="a head_dim other than hidden_size / num_attention_heads is not implemented",
         kind="int?",
@@ -123,7 +124,8 @@ def _fraction_for(rotated: int, H: int) -> float:
 
 def rotary_fraction(hidden_key: str, heads_key: str) -> Convert:
     """partial_rotary_factor f -> rope_fraction: transformers rotates int(H * f) dims (truncated), so ours is
-    that width over H exactly; on save the fraction that gives the same width back."""
+    that width over H exactly; on save the fraction that gives the same width back. `hidden_key` and `heads_key`
+    must be keys the family's Fields name."""
 
     def to_ours(v: Any, hf: Mapping[str, Any]) -> float:
         H = _head_dim(hf, hidden_key, heads_key)
@@ -134,12 +136,12 @@ def rotary_fraction(hidden_key: str, heads_key: str) -> Convert:
     def to_hf(v: float, cfg: TransformerConfig) -> float:
         return _fraction_for(rope_width(cfg.head_dim, v), cfg.head_dim)
 
-    reads = {hidden_key: (None, "int"), heads_key: (None, "int")}
-    return Convert("partial_rotary_factor (int(H x f) dims rotated)", to_ours, to_hf, reads=reads)
+    return Convert("partial_rotary_factor (int(H x f) dims rotated)", to_ours, to_hf)
 
 
 def rotary_dims(hidden_key: str, heads_key: str) -> Convert:
-    """GPT-J / CodeGen rotary_dim r (dims rotated per head) -> rope_fraction r / H."""
+    """GPT-J / CodeGen rotary_dim r (dims rotated per head) -> rope_fraction r / H (`hidden_key`, `heads_key` as
+    in `rotary_fraction`)."""
 
     def to_ours(v: Any, hf: Mapping[str, Any]) -> float:
         H = _head_dim(hf, hidden_key, heads_key)
@@ -150,8 +152,7 @@ def rotary_dims(hidden_key: str, heads_key: str) -> Convert:
     def to_hf(v: float, cfg: TransformerConfig) -> int:
         return rope_width(cfg.head_dim, v)
 
-    reads = {hidden_key: (None, "int"), heads_key: (None, "int")}
-    return Convert("rotary_dim (dims rotated per head)", to_ours, to_hf, reads=reads)
+    return Convert("rotary_dim (dims rotated per head)", to_ours, to_hf)
 
 
 def plus(offset: int, what: str) -> Convert:

@@ -52,7 +52,7 @@ GEMMA = Family(
         FULL_ROTARY,
         # Released Gemma checkpoints have head_dim != hidden / heads (gemma-7b: 256 vs 3072 / 16 = 192), as the
         # class default: they need a head width of their own, which the block does not have yet.
-        HEAD_DIM,
+        head_dim_require("hidden_size", "num_attention_heads", default=256),
         Require(
             "use_bidirectional_attention",
             None,
