@@ -12,6 +12,17 @@ import torch  # noqa: E402
 torch.set_num_threads(2)
 
 
+def pytest_addoption(parser: pytest.Parser, pluginmanager: pytest.PytestPluginManager) -> None:
+    """pyproject's addopts run the suite on two workers (`-n 2 --dist loadfile`, pytest-xdist). Without xdist (not
+    installed, or `-p no:xdist`) these options are accepted and ignored here, and the suite runs in one process."""
+    if pluginmanager.has_plugin("xdist"):
+        return
+    group = parser.getgroup("xdist absent", "pyproject's -n / --dist, ignored (pytest-xdist is not active)")
+    # pytest keeps lowercase short options for itself and its plugins: `_addoption`, as pytest-xdist registers -n.
+    group._addoption("-n", "--numprocesses", dest="ignored_numprocesses", default=None, help="ignored: no pytest-xdist")
+    group.addoption("--dist", dest="ignored_dist", default=None, help="ignored: no pytest-xdist")
+
+
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
