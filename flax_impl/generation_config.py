@@ -51,7 +51,9 @@ class GenerationConfig:
 
     def __post_init__(self) -> None:
         check_int("max_new_tokens", self.max_new_tokens, low=1)
-        check_int("seed", self.seed, low=0, high=SEED_LIMIT)
+        if check_int("seed", self.seed, low=0) >= SEED_LIMIT:
+            raise ValueError(f"seed={self.seed!r} must be an integer in [0, 2**32): jax.random.key({self.seed}) is "
+                             f"the key of seed {self.seed % SEED_LIMIT}")  # fmt: skip
         check_int("top_k", self.top_k, low=0)
         check_int("pad_id", self.pad_id, low=0)
         check_bool("do_sample", self.do_sample)

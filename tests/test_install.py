@@ -154,7 +154,7 @@ class Venv:
     def install(self, target: str) -> None:
         self.shell(f'pip install -c {CONSTRAINTS} -e "{target}"')
 
-    def command(self, args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    def command(self, args: list[str], cwd: Path, timeout: float = 900) -> subprocess.CompletedProcess:
         return subprocess.run([str(self.path / "bin" / "flax-impl"), *args], cwd=cwd, env=self.env,
                               capture_output=True, text=True, timeout=timeout)  # fmt: skip
 
@@ -213,40 +213,65 @@ def venv(tmp_path_factory) -> Venv:
     return Venv(path)
 
 
-@pytest.mark.slow  # ~1.5 min: the core's wheels into a fresh venv, then a 2-step training run
-def test_the_core_install_runs_train_and_names_what_the_rest_needs(venv, hf_folder, tmp_path):
+# The venv's states, each built on the previous one (module fixtures: built once, in this order).
+@pytest.fixture(scope="module")
+def core(venv) -> Venv:
     start = time.perf_counter()
     venv.install(".")
-    assert time.perf_counter() - start < 600  # minutes, not a CUDA download
-    for command in ("parity", "bench", "train", "generate", "bench-decode"):
-        proc = venv.command([command, "--help"], tmp_path)
-        assert proc.returncode == 0, f"{command} --help\n{proc.stderr[-3000:]}"
-    proc = venv.command([*TINY_TRAIN, "--out", str(tmp_path / "run")], tmp_path)
-    assert proc.returncode == 0 and (tmp_path / "run" / "checkpoint").is_dir(), proc.stderr[-3000:]
-    _names(venv.command(["parity"], tmp_path), "torch", "parity")
-    _names(venv.command(["parity", "--hf", str(hf_folder)], tmp_path), "transformers", "parity --hf")
-    _names(venv.command(["generate", str(hf_folder), "--prompt", "a"], tmp_path), "tokenizers", "generate")
-    _works_or_names(venv.command(TINY_BENCH, tmp_path), ("torch",), "bench --frameworks flax")
-    _works_or_names(venv.command(TINY_DECODE, tmp_path), ("torch", "transformers"), "bench-decode")
-
-
-@pytest.mark.slow  # ~1 min: torch's local CPU wheel, a tiny parity run
-def test_the_torch_extra_runs_parity(venv, hf_folder, tmp_path):
-    venv.install(".[torch]")
-    proc = venv.command(["parity", *TINY, "--d-ff", "32", "--batch", "1", "--length", "8", "--table-length", "16"],
-                        tmp_path)  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    _names(venv.command(["parity", "--hf", str(hf_folder)], tmp_path), "transformers", "parity --hf")
-    _names(venv.command(["generate", str(hf_folder), "--prompt", "a"], tmp_path), "tokenizers", "generate")
-    _works_or_names(venv.command(TINY_DECODE, tmp_path), ("transformers",), "bench-decode")
+    assert time.perf_counter() - start < 900  # minutes, not a CUDA download
+    return venv
 
 
 @pytest.fixture(scope="module")
-def image(venv, tmp_path_factory) -> Venv:
+def with_torch(core) -> Venv:
+    core.install(".[torch]")
+    return core
+
+
+@pytest.fixture(scope="module")
+def image(with_torch, tmp_path_factory) -> Venv:
     """A copy of the venv as it is after [torch]: an image that already has jax, flax and torch."""
     path = tmp_path_factory.mktemp("venvs") / "b"
-    shutil.copytree(venv.path, path, symlinks=True)
+    shutil.copytree(with_torch.path, path, symlinks=True)
     return Venv(path)
+
+
+@pytest.fixture(scope="module")
+def with_hf(with_torch, image) -> Venv:
+    with_torch.install(".[hf]")
+    return with_torch
+
+
+@pytest.mark.slow  # ~1.5 min: the core's wheels into a fresh venv, then a 2-step training run
+def test_the_core_install_runs_train_and_names_what_the_rest_needs(core, hf_folder, tmp_path):
+    for command in ("parity", "bench", "train", "generate", "bench-decode"):
+        proc = core.command([command, "--help"], tmp_path)
+        assert proc.returncode == 0, f"{command} --help\n{proc.stderr[-3000:]}"
+    proc = core.command([*TINY_TRAIN, "--out", str(tmp_path / "run")], tmp_path)
+    assert proc.returncode == 0 and (tmp_path / "run" / "checkpoint").is_dir(), proc.stderr[-3000:]
+    _names(core.command(["parity"], tmp_path), "torch", "parity")
+    _names(core.command(["parity", "--hf", str(hf_folder)], tmp_path), "transformers", "parity --hf")
+    _names(core.command(["generate", str(hf_folder), "--prompt", "a"], tmp_path), "tokenizers", "generate")
+
+
+@pytest.mark.slow  # tiny runs of both benchmarks on the core install
+def test_the_core_install_runs_the_benchmarks_or_names_torch(core, tmp_path):
+    _works_or_names(core.command(TINY_BENCH, tmp_path), ("torch",), "bench --frameworks flax")
+    _works_or_names(core.command(TINY_DECODE, tmp_path), ("torch", "transformers"), "bench-decode")
+
+
+@pytest.mark.slow  # ~1 min: torch's local CPU wheel, a tiny parity run
+def test_the_torch_extra_runs_parity(with_torch, hf_folder, tmp_path):
+    proc = with_torch.command(["parity", *TINY, "--d-ff", "32", "--batch", "1", "--length", "8", "--table-length",
+                               "16"], tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    _names(with_torch.command(["parity", "--hf", str(hf_folder)], tmp_path), "transformers", "parity --hf")
+    _names(with_torch.command(["generate", str(hf_folder), "--prompt", "a"], tmp_path), "tokenizers", "generate")
+
+
+@pytest.mark.slow  # a tiny bench-decode run on the [torch] install
+def test_the_torch_extra_runs_bench_decode_or_names_transformers(with_torch, tmp_path):
+    _works_or_names(with_torch.command(TINY_DECODE, tmp_path), ("transformers",), "bench-decode")
 
 
 @pytest.mark.slow  # ~40 s: the tools of the README's --no-deps line, then pytest on two workers
@@ -254,26 +279,56 @@ def test_the_readme_no_deps_line_runs_the_suite(image, tmp_path):
     line = _readme_line("pip install --no-deps -e .")
     image.shell(line)
     proc = subprocess.run([str(image.python), "-m", "pytest", "-q", "-m", "not slow", "tests/test_install.py"],
-                          cwd=ROOT, env=image.env, capture_output=True, text=True, timeout=600)  # fmt: skip
+                          cwd=ROOT, env=image.env, capture_output=True, text=True, timeout=900)  # fmt: skip
     assert proc.returncode == 0 and "passed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-2000:]
 
 
 @pytest.mark.slow  # ~1 min: transformers and tokenizers, generate and parity --hf on a tiny folder
-def test_the_hf_extra_runs_generate_and_parity_hf(venv, image, hf_folder, tmp_path):
-    venv.install(".[hf]")
-    proc = venv.command(["generate", str(hf_folder), "--prompt", "Position", "--max-new-tokens", "2"], tmp_path)
+def test_the_hf_extra_runs_generate_and_parity_hf(with_hf, hf_folder, tmp_path):
+    proc = with_hf.command(["generate", str(hf_folder), "--prompt", "Position", "--max-new-tokens", "2"], tmp_path)
     assert proc.returncode == 0 and proc.stdout.startswith("Position"), proc.stderr[-3000:]
-    proc = venv.command(["parity", "--hf", str(hf_folder), "--batch", "1", "--length", "4"], tmp_path)
+    proc = with_hf.command(["parity", "--hf", str(hf_folder), "--batch", "1", "--length", "4"], tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert venv.command(["bench-decode", "--help"], tmp_path).returncode == 0
+    assert with_hf.command(["bench-decode", "--help"], tmp_path).returncode == 0
 
 
 @pytest.mark.slow  # ~30 s: the README's test command's install, then its metadata tests on two workers
-def test_the_test_extra_runs_pytest_on_two_workers(venv, tmp_path):
+def test_the_test_extra_runs_pytest_on_two_workers(with_hf, tmp_path):
     line = _readme_line('pip install -e ".[test]"')
     assert "-c .ci/constraints.txt" in line
-    venv.shell(line)
-    proc = subprocess.run([str(venv.python), "-m", "pytest", "-q", "-m", "not slow", "tests/test_install.py"],
-                          cwd=ROOT, env=venv.env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    with_hf.shell(line)
+    proc = subprocess.run([str(with_hf.python), "-m", "pytest", "-q", "-m", "not slow", "tests/test_install.py"],
+                          cwd=ROOT, env=with_hf.env, capture_output=True, text=True, timeout=900)  # fmt: skip
     assert proc.returncode == 0 and "passed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-2000:]
-    assert subprocess.run([str(venv.path / "bin" / "ruff"), "--version"], capture_output=True).returncode == 0
+    assert subprocess.run([str(with_hf.path / "bin" / "ruff"), "--version"], capture_output=True).returncode == 0
+
+def _proof():
+    sys.path.insert(0, str(ROOT))
+    try:
+        from conftest import PROOF, proof_entry_matches
+    finally:
+        sys.path.remove(str(ROOT))
+    return PROOF, proof_entry_matches
+
+
+def test_every_proof_entry_names_a_test_function():
+    """The README's quick proof run (`-m proof`) runs what conftest.PROOF lists: each entry's function exists (a
+    renamed test would silently thin the proof). The parameters are checked by the collection below."""
+    proof, _ = _proof()
+    for path, entries in proof.items():
+        source = (ROOT / path).read_text(encoding="utf-8")
+        for entry in entries:
+            assert re.search(rf"^def {re.escape(entry.split('[')[0])}\(", source, re.M), f"{path}: no {entry}"
+
+
+@pytest.mark.slow  # collects the proof's test files (imports transformers and every parity module): 15-100 s
+def test_every_proof_entry_selects_a_test():
+    proof, matches = _proof()
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--co", "-q", "-p", "no:xdist", "-m", "proof", *proof],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    selected = [line.split("::") for line in proc.stdout.splitlines() if "::" in line]
+    for path, entries in proof.items():
+        names = [name for file, name in selected if file == path]
+        for entry in entries:
+            assert any(matches(entry, name) for name in names), f"{path}: {entry} selects no test"

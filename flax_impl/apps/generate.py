@@ -206,10 +206,10 @@ def make_plan(args: argparse.Namespace) -> Plan:
         prompt_ids.append(ids)
     notes = []
     cast = cast_warning({k: v[2] for k, v in header.items()}, "float32", str(folder))
-    dtypes = sorted({v[2] for v in header.values()})
+    dtypes = sorted({v[2] for v in header.values() if v[2] in ("F64", "F32", "BF16", "F16")})
     if cast is not None:
         notes.append(cast)
-    elif dtypes != ["F32"]:
+    elif dtypes not in ([], ["F32"]):
         notes.append(f"weights stored as {'/'.join(dtypes)}, widened to float32 parameters (every value kept)")
     if args.stop_token:
         bad = [t for t in args.stop_token if not 0 <= t < V]

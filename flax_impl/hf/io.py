@@ -85,6 +85,8 @@ def weight_files(folder: str | os.PathLike) -> list[Path]:
     Raises:
         FileNotFoundError: neither file exists (PyTorch pickles such as pytorch_model.bin are not read), or a
             shard named by the index is absent.
+        ValueError: the index is not JSON, has no 'weight_map' object, or maps a key to anything but a file name
+            in the folder (a path such as "../x" included), naming the index.
     """
     folder = Path(folder)
     single, index = folder / WEIGHTS, folder / INDEX
