@@ -231,6 +231,7 @@ import flax_impl.hf as fh
 folder = sys.argv[1]
 cfg = fh.convert.config_from_hf(fh.io.read_config(folder))[1]
 model = fi.Transformer(cfg, rngs=nnx.Rngs(1))  # other weights than the folder's
+fh.save_pretrained(model, sys.argv[3], model_type="gpt2")  # elsewhere first: every program compiled before the limit
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit a write fails with EFBIG, as on a full disk
 limit = int(sys.argv[2])
 resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
@@ -246,8 +247,8 @@ def test_a_full_disk_while_saving_leaves_the_previous_folder(gpt2, tmp_path):
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     limit = len(before["model.safetensors"]) // 2
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-c", FULL_DISK, str(folder), str(limit)], capture_output=True,
-                          text=True, timeout=300, env=env, cwd=ROOT)  # fmt: skip
+    argv = [sys.executable, "-c", FULL_DISK, str(folder), str(limit), str(tmp_path / "warm-up")]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith("OSError: [Errno 27] cannot write") and "model.safetensors" in proc.stdout
     assert "the folder keeps its previous files" in proc.stdout
