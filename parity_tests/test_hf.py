@@ -172,7 +172,7 @@ def test_table_defaults_and_coverage_match_transformers(family):
     defaults = _class_defaults(getattr(transformers, SPECS[family].config_cls))
     named = {e.hf: e.default for e in (*fam.config, *fam.require)}
     for f in fam.config:
-        named.update(f.convert.reads)
+        named.update({key: default for key, (default, _) in f.convert.reads.items()})
     for key, default in named.items():
         if key in defaults:
             assert default == defaults[key], (
