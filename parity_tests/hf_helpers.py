@@ -246,12 +246,12 @@ def first_token_outlier(model: torch.nn.Module, *, size: float = OUTLIER, layer:
     """A Llama-family model grows |h| = `size` at the BOS token in one dimension of its residual stream, from
     `layer` (default 2, or 0 in a model of 2 layers) on, carried to the top by the residual adds.
 
-    As trained models do it: an MLP unit that fires for the first token only writes a huge value. Here dimension
-    3 of the stream holds a marker that only the BOS embedding has (the column is zero for every other token, and
-    no layer below writes it); unit 0 of `layer`'s MLP reads the marker and writes into dimension 5, its down
-    projection scaled so that the BOS row reaches `size`.
+    As trained models do it: MLP units that fire for the first token only write a huge value. Here dimension 3 of
+    the stream holds a marker that only the BOS embedding has (the column is zero for every other token, and no
+    layer below writes it); units 0-3 of `layer`'s MLP read the marker alone, and their down projections into
+    dimension 5 are scaled so that the BOS row reaches `size` there, a sum of four large unequal terms.
     """
-    marker, dim, unit = 3, 5, 0
+    marker, dim, units = 3, 5, [0, 1, 2, 3]
     layers = model.model.layers
     layer = (0 if len(layers) <= 2 else 2) if layer is None else layer
     with torch.no_grad():
@@ -259,26 +259,24 @@ def first_token_outlier(model: torch.nn.Module, *, size: float = OUTLIER, layer:
         value = 3 * embed.abs().max()
         embed[:, marker] = 0
         embed[BOS, marker] = value
-        for block in layers[: layer + 1]:  # nothing below the unit writes the marker
+        for block in layers[: layer + 1]:  # nothing below the units writes the marker
             for linear in [block.self_attn.o_proj] + ([block.mlp.down_proj] if block is not layers[layer] else []):
                 linear.weight[marker] = 0
                 if linear.bias is not None:
                     linear.bias[marker] = 0
         mlp = layers[layer].mlp
-        for linear in (mlp.gate_proj, mlp.up_proj):
-            linear.weight[unit] = 0
-            linear.weight[unit, marker] = 1.0
+        for linear in (mlp.gate_proj, mlp.up_proj):  # the units read the marker alone: silent for other tokens
+            linear.weight[units] = 0
+            linear.weight[units, marker] = torch.tensor([1.0, 1.25, 1.5, 1.75])
             if linear.bias is not None:
-                linear.bias[unit] = 0
-        mlp.down_proj.weight[:, unit] = 0
-        mlp.down_proj.weight[dim, unit] = 1.0
-    seen = []  # the unit's activation at the BOS row, read at the down projection's input
-    hook = mlp.down_proj.register_forward_pre_hook(lambda module, args: seen.append(float(args[0][0, 0, unit])))
+                linear.bias[units] = 0
+    seen = []  # the units' activations at the BOS row, read at the down projection's input
+    hook = mlp.down_proj.register_forward_pre_hook(lambda module, args: seen.append(args[0][0, 0, units].clone()))
     with torch.no_grad():
         model(torch.tensor([[BOS, 5, 6, 7]]))
     hook.remove()
-    with torch.no_grad():
-        mlp.down_proj.weight[dim, unit] = size / seen[0]
+    with torch.no_grad():  # each unit writes a quarter of `size` into `dim`
+        mlp.down_proj.weight[dim, units] = size / (len(units) * seen[0])
 
 
 def outlier_dims(model: torch.nn.Module, *, gain: float = 30.0, dim: int = 5) -> None:

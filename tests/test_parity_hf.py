@@ -32,14 +32,23 @@ from flax_impl.apps.cli import main  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", params=["gpt2", "llama"])
-def folder(request, tmp_path_factory):
-    spec = SPECS[request.param]
+def _save(family: str, path: Path) -> Path:
+    spec = SPECS[family]
     model = getattr(transformers, spec.model_cls)(getattr(transformers, spec.config_cls)(**spec.kwargs))
     perturb(model, 0)
-    path = tmp_path_factory.mktemp(request.param)
     model.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def folder(request, tmp_path_factory):
+    return _save(request.param, tmp_path_factory.mktemp(request.param))
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """One family for the checks that do not depend on it."""
+    return _save("llama", tmp_path_factory.mktemp("llama"))
 
 
 def _args(hf, flax=None, json_path=None, **changes):
@@ -67,18 +76,14 @@ def test_clean_folder_passes_every_layer(folder, tmp_path, capsys):
     assert summary.startswith(f"ok: {model_type}, 2 layers, B=2 L=12, float32"), summary
     assert "4 of 4 layers within the float32 budget" in summary and "1e-05 x its largest |value|" in summary
     assert "decode 4 steps within the budget" in summary and "top-1 100.0%" in summary
-
-
-def test_progress_reads_in_a_log(folder, capsys):
-    """Off a terminal (a log file, CI): one plain line per phase, each with its percentage and seconds."""
-    assert parity_hf.run(_args(folder, decode=0)) == 0
-    lines = capsys.readouterr().err.strip().splitlines()
+    # Progress off a terminal (a log file, CI): one plain line per phase, each with its percentage and seconds.
+    lines = captured.err.strip().splitlines()
     phases = [line.split("s  ", 1)[1] for line in lines]
     assert phases[:3] == [
         "importing jax, torch and transformers", "checking the config and the weight files", "loading the Flax model"
     ]
     assert phases[-1] == "done"
-    assert "running the Flax model (forward and gradients)" in phases and "\r" not in "".join(lines)
+    assert "decoding 4 steps (Flax generate vs transformers' full forward)" in phases and "\r" not in "".join(lines)
     percents = [int(line.split("]")[1].split("%")[0]) for line in lines]
     assert percents == sorted(percents) and percents[-1] == 100
 
@@ -92,21 +97,20 @@ def test_a_perturbed_layer_is_reported_at_that_layer(folder, layer, tmp_path, ca
     fi.load_torch_state_dict(model, sd)
     bad = tmp_path / "port.safetensors"
     fi.save(model, bad)
-    assert parity_hf.run(_args(folder, flax=str(bad), decode=0)) == 1
+    assert parity_hf.run(_args(folder, flax=str(bad), decode=0, json_path=str(tmp_path / "rows.json"))) == 1
     out = capsys.readouterr().out
-    assert "PARTS WAYS HERE (forward)" in out and f"parts ways at layer {layer} (forward)" in out
-    assert out.strip().splitlines()[-1].startswith("FAIL: ")
-    report = parity_hf.compare(str(folder), str(bad), length=12)
-    assert parity_hf_checks.first_divergence(report.rows, report.judged()) == (str(layer), "forward")
-    below = report.rows[: layer + 1]  # the input and every layer below k compute the same; their gradients need not
-    assert all(r.hidden <= r.hidden_tol for r in below), out
+    assert "PARTS WAYS HERE (forward)" in out and out.strip().splitlines()[-1].startswith("FAIL: ")
+    assert f"parts ways at layer {layer} (forward)" in out.strip().splitlines()[-1]
+    report = json.loads((tmp_path / "rows.json").read_text())
+    below = report["rows"][: layer + 1]  # the input and every layer below k compute the same; gradients need not
+    assert all(r["hidden"] <= r["hidden_tol"] for r in below), out
     # The referee ran for the layers past the budget and finds no roundoff there: Flax is far from float64.
-    assert report.referee is not None and not report.referee[layer + 1].ok
+    assert not report["rows"][layer + 1]["verdict"] and not report["referee"][layer + 1]["ok"]
 
 
-def test_reference_float64_prints_both_errors_and_their_ratio(folder, tmp_path, capsys):
+def test_reference_float64_prints_both_errors_and_their_ratio(llama, tmp_path, capsys):
     out = tmp_path / "rows.json"
-    assert parity_hf.run(_args(folder, reference="float64", decode=0, json_path=str(out))) == 0
+    assert parity_hf.run(_args(llama, reference="float64", decode=0, json_path=str(out))) == 0
     text = capsys.readouterr().out
     assert "Flax hidden" in text and "HF hidden" in text and "ratio" in text and "as close as transformers" in text
     assert "as close to transformers in float64 as transformers' own float32" in text.splitlines()[-1]
@@ -117,13 +121,9 @@ def test_reference_float64_prints_both_errors_and_their_ratio(folder, tmp_path, 
         assert 0 < r["ours_grad"] < tol.GRAD_REL and 0 < r["theirs_grad"] < tol.GRAD_REL
 
 
-def test_bfloat16_is_judged_against_each_sides_float32(tmp_path, capsys):
-    spec = SPECS["llama"]
-    model = getattr(transformers, spec.model_cls)(getattr(transformers, spec.config_cls)(**spec.kwargs))
-    perturb(model, 0)
-    model.save_pretrained(tmp_path / "m")
+def test_bfloat16_is_judged_against_each_sides_float32(llama, tmp_path, capsys):
     out = tmp_path / "rows.json"
-    assert parity_hf.run(_args(tmp_path / "m", dtype="bfloat16", decode=0, json_path=str(out))) == 0
+    assert parity_hf.run(_args(llama, dtype="bfloat16", decode=0, json_path=str(out))) == 0
     text = capsys.readouterr().out
     assert "bfloat16 against the same side's float32" in text and "bf16 as close to float32 as" in text
     bf16 = json.loads(out.read_text())["bf16"]
@@ -162,15 +162,15 @@ def test_misuse_is_exit_2_before_any_work(tmp_path, capsys, monkeypatch):
         assert f"{option[0]} goes with --hf" in capsys.readouterr().err
 
 
-def test_unreadable_weight_files_are_exit_2_naming_the_file(folder, tmp_path, capsys, monkeypatch):
+def test_unreadable_weight_files_are_exit_2_naming_the_file(llama, tmp_path, capsys, monkeypatch):
     """A truncated or corrupt safetensors file: one line naming it, exit 2, before any model is built."""
     monkeypatch.setattr(fh, "from_pretrained", lambda *a, **k: pytest.fail("a model was built"))
-    data = (folder / "model.safetensors").read_bytes()
+    data = (llama / "model.safetensors").read_bytes()
     broken = {"truncated": data[: len(data) // 2], "corrupt": b"\0" * 8 + data[8:], "empty": b""}
     for name, content in broken.items():
         bad = tmp_path / name
         bad.mkdir()
-        (bad / "config.json").write_bytes((folder / "config.json").read_bytes())
+        (bad / "config.json").write_bytes((llama / "config.json").read_bytes())
         (bad / "model.safetensors").write_bytes(content)
         assert parity_hf.run(_args(bad)) == 2, name
         err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("[")]
@@ -178,27 +178,33 @@ def test_unreadable_weight_files_are_exit_2_naming_the_file(folder, tmp_path, ca
         assert "truncated or corrupt" in err[0] and "Traceback" not in err[0]
         flax_file = tmp_path / f"{name}.safetensors"  # the same for a --flax file
         flax_file.write_bytes(content)
-        assert parity_hf.run(_args(folder, flax=str(flax_file))) == 2
+        assert parity_hf.run(_args(llama, flax=str(flax_file))) == 2
         assert str(flax_file) in capsys.readouterr().err
 
 
-def test_ctrl_c_is_one_line_and_exit_130(folder, capsys, monkeypatch):
+def test_decode_past_the_models_length_is_exit_2(llama, capsys, monkeypatch):
+    monkeypatch.setattr(fh, "from_pretrained", lambda *a, **k: pytest.fail("a model was built"))
+    assert parity_hf.run(_args(llama, decode=64)) == 2  # the tiny Llama holds 64 positions
+    assert "--decode=64 leaves no room for a prompt: the model holds 64 positions" in capsys.readouterr().err
+
+
+def test_ctrl_c_is_one_line_and_exit_130(llama, capsys, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(parity_hf_sides, "run_theirs", interrupted)
-    assert parity_hf.run(_args(folder)) == 130
+    monkeypatch.setattr(parity_hf_sides, "check_weight_files", interrupted)
+    assert parity_hf.run(_args(llama)) == 130
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("flax-impl parity: interrupted while running transformers (float32")
+    assert err[-1].startswith("flax-impl parity: interrupted while checking the config and the weight files")
     assert err[-1].endswith("nothing was judged") and not any("Traceback" in line for line in err)
 
 
 @pytest.mark.slow  # a fresh interpreter importing jax, torch and transformers: ~10-20 s
-def test_sigint_stops_the_command(folder):
+def test_sigint_stops_the_command(llama):
     """A real SIGINT (Ctrl-C) while the models load: exit 130 and the one-line summary, no traceback."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "flax_impl", "parity", "--hf", str(folder), "--length", "12"],
+        [sys.executable, "-m", "flax_impl", "parity", "--hf", str(llama), "--length", "12"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )  # fmt: skip
     seen = []

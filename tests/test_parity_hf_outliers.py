@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "parity_tests"))
 from hf_helpers import OUTLIER, ShiftedDecodePositions, trained_like, with_config  # noqa: E402
 
 from flax_impl import tolerances as tol  # noqa: E402
-from flax_impl.apps import parity_hf, parity_hf_report, parity_hf_sides  # noqa: E402
+from flax_impl.apps import parity_hf, parity_hf_report  # noqa: E402
 from flax_impl.apps.parity_hf_checks import Report, first_divergence  # noqa: E402
 
 # Seeded mistakes -> where the comparison must find them. RMSNorm eps 1e-6 for the model's 1e-5 (Llama's two
@@ -41,9 +41,17 @@ def _load(family: str, size: str, tmp_path_factory) -> tuple[str, parity_hf.Load
     return folder, parity_hf.load_sides(folder)
 
 
-@pytest.fixture(scope="module", params=["llama", "bert"])
-def tiny(request, tmp_path_factory):
-    return request.param, *_load(request.param, "tiny", tmp_path_factory)
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """family -> (folder, both sides loaded), built on first use and shared by the module's tests."""
+    cache = {}
+
+    def get(family: str) -> tuple[str, parity_hf.Loaded]:
+        if family not in cache:
+            cache[family] = _load(family, "tiny", tmp_path_factory)
+        return cache[family]
+
+    return get
 
 
 def _compare(folder: str, loaded: parity_hf.Loaded, decode: bool) -> Report:
@@ -58,11 +66,6 @@ def _check_correct(family: str, folder: str, loaded: parity_hf.Loaded) -> Report
         assert max(np.abs(h).max() for h in theirs.hidden) >= 0.5 * OUTLIER  # the outlier is there
         assert report.decode.ok and report.decode.top1 == 1.0
     return report
-
-
-def _batch(loaded: parity_hf.Loaded):
-    width = loaded.cfg.vocab_size if loaded.cfg.causal else loaded.cfg.d_model
-    return parity_hf_sides.make_batch(loaded.cfg, loaded.bos, 2, LENGTH, 0, width)
 
 
 def _check_mistake(name: str, folder: str, loaded: parity_hf.Loaded, monkeypatch) -> float:
@@ -80,23 +83,16 @@ def _check_mistake(name: str, folder: str, loaded: parity_hf.Loaded, monkeypatch
     return max(r.hidden for r in report.rows) / tol.HF_FORWARD_REL
 
 
-def test_tiny_trained_like_models_pass(tiny):
-    family, folder, loaded = tiny
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_tiny_trained_like_models_pass(family, tiny):
+    folder, loaded = tiny(family)
     report = _check_correct(family, folder, loaded)
     assert report.referee is None  # within the float32 budget: no referee needed
-    if family == "llama":  # the absolute budget this one replaced (1e-4) would have failed the correct port
-        batch = _batch(loaded)
-        ours = parity_hf_sides.run_ours(loaded.model, loaded.model_type, batch, grads=False)
-        theirs = loaded.runs[("float32", 2, LENGTH, 0)]
-        pairs = zip(ours.hidden, theirs.hidden, strict=True)
-        assert max(np.abs(a[batch.real] - b[batch.real]).max() for a, b in pairs) > 1e-4
 
 
 @pytest.mark.parametrize("name", sorted(MISTAKES))
 def test_tiny_seeded_mistakes_fail(name, tiny, monkeypatch):
-    family, folder, loaded = tiny
-    if MISTAKES[name][0] != family:
-        pytest.skip(f"a {MISTAKES[name][0]} mistake")
+    folder, loaded = tiny(MISTAKES[name][0])
     assert _check_mistake(name, folder, loaded, monkeypatch) >= 10  # caught with a margin, not by a hair
 
 
@@ -109,7 +105,9 @@ def real(request, tmp_path_factory):
 @pytest.mark.slow  # 135M parameters: building, saving and loading both sides, compiling 30 layers (minutes)
 def test_real_size_trained_like_models_pass_and_each_mistake_fails(real, monkeypatch):
     family, folder, loaded = real
-    _check_correct(family, folder, loaded)
+    report = _check_correct(family, folder, loaded)
+    if family == "llama":  # the absolute budget that HF_FORWARD_REL replaced (1e-4) fails the correct port
+        assert max(r.hidden_abs for r in report.rows) > 1e-4
     for name, (fam, _, _) in MISTAKES.items():
         if fam == family:
             assert _check_mistake(name, folder, loaded, monkeypatch) >= 10, name

@@ -108,13 +108,15 @@ class Loaded:
         return self.runs[(dtype, *key)]
 
 
-def load_sides(hf_path: str, flax_path: str | None = None, progress: Progress | None = None) -> Loaded:
-    """Both models, every file read and checked.
+def load_sides(
+    hf_path: str, flax_path: str | None = None, progress: Progress | None = None, *, decode: int = 0
+) -> Loaded:
+    """Both models, every file read and checked (the config and the weight files' headers before any weight).
 
     Raises:
         ValueError, OSError: a folder or file that cannot be compared (a truncated or corrupt weight file, an
             unsupported model_type or option, a missing or misshaped key, a --flax of another architecture or
-            config), before any comparison.
+            config; `decode` steps that leave no room for a prompt in the model's max_len), before any comparison.
     """
     import flax_impl as fi
     from flax_impl import hf
@@ -122,15 +124,16 @@ def load_sides(hf_path: str, flax_path: str | None = None, progress: Progress | 
     step = progress.step if progress is not None else (lambda *a, **k: None)
     step("checking the config and the weight files")
     hf_config = hf.io.read_config(hf_path)
-    hf.convert.config_from_hf(hf_config)  # an unsupported family or option, before any weight is opened
+    cfg = hf.convert.config_from_hf(hf_config)[1]  # an unsupported family or option, before any weight is opened
+    if cfg.causal and decode >= cfg.max_len:
+        raise ValueError(f"--decode={decode} leaves no room for a prompt: the model holds {cfg.max_len} positions")
     sides_.check_weight_files([p for p in (hf_path, flax_path) if p is not None])
     step("loading the Flax model")
-    cfg, model = hf.from_pretrained(hf_path)
-    if flax_path is not None and os.path.isdir(flax_path):
-        cfg2, model = hf.from_pretrained(flax_path)
-        if cfg2 != cfg:
-            raise ValueError(f"--flax {flax_path} has another architecture than --hf {hf_path}")
-    elif flax_path is not None:
+    folder = flax_path if flax_path is not None and os.path.isdir(flax_path) else hf_path
+    ours, model = hf.from_pretrained(folder)
+    if ours != cfg:
+        raise ValueError(f"--flax {flax_path} has another architecture than --hf {hf_path}")
+    if flax_path is not None and not os.path.isdir(flax_path):
         fi.load(model, flax_path)
     step("loading transformers' model")
     ref = sides_.load_theirs(hf_path, cfg.causal)
@@ -181,7 +184,7 @@ def compare(
                          f"dtype={dtype!r} 'float32' or 'bfloat16'")  # fmt: skip
     jax.config.update("jax_default_matmul_precision", "highest")
     step = progress.step if progress is not None else (lambda *a, **k: None)
-    s = sides if sides is not None else load_sides(hf_path, flax_path, progress)
+    s = sides if sides is not None else load_sides(hf_path, flax_path, progress, decode=decode)
     cfg = s.cfg
     width = cfg.vocab_size if cfg.causal else cfg.d_model
     b = sides_.make_batch(cfg, s.bos, batch, length, seed, width)
@@ -250,7 +253,7 @@ def run(args: argparse.Namespace) -> int:
         import flax_impl.hf  # noqa: F401
 
         try:
-            s = load_sides(args.hf, args.flax, progress)
+            s = load_sides(args.hf, args.flax, progress, decode=args.decode)
         except (ValueError, OSError) as e:
             progress.close()
             return shared.fail("parity", e)

@@ -17,11 +17,13 @@ from flax_impl.apps.parity_hf_sides import Decoded, Side
 class LayerRow:
     """One layer of the per-layer table ("input", "0".."N-1", "output": the logits or last hidden state, with the
     gradients of the embeddings, final norm and head). `hidden`: `row_error` of its output (real positions);
-    `grad`: `group_error` of its parameters' gradients (None where it has none)."""
+    `grad`: `group_error` of its parameters' gradients (None where it has none); `hidden_abs`: the largest
+    absolute difference of its output (what an absolute budget would have judged)."""
 
     layer: str
     hidden: float | None
     grad: float | None
+    hidden_abs: float | None = None
     hidden_tol: float = tol.HF_FORWARD_REL
     grad_tol: float = tol.GRAD_REL
 
@@ -114,10 +116,11 @@ def layer_rows(ours: Side, ref: Side, real: np.ndarray) -> list[LayerRow]:
     groups = grad_groups(ours.grads, ref.grads) if ref.grads else {}
     grad = {layer: tol.group_error(pairs) for layer, pairs in groups.items()}
     rows = []
-    for i, (a, b) in enumerate(zip(ours.hidden, ref.hidden, strict=True)):
-        name = "input" if i == 0 else str(i - 1)
-        rows.append(LayerRow(name, tol.row_error(a[real], b[real]), None if i == 0 else grad.get(name)))
-    rows.append(LayerRow("output", tol.row_error(ours.out[real], ref.out[real]), grad.get("output")))
+    outputs = [*zip(ours.hidden, ref.hidden, strict=True), (ours.out, ref.out)]
+    for i, (a, b) in enumerate(outputs):
+        name = "input" if i == 0 else ("output" if i == len(outputs) - 1 else str(i - 1))
+        g = None if i == 0 else grad.get(name)
+        rows.append(LayerRow(name, tol.row_error(a[real], b[real]), g, float(np.abs(a[real] - b[real]).max())))
     return rows
 
 

@@ -86,8 +86,8 @@ def _layer_list(module: Any, n_layers: int) -> Any:
 
 
 def run_theirs(model: Any, batch: Batch, n_layers: int, *, grads: bool = True) -> Side:
-    """transformers' hidden states, output and (optionally) gradients, in the model's dtype (returned as float64,
-    bfloat16 widened exactly)."""
+    """transformers' hidden states, output and (optionally) gradients, in the model's dtype (hidden states and
+    output returned as float64, bfloat16 widened exactly; gradients as computed, float32 or float64)."""
     import torch
 
     layers, captured = _layer_list(model, n_layers), []
@@ -114,7 +114,7 @@ def run_theirs(model: Any, batch: Batch, n_layers: int, *, grads: bool = True) -
     def wide(t: Any) -> np.ndarray:
         return t.detach().to(torch.float64).numpy()
 
-    grad = {k: wide(p.grad) for k, p in model.named_parameters() if p.grad is not None} if grads else {}
+    grad = {k: p.grad.numpy() for k, p in model.named_parameters() if p.grad is not None} if grads else {}
     return Side([wide(h) for h in captured], wide(out), grad)
 
 
@@ -139,7 +139,7 @@ def run_ours(model: Any, model_type: str, batch: Batch, *, grads: bool = True) -
         (_, (hidden, out)), g = nnx.jit(nnx.value_and_grad(loss, has_aux=True))(model)
         graph, _, rest = nnx.split(model, nnx.Param, ...)
         keyed = hf.to_hf_state_dict(nnx.merge(graph, g, rest), model_type)
-        grad = {k: np.asarray(v, np.float64) for k, v in keyed.items()}
+        grad = {k: np.asarray(v) for k, v in keyed.items()}  # float32: widened one tensor at a time when compared
     else:
         _, (hidden, out) = nnx.jit(loss)(model)
         grad = {}
