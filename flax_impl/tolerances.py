@@ -131,11 +131,14 @@ REFEREE_FACTOR = 8.0
 REFEREE_FLOOR = 1e-6
 
 # `flax-impl parity --hf --dtype bfloat16`: bf16 is judged against float32, like with like: our bf16 logits (or
-# last hidden states) against our float32 ones, beside transformers' bf16 against its float32. bf16 keeps 8
-# significant bits, and the two frameworks round at different places (Flax rounds its residual stream, transformers
-# keeps some sums in float32), so their deviations from float32 differ by up to ~1.5x on the same model; the
-# verdict is ours' mean |deviation| <= BF16_VS_TRANSFORMERS x transformers' (and the mean KL divergence of the
-# next-token distributions <= its square: KL grows as the square of small logit changes).
+# last hidden states; params and compute in bf16, as transformers' bf16) against our float32 ones, beside
+# transformers' bf16 against its float32. bf16 keeps 8 significant bits and the two frameworks round at different
+# places, so neither is near float32 and their deviations differ by chance. Measured (mean |deviation| ours /
+# transformers): 0.95-1.00 on tiny gpt2, llama, mpt; 0.97 on trained-like Llama (tiny and 30 x 576); 1.10 and 1.19
+# on trained-like BERT (tiny, 6 x 384); mean KL of the next-token distributions 0.88-0.94. The verdict: ours' mean
+# |deviation| <= BF16_VS_TRANSFORMERS x transformers', and the mean KL <= its square (KL grows as the square of
+# small logit changes). The largest single deviation is reported, not judged: one value of an outlier dimension
+# decides it (3.1 against 1.1 on the 6 x 384 BERT).
 BF16_VS_TRANSFORMERS = 2.0
 
 

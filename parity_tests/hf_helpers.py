@@ -341,23 +341,33 @@ def with_config(model: fi.Transformer, **changes) -> fi.Transformer:
 
 
 class ShiftedDecodePositions:
-    """A seeded decoding mistake: RoPE rotates every token decoded one at a time (L = 1) as if one position further
-    on, while the prompt's keys stay where they are (an off-by-one in the cache's position counter). Patches
-    `flax_impl.positions.apply_rope`, through which the model rotates q and k, and clears JAX's compile caches so
-    that the next `generate` traces it; `calls` counts the shifted rotations, to show the mistake was seeded."""
+    """A seeded decoding mistake, as a context: RoPE rotates every token decoded one at a time (L = 1) as if one
+    position further on, while the prompt's keys stay where they are (an off-by-one in the cache's position
+    counter). Patches `flax_impl.positions.apply_rope`, through which the model rotates q and k, and clears JAX's
+    compile caches on entering and on leaving, so that programs traced inside see the mistake and none outlives
+    it; `calls` counts the shifted rotations, to show the mistake was seeded."""
 
-    def __init__(self, monkeypatch) -> None:
+    def __enter__(self) -> ShiftedDecodePositions:
         import jax
 
         import flax_impl.positions as positions
 
-        original, self.calls = positions.apply_rope, 0
+        self.original, self.calls = positions.apply_rope, 0
 
         def shifted(x, positions_, **kw):
             if x.shape[1] == 1:
                 self.calls += 1
                 positions_ = jnp.asarray(positions_) + 1
-            return original(x, positions_, **kw)
+            return self.original(x, positions_, **kw)
 
-        monkeypatch.setattr(positions, "apply_rope", shifted)
+        positions.apply_rope = shifted
+        jax.clear_caches()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import jax
+
+        import flax_impl.positions as positions
+
+        positions.apply_rope = self.original
         jax.clear_caches()

@@ -68,13 +68,12 @@ def _check_correct(family: str, folder: str, loaded: parity_hf.Loaded) -> Report
     return report
 
 
-def _check_mistake(name: str, folder: str, loaded: parity_hf.Loaded, monkeypatch) -> float:
+def _check_mistake(name: str, folder: str, loaded: parity_hf.Loaded) -> float:
     """The mistaken port fails where it should; returns by how much (worst error / its budget)."""
     family, change, where = MISTAKES[name]
     if change == "decode":
-        shifted = ShiftedDecodePositions(monkeypatch)
-        report = _compare(folder, loaded, decode=True)
-        monkeypatch.undo()
+        with ShiftedDecodePositions() as shifted:
+            report = _compare(folder, loaded, decode=True)
         assert shifted.calls > 0, "the mistake was not seeded: the model no longer rotates through apply_rope"
         assert not report.ok and not report.decode.ok and all(f and b for f, b in report.judged())
         return report.decode.error / report.decode.tol
@@ -91,9 +90,9 @@ def test_tiny_trained_like_models_pass(family, tiny):
 
 
 @pytest.mark.parametrize("name", sorted(MISTAKES))
-def test_tiny_seeded_mistakes_fail(name, tiny, monkeypatch):
+def test_tiny_seeded_mistakes_fail(name, tiny):
     folder, loaded = tiny(MISTAKES[name][0])
-    assert _check_mistake(name, folder, loaded, monkeypatch) >= 10  # caught with a margin, not by a hair
+    assert _check_mistake(name, folder, loaded) >= 10  # caught with a margin, not by a hair
 
 
 # ------------------------------------------------------------------------------------------------ real size
@@ -103,11 +102,11 @@ def real(request, tmp_path_factory):
 
 
 @pytest.mark.slow  # 135M parameters: building, saving and loading both sides, compiling 30 layers (minutes)
-def test_real_size_trained_like_models_pass_and_each_mistake_fails(real, monkeypatch):
+def test_real_size_trained_like_models_pass_and_each_mistake_fails(real):
     family, folder, loaded = real
     report = _check_correct(family, folder, loaded)
     if family == "llama":  # the absolute budget that HF_FORWARD_REL replaced (1e-4) fails the correct port
         assert max(r.hidden_abs for r in report.rows) > 1e-4
     for name, (fam, _, _) in MISTAKES.items():
         if fam == family:
-            assert _check_mistake(name, folder, loaded, monkeypatch) >= 10, name
+            assert _check_mistake(name, folder, loaded) >= 10, name
