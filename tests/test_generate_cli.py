@@ -257,11 +257,12 @@ def test_ctrl_c_exits_130_with_one_line(folder):
     """SIGINT once the prompt is printed (the text streams next; tracing and compiling take seconds)."""
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-    argv = [sys.executable, "-m", "flax_impl", "generate", str(folder), "--prompt", "Position", "--max-new-tokens", "9"]
-    # SIGINT as a terminal delivers it: xdist's workers ignore SIGINT, which a child would inherit (and Python then
-    # installs no KeyboardInterrupt handler).
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=root,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+    # SIGINT as a terminal delivers it: xdist's workers ignore SIGINT, which a child inherits (Python then installs
+    # no KeyboardInterrupt handler), so the child installs Python's own handler before the command runs.
+    code = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "from flax_impl.apps.cli import main; sys.exit(main(sys.argv[1:]))")  # fmt: skip
+    argv = [sys.executable, "-c", code, "generate", str(folder), "--prompt", "Position", "--max-new-tokens", "9"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=root)
     try:
         assert proc.stdout.read(len("Position")) == b"Position"
         proc.send_signal(signal.SIGINT)

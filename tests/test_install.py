@@ -201,7 +201,7 @@ TINY = ["--d-model", "16", "--heads", "2", "--layers", "1"]
 TINY_TRAIN = ["train", "--steps", "2", "--batch-size", "2", "--seq-len", "16", *TINY, "--warmup", "1",
               "--eval-every", "2", "--eval-batches", "1", "--corpus-mb", "0.1", "--plot", "none"]  # fmt: skip
 TINY_BENCH = ["bench", "--frameworks", "flax", "--shapes", "1x8", "--modes", "forward", "--repeats", "1", *TINY,
-              "--vocab", "50"]  # fmt: skip
+              "--vocab", "50", "--compile-layers", "1"]  # fmt: skip
 TINY_DECODE = ["bench-decode", "--models", "gpt2", "--batches", "1", "--prompts", "4", "--new-tokens", "2",
                "--repeats", "1", *TINY, "--vocab", "50"]  # fmt: skip
 

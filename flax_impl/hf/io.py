@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from flax_impl.checkpoint_dir import TMP_PREFIX
+
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -252,7 +254,7 @@ def _atomic_all(folder: Path, writers: Mapping[str, Callable[[str], Any]]) -> No
     temps: dict[str, str] = {}
     try:
         for name, write in writers.items():
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=Path(name).suffix)
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=TMP_PREFIX, suffix=Path(name).suffix)
             os.close(fd)
             temps[name] = tmp
             try:
@@ -260,6 +262,7 @@ def _atomic_all(folder: Path, writers: Mapping[str, Callable[[str], Any]]) -> No
             except Exception as err:
                 raise _write_error(folder / name, err) from None
         for name, tmp in temps.items():
+            os.chmod(tmp, 0o644)  # mkstemp (and some writers) make it 0600
             os.replace(tmp, folder / name)
     finally:
         for tmp in temps.values():
