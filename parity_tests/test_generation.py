@@ -12,10 +12,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import transformers
 from flax import nnx
 from helpers import small_config
-from hf_helpers import SPECS, assert_rows_close, perturb, row_budgets_no_looser
+from hf_helpers import FAMILIES, SPECS, assert_rows_close, build_hf, row_budgets_no_looser
 
 import flax_impl as fi
 import flax_impl.hf as fh
@@ -112,18 +111,17 @@ def test_stop_tokens_end_rows_and_streaming_sees_every_step(case):
 
 
 # ------------------------------------------------------------------------------------------- against transformers
-CAUSAL = ["bloom", "gpt2", "llama", "mistral", "mpt", "qwen2"]
-HF_LENGTHS = (9, 4, 6)  # Mistral's sliding window is 5: the longest prompt already needs it
+# Every causal family of hf_specs (one tiny model each, the model of parity_tests/test_hf.py): today's six, and the
+# families of issue 24 (partial rotary, parallel blocks, Falcon's grouped qkv, Phi-3's fused projections and window,
+# OPT's positions from the mask, Gemma's (1 + w) norms and scaled embedding, StarCoder2's window).
+CAUSAL = [f for f in FAMILIES if SPECS[f].lm]
+HF_LENGTHS = (9, 4, 6)  # the sliding windows are 5 (Mistral, Phi-3) and 6 (StarCoder2): the longest prompt needs them
 HF_NEW = 32
 
 
 @pytest.mark.parametrize("family", CAUSAL)
 def test_greedy_tokens_match_transformers(family, tmp_path):
-    spec = SPECS[family]
-    config = getattr(transformers, spec.config_cls)(**spec.kwargs)
-    torch.manual_seed(0)
-    theirs = getattr(transformers, spec.model_cls)._from_config(config, attn_implementation="eager").eval()
-    perturb(theirs, seed=1)
+    theirs = build_hf(SPECS[family])
     theirs.save_pretrained(tmp_path)
     cfg, ours = fh.from_pretrained(tmp_path)
     rng = np.random.default_rng(len(family))

@@ -184,7 +184,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     fam, config = config_from_hf(hf, source=str(folder / CONFIG))
     if not config.causal:
         raise ValueError(f"PATH {str(folder)!r} holds a {fam.model_type} model, which is not causal: generate needs "
-                         "a causal language model (gpt2, llama, mistral, qwen2, bloom, mpt)")
+                         "a causal language model (a decoder family: docs/huggingface.md)")
     header = read_headers(weight_files(folder))  # a truncated or corrupt file fails here, before any weight is read
     tokenizer = load_tokenizer(folder)
     V = config.vocab_size

@@ -28,6 +28,10 @@ ACTIVATION_NAMES = {
     "swish": "silu",
 }
 ACTIVATION = choice("activation", ACTIVATION_NAMES)
+# The same, writing the tanh GELU back as "gelu_pytorch_tanh" (GPT-BigCode's and StarCoder2's default): torch's
+# fused tanh GELU and the Python formula of "gelu_new" differ by roundoff, so the saved folder must name the kernel
+# the checkpoint came with for transformers to reload it with the same outputs.
+ACTIVATION_PYTORCH_TANH = choice("activation", {"gelu_pytorch_tanh": "gelu_tanh", **ACTIVATION_NAMES})
 
 TIE = Convert("tie_word_embeddings", lambda v, hf: "tied" if v else "untied", lambda v, cfg: v == "tied")
 

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from flax_impl.config import TransformerConfig
-from flax_impl.hf.converters import ACTIVATION, TIE, inner_or_4d, plus
+from flax_impl.hf.converters import ACTIVATION, ACTIVATION_PYTORCH_TANH, TIE, inner_or_4d, plus
 from flax_impl.hf.families.common import DECODER, NO_CROSS_ATTENTION
 from flax_impl.hf.spec import COMMON_IGNORED, Convert, Family, Field, Key, Require, Unsupported
 
@@ -113,7 +113,7 @@ GPT_BIGCODE = Family(
         Field("n_layer", "n_layers", 12, kind="int"),
         Field("n_inner", "d_ff", None, inner_or_4d("n_embd"), kind="int?"),
         Field("n_positions", "max_len", 1024, kind="int"),
-        Field("activation_function", "activation", "gelu_pytorch_tanh", ACTIVATION, kind="str"),
+        Field("activation_function", "activation", "gelu_pytorch_tanh", ACTIVATION_PYTORCH_TANH, kind="str"),
         Field("layer_norm_epsilon", "norm_eps", 1e-5, kind="float"),
         Field("resid_pdrop", "dropout", 0.1, kind="float"),
         Field("attn_pdrop", "attention_dropout", 0.1, kind="float"),

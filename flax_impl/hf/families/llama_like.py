@@ -7,6 +7,7 @@ from __future__ import annotations
 from flax_impl.hf.converters import (
     ACTIVATION,
     ACTIVATION_NAMES,
+    ACTIVATION_PYTORCH_TANH,
     ROPE_TYPE,
     TIE,
     head_dim_require,
@@ -141,7 +142,7 @@ STARCODER2 = Family(
         Field("num_hidden_layers", "n_layers", 30, kind="int"),
         Field("num_attention_heads", "n_heads", 24, kind="int"),
         Field("num_key_value_heads", "n_kv_heads", 2, kv_heads("num_attention_heads"), kind="int"),
-        Field("hidden_act", "activation", "gelu_pytorch_tanh", ACTIVATION, kind="str"),
+        Field("hidden_act", "activation", "gelu_pytorch_tanh", ACTIVATION_PYTORCH_TANH, kind="str"),
         Field("max_position_embeddings", "max_len", 4096, kind="int"),
         Field("norm_epsilon", "norm_eps", 1e-5, kind="float"),
         *rope_fields(),
