@@ -1,8 +1,11 @@
 """Multi-head self-attention (Vaswani et al., 2017) with RoPE / ALiBi hooks, grouped-query heads, sliding windows,
 QK-norm, the families' score scales and soft-capping, masks and attention dropout.
 
-Masks, their checks and the per-layer kinds live in `flax_impl.masks` (their names are importable from here too).
-A query row whose keys are all masked returns zeros (torch's softmax would give NaN).
+Mask convention (ours, both twins): `attention_mask` is either (B, S) with 1/True = real token, a bool
+(B|1, N|1, L, S) with True = may attend, or a float (B|1, N|1, L, S) added to the scores (-inf = masked out);
+`check_attention_mask` refuses anything else. The mask rules and the per-layer kinds live in `flax_impl.masks`
+(their names are importable from here too). A query row whose keys are all masked returns zeros (torch's softmax
+would give NaN).
 
 Padding cannot leak (both twins): keys that no query may attend to are zeroed before the matmuls, so a NaN or
 inf at a padded position changes no real token's output (a masked score is replaced, never multiplied by 0).
@@ -26,6 +29,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from flax_impl._kernels.attention import chunked_attention, dot_product_attention, merge_heads_project
@@ -35,13 +39,11 @@ from flax_impl.dropout import Dropout
 from flax_impl.masks import (  # noqa: F401  (re-exported: the attention's mask and kind names)
     NO_WINDOW,
     LayerKind,
-    check_attention_mask,
     first_layer_kind,
     from_torch_mha_mask,
     group_rows,
     layer_kinds,
     mask_rules,
-    nan_rows_of_bad_mask,
 )
 from flax_impl.norm import LayerNorm, RMSNorm
 from flax_impl.positions import alibi_slopes, rotate_qk, scheme
@@ -53,6 +55,47 @@ from flax_impl.sharding import (
     parallel_linear,
     param_metadata,
 )
+
+
+def check_attention_mask(mask: object, batch: int, n_heads: int, q_len: int, k_len: int) -> None:
+    """Raise a clear error if `mask` cannot be read as one of the three accepted forms for (B, N, L, S)."""
+    shape, dtype = tuple(np.shape(mask)), jnp.result_type(mask)
+    if len(shape) == 2:
+        if shape != (batch, k_len):
+            raise ValueError(f"a (B, S) attention_mask must have shape ({batch}, {k_len}), got {shape}")
+        if not (dtype == jnp.bool_ or jnp.issubdtype(dtype, jnp.integer)):
+            raise TypeError(f"a (B, S) attention_mask must be bool or integer (1 = real token), got dtype {dtype}")
+        if not isinstance(mask, jax.core.Tracer):
+            values = np.unique(np.asarray(mask))
+            if not set(values.tolist()) <= {0, 1}:
+                raise ValueError(f"a (B, S) attention_mask holds 0/1 only, got values {values[:5].tolist()}")
+        return
+    if len(shape) == 4:
+        ok = shape[0] in (batch, 1) and shape[1] in (n_heads, 1) and shape[2] in (q_len, 1) and shape[3] == k_len
+        if not ok:
+            raise ValueError(
+                f"a 4-d attention_mask must broadcast to (B, N, L, S) = ({batch}, {n_heads}, {q_len}, {k_len}): "
+                f"each of its first three sizes equal or 1, got {shape}"
+            )
+        if not (dtype == jnp.bool_ or jnp.issubdtype(dtype, jnp.floating)):
+            raise TypeError(
+                f"a 4-d attention_mask must be bool (True = may attend) or float (added to the scores), got {dtype}"
+            )
+        return
+    raise ValueError(f"attention_mask must be (B, S) or (B|1, N|1, L, S), got shape {shape}")
+
+
+def nan_rows_of_bad_mask(x: jax.Array, mask: jax.Array) -> jax.Array:
+    """x (B, L, D) with the sequences whose integer (B, S) mask holds a value other than 0/1 set to NaN.
+
+    Eager calls never get here with such a mask (`check_attention_mask` raises); under `jit` its values are not
+    known, and reading 2 or -1 as "real token" would silently change the result: NaN says it instead.
+    """
+    mask = jnp.asarray(mask)
+    if mask.ndim != 2 or not jnp.issubdtype(mask.dtype, jnp.integer):
+        return x
+    bad = jnp.any((mask != 0) & (mask != 1), axis=-1)  # (B,)
+    return jnp.where(bad[:, None, None], jnp.asarray(jnp.nan, x.dtype), x)
 
 
 def attention_scale(config: TransformerConfig) -> float:

@@ -83,7 +83,10 @@ def check_attention_fields(cfg: Any, set_: Callable[[str, Any], None]) -> None:
                            f"{list(LAYER_TYPES)}", length=n)  # fmt: skip
     set_("layer_types", kinds)
     if kinds is not None and "sliding_attention" in kinds and cfg.sliding_window is None:
-        raise ValueError(f"layer_types={list(kinds)!r} has sliding layers: set sliding_window (their window W)")
+        raise ValueError(
+            f"layer_types={list(kinds)!r} must be all 'full_attention' without a sliding_window: set sliding_window "
+            "(the window W of its sliding layers)"
+        )
     set_("rope_layers", check_sequence("rope_layers", cfg.rope_layers, lambda v: check_bool("entry", v), "bools",
                                        length=n))  # fmt: skip
     set_("rope_local_base", check_float("rope_local_base", cfg.rope_local_base, low=1.0, low_open=True, none_ok=True))
@@ -97,14 +100,16 @@ def check_attention_fields(cfg: Any, set_: Callable[[str, Any], None]) -> None:
         value = check_sequence(name, getattr(cfg, name), lambda v: _positive("entry", v), "numbers > 0")
         set_(name, value)
         if value is not None and cfg.rope_type != "longrope":
-            raise ValueError(f"{name} is read by rope_type='longrope' only, not rope_type={cfg.rope_type!r}")
+            raise ValueError(f"{name}={list(value)!r} must be None unless rope_type='longrope' (got {cfg.rope_type!r})")
         if cfg.rope_type == "longrope" and (value is None or len(value) != rotated // 2):
             raise ValueError(
                 f"rope_type='longrope' needs {name}: one factor per rotated pair, {rotated // 2} (rotated width "
                 f"{rotated}), got {None if value is None else len(value)}"
             )
     if cfg.rope_type != "linear" and cfg.rope_original_max_len is None:
-        raise ValueError(f"rope_type={cfg.rope_type!r} needs rope_original_max_len (the length trained at)")
+        raise ValueError(
+            f"rope_type={cfg.rope_type!r} needs rope_original_max_len (the length trained at): it must be set"
+        )
     if cfg.rope_type == "llama3" and cfg.rope_high_freq_factor <= cfg.rope_low_freq_factor:
         raise ValueError(
             f"rope_type='llama3' needs rope_high_freq_factor={cfg.rope_high_freq_factor!r} > "
@@ -112,8 +117,8 @@ def check_attention_fields(cfg: Any, set_: Callable[[str, Any], None]) -> None:
         )
     if cfg.rope_attention_factor is not None and cfg.rope_type not in ("yarn", "longrope"):
         raise ValueError(
-            f"rope_attention_factor={cfg.rope_attention_factor!r} is read by rope_type 'yarn' and 'longrope' only, "
-            f"not rope_type={cfg.rope_type!r}"
+            f"rope_attention_factor={cfg.rope_attention_factor!r} must be None unless rope_type is 'yarn' or "
+            f"'longrope' (got {cfg.rope_type!r})"
         )
     if cfg.rope_type == "dynamic" and rotated <= 2:
         raise ValueError(f"rope_type='dynamic' raises the base to r / (r - 2): rotated width {rotated} must be > 2")

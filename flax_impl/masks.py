@@ -1,6 +1,7 @@
-"""Masks and layer kinds of the attention: the forms a mask may take and their checks, the one place the mask
-rules live (`mask_rules`: causal, sliding window, ALiBi), and what differs from one layer to the next
-(`LayerKind`, `layer_kinds`: the window and the RoPE frequencies, as data a scanned stack reads per layer).
+"""Masks and layer kinds of the attention: the one place the mask rules live (`mask_rules`: causal, sliding
+window, ALiBi), and what differs from one layer to the next (`LayerKind`, `layer_kinds`: the window and the RoPE
+frequencies, as data a scanned stack reads per layer). The attention checks a mask's form first
+(`flax_impl.attention.check_attention_mask`).
 
 Mask convention (ours, both twins): `attention_mask` is either (B, S) with 1/True = real token, a bool
 (B|1, N|1, L, S) with True = may attend, or a float (B|1, N|1, L, S) added to the scores (-inf = masked out).
@@ -27,47 +28,6 @@ def from_torch_mha_mask(mask: jax.Array) -> jax.Array:
     if mask.dtype != jnp.bool_:
         raise TypeError(f"from_torch_mha_mask converts bool masks only, got dtype {mask.dtype}")
     return ~mask
-
-
-def check_attention_mask(mask: object, batch: int, n_heads: int, q_len: int, k_len: int) -> None:
-    """Raise a clear error if `mask` cannot be read as one of the three accepted forms for (B, N, L, S)."""
-    shape, dtype = tuple(np.shape(mask)), jnp.result_type(mask)
-    if len(shape) == 2:
-        if shape != (batch, k_len):
-            raise ValueError(f"a (B, S) attention_mask must have shape ({batch}, {k_len}), got {shape}")
-        if not (dtype == jnp.bool_ or jnp.issubdtype(dtype, jnp.integer)):
-            raise TypeError(f"a (B, S) attention_mask must be bool or integer (1 = real token), got dtype {dtype}")
-        if not isinstance(mask, jax.core.Tracer):
-            values = np.unique(np.asarray(mask))
-            if not set(values.tolist()) <= {0, 1}:
-                raise ValueError(f"a (B, S) attention_mask holds 0/1 only, got values {values[:5].tolist()}")
-        return
-    if len(shape) == 4:
-        ok = shape[0] in (batch, 1) and shape[1] in (n_heads, 1) and shape[2] in (q_len, 1) and shape[3] == k_len
-        if not ok:
-            raise ValueError(
-                f"a 4-d attention_mask must broadcast to (B, N, L, S) = ({batch}, {n_heads}, {q_len}, {k_len}): "
-                f"each of its first three sizes equal or 1, got {shape}"
-            )
-        if not (dtype == jnp.bool_ or jnp.issubdtype(dtype, jnp.floating)):
-            raise TypeError(
-                f"a 4-d attention_mask must be bool (True = may attend) or float (added to the scores), got {dtype}"
-            )
-        return
-    raise ValueError(f"attention_mask must be (B, S) or (B|1, N|1, L, S), got shape {shape}")
-
-
-def nan_rows_of_bad_mask(x: jax.Array, mask: jax.Array) -> jax.Array:
-    """x (B, L, D) with the sequences whose integer (B, S) mask holds a value other than 0/1 set to NaN.
-
-    Eager calls never get here with such a mask (`check_attention_mask` raises); under `jit` its values are not
-    known, and reading 2 or -1 as "real token" would silently change the result: NaN says it instead.
-    """
-    mask = jnp.asarray(mask)
-    if mask.ndim != 2 or not jnp.issubdtype(mask.dtype, jnp.integer):
-        return x
-    bad = jnp.any((mask != 0) & (mask != 1), axis=-1)  # (B,)
-    return jnp.where(bad[:, None, None], jnp.asarray(jnp.nan, x.dtype), x)
 
 
 # A layer without a sliding window sees every earlier key: its window is larger than any slot distance.
