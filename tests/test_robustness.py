@@ -67,6 +67,7 @@ TRANSFORMER = {
     "padding_idx": Arg("int", low=0, high=10_000, none_ok=True, valid=(0, 9_999, None)),
     "sliding_window": Arg("int", low=1, none_ok=True, valid=(1, None)),
     "type_vocab_size": INT0,
+    "position_offset": INT0,
     # attention and RoPE (flax_impl.attention_config); the base config has 6 layers and rope_type "linear"
     "head_dim": Arg("int", low=1, none_ok=True, valid=(8, None)),
     "qk_norm": choice(QK_NORMS),
