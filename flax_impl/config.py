@@ -91,6 +91,12 @@ class TransformerConfig(_DictMixin):
     matrix (with a bias if `lm_head_bias`) instead of reusing the embedding; `type_vocab_size` > 0 adds BERT's
     token-type embeddings at the input.
 
+    The next families' attention (rules in `flax_impl.attention_config`, meanings in docs/models.md): `head_dim`
+    (None: D / N), `qk_norm`, `query_pre_attn_scalar` / `attention_multiplier` (the factor on q.k),
+    `attn_logit_softcapping`; per layer `layer_types` (which layers have the window), `rope_layers` (which rotate),
+    `rope_local_base` (the sliding layers' own RoPE base); `rope_type` and its `rope_*` parameters
+    (`flax_impl.rope`). Sequence fields are stored as tuples.
+
     Positions (what the sinusoidal / learned rows and RoPE are taken at) when a forward is given none:
     `positions_from` "index" counts slots, p = 0 .. L - 1 (transformers' default); "mask" counts real tokens,
     p = cumsum(attention_mask) - 1 (OPT); "tokens" counts tokens that are not `padding_idx`, p = cumsum(ids !=

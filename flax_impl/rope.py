@@ -145,7 +145,7 @@ def frequencies(
         table = inv_freq(cfg).astype(np.float32)
     factor = attention_factor(cfg) if row is None or row.rope_factor is None else row.rope_factor
     if cfg.rope_type in ("dynamic", "longrope"):
-        seq_len = jnp.max(positions) + 1
+        seq_len = jnp.max(positions, initial=-1) + 1  # (initial: an empty call has length 0)
         long = seq_len > cfg.rope_original_max_len
         if row is not None and row.rope_scaled is not None:
             long = long & row.rope_scaled

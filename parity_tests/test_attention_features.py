@@ -152,7 +152,7 @@ def _copy_into(hf_attn, sd: dict, cfg) -> None:
         for p in ("weight", "bias"):
             if f"{ours}.{p}" not in sd:
                 continue
-            value = torch.from_numpy(sd[f"{ours}.{p}"])
+            value = torch.from_numpy(np.array(sd[f"{ours}.{p}"]))
             if hasattr(target, "norms"):  # StableLM: one nn.LayerNorm per head
                 for h, norm in enumerate(target.norms):
                     norm.get_parameter(p).data.copy_(value[h])
