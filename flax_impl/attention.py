@@ -18,7 +18,7 @@ Kernels (`FlaxConfig.attention_impl`, same results to float32 rounding): "einsum
 `flax_impl._kernels.attention.chunked_attention`, heads-major (B, N, L, H), one chunk of queries at a time, its
 gradient written out (why: docs/design.md#attention). "dot_product_attention" calls
 jax.nn.dot_product_attention with its default implementation (XLA's; jax does not pick cuDNN by itself),
-which has neither dropout nor soft-capping: asked for with `attn_logit_softcapping` set it is refused when the
+which has neither dropout nor soft-capping: asked for with `attn_logit_softcap` set it is refused when the
 module is built. "auto" (default) takes it on GPU/TPU when no attention dropout is active and no soft-cap is set,
 the einsum path otherwise.
 """
@@ -161,7 +161,7 @@ class MultiHeadAttention(nnx.Module):
     `out_proj` (N H -> D; H = `head_dim`, D / N unless set), and with `qk_norm` the norms `q_norm`, `k_norm`
     (`make_qk_norms`), applied to q and k before RoPE: per head after the split into heads, or over the whole
     projection width before it ("rmsnorm_full_width"). Scores q.k * `attention_scale(config)` (1 / sqrt(H) by
-    default), soft-capped to c tanh(s / c) if `attn_logit_softcapping` = c, then the bias and the mask; softmax in
+    default), soft-capped to c tanh(s / c) if `attn_logit_softcap` = c, then the bias and the mask; softmax in
     float32, dropout on the probabilities (train mode). RoPE on q and k and ALiBi on the scores according to
     `config.position`, causal masking if `config.causal`, within the last `sliding_window` positions on the
     layers that have one; both per layer from the layer's `LayerKind` (`mask_rules`, `flax_impl.rope`).
@@ -185,10 +185,10 @@ class MultiHeadAttention(nnx.Module):
         self.out_proj = parallel_linear(flax_config, N * H, D, "row", use_bias=config.out_bias, rngs=rngs)
         self.q_norm, self.k_norm = (nnx.data(n) if n is None else n for n in make_qk_norms(config, flax_config))
         self.dropout = Dropout(config.attention_dropout, rngs=rngs)
-        if flax_config.attention_impl == "dot_product_attention" and config.attn_logit_softcapping is not None:
+        if flax_config.attention_impl == "dot_product_attention" and config.attn_logit_softcap is not None:
             raise ValueError(
-                f"attention_impl='dot_product_attention' has no soft-capping (attn_logit_softcapping="
-                f"{config.attn_logit_softcapping!r}): use attention_impl='einsum' or 'auto'"
+                f"attention_impl='dot_product_attention' has no soft-capping (attn_logit_softcap="
+                f"{config.attn_logit_softcap!r}): use attention_impl='einsum' or 'auto'"
             )
 
     def __call__(
@@ -295,7 +295,7 @@ class MultiHeadAttention(nnx.Module):
         keep = None if keep is None else keep.reshape(B, K, G * L, keep.shape[-1])
         out = chunked_attention(
             qg, k, v, group_rows(bias, K, G, L), group_rows(allowed, K, G, L), keep, self.dropout.rate,
-            zero_dead=not keys_zeroed, softcap=self.config.attn_logit_softcapping,
+            zero_dead=not keys_zeroed, softcap=self.config.attn_logit_softcap,
         )  # fmt: skip
         # The backward pass redoes the (B, N, L, H) -> (B, L, D) transpose for out_proj's weight gradient, so that
         # only the heads-major output, which the attention gradient keeps anyway, is kept.
@@ -312,6 +312,6 @@ class MultiHeadAttention(nnx.Module):
                 "model.eval(), or use attention_impl='einsum' / 'auto'"
             )
         if impl == "auto":
-            plain = not dropout_active and self.config.attn_logit_softcapping is None
+            plain = not dropout_active and self.config.attn_logit_softcap is None
             return plain and jax.default_backend() in ("gpu", "cuda", "rocm", "tpu")
         return impl == "dot_product_attention"

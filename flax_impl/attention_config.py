@@ -71,7 +71,7 @@ def check_attention_fields(cfg: Any, set_: Callable[[str, Any], None]) -> None:
         head_dim = cfg.d_model // cfg.n_heads
     set_("head_dim", head_dim)
     check_choice("qk_norm", cfg.qk_norm, QK_NORMS)
-    for name in ("query_pre_attn_scalar", "attention_multiplier", "attn_logit_softcapping", "rope_attention_factor"):
+    for name in ("query_pre_attn_scalar", "attention_multiplier", "attn_logit_softcap", "rope_attention_factor"):
         set_(name, _positive(name, getattr(cfg, name), none_ok=True))
     if cfg.query_pre_attn_scalar is not None and cfg.attention_multiplier is not None:
         raise ValueError(

@@ -43,6 +43,7 @@ POSITIONS = ("sinusoidal", "learned", "rope", "alibi", "none")
 ROPE_STYLES = ("half", "interleaved")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
 NORMS = ("layernorm", "rmsnorm")
+BRANCH_NORMS = ("none", "sandwich", "post")
 MLPS = ("plain", "gated")
 LM_HEADS = ("tied", "untied")
 POSITIONS_FROM = ("index", "mask", "tokens")
@@ -68,7 +69,10 @@ TRANSFORMER_CHOICES = {
     "mlp": MLPS,
     "lm_head": LM_HEADS,
     "positions_from": POSITIONS_FROM,
+    "branch_norm": BRANCH_NORMS,
 }
+# Scalars of the block and the model (Gemma, Granite): a value of 1 (or None) is off and costs nothing.
+POSITIVE_SCALARS = ("embedding_multiplier", "residual_multiplier", "logits_scaling")
 
 
 @dataclass(frozen=True)
@@ -91,9 +95,15 @@ class TransformerConfig(_DictMixin):
     matrix (with a bias if `lm_head_bias`) instead of reusing the embedding; `type_vocab_size` > 0 adds BERT's
     token-type embeddings at the input.
 
+    Norm variants and scalars: `norm_offset` c scales every norm's output by (c + w), w stored as it is and
+    initialised to 1 - c (Gemma's x * (1 + w): c = 1); `branch_norm` "sandwich" normalises each branch's output
+    before its residual add, beside the pre-norms (Gemma 2 / 3), "post" instead of them (OLMo 2); Granite's
+    `embedding_multiplier` and `residual_multiplier` scale the token embeddings and each branch's output, its
+    `logits_scaling` divides the logits, and Gemma 2's `final_logit_softcap` c caps them to c tanh(logits / c).
+
     The next families' attention (rules in `flax_impl.attention_config`, meanings in docs/models.md): `head_dim`
     (None: D / N), `qk_norm`, `query_pre_attn_scalar` / `attention_multiplier` (the factor on q.k),
-    `attn_logit_softcapping`; per layer `layer_types` (which layers have the window), `rope_layers` (which rotate),
+    `attn_logit_softcap`; per layer `layer_types` (which layers have the window), `rope_layers` (which rotate),
     `rope_local_base` (the sliding layers' own RoPE base); `rope_type` and its `rope_*` parameters
     (`flax_impl.rope`). Sequence fields are stored as tuples.
 
@@ -153,12 +163,18 @@ class TransformerConfig(_DictMixin):
     type_vocab_size: int = 0
     positions_from: str = "index"
     position_offset: int = 0
+    norm_offset: float = 0.0
+    branch_norm: str = "none"
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    logits_scaling: float = 1.0
+    final_logit_softcap: float | None = None
     # Attention and RoPE per family (rules: flax_impl.attention_config; meanings: docs/models.md).
     head_dim: int | None = None  # None -> d_model // n_heads
     qk_norm: str = "none"
     query_pre_attn_scalar: float | None = None  # scores q.k / sqrt(this) instead of / sqrt(head_dim)
     attention_multiplier: float | None = None  # scores q.k * this instead of / sqrt(head_dim)
-    attn_logit_softcapping: float | None = None  # scores cap * tanh(scores / cap) before the mask
+    attn_logit_softcap: float | None = None  # scores cap * tanh(scores / cap) before the mask
     layer_types: tuple[str, ...] | None = None  # per layer "full_attention" | "sliding_attention"; None: all alike
     rope_layers: tuple[bool, ...] | None = None  # per layer: does it rotate q and k; None: every layer
     rope_local_base: float | None = None  # sliding layers: plain RoPE of this base; None: as the other layers
@@ -194,8 +210,11 @@ class TransformerConfig(_DictMixin):
         _set("attention_dropout", self.dropout if drop is None else drop)
         _set("rope_base", check_float("rope_base", self.rope_base, low=1.0, low_open=True))
         _set("rope_fraction", check_float("rope_fraction", self.rope_fraction, low=0.0, high=1.0, low_open=True))
-        for name in ("rope_scale", "norm_eps", "alibi_max_bias"):
+        for name in ("rope_scale", "norm_eps", "alibi_max_bias", *POSITIVE_SCALARS):
             _set(name, check_float(name, getattr(self, name), low=0.0, low_open=True))
+        _set("norm_offset", check_float("norm_offset", self.norm_offset))
+        cap = check_float("final_logit_softcap", self.final_logit_softcap, low=0.0, low_open=True, none_ok=True)
+        _set("final_logit_softcap", cap)
         for name, allowed in TRANSFORMER_CHOICES.items():
             check_choice(name, getattr(self, name), allowed)
         if self.n_heads % self.n_kv_heads:
@@ -204,6 +223,12 @@ class TransformerConfig(_DictMixin):
             raise ValueError(f"sliding_window={self.sliding_window} needs causal=True (a window of past keys)")
         if self.parallel_residual and not self.norm_first:
             raise ValueError("parallel_residual=True needs norm_first=True (both branches read the normalised input)")
+        if self.branch_norm != "none" and (self.parallel_residual or not self.norm_first):
+            raise ValueError(
+                f"branch_norm={self.branch_norm!r} normalises each branch's output before its residual add: it needs "
+                f"norm_first=True and parallel_residual=False, got norm_first={self.norm_first}, "
+                f"parallel_residual={self.parallel_residual}"
+            )
         if self.lm_head_bias and self.lm_head != "untied":
             raise ValueError("lm_head_bias=True needs lm_head='untied' (a tied head reuses the embedding, no bias)")
         if self.positions_from == "tokens" and self.padding_idx is None:

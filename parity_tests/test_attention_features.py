@@ -29,8 +29,8 @@ CASES = {
     "qk layernorm per head": dict(qk_norm="layernorm_per_head", n_kv_heads=2, head_dim=6, **ROPE),
     "qk rmsnorm full width, mqa": dict(qk_norm="rmsnorm_full_width", n_kv_heads=1, head_dim=10, **ROPE),
     "attention multiplier": dict(attention_multiplier=0.05, n_kv_heads=2, **ROPE),
-    "soft-cap, window, alibi": dict(attn_logit_softcapping=1.5, sliding_window=3, position="alibi", causal=True),
-    "soft-cap, encoder": dict(attn_logit_softcapping=0.5, query_pre_attn_scalar=2.0, position="none"),
+    "soft-cap, window, alibi": dict(attn_logit_softcap=1.5, sliding_window=3, position="alibi", causal=True),
+    "soft-cap, encoder": dict(attn_logit_softcap=0.5, query_pre_attn_scalar=2.0, position="none"),
 }
 
 
@@ -113,7 +113,7 @@ def _family(name: str):
         return dict(ours, n_kv_heads=2, head_dim=12, qk_norm="rmsnorm", norm_eps=1e-6), hf, M.qwen3.modeling_qwen3
     if name == "gemma2":
         hf = transformers.Gemma2Config(attn_logit_softcapping=2.0, **gemma, **common)
-        return (dict(ours, n_kv_heads=2, head_dim=12, query_pre_attn_scalar=10, attn_logit_softcapping=2.0), hf,
+        return (dict(ours, n_kv_heads=2, head_dim=12, query_pre_attn_scalar=10, attn_logit_softcap=2.0), hf,
                 M.gemma2.modeling_gemma2)  # fmt: skip
     if name == "gemma3":
         hf = transformers.Gemma3TextConfig(**gemma, **common)
@@ -197,7 +197,7 @@ def test_dot_product_attention_path_takes_the_features_and_refuses_soft_capping(
     x, mask = jnp.asarray(randn(rng, B, L, cfg.d_model)), jnp.asarray(padding_mask())
     real = padding_mask().astype(bool)
     np.testing.assert_allclose(np.asarray(dpa(x, mask))[real], np.asarray(f(x, mask))[real], rtol=0, atol=BLOCK)
-    capped = cfg.replace(attn_logit_softcapping=30.0)
+    capped = cfg.replace(attn_logit_softcap=30.0)
     with pytest.raises(ValueError, match="has no soft-capping"):
         fi.MultiHeadAttention(capped, flax_config=fi.FlaxConfig(attention_impl="dot_product_attention"),
                               rngs=nnx.Rngs(0))  # fmt: skip

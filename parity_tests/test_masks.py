@@ -67,7 +67,7 @@ def test_layer_types_put_the_window_on_sliding_layers_only():
 MODEL_CASES = {
     "gemma3-like": dict(layer_types=["sliding_attention", "full_attention"], sliding_window=3, rope_local_base=100.0,
                         rope_scale=4.0, head_dim=12, n_kv_heads=2, qk_norm="rmsnorm_plus_one",
-                        query_pre_attn_scalar=10.0, attn_logit_softcapping=2.0),
+                        query_pre_attn_scalar=10.0, attn_logit_softcap=2.0),
     "nope llama3, per-head norm": dict(rope_layers=[False, True], rope_type="llama3", rope_scale=8.0,
                                        rope_original_max_len=4, qk_norm="layernorm_per_head", n_kv_heads=2,
                                        attention_multiplier=0.3),

@@ -168,7 +168,7 @@ LONGROPE = dict(rope_type="longrope", rope_original_max_len=8, **ROPE)
         (dict(head_dim=0), ValueError, "head_dim=0 must be an integer >= 1 or None"),
         (dict(qk_norm="l2"), ValueError, "qk_norm='l2' is not one of"),
         (dict(query_pre_attn_scalar=4, attention_multiplier=0.1), ValueError, "both set the attention scale"),
-        (dict(attn_logit_softcapping=0.0), ValueError, "attn_logit_softcapping=0.0 must be a finite number > 0"),
+        (dict(attn_logit_softcap=0.0), ValueError, "attn_logit_softcap=0.0 must be a finite number > 0"),
         (dict(n_layers=2, layer_types=["full_attention"]), ValueError, "of length 2 or None (one entry per layer)"),
         (dict(n_layers=2, layer_types="full_attention"), TypeError, "layer_types='full_attention' must be a list"),
         (dict(n_layers=1, causal=True, layer_types=["sliding_attention"]), ValueError, "set sliding_window"),

@@ -68,11 +68,14 @@ TRANSFORMER = {
     "sliding_window": Arg("int", low=1, none_ok=True, valid=(1, None)),
     "type_vocab_size": INT0,
     "position_offset": INT0,
+    "norm_offset": Arg("float", valid=(0.0, 1.0, -0.5)),
+    **{name: POSITIVE for name in C.POSITIVE_SCALARS},
+    "final_logit_softcap": Arg("float", low=0.0, low_open=True, none_ok=True, valid=(30.0, None)),
     # attention and RoPE (flax_impl.attention_config); the base config has 6 layers and rope_type "linear"
     "head_dim": Arg("int", low=1, none_ok=True, valid=(8, None)),
     "qk_norm": choice(QK_NORMS),
     **{n: Arg("float", low=0.0, low_open=True, none_ok=True, valid=(0.5, None))
-       for n in ("query_pre_attn_scalar", "attention_multiplier", "attn_logit_softcapping")},
+       for n in ("query_pre_attn_scalar", "attention_multiplier", "attn_logit_softcap")},
     "layer_types": Arg("seq", item="choice", allowed=LAYER_TYPES, high=6, none_ok=True,
                        valid=(None, ["full_attention"] * 6)),
     "rope_layers": Arg("seq", item="bool", high=6, none_ok=True, valid=(None, [True, False] * 3)),

@@ -117,8 +117,8 @@ class MultiHeadAttention(nn.Module):
             v_all = torch.where(live, v_all, torch.zeros(()))
         q = q.transpose(1, 2) * attention_scale(cfg)  # (B, N, L, H)
         scores = (q @ k_all.transpose(-2, -1)).float()  # (B, N, L, S)
-        if cfg.attn_logit_softcapping is not None:
-            scores = cfg.attn_logit_softcapping * torch.tanh(scores / cfg.attn_logit_softcapping)
+        if cfg.attn_logit_softcap is not None:
+            scores = cfg.attn_logit_softcap * torch.tanh(scores / cfg.attn_logit_softcap)
         if bias is not None:
             scores = scores + bias
         if allowed is not None:
