@@ -106,51 +106,41 @@ def attention_scale(config: TransformerConfig) -> float:
     return (config.query_pre_attn_scalar or config.head_dim) ** -0.5
 
 
-class RMSNormPlusOne(nnx.Module):
-    """x / sqrt(mean(x^2) + epsilon) * (1 + scale) over the last axis, in float32, cast back to x's dtype (Gemma's
-    RMSNorm: the stored weight is the offset from 1, initialised to 0). Parameter `scale` (F,), torch's `weight`."""
-
-    def __init__(self, num_features: int, *, epsilon: float, param_dtype: jnp.dtype = jnp.float32):
-        self.epsilon = epsilon
-        self.scale = nnx.Param(jnp.zeros((num_features,), param_dtype), **param_metadata(REPLICATED_VECTOR))
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.epsilon)
-        return (y * (1.0 + self.scale[...].astype(jnp.float32))).astype(x.dtype)
-
-
 class LayerNormPerHead(nnx.Module):
     """LayerNorm over H of x (..., heads, H) with each head's own `scale` (heads, H) and no bias, in float32
-    (StableLM's StableLmLayerNormPerHead, one nn.LayerNorm(H, bias=False) per head; Cohere's CohereLayerNorm)."""
+    (StableLM's StableLmLayerNormPerHead, one nn.LayerNorm(H, bias=False) per head; Cohere's CohereLayerNorm);
+    times (offset + scale), `scale` starting at 1 - offset (as `flax_impl.norm`'s norms)."""
 
-    def __init__(self, heads: int, head_dim: int, *, epsilon: float, param_dtype: jnp.dtype = jnp.float32):
-        self.epsilon = epsilon
-        self.scale = nnx.Param(jnp.ones((heads, head_dim), param_dtype), **param_metadata(REPLICATED_MATRIX))
+    def __init__(
+        self, heads: int, head_dim: int, *, epsilon: float, offset: float = 0.0, param_dtype: jnp.dtype = jnp.float32
+    ):
+        self.epsilon, self.offset = epsilon, offset
+        scale = jnp.full((heads, head_dim), 1.0 - offset, param_dtype)
+        self.scale = nnx.Param(scale, **param_metadata(REPLICATED_MATRIX))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)  # (..., heads, H)
         centred = x32 - jnp.mean(x32, axis=-1, keepdims=True)
         y = centred * jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + self.epsilon)
-        return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+        return (y * (self.offset + self.scale[...].astype(jnp.float32))).astype(x.dtype)
 
 
 def make_qk_norms(config: TransformerConfig, flax_config: FlaxConfig) -> tuple[Any, Any]:
-    """(q_norm, k_norm) for `config.qk_norm` (flax_impl.attention_config.QK_NORMS), or (None, None)."""
+    """(q_norm, k_norm) for `config.qk_norm` (flax_impl.attention_config.QK_NORMS), or (None, None); epsilon
+    `norm_eps`, offset `norm_offset` (Gemma 3's (1 + w) QK-norm: norm_offset 1) as every other norm."""
     name, N, K, H, eps = config.qk_norm, config.n_heads, config.n_kv_heads, config.head_dim, config.norm_eps
-    dtype = jnp.dtype(flax_config.param_dtype)
+    dtype, offset = jnp.dtype(flax_config.param_dtype), config.norm_offset
     if name == "none":
         return None, None
     if name == "layernorm_per_head":
-        return tuple(LayerNormPerHead(n, H, epsilon=eps, param_dtype=dtype) for n in (N, K))
-    if name == "rmsnorm_plus_one":
-        return tuple(RMSNormPlusOne(H, epsilon=eps, param_dtype=dtype) for _ in "qk")
+        return tuple(LayerNormPerHead(n, H, epsilon=eps, offset=offset, param_dtype=dtype) for n in (N, K))
     meta = param_metadata(REPLICATED_VECTOR)
     if name == "layernorm":
-        kw = dict(epsilon=eps, use_bias=config.norm_bias, param_dtype=dtype, scale_metadata=meta, bias_metadata=meta)
+        kw = dict(epsilon=eps, offset=offset, use_bias=config.norm_bias, param_dtype=dtype, scale_metadata=meta,
+                  bias_metadata=meta)  # fmt: skip
         return LayerNorm(H, **kw), LayerNorm(H, **kw)
     widths = (N * H, K * H) if name == "rmsnorm_full_width" else (H, H)
-    return tuple(RMSNorm(w, epsilon=eps, param_dtype=dtype, scale_metadata=meta) for w in widths)
+    return tuple(RMSNorm(w, epsilon=eps, offset=offset, param_dtype=dtype, scale_metadata=meta) for w in widths)
 
 
 class MultiHeadAttention(nnx.Module):

@@ -14,12 +14,12 @@ from typing import Any
 
 from flax_impl.validation import ArgumentTypeError, check_bool, check_choice, check_float, check_int
 
-# "rmsnorm": x / rms(x) * w over each head's H dims, w (H,) shared by the heads (Qwen3); "rmsnorm_plus_one": the
-# same times (1 + w), w initialised to 0 (Gemma 3); "layernorm": LayerNorm over H, w and b (H,) shared by the heads
-# (b if norm_bias; Phi); "layernorm_per_head": LayerNorm over H with each head's own w (N, H) (K, H) and no bias
-# (StableLM, Cohere); "rmsnorm_full_width": RMSNorm over all of q's N H and k's K H dims before the split into heads,
-# w (N H,) and (K H,) (OLMo 2). Epsilon norm_eps; statistics in float32.
-QK_NORMS = ("none", "rmsnorm", "rmsnorm_plus_one", "layernorm", "layernorm_per_head", "rmsnorm_full_width")
+# "rmsnorm": x / rms(x) * w over each head's H dims, w (H,) shared by the heads (Qwen3; Gemma 3 with norm_offset 1:
+# (1 + w)); "layernorm": LayerNorm over H, w and b (H,) shared by the heads (b if norm_bias; Phi);
+# "layernorm_per_head": LayerNorm over H with each head's own w (N, H) (K, H) and no bias (StableLM, Cohere);
+# "rmsnorm_full_width": RMSNorm over all of q's N H and k's K H dims before the split into heads, w (N H,) and
+# (K H,) (OLMo 2). Epsilon norm_eps, offset norm_offset (times (c + w)) as every norm; statistics in float32.
+QK_NORMS = ("none", "rmsnorm", "layernorm", "layernorm_per_head", "rmsnorm_full_width")
 # transformers' rope_type names; ours "linear" is transformers' "default" (rope_scale 1) and "linear".
 ROPE_TYPES = ("linear", "llama3", "yarn", "dynamic", "longrope")
 LAYER_TYPES = ("full_attention", "sliding_attention")

@@ -25,47 +25,34 @@ def attention_scale(config: TransformerConfig) -> float:
     return (config.query_pre_attn_scalar or config.head_dim) ** -0.5
 
 
-class RMSNormPlusOne(nn.Module):
-    """x / sqrt(mean(x^2) + eps) * (1 + weight) in float32, cast back (Gemma's RMSNorm); weight (F,) zeros."""
-
-    def __init__(self, num_features: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.zeros(num_features))
-
-    def forward(self, x):
-        x32 = x.float()
-        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * (1.0 + self.weight.float())).to(x.dtype)
-
-
 class LayerNormPerHead(nn.Module):
-    """LayerNorm over H of x (..., heads, H), each head its own weight (heads, H), no bias, in float32."""
+    """LayerNorm over H of x (..., heads, H), each head its own weight (heads, H), no bias, in float32, times
+    (offset + weight), the weight starting at 1 - offset."""
 
-    def __init__(self, heads: int, head_dim: int, eps: float):
+    def __init__(self, heads: int, head_dim: int, eps: float, offset: float = 0.0):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(heads, head_dim))
+        self.eps, self.offset = eps, offset
+        self.weight = nn.Parameter(torch.full((heads, head_dim), 1.0 - offset))
 
     def forward(self, x):
         x32 = x.float()
         var, mean = torch.var_mean(x32, dim=-1, keepdim=True, correction=0)
-        return ((x32 - mean) * torch.rsqrt(var + self.eps) * self.weight.float()).to(x.dtype)
+        return ((x32 - mean) * torch.rsqrt(var + self.eps) * (self.offset + self.weight.float())).to(x.dtype)
 
 
 def make_qk_norms(config: TransformerConfig):
-    """(q_norm, k_norm) for config.qk_norm, or (None, None) (flax_impl.attention_config.QK_NORMS)."""
+    """(q_norm, k_norm) for config.qk_norm, or (None, None) (flax_impl.attention_config.QK_NORMS); epsilon
+    norm_eps, offset norm_offset as every other norm."""
     name, N, K, H, eps = config.qk_norm, config.n_heads, config.n_kv_heads, config.head_dim, config.norm_eps
+    c = config.norm_offset
     if name == "none":
         return None, None
     if name == "layernorm_per_head":
-        return LayerNormPerHead(N, H, eps), LayerNormPerHead(K, H, eps)
-    if name == "rmsnorm_plus_one":
-        return RMSNormPlusOne(H, eps), RMSNormPlusOne(H, eps)
+        return LayerNormPerHead(N, H, eps, c), LayerNormPerHead(K, H, eps, c)
     if name == "layernorm":
-        return LayerNorm(H, eps=eps, bias=config.norm_bias), LayerNorm(H, eps=eps, bias=config.norm_bias)
+        return tuple(LayerNorm(H, eps=eps, bias=config.norm_bias, offset=c) for _ in "qk")
     widths = (N * H, K * H) if name == "rmsnorm_full_width" else (H, H)
-    return RMSNorm(widths[0], eps=eps), RMSNorm(widths[1], eps=eps)
+    return RMSNorm(widths[0], eps=eps, offset=c), RMSNorm(widths[1], eps=eps, offset=c)
 
 
 class MultiHeadAttention(nn.Module):
