@@ -156,6 +156,7 @@ JSON_KINDS = {
     "float": "a finite number",
     "str": "a string",
     "list[str]": "a list of strings",
+    "list[float]": "a list of finite numbers",
 }
 
 
@@ -183,6 +184,7 @@ def check_json_kind(name: str, value: object, kind: str) -> None:
         "float": _is_real,
         "str": lambda v: isinstance(v, str),
         "list[str]": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+        "list[float]": lambda v: isinstance(v, list) and all(_is_real(x) and math.isfinite(x) for x in v),
     }
     if not any(tests[k](value) for k in kinds):
         raise ArgumentTypeError(f"{name}={value!r} must be {allowed}, got {type(value).__name__}")

@@ -150,6 +150,9 @@ def hf_outputs(model: torch.nn.Module, spec: Spec, batch: Batch):
         kw["token_type_ids"] = torch.from_numpy(batch.types)
     hidden = model.base_model(**kw).last_hidden_state
     logits = model.get_output_embeddings()(hidden) if spec.lm else None
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if logits is not None and cap is not None:  # as Gemma2ForCausalLM.forward does after its head
+        logits = torch.tanh(logits / cap) * cap
     return hidden, logits
 
 

@@ -82,12 +82,16 @@ SPECS = {
             attention_bias=True,
             mlp_bias=True,
             pad_token_id=0,
-            rope_parameters=dict(rope_type="linear", factor=2.0, rope_theta=500.0),
+            # Llama 3.1's RoPE: low frequencies (wavelength > 64) / 8, high ones kept, a ramp between.
+            rope_parameters=dict(rope_type="llama3", factor=8.0, rope_theta=500_000.0, low_freq_factor=1.0,
+                                 high_freq_factor=4.0, original_max_position_embeddings=64),
         ),
         "LlamaForCausalLM",
     ),
     "mistral": Spec("MistralConfig", dict(LLAMA_LIKE, sliding_window=5), "MistralForCausalLM"),
-    "qwen2": Spec("Qwen2Config", dict(LLAMA_LIKE, tie_word_embeddings=True), "Qwen2ForCausalLM"),
+    # Qwen2's mixed windows: layer 0 full, layer 1 sliding (max_window_layers 1), the window 5 shorter than L.
+    "qwen2": Spec("Qwen2Config", dict(LLAMA_LIKE, tie_word_embeddings=True, use_sliding_window=True, sliding_window=5,
+                                      max_window_layers=1), "Qwen2ForCausalLM"),
     "bloom": Spec("BloomConfig", dict(TINY, hidden_size=48, n_head=6, n_layer=2), "BloomForCausalLM"),
     "mpt": Spec(
         "MptConfig",
@@ -133,8 +137,11 @@ SPECS = {
     ),
     "phi3": Spec(
         "Phi3Config",
-        dict(LLAMA_LIKE, pad_token_id=0, sliding_window=5,
-             rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.75)),
+        # Phi-3 long-context RoPE: L = 12 > original_max_position_embeddings 8 takes the long factors, and the
+        # attention factor sqrt(1 + ln(64 / 8) / ln 8); 3/4 of each head rotates (Phi-4-mini).
+        dict(LLAMA_LIKE, pad_token_id=0, sliding_window=5, original_max_position_embeddings=8,
+             rope_parameters=dict(rope_type="longrope", rope_theta=10000.0, partial_rotary_factor=0.75,
+                                  short_factor=[1.0, 1.5, 2.0], long_factor=[1.5, 3.0, 6.0])),
         "Phi3ForCausalLM",
     ),
     "stablelm": Spec(
@@ -169,8 +176,32 @@ SPECS = {
     ),
     "gemma": Spec(
         "GemmaConfig",
-        dict(LLAMA_LIKE, num_key_value_heads=1, head_dim=8, pad_token_id=0, rms_norm_eps=1e-6),
+        dict(LLAMA_LIKE, num_key_value_heads=1, head_dim=16, pad_token_id=0, rms_norm_eps=1e-6),  # 16 != 32 / 4
         "GemmaForCausalLM",
+    ),
+    # The attention features as released checkpoints use them: a head width other than D / N, QK-norm, Qwen's
+    # [full, sliding] layers (Qwen3), query_pre_attn_scalar 24 != head_dim 16 and both soft-caps (small enough to
+    # bend the tiny model's scores and logits: Gemma 2), Gemma 3's (1 + w) QK-norm, local RoPE base 1e4 on its
+    # sliding layers and linear scaling 8 on the full ones; every window (5) shorter than the prompt.
+    "qwen3": Spec(
+        "Qwen3Config",
+        dict(LLAMA_LIKE, head_dim=16, use_sliding_window=True, sliding_window=5, max_window_layers=1,
+             attention_bias=True, pad_token_id=0),
+        "Qwen3ForCausalLM",
+    ),
+    "gemma2": Spec(
+        "Gemma2Config",
+        dict(LLAMA_LIKE, head_dim=16, query_pre_attn_scalar=24, attn_logit_softcapping=5.0,
+             final_logit_softcapping=3.0, sliding_window=5, pad_token_id=0, bos_token_id=2, eos_token_id=1),
+        "Gemma2ForCausalLM",
+    ),
+    "gemma3_text": Spec(
+        "Gemma3TextConfig",
+        dict(LLAMA_LIKE, head_dim=16, num_key_value_heads=1, query_pre_attn_scalar=24, sliding_window=5,
+             layer_types=["sliding_attention", "full_attention"], pad_token_id=0, bos_token_id=2, eos_token_id=1,
+             rope_parameters=dict(full_attention=dict(rope_type="linear", factor=8.0, rope_theta=1_000_000.0),
+                                  sliding_attention=dict(rope_type="default", rope_theta=10_000.0))),
+        "Gemma3ForCausalLM",
     ),
     "starcoder2": Spec(
         "Starcoder2Config",
@@ -203,4 +234,11 @@ VARIANTS = {
         SPECS["opt"].kwargs, _remove_final_layer_norm=True, tie_word_embeddings=False))),
     "gpt_bigcode-mha": ("gpt_bigcode", dataclasses.replace(SPECS["gpt_bigcode"], kwargs=dict(
         SPECS["gpt_bigcode"].kwargs, multi_query=False))),
+    "llama-linear": ("llama", dataclasses.replace(SPECS["llama"], kwargs=dict(
+        SPECS["llama"].kwargs, rope_parameters=dict(rope_type="linear", factor=2.0, rope_theta=500.0)))),
+    "llama-yarn": ("llama", dataclasses.replace(SPECS["llama"], kwargs=dict(
+        SPECS["llama"].kwargs, rope_parameters=dict(rope_type="yarn", factor=4.0, rope_theta=10_000.0,
+                                                    original_max_position_embeddings=16)))),
+    "phi-qk-layernorm": ("phi", dataclasses.replace(SPECS["phi"], kwargs=dict(SPECS["phi"].kwargs, qk_layernorm=True))),
+
 }  # fmt: skip

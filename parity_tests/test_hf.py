@@ -76,11 +76,25 @@ EXPECTED = {
         activation="gelu", causal=False,
     ),
     "llama": dict(
-        position="rope", rope_base=500.0, rope_scale=2.0, n_kv_heads=2, qkv_bias=True, out_bias=True, mlp_bias=True,
-        norm="rmsnorm", norm_eps=1e-5, mlp="gated", activation="silu", lm_head="untied", padding_idx=0,
+        position="rope", rope_base=500_000.0, rope_type="llama3", rope_scale=8.0, rope_original_max_len=64,
+        rope_low_freq_factor=1.0, rope_high_freq_factor=4.0, n_kv_heads=2, qkv_bias=True, out_bias=True,
+        mlp_bias=True, norm="rmsnorm", norm_eps=1e-5, mlp="gated", activation="silu", lm_head="untied", padding_idx=0,
     ),
     "mistral": dict(sliding_window=5, n_kv_heads=2, qkv_bias=False, out_bias=False, lm_head="untied"),
-    "qwen2": dict(qkv_bias=True, out_bias=False, mlp_bias=False, lm_head="tied", sliding_window=None),
+    "qwen2": dict(qkv_bias=True, out_bias=False, mlp_bias=False, lm_head="tied", sliding_window=5,
+                  layer_types=("full_attention", "sliding_attention")),
+    "qwen3": dict(head_dim=16, qk_norm="rmsnorm", qkv_bias=True, out_bias=True, mlp_bias=False, sliding_window=5,
+                  layer_types=("full_attention", "sliding_attention"), lm_head="untied"),
+    "gemma2": dict(
+        head_dim=16, query_pre_attn_scalar=24.0, attn_logit_softcap=5.0, final_logit_softcap=3.0, sliding_window=5,
+        layer_types=("sliding_attention", "full_attention"), branch_norm="sandwich", norm_offset=1.0,
+        embed_scale=True, activation="gelu_tanh", qk_norm="none",
+    ),
+    "gemma3_text": dict(
+        head_dim=16, n_kv_heads=1, query_pre_attn_scalar=24.0, attn_logit_softcap=None, final_logit_softcap=None,
+        qk_norm="rmsnorm", norm_offset=1.0, branch_norm="sandwich", rope_base=1e6, rope_scale=8.0,
+        rope_local_base=1e4, layer_types=("sliding_attention", "full_attention"), sliding_window=5,
+    ),
     "bloom": dict(position="alibi", n_heads=6, d_ff=192, input_norm=True, activation="gelu_tanh", qkv_bias=True),
     "mpt": dict(
         position="alibi", alibi_max_bias=8.0, d_ff=192, activation="gelu", qkv_bias=False, out_bias=False,
@@ -105,7 +119,8 @@ EXPECTED = {
     ),
     "phi3": dict(
         rope_fraction=0.75, sliding_window=5, n_kv_heads=2, norm="rmsnorm", mlp="gated", padding_idx=0,
-        qkv_bias=False,
+        qkv_bias=False, rope_type="longrope", rope_original_max_len=8, rope_scale=8.0,
+        rope_short_factor=(1.0, 1.5, 2.0), rope_long_factor=(1.5, 3.0, 6.0),
     ),
     "stablelm": dict(
         rope_fraction=0.25, norm="layernorm", norm_bias=True, mlp="gated", qkv_bias=True, out_bias=False,
@@ -127,7 +142,7 @@ EXPECTED = {
     ),
     "gemma": dict(
         norm="rmsnorm", norm_offset=1.0, embed_scale=True, mlp="gated", activation="gelu_tanh", n_kv_heads=1,
-        norm_eps=1e-6, lm_head="tied", padding_idx=0,
+        norm_eps=1e-6, lm_head="tied", padding_idx=0, head_dim=16,
     ),
     "starcoder2": dict(
         norm="layernorm", norm_bias=True, mlp="plain", activation="gelu_tanh", sliding_window=6, qkv_bias=True,
@@ -226,13 +241,14 @@ UNSUPPORTED = {
         ["is_decoder=True", "position_embedding_type='relative_key'"],
     ),
     "llama": (
-        {"rope_parameters": {"rope_type": "yarn"}, "head_dim": 16, "hidden_act": "quick_gelu"},
-        ["rope_parameters.rope_type='yarn'", "head_dim=16", "hidden_act='quick_gelu'"],
+        {"rope_parameters": {"rope_type": "yarn", "mscale": 0.7, "mscale_all_dim": 1.0}, "hidden_act": "quick_gelu"},
+        ["rope_parameters.mscale=0.7", "rope_parameters.mscale_all_dim=1.0", "hidden_act='quick_gelu'"],
     ),
-    "mistral": ({"head_dim": 4}, ["head_dim=4"]),
+    "mistral": ({"rope_parameters": {"rope_type": "proportional", "mscale": 1.0}},
+                ["rope_parameters.rope_type='proportional'", "rope_parameters.mscale=1.0"]),
     "qwen2": (
-        {"use_sliding_window": True, "sliding_window": 4, "layer_types": ["full_attention", "sliding_attention"]},
-        ["sliding_window=4", "mix full and sliding-window"],
+        {"use_sliding_window": True, "sliding_window": 4, "layer_types": ["full_attention", "chunked_attention"]},
+        ["sliding_window=4", "chunked_attention"],
     ),
     "bloom": ({"apply_residual_connection_post_layernorm": True}, ["apply_residual_connection_post_layernorm=True"]),
     "mpt": (
@@ -249,8 +265,14 @@ UNSUPPORTED = {
     "gptj": ({"tie_word_embeddings": True, "rotary_dim": 5}, ["tie_word_embeddings=True", "rotary_dim=5"]),
     "codegen": ({"n_embd": 34, "n_head": 2, "rotary_dim": 18}, ["n_embd=34", "rotary_dim=18"]),
     "falcon": ({"alibi": True, "parallel_attn": False}, ["alibi=True", "num_ln_in_parallel_attn=2"]),
-    "phi": ({"qk_layernorm": True, "tie_word_embeddings": True}, ["qk_layernorm=True", "tie_word_embeddings=True"]),
-    "phi3": ({"rope_parameters": {"rope_type": "longrope"}, "head_dim": 4}, ["rope_type='longrope'", "head_dim=4"]),
+    "phi": ({"head_dim": 4, "tie_word_embeddings": True}, ["head_dim=4", "tie_word_embeddings=True"]),
+    "phi3": ({"rope_parameters": {"rope_type": "llama3"}}, ["rope_parameters.rope_type='llama3'"]),
+    "qwen3": ({"rope_parameters": {"partial_rotary_factor": 0.5}, "hidden_act": "quick_gelu"},
+              ["partial_rotary_factor=0.5", "hidden_act='quick_gelu'"]),
+    "gemma2": ({"use_bidirectional_attention": True, "layer_types": ["sliding_attention", "chunked_attention"]},
+               ["use_bidirectional_attention=True", "chunked_attention"]),
+    "gemma3_text": ({"rope_parameters": {"sliding_attention": {"rope_type": "linear", "factor": 2.0}}},
+                    ["rope_parameters.sliding_attention.rope_type='linear'"]),
     "stablelm": ({"qk_layernorm": True, "rope_parameters": {"rope_type": "dynamic"}},
                  ["qk_layernorm=True", "rope_type='dynamic'"]),
     "opt": ({"word_embed_proj_dim": 16, "layer_norm_elementwise_affine": False},
@@ -260,9 +282,9 @@ UNSUPPORTED = {
     "roberta": ({"is_decoder": True, "pad_token_id": None}, ["is_decoder=True", "pad_token_id=None"]),
     "xlm-roberta": ({"add_cross_attention": True}, ["add_cross_attention=True"]),
     "distilbert": ({"activation": "quick_gelu"}, ["activation='quick_gelu'"]),
-    "gemma": ({"head_dim": 16, "use_bidirectional_attention": True},
-              ["head_dim=16", "use_bidirectional_attention=True"]),
-    "starcoder2": ({"rope_parameters": {"rope_type": "llama3"}, "head_dim": 4}, ["rope_type='llama3'", "head_dim=4"]),
+    "gemma": ({"rope_parameters": {"partial_rotary_factor": 0.5}, "use_bidirectional_attention": True},
+              ["partial_rotary_factor=0.5", "use_bidirectional_attention=True"]),
+    "starcoder2": ({"rope_parameters": {"rope_type": "llama3"}}, ["rope_type='llama3'"]),
 }  # fmt: skip
 
 

@@ -37,11 +37,7 @@ def _class_defaults(cls, prefix: str = "") -> dict:
 
 
 # transformers defaults that a table refuses, each for its reason.
-REFUSED_DEFAULTS = {
-    # GemmaConfig's head_dim 256 is released Gemma's, and not hidden / heads for the class's other defaults
-    # (3072 / 16): the block has no head width of its own yet.
-    ("gemma", "head_dim"),
-}
+REFUSED_DEFAULTS: set[tuple[str, str]] = set()
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -71,9 +71,11 @@ _ABSENT = object()
 
 def _renamed(fam: Family, hf: dict[str, Any]) -> dict[str, Any]:
     """Older config.json keys moved to the dotted keys transformers reads them into, where those are absent."""
-    for old, new in fam.renamed.items():
-        if old in hf:
-            value = hf.pop(old)
+    for old, new in fam.renamed.items():  # `old` may be dotted (a key of a nested dict)
+        *parents, last = old.split(".")
+        node = lookup(hf, ".".join(parents), None) if parents else hf
+        if isinstance(node, dict) and last in node:
+            value = node.pop(last)
             if lookup(hf, new, _ABSENT) is _ABSENT:
                 put(hf, new, value)
     return hf

@@ -115,7 +115,17 @@ def head_dim_require(hidden_key: str, heads_key: str, default: int | None = None
 
 
 def _head_dim(hf: Mapping[str, Any], hidden_key: str, heads_key: str) -> int:
+    """H: config.json's head_dim where the table reads one and it is set, else hidden / heads."""
+    if hf.get("head_dim") is not None:
+        return int(hf["head_dim"])
     return int(hf[hidden_key]) // max(int(hf[heads_key]), 1)
+
+
+def head_dim_field(default: int | None = None) -> Field:
+    """config.json head_dim (null: hidden_size / num_attention_heads, as the attention classes read it) <->
+    head_dim; always written on save."""
+    return Field("head_dim", "head_dim", default, Convert("head_dim (null = D / N)", lambda v, hf: v,
+                                                         lambda v, cfg: cfg.head_dim), kind="int?")  # fmt: skip
 
 
 def _fraction_for(rotated: int, H: int) -> float:

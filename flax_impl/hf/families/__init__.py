@@ -4,7 +4,8 @@
 - `encoders`: bert, roberta, xlm-roberta, distilbert;
 - `gpt`: gpt2, gpt_bigcode, opt;
 - `alibi`: bloom, mpt;
-- `llama`: llama, mistral, qwen2; `llama_like`: gemma, phi3, starcoder2;
+- `llama`: llama, mistral, qwen2; `llama_like`: gemma, phi3, starcoder2; `gemma_qwen3`: qwen3, gemma2,
+  gemma3_text;
 - `parallel`: gpt_neox, gptj, codegen, phi, stablelm; `falcon`: falcon.
 
 Read `flax_impl.hf.spec` for the vocabulary. Every default is the transformers config class's own (checked in
@@ -17,6 +18,7 @@ from __future__ import annotations
 from flax_impl.hf.families.alibi import BLOOM, MPT
 from flax_impl.hf.families.encoders import BERT, DISTILBERT, ROBERTA, XLM_ROBERTA
 from flax_impl.hf.families.falcon import FALCON
+from flax_impl.hf.families.gemma_qwen3 import GEMMA2, GEMMA3_TEXT, QWEN3
 from flax_impl.hf.families.gpt import GPT2, GPT_BIGCODE, OPT
 from flax_impl.hf.families.llama import LLAMA, MISTRAL, QWEN2
 from flax_impl.hf.families.llama_like import GEMMA, PHI3, STARCODER2
@@ -24,8 +26,8 @@ from flax_impl.hf.families.parallel import CODEGEN, GPT_NEOX, GPTJ, PHI, STABLEL
 from flax_impl.hf.registry import FAMILIES, family, register_family
 
 BUILTIN = (
-    BERT, BLOOM, CODEGEN, DISTILBERT, FALCON, GEMMA, GPT2, GPT_BIGCODE, GPT_NEOX, GPTJ, LLAMA, MISTRAL, MPT, OPT, PHI,
-    PHI3, QWEN2, ROBERTA, STABLELM, STARCODER2, XLM_ROBERTA,
+    BERT, BLOOM, CODEGEN, DISTILBERT, FALCON, GEMMA, GEMMA2, GEMMA3_TEXT, GPT2, GPT_BIGCODE, GPT_NEOX, GPTJ, LLAMA,
+    MISTRAL, MPT, OPT, PHI, PHI3, QWEN2, QWEN3, ROBERTA, STABLELM, STARCODER2, XLM_ROBERTA,
 )  # fmt: skip
 for _table in BUILTIN:
     if _table.model_type not in FAMILIES:  # a re-import (importlib.reload) keeps what is registered

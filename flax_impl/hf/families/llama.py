@@ -10,7 +10,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from flax_impl.config import TransformerConfig
-from flax_impl.hf.converters import ACTIVATION, ROPE_TYPE, TIE, head_dim_require, kv_heads, rope_fields
+from flax_impl.hf.converters import ACTIVATION, TIE, head_dim_field, kv_heads
+from flax_impl.hf.rope_params import YARN_MSCALE, rope_fields
 from flax_impl.hf.spec import COMMON_IGNORED, Convert, Derived, Family, Field, Key, Require, Unsupported
 
 FIXED = dict(
@@ -49,6 +50,7 @@ def _common(defaults: Mapping[str, Any]) -> tuple[Field, ...]:
         Field("rms_norm_eps", "norm_eps", 1e-6, kind="float"),
         Field("tie_word_embeddings", "lm_head", False, TIE, kind="bool"),
         *rope_fields(),
+        head_dim_field(),
         Field("attention_dropout", "attention_dropout", 0.0, kind="float?"),
         Field("pad_token_id", "padding_idx", None, kind="int?"),  # nn.Embedding(..., padding_idx=pad_token_id)
     )
@@ -61,12 +63,7 @@ FULL_ROTARY = Require(
     why="these families rotate the whole head (partial rotary is not part of their modeling code)",
     kind="float?",
 )
-_REQUIRE = (ROPE_TYPE, FULL_ROTARY)
-HEAD_DIM = head_dim_require("hidden_size", "num_attention_heads")
-DERIVED = (
-    Derived("head_dim", lambda c: c.head_dim),
-    Derived("rope_parameters.rope_type", lambda c: "linear" if c.rope_scale != 1.0 else "default"),
-)
+_REQUIRE = (FULL_ROTARY, *YARN_MSCALE)
 
 KEYS = (
     Key("embed_tokens.weight", "input.embed.weight"),
@@ -96,8 +93,7 @@ LLAMA = Family(
         Field("mlp_bias", "mlp_bias", False, kind="bool"),
     ),
     fixed=dict(FIXED, sliding_window=None),
-    require=(*_REQUIRE, HEAD_DIM),
-    derived=DERIVED,
+    require=_REQUIRE,
     keys=KEYS,
     ignore=IGNORE,
     ignored_hf=COMMON_IGNORED + ("pretraining_tp",),  # unused by transformers 5 (4: sliced matmuls, same sums)
@@ -112,18 +108,16 @@ MISTRAL = Family(
     )
     + (Field("sliding_window", "sliding_window", 4096, kind="int?"),),  # query i sees keys i - W < j <= i
     fixed=dict(FIXED, qkv_bias=False, out_bias=False, mlp_bias=False),
-    require=(*_REQUIRE, HEAD_DIM),
-    derived=DERIVED,
+    require=_REQUIRE,
     keys=KEYS,
     ignore=IGNORE,
     ignored_hf=COMMON_IGNORED,
 )
 
 
-def _qwen2_window_to_ours(window: Any, hf: Mapping[str, Any]) -> int | None:
-    """Qwen2Config: sliding_window counts only with use_sliding_window, and only on the layers whose layer_type
-    is "sliding_attention" (by default those at index >= max_window_layers). We hold one window for all layers."""
-    window = window if hf["use_sliding_window"] else None
+def _qwen2_types(window: Any, hf: Mapping[str, Any]) -> list[str]:
+    """Qwen2Config's layer types: `layer_types`, else "sliding_attention" from max_window_layers on when
+    use_sliding_window (its __post_init__); a sliding layer without a window attends fully."""
     n = hf["num_hidden_layers"]
     types = hf["layer_types"] or [
         "sliding_attention" if window is not None and i >= hf["max_window_layers"] else "full_attention"
@@ -132,27 +126,52 @@ def _qwen2_window_to_ours(window: Any, hf: Mapping[str, Any]) -> int | None:
     unknown = sorted(set(types) - {"sliding_attention", "full_attention"})
     if unknown:
         raise Unsupported(f"layer types {unknown}: each must be 'full_attention' or 'sliding_attention'")
-    per_layer = {window if t == "sliding_attention" else None for t in types} or {window}
-    if len(per_layer) > 1:
-        raise Unsupported(f"layers mix full and sliding-window attention (layer_types {types}); one window for all")
-    return per_layer.pop()
+    if len(types) != n:
+        raise Unsupported(f"layer_types has {len(types)} entries for {n} layers")
+    return list(types)
 
 
+def _qwen2_window_to_ours(window: Any, hf: Mapping[str, Any]) -> int | None:
+    """sliding_window counts only with use_sliding_window, and only where a layer is "sliding_attention"."""
+    window = window if hf["use_sliding_window"] else None
+    return window if window is not None and "sliding_attention" in _qwen2_types(window, hf) else None
+
+
+def _qwen2_types_to_ours(v: Any, hf: Mapping[str, Any]) -> tuple[str, ...] | None:
+    """Per-layer kinds where they differ (None: every layer alike, which sliding_window then says)."""
+    window = _qwen2_window_to_ours(hf["sliding_window"], hf)
+    types = _qwen2_types(window, hf)
+    return None if window is None or len(set(types)) == 1 else tuple(types)
+
+
+def _qwen2_types_to_hf(v: tuple[str, ...] | None, cfg: TransformerConfig) -> list[str]:
+    return list(v) if v is not None else [
+        "full_attention" if cfg.sliding_window is None else "sliding_attention"
+    ] * cfg.n_layers
+
+
+_QWEN2_READS = {
+    "use_sliding_window": (False, "bool"),
+    "max_window_layers": (28, "int"),
+    "layer_types": (None, "list[str]?"),
+    "num_hidden_layers": (32, "int"),
+    "sliding_window": (4096, "int?"),
+}
 _QWEN2_WINDOW = Convert(
-    "Qwen2 sliding window (use_sliding_window, layer_types)",
-    _qwen2_window_to_ours,
-    lambda v, cfg: v,
-    reads={
-        "use_sliding_window": (False, "bool"),
-        "max_window_layers": (28, "int"),
-        "layer_types": (None, "list[str]?"),
-        "num_hidden_layers": (32, "int"),
-    },
+    "Qwen2 sliding window (use_sliding_window, layer_types)", _qwen2_window_to_ours, lambda v, cfg: v,
+    reads=_QWEN2_READS,
+)  # fmt: skip
+QWEN2_LAYER_TYPES = Field(
+    "layer_types", "layer_types", None,
+    Convert("layer_types (sliding from max_window_layers on)", _qwen2_types_to_ours, _qwen2_types_to_hf,
+            reads=_QWEN2_READS),
+    kind="list[str]?",
+)  # fmt: skip
+QWEN2_WINDOW = Field("sliding_window", "sliding_window", 4096, _QWEN2_WINDOW, kind="int?")
+QWEN2_DERIVED = (
+    Derived("use_sliding_window", lambda c: c.sliding_window is not None),
+    Derived("max_window_layers", lambda c: 0),
 )
-
-
-def _qwen2_layer_types(cfg: TransformerConfig) -> list[str]:
-    return ["full_attention" if cfg.sliding_window is None else "sliding_attention"] * cfg.n_layers
 
 
 QWEN2 = Family(
@@ -162,15 +181,10 @@ QWEN2 = Family(
     config=_common(
         dict(vocab_size=151936, intermediate_size=22016, num_key_value_heads=32, max_position_embeddings=32768)
     )
-    + (Field("sliding_window", "sliding_window", 4096, _QWEN2_WINDOW, kind="int?"),),
+    + (QWEN2_WINDOW, QWEN2_LAYER_TYPES),
     fixed=dict(FIXED, qkv_bias=True, out_bias=False, mlp_bias=False),  # Qwen2Attention: biases on q, k, v only
-    require=(*_REQUIRE, HEAD_DIM),  # Qwen2Attention reads head_dim when config.json has one
-    derived=(
-        DERIVED[1],
-        Derived("use_sliding_window", lambda c: c.sliding_window is not None),
-        Derived("max_window_layers", lambda c: 0),
-        Derived("layer_types", _qwen2_layer_types),
-    ),
+    require=_REQUIRE,
+    derived=QWEN2_DERIVED,
     keys=KEYS,
     ignore=IGNORE,
     ignored_hf=COMMON_IGNORED,

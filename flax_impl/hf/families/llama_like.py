@@ -10,13 +10,13 @@ from flax_impl.hf.converters import (
     ACTIVATION_PYTORCH_TANH,
     ROPE_TYPE,
     TIE,
-    head_dim_require,
+    head_dim_field,
     kv_heads,
-    rope_fields,
     rotary_fraction,
 )
-from flax_impl.hf.families.llama import DERIVED, FIXED, FULL_ROTARY, HEAD_DIM, IGNORE, KEYS
-from flax_impl.hf.spec import COMMON_IGNORED, Derived, Family, Field, Key, Require, choice
+from flax_impl.hf.families.llama import FIXED, FULL_ROTARY, IGNORE, KEYS
+from flax_impl.hf.rope_params import YARN_MSCALE, rope_fields
+from flax_impl.hf.spec import COMMON_IGNORED, Family, Field, Key, Require, choice
 
 # GemmaConfig rewrites hidden_act "gelu" (the released configs' value) to the tanh GELU, "gelu_pytorch_tanh".
 # On save the tanh GELU is written under that name (listed first).
@@ -40,6 +40,7 @@ GEMMA = Family(
         Field("rms_norm_eps", "norm_eps", 1e-6, kind="float"),
         Field("tie_word_embeddings", "lm_head", True, TIE, kind="bool"),
         *rope_fields(),
+        head_dim_field(256),  # released Gemma: 256 (gemma-7b: 3072 / 16 = 192 would be D / N)
         Field("attention_bias", "qkv_bias", False, kind="bool"),  # one switch for q, k, v and o
         Field("attention_bias", "out_bias", False, kind="bool"),
         Field("attention_dropout", "attention_dropout", 0.0, kind="float"),
@@ -49,11 +50,8 @@ GEMMA = Family(
     # embeddings x sqrt(D) rounded to the weights' dtype; GemmaMLP: down(act(gate(x)) * up(x)) without biases.
     fixed=dict(FIXED, norm_offset=1.0, embed_scale=True, mlp_bias=False, sliding_window=None),
     require=(
-        ROPE_TYPE,
         FULL_ROTARY,
-        # Released Gemma checkpoints have head_dim != hidden / heads (gemma-7b: 256 vs 3072 / 16 = 192), as the
-        # class default: they need a head width of their own, which the block does not have yet.
-        head_dim_require("hidden_size", "num_attention_heads", default=256),
+        *YARN_MSCALE,
         Require(
             "use_bidirectional_attention",
             None,
@@ -63,11 +61,13 @@ GEMMA = Family(
             kind="bool?",
         ),
     ),
-    derived=DERIVED,
     keys=KEYS,
     ignore=IGNORE,
     ignored_hf=COMMON_IGNORED,
 )
+
+# Phi3Config: longrope also written "su" or "yarn"; the top-level original_max_position_embeddings (4096) wins.
+_PHI3_ROPE = rope_fields(top_original=4096, aliases={"su": "longrope", "yarn": "longrope"})
 
 PHI3 = Family(
     model_type="phi3",
@@ -86,7 +86,8 @@ PHI3 = Family(
         Field("max_position_embeddings", "max_len", 4096, kind="int"),
         Field("rms_norm_eps", "norm_eps", 1e-5, kind="float"),
         Field("tie_word_embeddings", "lm_head", False, TIE, kind="bool"),
-        rope_fields()[0],
+        *_PHI3_ROPE,
+        head_dim_field(),
         # Phi-4-mini (model_type phi3) rotates 3/4 of each head.
         Field(
             "rope_parameters.partial_rotary_factor",
@@ -103,13 +104,11 @@ PHI3 = Family(
         Require(
             "rope_parameters.rope_type",
             "default",
-            ("default",),
-            why="longrope (Phi-3's long-context RoPE, also written 'su' or 'yarn') is not implemented yet",
+            ("default", "longrope", "su", "yarn"),
+            why="Phi3Config reads only plain RoPE and longrope (also written 'su' or 'yarn')",
             kind="str",
         ),
-        HEAD_DIM,
     ),
-    derived=(Derived("rope_parameters.rope_type", lambda c: "default"),),
     keys=(
         Key("embed_tokens.weight", "input.embed.weight"),
         Key("layers.{i}.input_layernorm.weight", "blocks.{i}.ln1.weight"),
@@ -127,7 +126,6 @@ PHI3 = Family(
     ignored_hf=COMMON_IGNORED
     + (
         "embd_pdrop",  # unused by transformers' Phi-3
-        "original_max_position_embeddings",  # read by longrope only, which is refused
     ),
 )
 
@@ -146,6 +144,7 @@ STARCODER2 = Family(
         Field("max_position_embeddings", "max_len", 4096, kind="int"),
         Field("norm_epsilon", "norm_eps", 1e-5, kind="float"),
         *rope_fields(),
+        head_dim_field(),
         Field("sliding_window", "sliding_window", None, kind="int?"),  # query i sees keys i - W < j <= i
         Field("attention_dropout", "attention_dropout", 0.0, kind="float"),
         Field("residual_dropout", "dropout", 0.0, kind="float"),
@@ -157,8 +156,7 @@ STARCODER2 = Family(
     ),
     # nn.LayerNorm (with its bias whatever use_bias says), c_fc -> GELU -> c_proj.
     fixed=dict(FIXED, norm="layernorm", norm_bias=True, mlp="plain"),
-    require=(ROPE_TYPE, FULL_ROTARY, head_dim_require("hidden_size", "num_attention_heads")),
-    derived=DERIVED,
+    require=(ROPE_TYPE, FULL_ROTARY),
     keys=(
         Key("embed_tokens.weight", "input.embed.weight"),
         Key("layers.{i}.input_layernorm.{p}", "blocks.{i}.ln1.{p}"),

@@ -19,7 +19,7 @@ from flax_impl.hf.converters import (
     rotary_dims,
     rotary_fraction,
 )
-from flax_impl.hf.spec import COMMON_IGNORED, Family, Field, Key, Require
+from flax_impl.hf.spec import COMMON_IGNORED, Convert, Family, Field, Key, Require
 
 _ROPE_DECODER = dict(
     position="rope",
@@ -198,6 +198,9 @@ PHI = Family(
             kind="float",
         ),
         Field("pad_token_id", "padding_idx", None, kind="int?"),  # nn.Embedding(..., padding_idx=pad_token_id)
+        # A LayerNorm (weight and bias) over each head's H dims on q and k, before RoPE.
+        Field("qk_layernorm", "qk_norm", False, Convert("qk_layernorm", lambda v, hf: "layernorm" if v else "none",
+                                                        lambda v, cfg: v == "layernorm"), kind="bool"),
     ),
     # x + attn(ln(x)) + mlp(ln(x)); biases on q, k, v, dense, fc1, fc2 and the head.
     fixed=dict(_ROPE_DECODER, mlp="plain", parallel_residual=True, parallel_shared_norm=True, bias=True,
@@ -205,18 +208,14 @@ PHI = Family(
     require=(
         ROPE_TYPE,
         _NOT_TIED_WITH_BIAS,
-        Require(
-            "qk_layernorm",
-            False,
-            (False,),
-            why="a LayerNorm on each head's q and k is not implemented yet",
-            kind="bool",
-        ),
+        # PhiAttention reads head_dim, but its QK LayerNorms are hidden / heads wide.
         head_dim_require("hidden_size", "num_attention_heads"),
     ),
     keys=(
         Key("embed_tokens.weight", "input.embed.weight"),
         Key("layers.{i}.input_layernorm.{p}", "blocks.{i}.ln1.{p}"),
+        Key("layers.{i}.self_attn.q_layernorm.{p}", "blocks.{i}.attn.q_norm.{p}"),
+        Key("layers.{i}.self_attn.k_layernorm.{p}", "blocks.{i}.attn.k_norm.{p}"),
         Key("layers.{i}.self_attn.{part}_proj.{p}", "blocks.{i}.attn.in_proj_{p}", "qkv_concat", ("q", "k", "v")),
         Key("layers.{i}.self_attn.dense.{p}", "blocks.{i}.attn.out_proj.{p}"),
         Key("layers.{i}.mlp.fc1.{p}", "blocks.{i}.ff.0.{p}"),
