@@ -16,7 +16,7 @@ from flax_impl.hf.converters import (
 )
 from flax_impl.hf.families.llama import FIXED, FULL_ROTARY, IGNORE, KEYS
 from flax_impl.hf.rope_params import YARN_MSCALE, rope_fields
-from flax_impl.hf.spec import COMMON_IGNORED, Family, Field, Key, Require, choice
+from flax_impl.hf.spec import COMMON_IGNORED, Derived, Family, Field, Key, Require, choice
 
 # GemmaConfig rewrites hidden_act "gelu" (the released configs' value) to the tanh GELU, "gelu_pytorch_tanh".
 # On save the tanh GELU is written under that name (listed first).
@@ -109,6 +109,8 @@ PHI3 = Family(
             kind="str",
         ),
     ),
+    # Phi3Config keeps the length trained at outside rope_parameters, and it wins there.
+    derived=(Derived("original_max_position_embeddings", lambda c: c.rope_original_max_len or 4096),),
     keys=(
         Key("embed_tokens.weight", "input.embed.weight"),
         Key("layers.{i}.input_layernorm.weight", "blocks.{i}.ln1.weight"),
