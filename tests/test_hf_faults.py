@@ -35,7 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # ------------------------------------------------------------------------------------------- the declared kinds
 def _kind_types(kind: str) -> set[type]:
     """The Python types of the JSON values a kind admits ("float" admits integers too)."""
-    base = {"bool": {bool}, "int": {int}, "float": {float, int}, "str": {str}, "list[str]": {list}}
+    base = {"bool": {bool}, "int": {int}, "float": {float, int}, "str": {str}, "list[str]": {list},
+            "list[float]": {list}}  # fmt: skip
     out = set().union(*(base[k] for k in kind.rstrip("?").split("|")))
     return out | ({type(None)} if kind.endswith("?") else set())
 

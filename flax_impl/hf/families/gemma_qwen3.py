@@ -123,7 +123,7 @@ def _gemma2_like(
         config=_llama_like(d, Field("hidden_activation", "activation", "gelu_pytorch_tanh", ACTIVATION_PYTORCH_TANH,
                                     kind="str"))  # fmt: skip
         + (
-            Field("query_pre_attn_scalar", "query_pre_attn_scalar", 256, _SCALAR, kind="int|float"),  # / sqrt(this)
+            Field("query_pre_attn_scalar", "query_pre_attn_scalar", 256, _SCALAR, kind="int"),  # scores / sqrt(this)
             Field("attn_logit_softcapping", "attn_logit_softcap", d["attn_logit_softcapping"], kind="float?"),
             Field("final_logit_softcapping", "final_logit_softcap", d["final_logit_softcapping"], kind="float?"),
             Field("sliding_window", "sliding_window", 4096, _gemma_layers(every)[0], kind="int?"),
