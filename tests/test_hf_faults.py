@@ -91,7 +91,9 @@ def test_every_kind_read_is_the_one_transformers_annotates(family):
         assert theirs <= ours, f"{family} {key}: {kind!r} refuses what transformers admits ({annotations[key]})"
         assert ours <= allowed or (family, key) in LOOSER, f"{family} {key}: {kind!r} vs {annotations[key]}"
         compared += 1
-    assert compared >= len(kinds) - 2
+    # Gemma 3 annotates rope_parameters as a plain dict (one per layer type): its keys have nothing to compare.
+    nested = [k for k in kinds if k.startswith("rope_parameters.") and k not in annotations]
+    assert compared >= len(kinds) - len(nested) - 2
 
 
 # ---------------------------------------------------------------------------------------------- config.json
