@@ -84,9 +84,10 @@ def head_dim_check(hidden_key: str, heads_key: str) -> Callable[[Any, Mapping[st
     return lambda v, hf: v is None or hf[heads_key] < 1 or v == hf[hidden_key] // hf[heads_key]
 
 
-def rope_fields(theta: float = 10_000.0) -> tuple[Field, Field]:
+def linear_rope_fields(theta: float = 10_000.0) -> tuple[Field, Field]:
     """rope_parameters.rope_theta -> rope_base and the linear factor -> rope_scale (transformers 4's top-level
-    rope_theta / rope_scaling are read into rope_parameters first, as transformers does)."""
+    rope_theta / rope_scaling are read into rope_parameters first, as transformers does), for a family that refuses
+    the other RoPE types (`ROPE_TYPE`); `flax_impl.hf.rope_params.rope_fields` maps every type."""
     return (
         Field("rope_parameters.rope_theta", "rope_base", theta, kind="float"),
         Field("rope_parameters.factor", "rope_scale", 1.0, ROPE_LINEAR_FACTOR, omit_default=True, kind="float"),

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from flax_impl.config import TransformerConfig
-from flax_impl.hf.converters import ACTIVATION, ROPE_TYPE, TIE, inner_or_4d, rope_fields
+from flax_impl.hf.converters import ACTIVATION, ROPE_TYPE, TIE, inner_or_4d, linear_rope_fields
 from flax_impl.hf.spec import COMMON_IGNORED, Convert, Derived, Family, Field, Key, Require, Unsupported
 
 
@@ -118,7 +118,7 @@ FALCON = Family(
         Field("ffn_hidden_size", "d_ff", None, inner_or_4d("hidden_size"), kind="int?"),
         Field("activation", "activation", "gelu", ACTIVATION, kind="str?"),
         Field("tie_word_embeddings", "lm_head", True, TIE, kind="bool"),
-        *rope_fields(),
+        *linear_rope_fields(),
     ),
     fixed=dict(position="rope", rope_style="half", rope_fraction=1.0, norm="layernorm", norm_bias=True,
                mlp="plain", norm_first=True, final_norm=True, input_norm=False, causal=True, embed_scale=False,

@@ -15,7 +15,7 @@ from flax_impl.hf.converters import (
     head_dim_require,
     inner_or_4d,
     kv_heads,
-    rope_fields,
+    linear_rope_fields,
     rotary_dims,
     rotary_fraction,
 )
@@ -62,7 +62,7 @@ GPT_NEOX = Family(
         Field("use_parallel_residual", "parallel_residual", True, kind="bool"),
         Field("attention_bias", "qkv_bias", True, kind="bool"),  # one switch for query_key_value and dense
         Field("attention_bias", "out_bias", True, kind="bool"),
-        *rope_fields(),
+        *linear_rope_fields(),
         Field(
             "rope_parameters.partial_rotary_factor",
             "rope_fraction",
@@ -189,7 +189,7 @@ PHI = Family(
         Field("hidden_act", "activation", "gelu_new", ACTIVATION, kind="str"),
         Field("max_position_embeddings", "max_len", 2048, kind="int"),
         Field("layer_norm_eps", "norm_eps", 1e-5, kind="float"),
-        *rope_fields(),
+        *linear_rope_fields(),
         Field(
             "rope_parameters.partial_rotary_factor",
             "rope_fraction",
@@ -241,7 +241,7 @@ STABLELM = Family(
         Field("max_position_embeddings", "max_len", 4096, kind="int"),
         Field("layer_norm_eps", "norm_eps", 1e-5, kind="float"),
         Field("tie_word_embeddings", "lm_head", False, TIE, kind="bool"),
-        *rope_fields(),
+        *linear_rope_fields(),
         Field(
             "rope_parameters.partial_rotary_factor",
             "rope_fraction",
