@@ -153,6 +153,9 @@ def hf_outputs(model: torch.nn.Module, spec: Spec, batch: Batch):
     cap = getattr(model.config, "final_logit_softcapping", None)
     if logits is not None and cap is not None:  # as Gemma2ForCausalLM.forward does after its head
         logits = torch.tanh(logits / cap) * cap
+    scaling = getattr(model.config, "logits_scaling", None)
+    if logits is not None and scaling is not None:  # as GraniteForCausalLM.forward does after its head
+        logits = logits / scaling
     return hidden, logits
 
 

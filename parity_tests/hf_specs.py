@@ -183,6 +183,13 @@ SPECS = {
     # [full, sliding] layers (Qwen3), query_pre_attn_scalar 24 != head_dim 16 and both soft-caps (small enough to
     # bend the tiny model's scores and logits: Gemma 2), Gemma 3's (1 + w) QK-norm, local RoPE base 1e4 on its
     # sliding layers and linear scaling 8 on the full ones; every window (5) shorter than the prompt.
+    # Granite's four scalars, each away from 1 (released: embedding 12, residual 0.22, attention 1 / 128, logits 8).
+    "granite": Spec(
+        "GraniteConfig",
+        dict(LLAMA_LIKE, embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.2,
+             logits_scaling=4.0, pad_token_id=0),
+        "GraniteForCausalLM",
+    ),
     "qwen3": Spec(
         "Qwen3Config",
         dict(LLAMA_LIKE, head_dim=16, use_sliding_window=True, sliding_window=5, max_window_layers=1,

@@ -83,6 +83,8 @@ EXPECTED = {
     "mistral": dict(sliding_window=5, n_kv_heads=2, qkv_bias=False, out_bias=False, lm_head="untied"),
     "qwen2": dict(qkv_bias=True, out_bias=False, mlp_bias=False, lm_head="tied", sliding_window=5,
                   layer_types=("full_attention", "sliding_attention")),
+    "granite": dict(embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.2, logits_scaling=4.0,
+                    n_kv_heads=2, lm_head="untied"),
     "qwen3": dict(head_dim=16, qk_norm="rmsnorm", qkv_bias=True, out_bias=True, mlp_bias=False, sliding_window=5,
                   layer_types=("full_attention", "sliding_attention"), lm_head="untied"),
     "gemma2": dict(
@@ -267,6 +269,7 @@ UNSUPPORTED = {
     "falcon": ({"alibi": True, "parallel_attn": False}, ["alibi=True", "num_ln_in_parallel_attn=2"]),
     "phi": ({"head_dim": 4, "tie_word_embeddings": True}, ["head_dim=4", "tie_word_embeddings=True"]),
     "phi3": ({"rope_parameters": {"rope_type": "llama3"}}, ["rope_parameters.rope_type='llama3'"]),
+    "granite": ({"rope_parameters": {"partial_rotary_factor": 0.5}}, ["partial_rotary_factor=0.5"]),
     "qwen3": ({"rope_parameters": {"partial_rotary_factor": 0.5}, "hidden_act": "quick_gelu"},
               ["partial_rotary_factor=0.5", "hidden_act='quick_gelu'"]),
     "gemma2": ({"use_bidirectional_attention": True, "layer_types": ["sliding_attention", "chunked_attention"]},

@@ -6,6 +6,7 @@ Defaults are the transformers config classes' own (checked in parity_tests/test_
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -97,6 +98,21 @@ LLAMA = Family(
     keys=KEYS,
     ignore=IGNORE,
     ignored_hf=COMMON_IGNORED + ("pretraining_tp",),  # unused by transformers 5 (4: sliced matmuls, same sums)
+)
+
+# Granite: Llama with four scalars: embeddings x embedding_multiplier, each branch's output x residual_multiplier
+# before its residual add, scores q.k x attention_multiplier (instead of / sqrt(H)), logits / logits_scaling.
+_FLOAT = Convert("a number", lambda v, hf: float(v), lambda v, cfg: v)
+GRANITE = dataclasses.replace(
+    LLAMA,
+    model_type="granite",
+    architecture="GraniteForCausalLM",
+    config=LLAMA.config
+    + tuple(
+        Field(name, name, 1.0, _FLOAT, kind="float")
+        for name in ("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling")
+    ),
+    ignored_hf=COMMON_IGNORED,
 )
 
 MISTRAL = Family(
