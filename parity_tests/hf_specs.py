@@ -246,6 +246,10 @@ VARIANTS = {
     "llama-yarn": ("llama", dataclasses.replace(SPECS["llama"], kwargs=dict(
         SPECS["llama"].kwargs, rope_parameters=dict(rope_type="yarn", factor=4.0, rope_theta=10_000.0,
                                                     original_max_position_embeddings=16)))),
+    # dynamic NTK RoPE past its length (max_position_embeddings 8 < L = 12): the base grows with the length.
+    "llama-dynamic": ("llama", dataclasses.replace(SPECS["llama"], kwargs=dict(
+        SPECS["llama"].kwargs, max_position_embeddings=8,
+        rope_parameters=dict(rope_type="dynamic", factor=2.0, rope_theta=10_000.0)))),
     "phi-qk-layernorm": ("phi", dataclasses.replace(SPECS["phi"], kwargs=dict(SPECS["phi"].kwargs, qk_layernorm=True))),
 
 }  # fmt: skip
