@@ -23,7 +23,17 @@ from flax_impl.rope import layer_rope
 
 
 def from_torch_mha_mask(mask: jax.Array) -> jax.Array:
-    """Convert an nn.MultiheadAttention bool mask (True = masked out) to ours (True = may attend)."""
+    """Convert an nn.MultiheadAttention bool mask (True = masked out) to ours (True = may attend).
+
+    Args:
+        mask: a bool `attn_mask` or `key_padding_mask` as torch's nn.MultiheadAttention takes it, any shape.
+
+    Returns:
+        The same shape, bool, True where attention is allowed (its negation).
+
+    Raises:
+        TypeError: a mask that is not bool (torch's float masks are additive; convert them yourself).
+    """
     mask = jnp.asarray(mask)
     if mask.dtype != jnp.bool_:
         raise TypeError(f"from_torch_mha_mask converts bool masks only, got dtype {mask.dtype}")

@@ -65,6 +65,13 @@ def sinusoidal_table(length: int, d_model: int) -> jax.Array:
     PE[pos, 2i] = sin(pos / 10000^(2i/D)), PE[pos, 2i+1] = cos(pos / 10000^(2i/D)). Any length. An odd D keeps
     the sine of the last pair and drops its cosine. Computed in float64 and rounded once to float32.
 
+    Args:
+        length: L, the number of positions (rows), >= 0.
+        d_model: D, the width of each row, >= 1.
+
+    Returns:
+        The table (L, D) float32; row p is position p.
+
     Raises:
         TypeError: length or d_model not an integer (`flax_impl.validation.ArgumentTypeError`).
         ValueError: length < 0 or d_model < 1.
@@ -131,6 +138,19 @@ def apply_rope(
     `inv_freq` (r/2,), when given, replaces theta_i / scale (a scaled `rope_type` or one layer's table, from
     `flax_impl.rope`; zeros rotate nothing), and `factor` multiplies cos and sin (yarn / longrope's attention
     factor: the rotated dims are scaled by it, the passed-through ones are not, as transformers does).
+
+    Args:
+        x: queries or keys (B, L, N, H), any float dtype.
+        positions: the position of each row, (L,) shared by the batch or (B, L) per sequence; integers.
+        base: the RoPE base (10,000 in RoFormer and Llama 1/2; 5e5 in Llama 3).
+        style: "half" or "interleaved" (which dims form a pair).
+        fraction: the share of H that rotates, in (0, 1].
+        scale: linear position interpolation, > 0 (1 = off).
+        inv_freq: (r/2,) angular speeds replacing theta_i / scale, or None.
+        factor: a scalar multiplying cos and sin (1 = off).
+
+    Returns:
+        x rotated, (B, L, N, H), x's dtype.
 
     Raises:
         TypeError: base, fraction or scale not a number, style not a str (`ArgumentTypeError`).
@@ -214,6 +234,15 @@ def alibi_bias(q_len: int, k_len: int, slopes: jax.Array, *, causal: bool = Fals
     Queries are the last q_len of the k_len positions (i = k_len - q_len + row), keys j = 0 .. k_len - 1.
     Bidirectional: -m * |i - j| (symmetric). Causal: -m * (i - j) for j <= i and 0 for j > i (the causal mask
     removes those keys separately). Any length: extrapolation is the point of ALiBi.
+
+    Args:
+        q_len: L, the number of query rows (the last L of the k_len positions).
+        k_len: S, the number of key positions, >= q_len.
+        slopes: the per-head slopes m (N,), e.g. `alibi_slopes(N)`.
+        causal: the causal form (zero for future keys) instead of the symmetric one.
+
+    Returns:
+        The bias (N, L, S) float32, added to the attention scores before the softmax.
 
     Raises:
         TypeError: q_len or k_len not an integer, causal not a bool.
