@@ -4,9 +4,13 @@ steady interval in a log."""
 from __future__ import annotations
 
 import io
+import signal
+import sys
+
+import pytest
 
 from flax_impl.apps import progress as progress_module
-from flax_impl.apps.progress import Progress
+from flax_impl.apps.progress import Progress, check_interrupted, interruptible
 
 
 class Terminal(io.StringIO):
@@ -46,3 +50,30 @@ def test_a_terminal_gets_one_line_rewritten_in_place(monkeypatch, capsys):
     text = term.getvalue()
     assert text.count("\r") == 4 + 2 and text.count("\n") == 0  # 4 bars, then cleared before the result
     assert "step 4" in text and capsys.readouterr().out == "a result\n"
+
+
+def test_a_ctrl_c_lost_in_a_callback_is_raised_at_the_next_step(monkeypatch):
+    """A SIGINT whose KeyboardInterrupt lands in a callback Python ignores exceptions of (here `__del__`; in the
+    commands JAX's garbage-collection callback) is noted, and the next progress step raises it."""
+
+    class Finalised:
+        def __del__(self):
+            signal.raise_signal(signal.SIGINT)  # the handler runs here; __del__ swallows its KeyboardInterrupt
+
+    lost = []
+    monkeypatch.setattr(sys, "unraisablehook", lost.append)  # where Python sends what __del__ raises
+    before = signal.getsignal(signal.SIGINT)
+    with interruptible():
+        Finalised()  # dropped at once: the raise is lost, and not reported as "Exception ignored"
+        assert lost == []
+        sys.unraisablehook(type("U", (), {"exc_value": ValueError("x")})())  # others are still reported
+        assert [str(u.exc_value) for u in lost] == ["x"]
+        with pytest.raises(KeyboardInterrupt):
+            Progress(2, stream=io.StringIO()).step("next phase")
+    assert signal.getsignal(signal.SIGINT) is before
+    check_interrupted()  # cleared on exit: nothing raised
+
+
+def test_a_plain_ctrl_c_still_raises_at_once():
+    with interruptible(), pytest.raises(KeyboardInterrupt):
+        signal.raise_signal(signal.SIGINT)

@@ -32,7 +32,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    return int(importlib.import_module(SUBCOMMANDS[args.command][0]).run(args))
+    from flax_impl.apps.progress import interruptible
+
+    with interruptible():  # a Ctrl-C is never lost in a callback (progress.interruptible)
+        return int(importlib.import_module(SUBCOMMANDS[args.command][0]).run(args))
 
 
 if __name__ == "__main__":

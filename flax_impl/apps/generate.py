@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from flax_impl.apps import args as shared
+from flax_impl.apps.progress import check_interrupted
 
 TOKENIZER = "tokenizer.json"
 GENERATION_CONFIG = "generation_config.json"
@@ -288,7 +289,9 @@ def run(args: argparse.Namespace) -> int:
     (2: bad input, a file that cannot be read; 130: interrupted by Ctrl-C)."""
     streaming: list[bool] = []  # appended to once the text on stdout is an open line
     try:
-        return _run(args, streaming)
+        status = _run(args, streaming)
+        check_interrupted()
+        return status
     except KeyboardInterrupt:
         if streaming:
             sys.stdout.write("\n")

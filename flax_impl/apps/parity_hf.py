@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flax_impl.apps import parity_hf_checks as checks, parity_hf_report as report_, parity_hf_sides as sides_
-from flax_impl.apps.progress import Progress
+from flax_impl.apps.progress import Progress, check_interrupted
 
 MODEL_OPTIONS = ("--d-model", "--n-heads", "--heads", "--n-layers", "--layers", "--d-ff", "--table-length")
 HF_ONLY_OPTIONS = ("--reference", "--dtype", "--decode")
@@ -259,6 +259,7 @@ def run(args: argparse.Namespace) -> int:
             args.hf, args.flax, batch=args.batch, length=args.length, seed=args.seed, decode=args.decode,
             reference=args.reference, dtype=args.dtype, sides=s, progress=progress,
         )  # fmt: skip
+        check_interrupted()
     except KeyboardInterrupt:
         progress.close()
         print(f"flax-impl parity: interrupted while {progress.phase or 'starting'}, after "

@@ -9,13 +9,60 @@ line.
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
 import time
-from typing import TextIO
+from collections.abc import Iterator
+from typing import Any, TextIO
 
 BAR_WIDTH = 24
 LINE_WIDTH = 110
 LOG_EVERY = 10.0  # seconds between two lines of one phase off a terminal
+
+_interrupted = False  # a SIGINT arrived while `interruptible` was active
+
+
+def _note_sigint(signum: int, frame: object) -> None:
+    global _interrupted
+    _interrupted = True
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+    """Ctrl-C that cannot be lost: while active, a SIGINT raises KeyboardInterrupt as Python's own handler does
+    and is also noted, because a raise that lands in a callback whose exceptions Python ignores (a garbage
+    collection callback, a finalizer: JAX runs some) vanishes; `check_interrupted` (called by every
+    `Progress.step`, and by the commands once their work is done) raises it again, and Python's "Exception
+    ignored" report of the lost one is not printed. Outside the main thread it does nothing (signals go to the
+    main thread only)."""
+    global _interrupted
+    _interrupted = False
+    try:
+        previous = signal.signal(signal.SIGINT, _note_sigint)
+    except ValueError:  # not the main thread
+        yield
+        return
+    hook = sys.unraisablehook
+
+    def quiet(unraisable: Any) -> None:  # the lost KeyboardInterrupt is noted: no "Exception ignored" traceback
+        if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+            hook(unraisable)
+
+    sys.unraisablehook = quiet
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        sys.unraisablehook = hook
+        _interrupted = False
+
+
+def check_interrupted() -> None:
+    """Raise KeyboardInterrupt if a SIGINT was noted by `interruptible` (see there)."""
+    if _interrupted:
+        raise KeyboardInterrupt
 
 
 class Progress:
@@ -41,7 +88,11 @@ class Progress:
             phase: what is being done; off a terminal, a line is written when it changes.
             n: units finished by this call.
             detail: shown after the phase (e.g. the latest loss).
+
+        Raises:
+            KeyboardInterrupt: a Ctrl-C was noted and its first raise was lost (`interruptible`).
         """
+        check_interrupted()
         self.done = min(self.done + n, self.total)
         frac = self.done / self.total
         filled = int(BAR_WIDTH * frac)

@@ -18,7 +18,7 @@ import numpy as np
 
 from flax_impl.apps import args as shared
 from flax_impl.apps.bench import machine
-from flax_impl.apps.progress import Progress
+from flax_impl.apps.progress import Progress, check_interrupted
 
 
 # ------------------------------------------------------------------------------------------------------ options
@@ -256,6 +256,7 @@ def run_command(name: str, args: argparse.Namespace, *, plan: Callable, measure:
     wall, progress = time.perf_counter(), Progress(1)
     try:
         measure(args, checked, result, progress)
+        check_interrupted()
     except KeyboardInterrupt:
         result["interrupted"] = True
     finally:
