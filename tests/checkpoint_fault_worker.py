@@ -1,30 +1,29 @@
-"""One "process lifetime" of `flax-impl train`'s checkpointing, for tests/test_checkpoint_faults.py: recover what
-OUT holds, then save the next step. Run in-process (`lifetime`) or as a real process (`python
-checkpoint_fault_worker.py OUT FILES`) that FLAX_IMPL_FAULT kills with `os._exit` at a save point.
+"""One "process lifetime" of a checkpoint directory's writer, for tests/test_checkpoint_faults.py: see which steps
+OUT holds, then save the next one by `flax_impl.checkpoint_dir.write_step` (keeping one step, as `flax-impl
+train` does) with the files of a real Orbax step: SOURCE/<step>/ holds what `flax_impl.checkpoint.save_checkpoint`
+wrote for that step, less its checksums.json. Run in-process (`lifetime`) or as a real process (`python
+checkpoint_fault_worker.py OUT SOURCE`) that FLAX_IMPL_FAULT kills with `os._exit` at a save point.
 
-FILES is a folder of prepared checkpoint contents, `<step>/model.safetensors` and `<step>/train_state.npz`: the
-training step itself is not what is tested, only that some complete checkpoint survives every kill.
+Only the standard library and flax_impl.checkpoint_dir are imported, so that a process starts in a fraction of a
+second; the test reads the steps back with Orbax.
 """
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
-from flax_impl.apps import checkpoint as ck
+from flax_impl import checkpoint_dir as cd
 
 
-def lifetime(out: Path, files: dict[int, dict[str, bytes]]) -> int:
-    """Recover OUT, then save the step after the recovered one (1 if none); returns the step saved."""
-    found = ck.recover(out)
-    step = 1 if found is None else int(ck.read_manifest(found)["step"]) + 1
-    ck.save_checkpoint(out, files[step], {"step": step})
+def lifetime(out: Path, source: Path) -> int:
+    """Save the step after the newest one in OUT (1 if none); returns the step saved."""
+    steps = cd.step_folders(out)
+    step = max(steps) + 1 if steps else 1
+    cd.write_step(out, step, lambda folder: shutil.copytree(source / str(step), folder, dirs_exist_ok=True), keep=1)
     return step
 
 
-def read_files(folder: Path) -> dict[int, dict[str, bytes]]:
-    return {int(d.name): {f.name: f.read_bytes() for f in d.iterdir()} for d in folder.iterdir()}
-
-
 if __name__ == "__main__":
-    print(lifetime(Path(sys.argv[1]), read_files(Path(sys.argv[2]))))
+    print(lifetime(Path(sys.argv[1]), Path(sys.argv[2])))

@@ -26,6 +26,7 @@ from flax_impl import (  # noqa: E402
     train as ftrain,  # noqa: E402
 )
 from flax_impl.apps.cli import main as cli_main  # noqa: E402
+from flax_impl.checkpoint import checkpoint_info  # noqa: E402
 from flax_impl.config import TransformerConfig  # noqa: E402
 from flax_impl.tokenizer import PAD_ID  # noqa: E402
 from flax_impl.transformer import Transformer  # noqa: E402
@@ -91,8 +92,8 @@ def _cli_losses() -> dict[str, list[float]]:
         for name, extra in (("single", []), ("mesh", ["--mesh", "data=4,model=2"])):
             code = cli_main([*args, "--out", os.path.join(tmp, name), *extra])
             assert code == 0, f"flax-impl train {extra} exited {code}"
-            with np.load(os.path.join(tmp, name, "checkpoint", "train_state.npz")) as state:
-                out[name] = state["history/train_loss"].tolist() + state["history/eval_loss"].tolist()
+            history = checkpoint_info(os.path.join(tmp, name, "checkpoint")).metadata["history"]
+            out[name] = history["train_loss"] + history["eval_loss"]
     return out
 
 

@@ -6,9 +6,13 @@ device is handed) run once in a subprocess (checkpoint_worker.py) with 8 simulat
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
+import resource
 import shutil
+import signal
 import warnings
 from pathlib import Path
 
@@ -21,7 +25,15 @@ from flax import nnx
 from helpers import eight_device_report
 
 from flax_impl import interop, train as ftrain
-from flax_impl.checkpoint import abstract, checkpoint_steps, restore_checkpoint, save_checkpoint
+from flax_impl.checkpoint import (
+    CheckpointError,
+    abstract,
+    checkpoint_info,
+    checkpoint_steps,
+    restore_checkpoint,
+    save_checkpoint,
+)
+from flax_impl.checkpoint_dir import MANIFEST
 from flax_impl.config import TransformerConfig
 from flax_impl.tolerances import TRAIN_REL
 from flax_impl.transformer import Transformer
@@ -169,11 +181,15 @@ def test_what_may_differ_and_files_without_a_config(trained, tmp_path):
     with pytest.warns(UserWarning, match="bare.safetensors carries no flax_impl config"):
         interop.load(target, bare)
     _assert_same(interop.to_numpy_state_dict(target), interop.to_numpy_state_dict(model))
-    # An Orbax step saved without a config (as before configs were stored) restores with the same warning.
+    # An Orbax step saved without a config and without checksums (as before either was stored) restores with
+    # verify=False and the same warning.
     save_checkpoint(tmp_path / "orbax", model, step=5)
     shutil.rmtree(tmp_path / "orbax" / "5" / "config")
-    with pytest.warns(UserWarning, match="step 5 of .* carries no flax_impl config"):
+    (tmp_path / "orbax" / "5" / MANIFEST).unlink()
+    with pytest.raises(CheckpointError, match=f"{MANIFEST} is missing: the step cannot be checked"):
         restore_checkpoint(tmp_path / "orbax", Transformer(CONFIG, rngs=nnx.Rngs(1)))
+    with pytest.warns(UserWarning, match="step 5 of .* carries no flax_impl config"):
+        restore_checkpoint(tmp_path / "orbax", Transformer(CONFIG, rngs=nnx.Rngs(1)), verify=False)
 
 
 def test_bad_arguments_fail_clearly(trained, tmp_path):
@@ -199,11 +215,88 @@ def test_bad_arguments_fail_clearly(trained, tmp_path):
         restore_checkpoint(tmp_path / "model_only", model, opt)
 
 
-def test_max_to_keep_deletes_the_oldest_steps(tmp_path):
+def test_max_to_keep_deletes_the_oldest_steps_and_metadata_round_trips(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a relative directory
     model = Transformer(CONFIG, rngs=nnx.Rngs(0))
     for step in (10, 20, 30):
-        save_checkpoint(tmp_path, model, step=step, max_to_keep=2)
+        save_checkpoint("run", model, step=step, max_to_keep=2, metadata={"losses": [0.1, 1 / 3], "step": step})
+    tmp_path = Path("run")
     assert checkpoint_steps(tmp_path) == [20, 30]
+    assert sorted(os.listdir(tmp_path)) == ["20", "30"]  # no temporary folder left behind
+    info = checkpoint_info(tmp_path)
+    assert (info.step, info.path, info.config) == (30, tmp_path / "30", CONFIG.to_dict())
+    assert info.metadata == {"losses": [0.1, 1 / 3], "step": 30}  # floats exactly
+    assert checkpoint_info(tmp_path, step=20).metadata["step"] == 20
+    for bad in ([1], {"x": float("nan")}, {"x": (1, 2)}, {1: 2}):
+        with pytest.raises(ValueError, match="metadata must be a JSON object"):
+            save_checkpoint(tmp_path, model, step=40, metadata=bad)
+    assert checkpoint_steps(tmp_path) == [20, 30]
+
+
+def test_a_flipped_byte_in_any_file_is_an_error_naming_it(trained, tmp_path):
+    """Every file of a step, one flipped byte each (and a truncation, a deletion, a broken manifest): restoring
+    is a CheckpointError naming the file, and nothing is written into the modules."""
+    directory = tmp_path / "run"
+    shutil.copytree(trained[0], directory)
+    step = directory / "2"
+    files = sorted(json.loads((step / MANIFEST).read_text())["files"])
+    assert any(f.startswith("model/") for f in files) and any(f.startswith("optimizer/") for f in files)
+    model = Transformer(CONFIG, rngs=nnx.Rngs(7))
+    before = _values(model)
+    rng = np.random.default_rng(0)
+    for name in files:
+        path = step / name
+        good = path.read_bytes()
+        at = int(rng.integers(len(good)))
+        path.write_bytes(good[:at] + bytes([good[at] ^ 1 << int(rng.integers(8))]) + good[at + 1 :])
+        with pytest.raises(CheckpointError, match=f"^{re.escape(str(path))} is corrupt: its sha256 differs"):
+            restore_checkpoint(directory, model)
+        with pytest.raises(CheckpointError, match=f"^{re.escape(str(path))} is corrupt"):
+            checkpoint_info(directory)
+        path.write_bytes(good[:-1])
+        with pytest.raises(CheckpointError, match=f"^{re.escape(str(path))} is truncated or overwritten"):
+            restore_checkpoint(directory, model)
+        path.unlink()
+        with pytest.raises(CheckpointError, match=f"^{re.escape(str(path))} is missing"):
+            restore_checkpoint(directory, model)
+        path.write_bytes(good)
+    _assert_same(_values(model), before)
+    manifest = step / MANIFEST
+    good = manifest.read_bytes()
+    for damaged, message in ((good[:-2], "is not readable JSON"), (good.replace(b'"step": 2', b'"step": 3'),
+                                                                    "is not the manifest of step 2")):
+        manifest.write_bytes(damaged)
+        with pytest.raises(CheckpointError, match=f"^{re.escape(str(manifest))} {message}"):
+            restore_checkpoint(directory, model)
+    manifest.write_bytes(good)
+    assert restore_checkpoint(directory, model) == 2
+    _assert_same(_values(model), trained[3])
+
+
+def test_a_full_disk_leaves_no_partial_step_and_the_saved_ones_intact(tmp_path):
+    """A write that fails in TensorStore (the file size limit here, as a full disk would: EFBIG for ENOSPC) is an
+    OSError naming the folder; the temporary folder is deleted and the step saved before still restores."""
+
+    class Big(nnx.Module):
+        def __init__(self, seed: int):  # 4 MB of random (incompressible) values: past the limit, unlike a log line
+            self.w = nnx.Param(jnp.asarray(np.random.default_rng(seed).standard_normal(1 << 20, np.float32)))
+
+    saved = Big(1)
+    save_checkpoint(tmp_path, saved, step=1)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 21, hard))
+    try:
+        with pytest.raises(OSError) as info:
+            save_checkpoint(tmp_path, Big(2), step=2)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+    assert info.value.errno == errno.EFBIG and info.value.filename == str(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["1"]
+    target = Big(0)
+    assert restore_checkpoint(tmp_path, target) == 1
+    np.testing.assert_array_equal(target.w[...], saved.w[...])
 
 
 def test_safetensors_load_into_an_abstract_model(trained, tmp_path):

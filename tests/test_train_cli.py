@@ -1,98 +1,221 @@
-"""`flax-impl train` end to end: a tiny run whose checkpoint loads into torch_ref, a run killed mid-save resumes
-and replays the uninterrupted run bit for bit, a non-finite loss keeps the last good checkpoint, bad input (an
-option, a path, a checkpoint file, a second run on --out) fails with exit 2 before any work."""
+"""`flax-impl train` end to end: one tiny run, shared, whose checkpoint restores and whose safetensors copy loads
+into torch_ref; a run killed mid-save, resumed, interrupted by a real Ctrl-C and resumed again replays it bit for
+bit (without safetensors installed for the last part); a non-finite loss and a full disk keep the last
+checkpoint; bad input (an option, a path, a checkpoint file, a second run on --out) fails with exit 2 before any
+work."""
 
 import argparse
-import hashlib
+import contextlib
+import errno
+import io
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 from flax import nnx
-from safetensors.numpy import save
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 import flax_impl as fi
 import torch_ref as tr
+from flax_impl import checkpoint as lib, checkpoint_dir as cd
 from flax_impl.apps import checkpoint as ck, corpus, train
 from flax_impl.apps.cli import main as cli_main
 from flax_impl.saved_config import CONFIG_KEY
 from flax_impl.tolerances import TRAIN_REL
+from flax_impl.train import make_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
 TINY = ["train", "--steps", "6", "--batch-size", "2", "--seq-len", "16", "--d-model", "16", "--n-layers", "1",
         "--n-heads", "2", "--warmup", "2", "--eval-every", "2", "--eval-batches", "2", "--corpus-mb", "0.2"]
+# `flax-impl train` in a subprocess, with the test suite's matmul precision; SIGINT_AFTER=N sends the process a
+# real SIGINT (Ctrl-C) from inside its N-th optimizer step, so that it arrives at a known step.
+LAUNCH = """
+import os, signal, sys, jax
+jax.config.update("jax_default_matmul_precision", "highest")
+import flax_impl.train as t
+after, real, calls = int(os.environ.get("SIGINT_AFTER", 0)), t.train_step, []
+def train_step(*args):
+    calls.append(1)
+    if len(calls) == after:
+        os.kill(os.getpid(), signal.SIGINT)
+    return real(*args)
+t.train_step = train_step
+from flax_impl.apps.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
 
 
-def _history(out):
-    with np.load(out / "checkpoint" / "train_state.npz") as d:
-        return {k: d[k] for k in d.files if k.startswith("history/")}
+def _launch(argv: list[str], **env: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
+    return subprocess.run([sys.executable, "-c", LAUNCH, *argv], env=env, capture_output=True, text=True)
 
 
-def _sha(path):
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def _state(out: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """The run's metadata (options, loss history) and every array of its checkpoint (parameters, rng streams,
+    AdamW state), restored with Orbax into abstract modules."""
+    info = lib.checkpoint_info(out / ck.CKPT)
+    cfg = fi.TransformerConfig.from_dict(info.config)
+    tcfg = fi.TrainConfig.from_dict(info.metadata["train"])
+    model = lib.abstract(lambda: fi.Transformer(cfg, rngs=nnx.Rngs(0)))
+    opt = lib.abstract(lambda: make_optimizer(fi.Transformer(cfg, rngs=nnx.Rngs(0)), tcfg))
+    lib.restore_checkpoint(out / ck.CKPT, model, opt)
+    arrays = {}
+    for prefix, node in (("model/", model), ("opt/", opt)):
+        for path, var in nnx.to_flat_state(nnx.state(node)):
+            value = var.get_value()
+            if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
+                value = jax.random.key_data(value)
+            arrays[prefix + "/".join(map(str, path))] = np.asarray(value)
+    return {**info.metadata, "step": info.step}, arrays
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory) -> tuple[Path, str, str]:
+    """The uninterrupted tiny run: (OUT, stdout, stderr)."""
+    out = tmp_path_factory.mktemp("whole") / "run"
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = cli_main([*TINY, "--out", str(out), "--plot", str(out.parent / "loss.png")])
+    assert code == 0, stderr.getvalue()
+    return out, stdout.getvalue(), stderr.getvalue()
 
 
 @pytest.mark.slow
-def test_cli_trains_checkpoint_loads_into_torch_and_resume_replays(tmp_path, capsys):
-    out = tmp_path / "run"
-    plot = tmp_path / "loss.png"
-    assert cli_main([*TINY, "--out", str(out), "--plot", str(plot)]) == 0
-    printed = capsys.readouterr().out
+def test_cli_trains_and_its_safetensors_copy_loads_into_torch(whole):
+    out, printed, log = whole
     assert "final held-out loss" in printed and "unigram entropy" in printed
-    assert plot.is_file() and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # The checkpoint loads into torch_ref and computes what the Flax model loaded from it computes.
-    meta = json.loads((out / "checkpoint" / "config.json").read_text())
-    cfg = fi.TransformerConfig.from_dict(meta["model"])
-    twin = tr.Transformer(cfg).eval()
-    twin.load_state_dict(load_file(out / "checkpoint" / "model.safetensors"))
+    assert f"checkpoint {out / ck.CKPT / '6'}, weights for PyTorch {out / ck.EXPORT}" in printed
+    assert (out.parent / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in out.iterdir()) == [ck.CKPT, ck.EXPORT]
+    assert sorted(p.name for p in (out / ck.CKPT).iterdir()) == ["6"]
+    # Progress a log can read: plain lines (stderr is not a terminal here), no carriage returns.
+    assert "\r" not in log and "training (the first step compiles)\n" in log
+    # The safetensors copy holds the checkpoint's parameters, bit for bit, and loads into torch_ref with the
+    # config from its own metadata; both compute the same logits.
+    meta, arrays = _state(out)
+    assert meta["step"] == 6 and meta["history"]["train_step"] == [1, 2, 3, 4, 5, 6]
+    with safe_open(str(out / ck.EXPORT), framework="numpy") as f:
+        cfg = fi.TransformerConfig.from_dict(json.loads(f.metadata()[CONFIG_KEY]))
     model = fi.Transformer(cfg, rngs=nnx.Rngs(5))
-    fi.load(model, out / "checkpoint" / "model.safetensors")
+    lib.restore_checkpoint(out / ck.CKPT, model)
+    exported = load_file(out / ck.EXPORT)
+    assert all(np.array_equal(exported[k].numpy(), v) for k, v in fi.to_numpy_state_dict(model).items())
+    twin = tr.Transformer(cfg).eval()
+    twin.load_state_dict(exported)
     model.eval()
     ids = np.random.default_rng(0).integers(4, 260, size=(2, 12))
     want = twin.logits(twin(torch.as_tensor(ids))).detach().numpy()
     got = np.asarray(model.logits(model(ids)))
     np.testing.assert_allclose(got, want, rtol=0, atol=TRAIN_REL * np.abs(want).max())
 
-    # A real kill (os._exit, no cleanup) in the save of step 4, just after the old checkpoint was renamed away:
-    # no `checkpoint` folder, a complete temporary one, a lock file of a dead process. Resume to step 6 recovers
-    # step 4 and gives the same training-loss curve as the uninterrupted run, bit for bit.
-    pieces = tmp_path / "pieces"
-    code = ("import sys, jax; jax.config.update('jax_default_matmul_precision', 'highest'); "
-            "from flax_impl.apps.cli import main; sys.exit(main(sys.argv[1:]))")
-    env = {**os.environ, ck.FAULT_ENV: "old-renamed", "PYTHONPATH": str(ROOT)}
-    argv = [*TINY, "--out", str(pieces), "--plot", "none"]
-    killed = subprocess.run([sys.executable, "-c", code, *argv], env=env, capture_output=True, text=True)
-    assert killed.returncode == ck.FAULT_EXIT, killed.stderr
-    assert not (pieces / "checkpoint").exists() and (pieces / ck.LOCK).is_file()
-    assert cli_main([*TINY, "--out", str(pieces), "--plot", "none", "--resume"]) == 0
-    assert "steps 4 -> 6 of 6" in capsys.readouterr().out
-    assert sorted(p.name for p in pieces.iterdir()) == ["checkpoint"]
-    whole, resumed = _history(out), _history(pieces)
-    assert resumed["history/train_step"].tolist() == list(range(1, 7))
-    np.testing.assert_array_equal(resumed["history/train_loss"], whole["history/train_loss"])
-    a, b = load_file(out / "checkpoint" / "model.safetensors"), load_file(pieces / "checkpoint" / "model.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+
+class Killed(BaseException):
+    """An in-process kill: no `except Exception` cleanup runs, nothing after it is written."""
 
 
 @pytest.mark.slow
-def test_cli_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, capsys):
+def test_killed_then_interrupted_runs_resume_bit_for_bit(whole, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "pieces"
+    argv = [*TINY, "--out", str(out), "--plot", "none"]
+
+    def kill_in_second_save(name: str) -> None:
+        if name == "tmp-complete" and cd.temporary_folders(out / ck.CKPT)[0].name.startswith(cd.TMP_PREFIX + "4-"):
+            raise Killed(name)
+
+    # Killed in the save of step 4, its folder complete but not yet renamed: step 2 stays the checkpoint, beside
+    # a complete temporary folder (real kills at every point: tests/test_checkpoint_faults.py).
+    monkeypatch.setattr(cd, "fault_point", kill_in_second_save)
+    with pytest.raises(Killed):
+        cli_main(argv)
+    monkeypatch.undo()
+    assert sorted(cd.step_folders(out / ck.CKPT)) == [2] and cd.temporary_folders(out / ck.CKPT)
+    # Resumed in a process of its own, which gets a real SIGINT (Ctrl-C) during step 3: the step ends, is saved,
+    # and the process says how to resume, without a traceback.
+    stopped = _launch([*argv, "--resume"], SIGINT_AFTER="1")
+    assert stopped.returncode == train.INTERRUPTED, stopped.stderr
+    assert "Traceback" not in stopped.stderr
+    lines = stopped.stderr.strip().splitlines()
+    assert lines[-2].startswith("flax-impl train: interrupted after step 3 of 6 (train loss ")
+    assert lines[-2].endswith(f"): checkpoint {out / ck.CKPT / '3'}")
+    assert lines[-1] == f"resume with: {shlex.join(['flax-impl', *argv, '--resume'])}"
+    assert sorted(p.name for p in (out / ck.CKPT).iterdir()) == ["3"]
+    # The printed command, in this process, without safetensors (a core-only install): it trains to the end.
+    monkeypatch.setitem(sys.modules, "safetensors", None)
+    exported = (out / ck.EXPORT).read_bytes()
+    assert cli_main(shlex.split(lines[-1].removeprefix("resume with: "))[1:]) == 0
+    printed = capsys.readouterr().out
+    assert "steps 3 -> 6 of 6" in printed and f"no {out / ck.EXPORT} for PyTorch: pip install safetensors" in printed
+    assert (out / ck.EXPORT).read_bytes() == exported  # not rewritten
+    assert sorted(p.name for p in out.iterdir()) == [ck.CKPT, ck.EXPORT]
+    (want_meta, want), (got_meta, got) = _state(whole[0]), _state(out)
+    assert got_meta == want_meta  # the loss history included: every float equal
+    assert got.keys() == want.keys()
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    moments = [v for k, v in want.items() if "/mu/" in k]
+    assert moments and all(np.abs(v).max() > 0 for v in moments)  # AdamW's moments moved
+
+
+def _files(out: Path) -> dict[str, bytes]:
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_cli_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch, capsys):
+    """A parameter overflows after step 3 (set to inf between two steps): step 4's loss is not finite."""
+    import flax_impl.train as ftrain
+
+    real, calls = ftrain.train_step, []
+
+    def train_step(model, optimizer, batch):
+        calls.append(1)
+        if len(calls) == 4:
+            model.final_norm.scale[...] = jnp.full_like(model.final_norm.scale[...], jnp.inf)
+        return real(model, optimizer, batch)
+
+    monkeypatch.setattr(ftrain, "train_step", train_step)
     out = tmp_path / "run"
-    causal = [*TINY, "--causal", "--out", str(out), "--plot", "none"]  # the next-token path of the CLI, too
-    assert cli_main([*causal, "--stop-at", "2"]) == 0
-    before = {p.name: _sha(p) for p in (out / "checkpoint").iterdir()}
-    code = cli_main([*causal, "--resume", "--lr", "1e38"])  # Adam steps of ~1e38: overflow at the next forward
-    assert code == 1
+    assert cli_main([*TINY, "--out", str(out), "--plot", "none"]) == 1
     err = capsys.readouterr().err
-    assert "non-finite" in err and "last good checkpoint is intact" in err
-    assert {p.name: _sha(p) for p in (out / "checkpoint").iterdir()} == before
-    assert not list(out.glob(".checkpoint-tmp-*"))
+    assert "non-finite loss" in err and "at step 4" in err
+    assert f"last good checkpoint is intact: {out / ck.CKPT / '2'}" in err
+    assert sorted(p.name for p in (out / ck.CKPT).iterdir()) == ["2"]
+    assert ck.find_checkpoint(out).metadata["history"]["train_step"] == [1, 2]  # every file checked
+
+
+@pytest.mark.slow
+def test_cli_full_disk_is_one_line_and_keeps_last_checkpoint(tmp_path, monkeypatch, capsys):
+    """The disk fills while step 4 is written (its files are in the temporary folder, then a write fails)."""
+    out = tmp_path / "run"
+    real, before = lib.write_step, {}
+
+    def full_disk(directory, step, write, keep=None):
+        def fill(folder):
+            write(folder)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        before.update(_files(out), **{ck.LOCK: b"released"})
+        return real(directory, step, fill if step == 4 else write, keep=keep)
+
+    monkeypatch.setattr(lib, "write_step", full_disk)
+    assert cli_main([*TINY, "--out", str(out), "--plot", "none"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"flax-impl train: error: cannot write the checkpoint of step 4: [Errno {errno.ENOSPC}] "
+                       f"{os.strerror(errno.ENOSPC)}: '{out / ck.CKPT}'; the checkpoint of step 2 is intact "
+                       f"({out / ck.CKPT / '2'})")
+    assert not any("Traceback" in line for line in err)
+    assert {**_files(out), ck.LOCK: b"released"} == before  # step 2 and its export as they were; nothing of step 4
+    assert ck.find_checkpoint(out).step == 2 and ck.EXPORT in before
 
 
 def test_cli_bad_input_fails_before_training(tmp_path, capsys):
@@ -176,63 +299,65 @@ def test_bad_output_folder_and_fault_spec_are_exit_2(tmp_path, monkeypatch, caps
     (tmp_path / "file").write_text("")
     assert "is a file, not a directory" in _run_2([*TINY, "--out", str(tmp_path / "file")], capsys)
     assert "is a file, not a directory" in _run_2([*TINY, "--out", str(tmp_path / "file" / "sub")], capsys)
-    monkeypatch.setenv(ck.FAULT_ENV, "nowhere")
-    assert f"{ck.FAULT_ENV}='nowhere'" in _run_2([*TINY, "--out", str(tmp_path / "x")], capsys)
+    monkeypatch.setenv(cd.FAULT_ENV, "nowhere")
+    assert f"{cd.FAULT_ENV}='nowhere'" in _run_2([*TINY, "--out", str(tmp_path / "x")], capsys)
 
 
-def _checkpoint(
-    out: Path, argv: list[str], step: int = 2, model_argv: list[str] | None = None, model_config: bool = True
-) -> Path:
-    """A complete checkpoint of the run `train argv` at `step`, as `flax-impl train` lays it out, for the checks
-    before any work (the weights and the training state are placeholders: nothing here may read them);
-    `model_argv`: the model file's config instead (a model file of another config); `model_config=False`: a
-    model file without one."""
-    def configs(a: list[str]):
-        parser = argparse.ArgumentParser()
-        train.add_arguments(parser)
-        args = parser.parse_args(a[1:])
-        return args, *train._configs(args)
+class Placeholder(nnx.Module):
+    """Stands for the model in the checkpoints of the checks before any work: it carries the config, and one
+    array that nothing may read."""
 
-    args, cfg, tcfg = configs(argv)
-    meta = {"model": cfg.to_dict(), "train": tcfg.to_dict(), "data": train._data_options(args), "seed": args.seed}
-    model_cfg = configs(model_argv or argv)[1]
-    metadata = {CONFIG_KEY: json.dumps(model_cfg.to_dict())} if model_config else None
-    model = save({"x": np.zeros(1, np.float32)}, metadata=metadata)
-    out.mkdir(parents=True, exist_ok=True)
-    return ck.save_checkpoint(out, {ck.MODEL_FILE: model, ck.STATE_FILE: b"placeholder"}, {**meta, "step": step})
+    def __init__(self, config: fi.TransformerConfig):
+        self.config, self.x = config, nnx.Param(jnp.zeros(1))
+
+
+def _checkpoint(out: Path, argv: list[str], step: int = 2, run_options: bool = True) -> Path:
+    """A checkpoint of the run `train argv` at `step` in OUT/checkpoint, as `flax-impl train` writes it but with
+    a placeholder model and no optimizer state; `run_options=False`: without the run's options (no metadata)."""
+    parser = argparse.ArgumentParser()
+    train.add_arguments(parser)
+    args = parser.parse_args(argv[1:])
+    cfg, tcfg = train._configs(args)
+    meta = {"train": tcfg.to_dict(), "data": train._data_options(args), "seed": args.seed, "history": {}}
+    folder = lib.save_checkpoint(out / ck.CKPT, Placeholder(cfg), step=step, metadata=meta if run_options else None)
+    return Path(folder)
 
 
 def test_resume_checks_every_checkpoint_file_and_option_first(tmp_path, monkeypatch, capsys, no_work):
     monkeypatch.chdir(tmp_path)
     argv = [*TINY, "--out", "run"]
     folder = _checkpoint(Path("run"), argv)
-    manifest = folder / ck.MANIFEST
     mismatches = [
-        (["--n-heads", "4"], f"--resume with other model options than {manifest}: n_heads: saved 2, given 4"),
+        (["--n-heads", "4"], f"--resume with other model options than {folder}: n_heads: saved 2, given 4"),
         (["--position", "alibi"], "position: saved 'rope', given 'alibi'"),
         (["--causal"], "causal: saved False, given True"),
-        (["--seq-len", "8"], f"--resume with other data options than {manifest}: seq_len: saved 16, given 8"),
+        (["--seq-len", "8"], f"--resume with other data options than {folder}: seq_len: saved 16, given 8"),
         (["--batch-size", "4"], "batch_size: saved 2, given 4"),
-        (["--seed", "3"], f"--resume with --seed=3, {manifest} used --seed=0"),
+        (["--seed", "3"], f"--resume with --seed=3, {folder} used --seed=0"),
         (["--clip-norm", "0"], "--resume cannot switch gradient clipping on or off"),
-        (["--stop-at", "2"], f"{manifest} is at step 2: --stop-at / --steps=2 leaves nothing to train"),
+        (["--stop-at", "2"], f"{folder} is at step 2: --stop-at / --steps=2 leaves nothing to train"),
     ]
     for extra, message in mismatches:
         assert message in _run_2([*argv, "--resume", *extra], capsys), extra
     assert f"'run' holds a checkpoint (step 2, {str(folder)!r}): pass --resume" in _run_2(argv, capsys)
-    state = folder / ck.STATE_FILE
-    good = state.read_bytes()
-    state.write_bytes(good[: len(good) // 2])
-    assert f"{state} is truncated or overwritten" in _run_2([*argv, "--resume"], capsys)
-    state.unlink()
-    assert f"{state} is missing" in _run_2([*argv, "--resume"], capsys)
-    other = Path("other")
-    _checkpoint(other, [*TINY, "--out", "other"], model_argv=[*TINY, "--n-heads", "4"])
-    message = f"{other / 'checkpoint' / ck.MODEL_FILE} was written for another model than"
-    assert message in _run_2([*TINY, "--out", "other", "--resume"], capsys)
-    _checkpoint(Path("bare"), [*TINY, "--out", "bare"], model_config=False)
-    message = f"{Path('bare') / 'checkpoint' / ck.MODEL_FILE} has no flax_impl config in its metadata"
+    # Every file is read against checksums.json before any work, the metadata and arrays alike.
+    for name in ("metadata/metadata", next(str(p.relative_to(folder)) for p in folder.rglob("d/*"))):
+        path = folder / name
+        good = path.read_bytes()
+        path.write_bytes(good[:-1] + bytes([good[-1] ^ 4]))
+        assert f"{path} is corrupt: its sha256 differs" in _run_2([*argv, "--resume"], capsys)
+        path.write_bytes(good[: len(good) // 2])
+        assert f"{path} is truncated or overwritten" in _run_2([*argv, "--resume"], capsys)
+        path.unlink()
+        assert f"{path} is missing" in _run_2([*argv, "--resume"], capsys)
+        path.write_bytes(good)
+    bare = _checkpoint(Path("bare"), [*TINY, "--out", "bare"], run_options=False)
+    message = f"{bare} has no model config or run options: not written by flax-impl train"
     assert message in _run_2([*TINY, "--out", "bare", "--resume"], capsys)
+    (Path("old") / ck.CKPT).mkdir(parents=True)  # the layout of an older flax-impl train
+    (Path("old") / ck.CKPT / "config.json").write_text("{}")
+    message = f"{Path('old') / ck.CKPT} holds ['config.json'], not checkpoint steps"
+    assert message in _run_2([*TINY, "--out", "old"], capsys)
 
 
 def test_a_second_run_on_the_same_out_is_refused(tmp_path, capsys, no_work):

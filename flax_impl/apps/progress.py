@@ -1,9 +1,10 @@
 """The one progress display of the applications (`flax-impl bench`, `train`, `parity`).
 
 On a terminal: one status line on stderr, `[#####.....]  P%  Ts  phase  detail` (P: percent done, T: seconds
-elapsed), rewritten in place. Elsewhere (a log file, CI): one plain line each time the phase changes, so logs stay
-short; the detail is shown only on a terminal. Results go to stdout through `write`, which keeps them apart from
-the status line.
+elapsed), rewritten in place. Elsewhere (a log file, CI): the same line as a plain line of its own (no carriage
+return) each time the phase changes, and at most every `every` seconds while it does not, so that a log shows
+steady progress and stays short. Results go to stdout through `write`, which keeps them apart from the status
+line.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import TextIO
 
 BAR_WIDTH = 24
 LINE_WIDTH = 110
+LOG_EVERY = 10.0  # seconds between two lines of one phase off a terminal
 
 
 class Progress:
@@ -23,13 +25,14 @@ class Progress:
         total: units of work in all (at least 1 is assumed).
         initial: units already done (a resumed run).
         stream: where the status line goes (default sys.stderr); a terminal gets it rewritten in place.
+        every: off a terminal, the most seconds between two lines of the same phase.
     """
 
-    def __init__(self, total: int, *, initial: int = 0, stream: TextIO | None = None):
+    def __init__(self, total: int, *, initial: int = 0, stream: TextIO | None = None, every: float = LOG_EVERY):
         self.stream = sys.stderr if stream is None else stream
         self.total, self.done = max(total, 1), min(max(initial, 0), max(total, 1))
         self.start, self.tty = time.perf_counter(), self.stream.isatty()
-        self.phase, self.shown = "", False
+        self.phase, self.shown, self.every, self.logged = "", False, every, self.start
 
     def step(self, phase: str, n: int = 1, *, detail: str = "") -> None:
         """Count `n` more units done (0: only announce `phase`) and show the bar.
@@ -37,20 +40,22 @@ class Progress:
         Args:
             phase: what is being done; off a terminal, a line is written when it changes.
             n: units finished by this call.
-            detail: shown after the phase on a terminal only (e.g. the latest loss).
+            detail: shown after the phase (e.g. the latest loss).
         """
         self.done = min(self.done + n, self.total)
         frac = self.done / self.total
         filled = int(BAR_WIDTH * frac)
-        elapsed = time.perf_counter() - self.start
-        line = f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {100 * frac:3.0f}% {elapsed:5.0f}s  "
+        now = time.perf_counter()
+        line = f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {100 * frac:3.0f}% {now - self.start:5.0f}s  "
+        line += phase + ("  " + detail if detail else "")
         if self.tty:
-            self.stream.write("\r" + (line + phase + ("  " + detail if detail else ""))[:LINE_WIDTH].ljust(LINE_WIDTH))
+            self.stream.write("\r" + line[:LINE_WIDTH].ljust(LINE_WIDTH))
             self.stream.flush()
             self.shown = True
-        elif phase != self.phase:
-            self.stream.write(line + phase + "\n")
+        elif phase != self.phase or now - self.logged >= self.every:
+            self.stream.write(line + "\n")
             self.stream.flush()
+            self.logged = now
         self.phase = phase
 
     def write(self, text: str, file: TextIO | None = None) -> None:

@@ -1,9 +1,11 @@
 """`flax-impl train`: train a small encoder (masked-token) or causal model (next-token) on the Python standard
-library's source, byte-tokenized; held-out evaluation, resumable checkpoints that survive any sequence of kills
-(their layout and recovery: `flax_impl.apps.checkpoint`), a loss plot.
+library's source, byte-tokenized; held-out evaluation, the library's Orbax checkpoints that survive any sequence
+of kills (their layout: `flax_impl.apps.checkpoint`), a safetensors copy of the weights for PyTorch, a loss plot.
 
 Every option, path and checkpoint file is checked before any work (exit 2, the error names the option or the
-file); one run at a time per --out (a lock); exit 1 only when training diverged (a non-finite loss).
+file); one run at a time per --out (a lock). Ctrl-C stops after the current step with a checkpoint of it and
+prints the command that resumes (exit 130); a second Ctrl-C stops at once, the last checkpoint kept. Exit 1 only
+when training diverged (a non-finite loss); 2 also when a checkpoint cannot be written (a full disk).
 
 Batches depend only on (seed, step), so a resumed run replays the uninterrupted run's batches and masks.
 """
@@ -12,33 +14,26 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
+import importlib.util
 import math
 import os
+import shlex
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from flax_impl.apps import args as shared
-from flax_impl.apps.checkpoint import (
-    MANIFEST,
-    MODEL_FILE,
-    STATE_FILE,
-    CheckpointError,
-    RunLock,
-    check_fault_spec,
-    checkpoint_files,
-    find_checkpoint,
-    load_state,
-    recover,
-    save_checkpoint,
-)
+from flax_impl.apps import args as shared, checkpoint as ck
 from flax_impl.apps.progress import Progress
+from flax_impl.checkpoint_dir import check_fault_spec, step_folders
 from flax_impl.config import TrainConfig, TransformerConfig
 from flax_impl.tokenizer import PAD_ID, ByteTokenizer
+
+INTERRUPTED = 130  # the shell's status for a command stopped by SIGINT
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -57,7 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     shared.add_position_option(p, "rope")
     a("--causal", action="store_true", help="next-token objective with causal attention (default: masked-token)")
     a("--mask-prob", type=float, default=0.15, help="masked-token objective: fraction of positions predicted [0.15]")
-    a("--out", default="flax-impl-train", help="output directory for checkpoint and plot [./flax-impl-train]")
+    a("--out", default="flax-impl-train", help="output directory: checkpoint/, model.safetensors, loss.png "
+      "[./flax-impl-train]")
     a("--resume", action="store_true", help="continue from OUT/checkpoint (same model options)")
     a("--stop-at", type=int, default=None, help="stop (with a checkpoint) after this step; resume later")
     shared.add_seed_option(p, "the weights, dropout masks, batches and token masks")
@@ -131,56 +127,6 @@ def _data_options(args: argparse.Namespace) -> dict[str, Any]:
     return {"corpus": corpus, "corpus_mb": args.corpus_mb, "seq_len": args.seq_len, "batch_size": args.batch_size}
 
 
-def check_resumable(folder: Path, meta: dict[str, Any], run: dict[str, Any], stop: int) -> None:
-    """CheckpointError (naming the file) unless the run `run` ({"model", "train", "data", "seed"} as saved) can
-    continue the complete checkpoint `folder` with config.json `meta`: the same model and data options, gradient
-    clipping on or off as saved (the optimizer state differs), the same seed, a model file of the same config,
-    and `stop` past the saved step."""
-    from safetensors import safe_open
-
-    from flax_impl.interop import CONFIG_KEY
-
-    manifest = folder / MANIFEST
-    for part in ("model", "data"):
-        saved, given = meta.get(part) or {}, run[part]
-        diff = [f"{k}: saved {saved.get(k)!r}, given {given.get(k)!r}" for k in sorted(set(saved) | set(given))
-                if saved.get(k) != given.get(k)]
-        if diff:
-            raise CheckpointError(f"--resume with other {part} options than {manifest}: " + "; ".join(diff))
-    if (meta.get("train", {}).get("clip_norm") is None) != (run["train"]["clip_norm"] is None):
-        raise CheckpointError(f"--resume cannot switch gradient clipping on or off ({manifest}: the optimizer "
-                              "state differs)")
-    if meta.get("seed") != run["seed"]:
-        raise CheckpointError(f"--resume with --seed={run['seed']}, {manifest} used --seed={meta.get('seed')}")
-    with safe_open(str(folder / MODEL_FILE), framework="numpy") as f:
-        written = (f.metadata() or {}).get(CONFIG_KEY)
-    if written is None:
-        raise CheckpointError(f"{folder / MODEL_FILE} has no flax_impl config in its metadata: not written by "
-                              "flax-impl train")
-    if json.loads(written) != run["model"]:
-        raise CheckpointError(f"{folder / MODEL_FILE} was written for another model than {manifest} describes")
-    if stop <= int(meta["step"]):
-        raise CheckpointError(f"{manifest} is at step {meta['step']}: --stop-at / --steps={stop} leaves nothing "
-                              "to train")
-
-
-def _prepare(args: argparse.Namespace, out: Path, run_meta: dict[str, Any]) -> Path | None:
-    """Under the lock: the checkpoint to resume (recovered, checked) or None for a new run (leftovers deleted)."""
-    found = find_checkpoint(out)
-    if not args.resume:
-        if found is not None:
-            raise ValueError(
-                f"{str(out)!r} holds a checkpoint (step {found[1]['step']}, {str(found[0])!r}): pass --resume to "
-                "continue it, or another --out"
-            )
-        recover(out)
-        return None
-    if found is None:
-        raise ValueError(f"--resume: no complete checkpoint in {str(out)!r}")
-    check_resumable(*found, run_meta, args.stop_at or args.steps)
-    return recover(out)
-
-
 def plot_losses(path: Path, history: dict[str, list[float]], baseline: float, title: str) -> str:
     """Write the PNG; returns a message (matplotlib is optional)."""
     try:
@@ -212,9 +158,37 @@ def _scale_embedding(model: Any) -> None:
     w[...] = w[...] * (model.config.d_model**-0.5)
 
 
+class _CtrlC:
+    """While active (main thread only): the first SIGINT is noted (`requested`) for the loop to stop after its
+    step; it also restores Python's handler, so a second SIGINT raises KeyboardInterrupt at once."""
+
+    def __init__(self) -> None:
+        self.requested, self.previous = False, None
+
+    def _note(self, signum: int, frame: Any) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def __enter__(self) -> _CtrlC:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._note)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def _resume_command(args: argparse.Namespace) -> str:
+    """The command line that continues this run: the one given (`flax-impl` + argv) with --resume."""
+    argv = list(getattr(args, "argv", None) or ["train", "--out", args.out])
+    return shlex.join(["flax-impl", *argv, *([] if "--resume" in argv else ["--resume"])])
+
+
 def run(args: argparse.Namespace) -> int:
     """Exit code: 0 done, 1 stopped on a non-finite loss (last good checkpoint kept), 2 bad input (an option, a
-    path, a checkpoint file, another run on --out), reported before any work."""
+    path, a checkpoint file, another run on --out) reported before any work, or a checkpoint that could not be
+    written (a full disk), 130 interrupted (Ctrl-C) with a checkpoint of the last step."""
     from flax_impl.apps.corpus import load_corpus
 
     out = Path(args.out)
@@ -223,31 +197,39 @@ def run(args: argparse.Namespace) -> int:
         mesh = shared.build_mesh(args.mesh, cfg, [args.batch_size]) if args.mesh else None
         created = not out.exists()
         out.mkdir(parents=True, exist_ok=True)
-        lock = RunLock(out).acquire()
+        lock = ck.RunLock(out).acquire()
     except (ValueError, OSError) as e:
         return shared.fail("train", e)
     run_meta = {"model": cfg.to_dict(), "train": tcfg.to_dict(), "data": _data_options(args), "seed": args.seed}
     try:
-        try:
-            ckpt = _prepare(args, out, run_meta)
-            corpus = load_corpus(args.corpus, max_bytes=int(args.corpus_mb * 1e6))
-            window = args.seq_len + 1 if cfg.causal else args.seq_len
-            for name, stream in (("training", corpus.train), ("held-out", corpus.heldout)):
-                if stream.size < window:
-                    raise ValueError(
-                        f"the {name} split has {stream.size} tokens, fewer than one --seq-len window ({window})"
-                    )
-        except (ValueError, OSError) as e:
-            lock.release()
-            if created and not any(out.iterdir()):
-                out.rmdir()
-            return shared.fail("train", e)
-        if mesh is None:
-            return _train(args, cfg, tcfg, corpus, ckpt, out, window, run_meta)
-        import jax
+        with _CtrlC() as ctrl_c:
+            try:
+                ckpt = ck.prepare(out, run_meta, resume=args.resume, stop=args.stop_at or args.steps)
+                corpus = load_corpus(args.corpus, max_bytes=int(args.corpus_mb * 1e6))
+                window = args.seq_len + 1 if cfg.causal else args.seq_len
+                for name, stream in (("training", corpus.train), ("held-out", corpus.heldout)):
+                    if stream.size < window:
+                        raise ValueError(
+                            f"the {name} split has {stream.size} tokens, fewer than one --seq-len window ({window})"
+                        )
+            except (ValueError, OSError) as e:
+                lock.release()
+                if created and not any(out.iterdir()):
+                    out.rmdir()
+                return shared.fail("train", e)
+            if mesh is None:
+                return _train(args, cfg, tcfg, corpus, ckpt, out, window, run_meta, ctrl_c)
+            import jax
 
-        with jax.set_mesh(mesh):
-            return _train(args, cfg, tcfg, corpus, ckpt, out, window, run_meta, mesh)
+            with jax.set_mesh(mesh):
+                return _train(args, cfg, tcfg, corpus, ckpt, out, window, run_meta, ctrl_c, mesh)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started: the last checkpoint is kept
+        found = step_folders(out / ck.CKPT)
+        kept = f"the checkpoint of step {max(found)} is kept" if found else "no checkpoint was written"
+        print(f"flax-impl train: interrupted: {kept}", file=sys.stderr)
+        if found:
+            print(f"resume with: {_resume_command(args)}", file=sys.stderr)
+        return INTERRUPTED
     finally:
         lock.release()
 
@@ -257,17 +239,18 @@ def _train(
     cfg: TransformerConfig,
     tcfg: TrainConfig,
     corpus: Any,
-    ckpt: Path | None,
+    ckpt: Any,
     out: Path,
     window: int,
     meta: dict[str, Any],
+    ctrl_c: _CtrlC,
     mesh: Any = None,
 ) -> int:
     import jax
     from flax import nnx
 
     from flax_impl.apps.corpus import even_windows, sample_windows, unigram_entropy
-    from flax_impl.interop import load
+    from flax_impl.checkpoint import restore_checkpoint
     from flax_impl.train import eval_step, lr_schedule, make_batch, make_optimizer, make_tx, train_step
     from flax_impl.transformer import Transformer
 
@@ -284,20 +267,19 @@ def _train(
         optimizer = distributed.create_sharded_optimizer(model, make_tx(tcfg), mesh)
         step_fn = functools.partial(distributed.sharded_train_step, mesh=mesh)
     history: dict[str, list[float]] = {"train_step": [], "train_loss": [], "eval_step": [], "eval_loss": []}
-    if ckpt is not None:
-        load(model, ckpt / MODEL_FILE)
-        history = load_state(ckpt / STATE_FILE, model, optimizer)
-        if mesh is not None:  # loaded values are plain arrays: back to their shards
-            distributed.reshard(model, mesh)
-            distributed.reshard(optimizer, mesh)
+    if ckpt is not None:  # into the model's own arrays: a sharded model keeps its shardings
+        restore_checkpoint(ckpt.path.parent, model, optimizer, step=ckpt.step)
+        history = ckpt.metadata["history"]
     start = int(optimizer.step[...])
     stop = args.stop_at or args.steps
     objective = "next-token" if cfg.causal else f"masked-token (mask id {ByteTokenizer.mask_id})"
+    export = importlib.util.find_spec("safetensors") is not None
     print(
         f"corpus {corpus.source}: {corpus.train.size:,} train / {corpus.heldout.size:,} held-out byte tokens "
         f"({corpus.n_train_files} / {corpus.n_heldout_files} files); {objective}, {cfg.position} positions, "
         f"{cfg.n_layers} x {cfg.d_model}; steps {start} -> {stop} of {args.steps}"
         + ("" if mesh is None else f"; mesh data={mesh.shape['data']} x model={mesh.shape['model']}")
+        + ("" if export else f"; no {out / ck.EXPORT} for PyTorch: pip install safetensors")
     )
     heldout = even_windows(corpus.heldout, args.eval_batches * args.batch_size, window)
     eval_batches = [
@@ -313,12 +295,27 @@ def _train(
         model.train()
         return float(sum(s for s, _ in sums) / max(sum(c for _, c in sums), 1.0))
 
+    saved = (start, ckpt.path) if ckpt else (0, None)  # the newest checkpoint: (step, folder)
+
+    def save_step(step: int) -> str | None:
+        """Checkpoint `step`; None if done, else the one-line error (a full disk), the previous one intact."""
+        nonlocal saved
+        try:
+            saved = (step, ck.save_run(out, model, optimizer, step, {**meta, "history": history}, export))
+        except OSError as e:
+            kept = f"the checkpoint of step {saved[0]} is intact ({saved[1]})" if saved[1] else "none was written"
+            return f"cannot write the checkpoint of step {step}: {e}; {kept}"
+        return None
+
     progress = Progress(stop, initial=start)
+    progress.step("training (the first step compiles)", 0)
     t_start, t_first, tokens, t_tokens = time.perf_counter(), None, 0, 0.0
     model.train()
-    last_good = str(ckpt / MODEL_FILE) if ckpt else None
     code, reason = 0, ""
     for step in range(start, stop):
+        if ctrl_c.requested:
+            code = INTERRUPTED
+            break
         rng = np.random.default_rng([args.seed, step])
         batch = make_batch(sample_windows(corpus.train, args.batch_size, window, rng), cfg, tcfg, rng)
         t0 = time.perf_counter()
@@ -345,13 +342,24 @@ def _train(
                 break
             history["eval_step"].append(step + 1)
             history["eval_loss"].append(eval_loss)
-            path = save_checkpoint(out, checkpoint_files(model, optimizer, history), {**meta, "step": step + 1})
-            last_good = str(path / MODEL_FILE)
+            if error := save_step(step + 1):
+                progress.close()
+                return shared.fail("train", error)
             progress.write(
                 f"step {step + 1:>5}  train {loss:.4f}  held-out {eval_loss:.4f} nats/token  "
-                f"lr {float(schedule(step)):.2e}  |g| {gnorm:.2f}  -> {path}"
+                f"lr {float(schedule(step)):.2e}  |g| {gnorm:.2f}  -> {saved[1]}"
             )
     progress.close()
+    if code == INTERRUPTED:
+        done = history["train_step"][-1] if history["train_step"] else start
+        if done > saved[0] and (error := save_step(done)):
+            return shared.fail("train", error)
+        last = f" (train loss {history['train_loss'][-1]:.4f})" if history["train_loss"] else ""
+        where = f"checkpoint {saved[1]}" if saved[1] else "no checkpoint (no step was trained)"
+        print(f"flax-impl train: interrupted after step {done} of {stop}{last}: {where}", file=sys.stderr)
+        if saved[1]:
+            print(f"resume with: {_resume_command(args)}", file=sys.stderr)
+        return code
     elapsed = time.perf_counter() - t_start
     plot = out / "loss.png" if args.plot is None else None if args.plot.lower() == "none" else Path(args.plot)
     if plot is not None and history["eval_step"]:
@@ -360,7 +368,7 @@ def _train(
     if code:
         print(
             f"flax-impl train: stopped: {reason}. Lower --lr or raise --warmup. The last good checkpoint is "
-            f"intact: {last_good or 'none was written'}",
+            f"intact: {saved[1] or 'none was written'}",
             file=sys.stderr,
         )
         return code
@@ -369,6 +377,7 @@ def _train(
         f"final held-out loss {final:.4f} nats/token ({final / math.log(2):.3f} bits) vs unigram entropy of the "
         f"held-out text {baseline:.4f} nats ({baseline / math.log(2):.3f} bits); {stop - start} steps in "
         f"{elapsed:.1f} s (first step incl. compile {t_first or 0:.1f} s, "
-        f"{tokens / t_tokens if t_tokens else 0:,.0f} tokens/s after); checkpoint {last_good}"
+        f"{tokens / t_tokens if t_tokens else 0:,.0f} tokens/s after); checkpoint {saved[1]}"
+        + (f", weights for PyTorch {out / ck.EXPORT}" if export else "")
     )
     return 0
