@@ -107,6 +107,7 @@ def run_theirs(folder, steps):
     return model, np.array(losses)
 
 
+@pytest.mark.slow  # 20 jitted and 20 torch micro-batch steps, two step programs compiled (~100 s on 2 busy cores)
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_ten_finetuning_steps_match_transformers_and_torch_optim(family, tmp_path):
     import transformers

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from flax_impl.apps import args as shared
+from flax_impl.checkpoint_dir import check_fault_spec
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -104,6 +105,7 @@ def _check_options(args: argparse.Namespace) -> None:
         if path is not None and not os.path.isfile(path):
             raise ValueError(f"--{option.replace('_', '-')} {path!r} is not a file")
     shared.check_output_dir("--out", args.out)
+    check_fault_spec()
     if args.plot is not None and args.plot.lower() != "none":
         shared.check_output_paths(args)
 
