@@ -70,9 +70,6 @@ def runs(work: Path) -> dict:
         assert code == 0, name
         meta = checkpoint_info(out / "checkpoint").metadata
         run = {"train_loss": meta["history"]["train_loss"], "eval_loss": meta["history"]["eval_loss"]}
-        final = weights(out)
-        run["moved"] = min(float(np.abs(final[k] - v).max() / np.abs(v).max())
-                           for k, v in weights(work / "llama").items())
         report[name] = run
     # The FSDP layout itself: every parameter and AdamW moment split over `data` (and `model` where Megatron does).
     from flax_impl.apps import args as shared

@@ -89,9 +89,9 @@ def load(args: argparse.Namespace, plan: Any, mesh: Any) -> tuple[Any, Any]:
         import jax
         from flax import nnx
 
-        nnx.update(model, jax.device_put(nnx.state(model), jax.devices()[0]))
+        nnx.update(model, jax.device_put(nnx.state(model), jax.local_devices()[0]))
         optimizer = make_optimizer(model, plan.tcfg)
-        nnx.update(optimizer, jax.device_put(nnx.state(optimizer), jax.devices()[0]))
+        nnx.update(optimizer, jax.device_put(nnx.state(optimizer), jax.local_devices()[0]))
         return model, optimizer
     from flax_impl import distributed
 
