@@ -5,10 +5,13 @@ from flax_impl.attention import MultiHeadAttention as MultiHeadAttention, from_t
 from flax_impl.block import GatedMLP as GatedMLP, TransformerBlock as TransformerBlock
 from flax_impl.cache import KVCache as KVCache, init_cache as init_cache
 from flax_impl.checkpoint import (
+    CheckpointInfo as CheckpointInfo,
+    checkpoint_info as checkpoint_info,
     checkpoint_steps as checkpoint_steps,
     restore_checkpoint as restore_checkpoint,
     save_checkpoint as save_checkpoint,
 )
+from flax_impl.checkpoint_dir import CheckpointError as CheckpointError
 from flax_impl.config import (
     FlaxConfig as FlaxConfig,
     TrainConfig as TrainConfig,
@@ -31,12 +34,11 @@ from flax_impl.embedding import Embed as Embed, check_ids as check_ids
 from flax_impl.generation import GenerateOutput as GenerateOutput, filter_logits as filter_logits, generate as generate
 from flax_impl.generation_config import GenerationConfig as GenerationConfig
 from flax_impl.interop import (
-    from_torch_encoder_layer as from_torch_encoder_layer,
     load as load,
+    load_model as load_model,
     load_torch_state_dict as load_torch_state_dict,
     save as save,
     to_numpy_state_dict as to_numpy_state_dict,
-    to_torch_encoder_layer as to_torch_encoder_layer,
 )
 from flax_impl.norm import LayerNorm as LayerNorm, RMSNorm as RMSNorm
 from flax_impl.pipeline import TransformerInput as TransformerInput, encode_text as encode_text
@@ -51,6 +53,10 @@ from flax_impl.tokenizer import (
     ByteTokenizer as ByteTokenizer,
     as_tokenizer as as_tokenizer,
     batch_encode as batch_encode,
+)
+from flax_impl.torch_keys import (
+    from_torch_encoder_layer as from_torch_encoder_layer,
+    to_torch_encoder_layer as to_torch_encoder_layer,
 )
 from flax_impl.train import (
     eval_step as eval_step,

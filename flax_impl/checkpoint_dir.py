@@ -236,3 +236,21 @@ def verify_step(folder: str | os.PathLike) -> dict[str, Any]:
         if digest != want.get("sha256"):
             raise CheckpointError(f"{file} is corrupt: its sha256 differs from the one in {path}")
     return meta
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
+    """Write one file so that readers see the old file or the new one, never half of one: `write(tmp)` fills a
+    temporary file beside `path` (mode 0644, as a plain `open` would give it), then it replaces `path`; on any
+    error (a full disk, Ctrl-C) the temporary file is removed and the old file stays."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TMP_PREFIX, suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp (and some writers) make it 0600
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+

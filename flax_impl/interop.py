@@ -1,4 +1,4 @@
-"""Weights both ways between flax_impl modules and their torch_ref twins (and PyTorch's own layers).
+"""Weights both ways between flax_impl modules and their torch_ref twins, and safetensors files with torch key names.
 
 Torch keys are the twin's `state_dict()` keys. The only rules are layout rules:
 - nnx.Linear `kernel` (in, out) <-> torch `weight` (out, in): transposed;
@@ -20,23 +20,28 @@ Example:
     >>> twin.load_state_dict(tr.from_numpy_state_dict(to_numpy_state_dict(model)))  # strict: all keys, shapes
     >>> load_torch_state_dict(model, twin.state_dict())       # and back
     >>> save(model, "model.safetensors"); load(model, "model.safetensors")
+    >>> model = load_model("model.safetensors")               # built abstractly from the file's config
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import SingleDeviceSharding
 
+from flax_impl.checkpoint_dir import atomic_write
+from flax_impl.config import FlaxConfig, TransformerConfig
 from flax_impl.saved_config import CONFIG_KEY, config_mismatches, saved_config
+
+if TYPE_CHECKING:
+    from flax_impl.transformer import Transformer
 
 Path = tuple[Any, ...]
 
@@ -255,17 +260,8 @@ def save(module: nnx.Module, path: str | os.PathLike) -> None:
     """
     from safetensors.numpy import save_file
 
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".safetensors")
-    os.close(fd)
-    try:
-        save_file(to_numpy_state_dict(module), tmp, metadata=safetensors_metadata(module))
-        os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never half of one
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    state, metadata = to_numpy_state_dict(module), safetensors_metadata(module)
+    atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
 
 
 def load(module: nnx.Module, path: str | os.PathLike, *, strict: bool = True) -> None:
@@ -323,6 +319,36 @@ def load(module: nnx.Module, path: str | os.PathLike, *, strict: bool = True) ->
     nnx.update(module, state)
 
 
+def load_model(path: str | os.PathLike, *, flax_config: FlaxConfig | None = None, seed: int = 0) -> Transformer:
+    """The Transformer a file written by `save` describes, built abstractly and filled from the file: no weight is
+    initialised, each array is placed once (`build_abstract` + `load`), in eval mode.
+
+    Args:
+        path: a safetensors file written by `save` from a Transformer (its metadata holds the config).
+        flax_config: how the Flax model computes (a FlaxConfig; None: the defaults); the weights are cast to its
+            param_dtype.
+        seed: seeds the model's rng streams (dropout in train mode).
+    Returns:
+        The Transformer.
+    Raises:
+        ValueError: the file carries no flax_impl config (load into a model you build: `load(model, path)`),
+            or its config or keys do not fit (as `load`).
+    """
+    from safetensors import safe_open
+
+    from flax_impl.transformer import Transformer
+
+    with safe_open(os.fspath(path), framework="numpy") as file:
+        saved = (file.metadata() or {}).get(CONFIG_KEY)
+    if saved is None:
+        raise ValueError(f"{os.fspath(path)} carries no flax_impl config: build the model and use load(model, path)")
+    config = TransformerConfig.from_dict(json.loads(saved))
+    model = build_abstract(lambda: Transformer(config, flax_config=flax_config, rngs=nnx.Rngs(seed)))
+    load(model, path)
+    model.eval()
+    return model
+
+
 def _read_shard(file: Any, layers: dict[int | None, _Entry], old: Any, index: tuple[slice, ...]) -> np.ndarray:
     """The block `index` of one flax parameter, in the parameter's layout and dtype, read from the file's slices.
 
@@ -343,58 +369,3 @@ def _read_shard(file: Any, layers: dict[int | None, _Entry], old: Any, index: tu
         for i in range(*index[0].indices(old.shape[0]))
     ]  # each (...) of one layer
     return np.asarray(np.stack(rows), dtype=dtype)  # (layers in the block, ...)
-
-
-TORCH_ENCODER_LAYER_KEYS = {
-    "self_attn.": "attn.",
-    "linear1.": "ff.0.",
-    "linear2.": "ff.3.",
-    "norm1.": "ln1.",
-    "norm2.": "ln2.",
-}
-
-
-def from_torch_encoder_layer(state_dict: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Rename an nn.TransformerEncoderLayer state dict to TransformerBlock keys.
-
-    self_attn -> attn, linear1 -> ff.0, linear2 -> ff.3, norm1 -> ln1, norm2 -> ln2; the values are kept as they
-    are. Set the config's activation, norm_first and norm_eps to the layer's.
-
-    Args:
-        state_dict: the layer's state dict.
-        prefix: stripped from every key first (e.g. "layers.0." for one layer of an nn.TransformerEncoder).
-
-    Returns:
-        The same values under torch_ref.TransformerBlock keys, ready for `load_torch_state_dict`.
-
-    Raises:
-        ValueError: a key outside those five groups, or without `prefix`.
-    """
-    stripped = {(k[len(prefix) :] if k.startswith(prefix) else "\0" + k): v for k, v in state_dict.items()}
-    return _renamed(stripped, TORCH_ENCODER_LAYER_KEYS, "nn.TransformerEncoderLayer")
-
-
-def to_torch_encoder_layer(state_dict: dict[str, Any]) -> dict[str, Any]:
-    """Inverse of `from_torch_encoder_layer`: TransformerBlock keys -> nn.TransformerEncoderLayer keys.
-
-    Args:
-        state_dict: torch-keyed TransformerBlock weights, e.g. `to_numpy_state_dict(block)`.
-
-    Returns:
-        The same values under nn.TransformerEncoderLayer keys.
-
-    Raises:
-        ValueError: a key outside attn, ff.0, ff.3, ln1 and ln2.
-    """
-    return _renamed(state_dict, {ours: theirs for theirs, ours in TORCH_ENCODER_LAYER_KEYS.items()}, "TransformerBlock")
-
-
-def _renamed(state_dict: dict[str, Any], table: dict[str, str], what: str) -> dict[str, Any]:
-    """Each key's prefix renamed by `table`; a key no entry matches raises ValueError naming it."""
-    out = {}
-    for key, value in state_dict.items():
-        new = next((new + key[len(old) :] for old, new in table.items() if key.startswith(old)), None)
-        if new is None:
-            raise ValueError(f"unexpected {what} key {key.lstrip(chr(0))!r}")
-        out[new] = value
-    return out

@@ -1,5 +1,6 @@
 """Weight conversion both ways: torch keys, bit-exact round trips, strict errors, safetensors checkpoints."""
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -9,6 +10,7 @@ from safetensors.torch import load_file as torch_load_file
 
 import flax_impl as fi
 import torch_ref as tr
+from flax_impl import interop
 
 
 def assert_same_params(a, b):
@@ -129,6 +131,49 @@ def test_save_is_atomic(tmp_path, monkeypatch):
         fi.save(fi.Transformer(cfg, rngs=nnx.Rngs(1)), path)
     assert path.read_bytes() == before  # the old checkpoint is intact
     assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_load_model_builds_no_random_model_and_gives_the_saved_weights(tmp_path, monkeypatch, scan):
+    """load_model reads the config from the file, builds the model abstractly (no parameter initialiser runs), and
+    places the saved weights; the rng streams are those of a model built with the same seed; files are 0644."""
+    cfg = small_config(position="learned", causal=True)
+    flax_config = fi.FlaxConfig(scan_layers=scan)
+    model = fi.Transformer(cfg, flax_config=flax_config, rngs=nnx.Rngs(0))
+    path = tmp_path / "model.safetensors"
+    fi.save(model, path)
+    assert path.stat().st_mode & 0o777 == 0o644
+    abstract = []
+    build = interop.build_abstract
+
+    def watched(factory):
+        module = build(factory)
+        abstract.append(all(isinstance(v.get_value(), jax.ShapeDtypeStruct) for _, v in params(module)))
+        return module
+
+    monkeypatch.setattr(interop, "build_abstract", watched)
+    back = fi.load_model(path, flax_config=flax_config, seed=0)
+    assert abstract == [True]  # built with no parameter allocated: each is placed once, from the file
+    assert_same_params(model, back)
+
+    def rng_state(m):
+        flat = nnx.to_flat_state(nnx.state(m, nnx.Not(nnx.Param)))
+        return {p: np.asarray(jax.random.key_data(v[...]) if p[-1] == "key" else v[...]) for p, v in flat}
+
+    want, got = rng_state(model), rng_state(back)
+    assert want.keys() == got.keys() and all(np.array_equal(want[k], got[k]) for k in want)
+    ids = np.asarray([[1, 2, 3, 4]])
+    np.testing.assert_array_equal(np.asarray(back(ids)), np.asarray(model.eval() or model(ids)))
+    bare = tmp_path / "bare.safetensors"
+    from safetensors.numpy import save_file
+
+    save_file(fi.to_numpy_state_dict(model), str(bare))
+    with pytest.raises(ValueError, match="carries no flax_impl config"):
+        fi.load_model(bare)
+
+
+def params(module):
+    return nnx.to_flat_state(nnx.state(module, nnx.Param))
 
 
 def test_count_params_both_sides():

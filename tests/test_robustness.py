@@ -65,6 +65,7 @@ TRANSFORMER = {
     "padding_idx": Arg("int", low=0, high=10_000, none_ok=True, valid=(0, 9_999, None)),
     "sliding_window": Arg("int", low=1, none_ok=True, valid=(1, None)),
     "type_vocab_size": INT0,
+    "position_offset": INT0,
 }
 TRANSFORMER_BASE = {"causal": True, "lm_head": "untied", "d_model": 64}  # sliding_window / lm_head_bias may be set
 FLAX = {

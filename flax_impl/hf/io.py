@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from flax_impl.checkpoint_dir import atomic_write
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -100,23 +101,11 @@ def write_folder(folder: str | os.PathLike, hf_config: Mapping[str, Any], tensor
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    _atomic(folder / WEIGHTS, lambda tmp: save_file(dict(tensors), tmp, metadata={"format": "pt"}))
+    atomic_write(folder / WEIGHTS, lambda tmp: save_file(dict(tensors), tmp, metadata={"format": "pt"}))
 
     def write_json(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(hf_config, f, indent=2, sort_keys=True)
             f.write("\n")
 
-    _atomic(folder / CONFIG, write_json)
-
-
-def _atomic(path: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(folder / CONFIG, write_json)
