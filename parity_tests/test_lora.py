@@ -2,6 +2,7 @@
 the dropout law, merge and unmerge, targets by name, scanned = unrolled, the KV cache. Against transformers +
 peft (PEFT folders both ways, 10 AdamW steps): parity_tests/test_lora_peft.py."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from helpers import small_config
 import flax_impl as fi
 from flax_impl import lora
 from flax_impl.config import TrainConfig
-from flax_impl.tolerances import DROPOUT_SIGMAS, EXACT, RECOMPILED, SHORT_SUM
+from flax_impl.tolerances import DECODE_REL, DROPOUT_SIGMAS, EXACT, RECOMPILED, SHORT_SUM
 
 # Llama-like: grouped-query (in_proj columns [q 32 | k 16 | v 16]), gated MLP, RoPE.
 CFG = small_config(causal=True, position="rope", norm="rmsnorm", mlp="gated", n_kv_heads=2, bias=False)
@@ -130,3 +131,136 @@ def test_merged_model_is_plain_and_computes_the_same():
     assert type(plain.blocks.attn.in_proj) is nnx.Linear
     want = np.asarray(model(ids))
     np.testing.assert_allclose(np.asarray(plain(ids)), want, rtol=0, atol=RECOMPILED * np.abs(want).max())
+
+
+def test_scanned_stack_equals_its_unstacked_form():
+    """`unstacked()` slices the stacked adapters with the layers (the form `generate` decodes with)."""
+    model = _model()
+    flat = model.unstacked()
+    assert isinstance(flat.blocks, nnx.List) and len(lora.lora_layers(flat)) == 2 * CFG.n_layers
+    want = np.asarray(model(_ids()))
+    np.testing.assert_allclose(np.asarray(flat(_ids())), want, rtol=0, atol=RECOMPILED * np.abs(want).max())
+
+
+def test_cached_decoding_with_adapters_equals_the_full_forward():
+    """Prefill + one-token steps through the KV cache = the full forward (relative to each row's largest logit),
+    and `generate` picks the tokens of the merged model."""
+    model = _model()
+    ids = _ids(B=1, L=7)
+    full = np.asarray(model.logits(model(ids)))[0]  # (L, V)
+    cache = model.init_cache(batch=1, max_len=8)
+    h, cache = model(ids[:, :5], cache=cache)
+    rows = [np.asarray(model.logits(h))[0]]
+    for t in (5, 6):
+        h, cache = model(ids[:, t : t + 1], cache=cache)
+        rows.append(np.asarray(model.logits(h))[0])
+    cached = np.concatenate(rows)
+    scale = np.abs(full).max(axis=-1, keepdims=True)
+    assert (np.abs(cached - full) <= DECODE_REL * scale).all()
+    prompts = [[3, 4, 5], [6, 7]]
+    got = fi.generate(model, prompts, max_new_tokens=4).tokens
+    np.testing.assert_array_equal(got, fi.generate(fi.merged_model(model), prompts, max_new_tokens=4).tokens)
+
+
+def _identity_lora(rate: float) -> lora.LoraLinear:
+    """A 64 -> 64 Linear of zero weights with two adapters, on columns [0, 32) and [32, 64), A = I and B = I
+    restricted to the span, s = 1: its output is dropout(x), exactly (sums with zeros only)."""
+    D = 64
+    config = lora.LoraConfig(r=D, alpha=D, dropout=rate)
+    base = nnx.Linear(D, D, kernel_init=nnx.initializers.zeros, rngs=nnx.Rngs(0))
+    layer = lora.LoraLinear(base, (("q", 0, 32), ("v", 32, 64)), config, layers=None, deterministic=False,
+                            rngs=nnx.Rngs(params=0, dropout=1))  # fmt: skip
+    for key, start in (("q", 0), ("v", 32)):
+        layer.lora[key].a[...] = jnp.eye(D)
+        layer.lora[key].b[...] = jnp.eye(D)[:, start : start + 32]
+    return layer
+
+
+def test_adapter_dropout_follows_its_law():
+    """Each adapter drops its own input (peft: one nn.Dropout per adapted module): the adapted part equals
+    x / (1 - p) where kept and 0 where dropped, the dropped fraction is p within DROPOUT_SIGMAS binomial standard
+    deviations, the two adapters' masks are independent (both dropped: p^2), a new call draws a new mask, eval
+    mode is the identity; stacked adapters hold one dropout key per layer."""
+    p = 0.3
+    layer = _identity_lora(p)
+    x = jnp.asarray(np.random.default_rng(2).uniform(1, 2, (64, 8, 64)).astype(np.float32))  # no zeros
+    delta = np.asarray(layer(x))
+    kept = delta != 0
+    np.testing.assert_array_equal(delta[kept], np.asarray(x)[kept] * np.float32(1 / (1 - p)))  # Dropout's scale
+    n = kept.size
+    assert abs((~kept).mean() - p) <= DROPOUT_SIGMAS * np.sqrt(p * (1 - p) / n)
+    both = ~kept[..., :32] & ~kept[..., 32:]  # column j of q and of v read the same x_j
+    assert abs(both.mean() - p * p) <= DROPOUT_SIGMAS * np.sqrt(p * p * (1 - p * p) / both.size)
+    assert not np.array_equal(np.asarray(layer(x)) != 0, kept)
+    layer.eval()
+    np.testing.assert_array_equal(np.asarray(layer(x)), np.asarray(x))
+    model = _model(config=lora.LoraConfig(r=2, dropout=0.1, targets=("o_proj",), model_type="llama"))
+    keys = model.blocks.attn.out_proj.lora["o_proj"].dropout.rngs.key[...]
+    assert keys.shape == (CFG.n_layers,) and not np.array_equal(*map(jax.random.key_data, keys))
+    assert model.blocks.attn.out_proj.lora["o_proj"].dropout.deterministic  # the model's mode (eval)
+
+
+@pytest.mark.parametrize("target", ["out_proj", "ff.3"])
+def test_adapter_dropout_draws_a_new_mask_each_call_inside_the_model(target):
+    """The attention's out_proj runs in a recompute region and the plain MLP's second Linear under nnx.remat:
+    an adapter's dropout stream must still advance there (else every step reuses one mask)."""
+    cfg = CFG if target == "out_proj" else small_config(causal=True)
+    model = fi.Transformer(cfg, rngs=nnx.Rngs(0))
+    fi.apply_lora(model, lora.LoraConfig(r=2, dropout=0.5, targets=(target,)), rngs=nnx.Rngs(1))
+    for _, layer in lora.lora_layers(model):
+        for part in layer.lora.values():  # random: a B of ones adds one shift to every feature, which LayerNorm drops
+            part.b[...] = jax.random.normal(jax.random.key(0), part.b.get_value().shape)
+    model.train()
+    assert cfg.dropout == cfg.attention_dropout == 0.0  # the adapters' dropout is the only randomness
+    step = nnx.jit(lambda m, i: m(i))
+    first, second = np.asarray(step(model, _ids())), np.asarray(step(model, _ids()))
+    assert np.abs(first - second).max() > 1e-3
+
+
+def test_our_names_and_all_linear():
+    """Without model_type, targets are our module names: one adapter over all of in_proj."""
+    model = _model(config=lora.LoraConfig(r=2, targets=("in_proj", "ff.down")))
+    spans = {p[-1]: layer.spans for p, layer in lora.lora_layers(model)}
+    assert spans == {"in_proj": (("in_proj", 0, 64),), "down": (("down", 0, 32),)}
+    model = _model(config=lora.LoraConfig(r=2, targets="all-linear", model_type="llama"))
+    assert {k for _, layer in lora.lora_layers(model) for k in layer.lora} == {
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "config,match",
+    [
+        (dict(targets=("qq_proj",)), r"\['qq_proj'\] name no projection.*'q_proj'"),
+        (dict(targets=("lm_head",)), "embeddings, norms and LM head are not targets"),
+        (dict(targets=r"model\.layers\.0\.self_attn\.q_proj"), r"in layers \[0\] only"),
+        (dict(model_type="gpt3"), "model_type='gpt3' is not supported"),
+    ],
+)
+def test_bad_targets_are_refused_before_the_model_changes(config, match):
+    model = fi.Transformer(CFG, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=match):
+        fi.apply_lora(model, fi.LoraConfig(**{"model_type": "llama", **config}), rngs=nnx.Rngs(0))
+    assert not lora.lora_layers(model)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [(dict(r=0), "r=0"), (dict(alpha=0), "alpha=0"), (dict(dropout=1.0), "dropout=1.0"), (dict(targets=()), "targets")],
+)
+def test_bad_lora_config_is_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        fi.LoraConfig(**kwargs)
+
+
+def test_misuse_is_refused():
+    model = _model()
+    with pytest.raises(ValueError, match="carries LoRA adapters already"):
+        fi.apply_lora(model, fi.LoraConfig(), rngs=nnx.Rngs(0))
+    with pytest.raises(TypeError, match="LoraConfig"):
+        fi.apply_lora(fi.Transformer(CFG, rngs=nnx.Rngs(0)), dict(r=2), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="no LoRA adapter"):
+        fi.make_lora_optimizer(fi.Transformer(CFG, rngs=nnx.Rngs(0)), TrainConfig())
+    ours = _model(config=lora.LoraConfig(r=2, targets=("in_proj",)))
+    with pytest.raises(ValueError, match="PEFT keys need a family"):
+        fi.save_peft_adapter(ours, "/nonexistent/never-written")
