@@ -228,10 +228,7 @@ OTHERS = {
 }
 
 
-@pytest.mark.parametrize(
-    "family", [f if f == "bloom" else pytest.param(f, marks=pytest.mark.slow) for f in sorted(OTHERS)]
-)  # slow: ~20 s each on two cores (a transformers model, peft, our load and compile); BLOOM's layout is the one
-#   that differs from the step-for-step families
+@pytest.mark.parametrize("family", sorted(OTHERS))
 def test_peft_adapter_of_each_family_reads_into_ours(family, tmp_path):
     torch.manual_seed(0)
     hf = _hf_model(family)
