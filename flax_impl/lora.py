@@ -158,7 +158,7 @@ class LoraLinear(nnx.Linear):
 
         self.lora = nnx.Dict({key: make(stop - start) for key, start, stop in self.spans})
 
-    def __call__(self, x: jax.Array, out_sharding=None) -> jax.Array:
+    def __call__(self, x: jax.Array, out_sharding: object = None) -> jax.Array:
         """x (..., D_in) -> (..., D_out): the base layer's output plus every adapter's on its span."""
         y = super().__call__(x, out_sharding=out_sharding)
         if self.merged:
@@ -258,7 +258,12 @@ def apply_lora(model: Transformer, config: LoraConfig, *, rngs: nnx.Rngs) -> Non
 
 
 def merge_lora(model: nnx.Module) -> None:
-    """Fold every adapter into its kernel, in place (W += s A B); the forward then skips the adapters."""
+    """Fold every adapter into its kernel, in place (W += s A B); the forward then skips the adapters (for
+    inference and export: adapters of a merged model get no gradient).
+
+    Args:
+        model: a module carrying LoraLinear layers (already merged ones are left as they are).
+    """
     for _, layer in lora_layers(model):
         if not layer.merged:
             layer.fold(+1)
@@ -266,7 +271,11 @@ def merge_lora(model: nnx.Module) -> None:
 
 
 def unmerge_lora(model: nnx.Module) -> None:
-    """Undo `merge_lora`, in place (W -= s A B: within one rounding of the kernel before merging)."""
+    """Undo `merge_lora`, in place (W -= s A B: within one rounding of the kernel before merging).
+
+    Args:
+        model: a module carrying LoraLinear layers (unmerged ones are left as they are).
+    """
     for _, layer in lora_layers(model):
         if layer.merged:
             layer.fold(-1)
