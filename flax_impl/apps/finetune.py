@@ -13,6 +13,8 @@ config.json (the original's fields kept), model.safetensors and the tokenizer's 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -57,6 +59,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     shared.add_plot_option(p, "train and held-out loss", default_text="OUT/loss.png; 'none' to skip")
     shared.add_mesh_option(p, "fine-tune sharded")
     a("--fsdp", action="store_true", help="with --mesh: also split parameters and AdamW state over the data axis")
+    a("--lora-r", type=int, metavar="R", help="train LoRA adapters of rank R instead of every weight; OUT is then "
+      "a PEFT adapter folder [full fine-tuning]")
+    a("--lora-alpha", type=float, default=16.0, help="LoRA scale numerator: adapters add (alpha / r) x A B [16]")
+    a("--lora-dropout", type=float, default=0.0, help="dropout on each adapter's input [0]")
+    a("--lora-targets", default="all-linear", metavar="NAMES", help="the modules to adapt, by the family's names "
+      "(comma-separated, e.g. q_proj,v_proj; or one regular expression; or all-linear) [all-linear]")
+    a("--merge", action="store_true", help="with --lora-r: also write the adapters folded into the weights as a "
+      "full Hugging Face folder, OUT/merged")
     a("--coordinator", metavar="HOST:PORT", help="several processes (jax.distributed): the coordinator's address")
     a("--num-processes", type=int, help="several processes: how many")
     a("--process-id", type=int, help="several processes: this one's index")
@@ -73,6 +83,7 @@ class Plan:
     train_rows: Any  # finetune_batches.Rows
     eval_rows: Any  # finetune_batches.Rows or None
     tcfg: Any  # TrainConfig
+    lora: Any  # LoraConfig, or None for full fine-tuning
     seq_len: int
     steps: int
     template_source: str | None
@@ -90,6 +101,9 @@ def _check_options(args: argparse.Namespace) -> None:
     shared.check_number("--clip-norm", args.clip_norm, low=0.0, what="(0 = off)")
     if args.warmup is not None and args.warmup < 0:
         raise ValueError(f"--warmup={args.warmup} must be >= 0")
+    if args.lora_r is None and (args.merge or args.lora_dropout or args.lora_alpha != 16.0
+                                or args.lora_targets != "all-linear"):
+        raise ValueError("--merge and the --lora-* options need --lora-r (LoRA fine-tuning)")
     if args.fsdp and not args.mesh:
         raise ValueError("--fsdp shards over the mesh's data axis: give --mesh data=D,model=M too")
     given = [args.coordinator is not None, args.num_processes is not None, args.process_id is not None]
@@ -188,7 +202,35 @@ def make_plan(args: argparse.Namespace) -> Plan:
     notes = [f"{len(train)} training / {len(heldout)} held-out examples -> {len(train_rows)} / {n_eval} rows of "
              f"{seq_len} ({layout}); {train_rows.trained_tokens:,} trained tokens; {steps} steps of "
              f"{args.grad_accum} x {args.batch_size} rows"]
-    return Plan(folder, fam.model_type, cfg, tokens, train_rows, eval_rows, tcfg, seq_len, steps, source, notes)
+    lora = lora_plan(args, fam.model_type, cfg)
+    if lora is not None:
+        notes.append(f"LoRA r={lora.r}, alpha={lora.alpha:g}, dropout={lora.dropout:g} on {lora.targets}; the base "
+                     "weights frozen")
+    return Plan(folder, fam.model_type, cfg, tokens, train_rows, eval_rows, tcfg, lora, seq_len, steps, source, notes)
+
+
+def lora_plan(args: argparse.Namespace, model_type: str, cfg: Any) -> Any:
+    """The LoraConfig of --lora-*, its targets checked against the family's modules (None without --lora-r).
+
+    Raises:
+        ValueError: a value out of range, or targets that name no module of the model.
+    """
+    if args.lora_r is None:
+        return None
+    from flax import nnx
+
+    from flax_impl.lora import LoraConfig, target_sites
+    from flax_impl.transformer import Transformer
+
+    names = args.lora_targets.split(",")
+    targets = args.lora_targets if len(names) == 1 else tuple(n.strip() for n in names)
+    try:
+        config = LoraConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=targets,
+                            model_type=model_type)
+        target_sites(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))), config)
+    except ValueError as err:
+        raise ValueError(f"--lora-*: {err}") from None
+    return config
 
 
 def run_options(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
@@ -196,10 +238,11 @@ def run_options(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
     def absolute(p: str | None) -> str | None:
         return None if p is None else os.path.abspath(p)
 
+    lora = None if plan.lora is None else json.loads(json.dumps(dataclasses.asdict(plan.lora)))  # JSON's types
     data = {"folder": absolute(args.folder), "data": absolute(args.data), "eval_data": absolute(args.eval_data),
             "eval_fraction": args.eval_fraction, "chat_template": absolute(args.chat_template),
             "seq_len": plan.seq_len, "pack": args.pack, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
-            "bf16": args.bf16}
+            "bf16": args.bf16, "lora": lora}
     return {"model": plan.config.to_dict(), "train": plan.tcfg.to_dict(), "data": data, "seed": args.seed}
 
 

@@ -75,30 +75,36 @@ def run(args: argparse.Namespace, plan: Any, meta: dict[str, Any]) -> int:
 
 
 def load(args: argparse.Namespace, plan: Any, mesh: Any) -> tuple[Any, Any]:
-    """(model, optimizer): the folder's weights in train mode, AdamW over every parameter; placed on the mesh
-    (FSDP: split over `data` too) when there is one."""
+    """(model, optimizer): the folder's weights in train mode, placed on the mesh (FSDP: split over `data` too)
+    when there is one; AdamW over every parameter, or with LoRA over the adapters only."""
+    import jax
+    from flax import nnx
+
     import flax_impl.hf
+    from flax_impl import distributed
     from flax_impl.apps import finetune_step as fs
     from flax_impl.config import FlaxConfig
-    from flax_impl.train import make_optimizer, make_tx
+    from flax_impl.lora import apply_lora, lora_decay
+    from flax_impl.train import default_decay, make_tx
 
     flax_config = FlaxConfig(dtype="bfloat16" if args.bf16 else "float32", remat=args.remat)
     _, model = flax_impl.hf.from_pretrained(plan.folder, flax_config=flax_config, rngs_seed=args.seed)
     model.train()
-    if mesh is None:  # committed to one device, as the step's outputs are: the step compiles once, not twice
-        import jax
-        from flax import nnx
-
-        nnx.update(model, jax.device_put(nnx.state(model), jax.local_devices()[0]))
-        optimizer = make_optimizer(model, plan.tcfg)
-        nnx.update(optimizer, jax.device_put(nnx.state(optimizer), jax.local_devices()[0]))
-        return model, optimizer
-    from flax_impl import distributed
-
-    if args.fsdp:
-        fs.fsdp_shard(model, mesh.shape["data"])
-    fs.place_state(model, mesh)
-    return model, distributed.create_sharded_optimizer(model, make_tx(plan.tcfg), mesh)
+    if mesh is not None:
+        if args.fsdp:
+            fs.fsdp_shard(model, mesh.shape["data"])
+        fs.place_state(model, mesh)
+    decay, wrt = default_decay, nnx.Param
+    if plan.lora is not None:  # the adapters only are trained: no gradient nor AdamW state for the base weights
+        apply_lora(model, plan.lora, rngs=nnx.Rngs(params=args.seed, dropout=args.seed + 1))
+        decay, wrt = lora_decay, nnx.LoRAParam
+    if mesh is not None:
+        return model, distributed.create_sharded_optimizer(model, make_tx(plan.tcfg, decay=decay), mesh, wrt=wrt)
+    # Committed to one device, as the step's outputs are: the step compiles once, not twice.
+    nnx.update(model, jax.device_put(nnx.state(model), jax.local_devices()[0]))
+    optimizer = nnx.Optimizer(model, make_tx(plan.tcfg, decay=decay), wrt=wrt)
+    nnx.update(optimizer, jax.device_put(nnx.state(optimizer), jax.local_devices()[0]))
+    return model, optimizer
 
 
 def _train(args: argparse.Namespace, plan: Any, meta: dict[str, Any], mesh: Any, ckpt: Any, out: Path,
@@ -261,15 +267,30 @@ def _host(model: Any, mesh: Any) -> Any:
 
 
 def export(model: Any, plan: Any, out: Path, args: argparse.Namespace, mesh: Any) -> None:
-    """OUT as a Hugging Face folder: config.json (the original's fields, ours on top), model.safetensors, and the
-    folder's tokenizer files (with --chat-template, that template as chat_template.jinja)."""
-    import flax_impl.hf
-    from flax_impl.hf.io import CONFIG, read_config
+    """OUT as a Hugging Face folder (config.json: the original's fields, ours on top; model.safetensors), or with
+    LoRA as a PEFT adapter folder (and with --merge the merged model as a Hugging Face folder in OUT/merged); with
+    the folder's tokenizer files (with --chat-template, that template as chat_template.jinja)."""
+    from flax_impl.hf.adapters import save_peft_adapter
+    from flax_impl.lora import merged_model
 
     model = _host(model, mesh)
     if not _primary():
         return
     model.eval()
+    if plan.lora is None:
+        write_folder(model, plan, out, args)
+        return
+    save_peft_adapter(model, out)
+    copy_tokenizer(plan, out, args)
+    if args.merge:
+        write_folder(merged_model(model), plan, out / "merged", args)
+
+
+def write_folder(model: Any, plan: Any, out: Path, args: argparse.Namespace) -> None:
+    """A Hugging Face folder of `model` (no adapters) with the original's config fields and tokenizer files."""
+    import flax_impl.hf
+    from flax_impl.hf.io import CONFIG, read_config
+
     flax_impl.hf.save_pretrained(model, out, model_type=plan.model_type)
     ours = read_config(out)
     original = read_config(plan.folder)
@@ -279,6 +300,11 @@ def export(model: Any, plan: Any, out: Path, args: argparse.Namespace, mesh: Any
     tmp = out / f".tmp-{CONFIG}"
     tmp.write_text(json.dumps(merged, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     os.replace(tmp, out / CONFIG)
+    copy_tokenizer(plan, out, args)
+
+
+def copy_tokenizer(plan: Any, out: Path, args: argparse.Namespace) -> None:
+    """The folder's tokenizer files into `out`; with --chat-template, that template as chat_template.jinja."""
     for name in TOKENIZER_FILES:
         if (plan.folder / name).is_file():
             shutil.copyfile(plan.folder / name, out / name)

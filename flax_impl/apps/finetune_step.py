@@ -65,6 +65,7 @@ def _sums_over(model: nnx.Module, micro: Batch, wrt: Any, grads: bool) -> tuple:
     graphdef, trained, rest = nnx.split(model, wrt, ...)
 
     def sums(trained: nnx.State, rest: nnx.State, batch: Batch) -> tuple:
+        rest = jax.tree.map(lambda x: x, rest)  # fresh Variables at this trace level (LoRA: the frozen weights)
         m = nnx.merge(graphdef, trained, rest)
         total, count = loss_sums(m, batch)
         return total, (count, nnx.state(m, nnx.Not(wrt)))
