@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 
 import jax
@@ -28,6 +29,13 @@ def activation_fn(name: str, x: jax.Array) -> jax.Array:
     if name == "silu":
         return jax.nn.silu(x)
     raise ValueError(f"activation={name!r} is not one of ['gelu', 'gelu_tanh', 'relu', 'silu']")
+
+
+def torch_scalar(x: jax.Array, op: Callable[[jax.Array, float], jax.Array], c: float) -> jax.Array:
+    """op(x, c) for a Python float c as torch computes a tensor op a Python number: in float32, rounded once to x's
+    dtype. (jnp's weakly typed `x * c` rounds c to x's dtype first: another result in bfloat16; in float32 the
+    two are the same.)"""
+    return op(x.astype(jnp.float32), c).astype(x.dtype)
 
 
 class Activation(nnx.Module):
@@ -71,8 +79,12 @@ class TransformerBlock(nnx.Module):
     Pre-LN (`norm_first=True`, lesson 08): x + attn(ln1(x)), then x + ff(ln2(x)).
     Post-LN (`norm_first=False`, Vaswani et al. and nn.TransformerEncoderLayer's default): ln1(x + attn(x)),
     then ln2(x + ff(x)). Parallel residual (`parallel_residual`, GPT-J / GPT-NeoX): x + attn(ln1(x)) +
-    ff(ln2(x)), or ff(ln1(x)) with one shared norm (`parallel_shared_norm`; then there is no ln2). The norms are
-    LayerNorm or RMSNorm (`config.norm`). `ff` is the plain MLP [Linear(D, F), activation, Dropout,
+    ff(ln2(x)), or ff(ln1(x)) with one shared norm (`parallel_shared_norm`; then there is no ln2). Norms after
+    the branches (`branch_norm`, pre-LN only): "sandwich" x + post_attn_norm(attn(ln1(x))), then the same with
+    ln2, ff and post_ff_norm (Gemma 2 / 3's input_layernorm, post_attention_layernorm, pre_feedforward_layernorm,
+    post_feedforward_layernorm); "post" drops ln1 and ln2: x + post_attn_norm(attn(x)) (OLMo 2). Each branch's
+    output is multiplied by `residual_multiplier` before its residual add (Granite). The norms are LayerNorm or
+    RMSNorm (`config.norm`, with `norm_offset`). `ff` is the plain MLP [Linear(D, F), activation, Dropout,
     Linear(F, D), Dropout], indexed as torch's nn.Sequential (ff.0, ff.3 hold the weights), or a `GatedMLP`
     (`mlp="gated"`). Under a mesh (flax_impl.sharding), the D -> F layers are column-parallel and the F -> D
     ones row-parallel on the `model` axis (Megatron); the norms are replicated.
@@ -87,10 +99,14 @@ class TransformerBlock(nnx.Module):
         config, flax_config = as_config(config), as_flax_config(flax_config)
         D, F = config.d_model, config.d_ff
         self.norm_first, self.parallel = config.norm_first, config.parallel_residual
+        self.residual_multiplier = config.residual_multiplier
         self.attn = MultiHeadAttention(config, flax_config=flax_config, rngs=rngs)
-        self.ln1 = make_norm(config, flax_config)
+        pre, post = config.branch_norm != "post", config.branch_norm != "none"
         shared = config.parallel_residual and config.parallel_shared_norm
-        self.ln2 = nnx.data(None) if shared else make_norm(config, flax_config)
+        self.ln1 = make_norm(config, flax_config) if pre else nnx.data(None)
+        self.ln2 = make_norm(config, flax_config) if pre and not shared else nnx.data(None)
+        self.post_attn_norm = make_norm(config, flax_config) if post else nnx.data(None)
+        self.post_ff_norm = make_norm(config, flax_config) if post else nnx.data(None)
         if config.mlp == "gated":
             self.ff = GatedMLP(config, flax_config, rngs=rngs)
         else:
@@ -146,10 +162,21 @@ class TransformerBlock(nnx.Module):
         """The block's residual wiring around `attend` (the attention of its normed or raw input)."""
         if self.parallel:
             h = self.ln1(x)
-            return x + attend(h) + self.feed_forward(h if self.ln2 is None else self.ln2(x))
+            return x + self._scaled(attend(h)) + self._scaled(self.feed_forward(h if self.ln2 is None else self.ln2(x)))
         if self.norm_first:
-            x = x + attend(self.ln1(x))
-            return x + self.feed_forward(self.ln2(x))
-        x = self.ln1(x + attend(x))
-        return self.ln2(x + self.feed_forward(x))
+            x = x + self._branch(attend, self.ln1, self.post_attn_norm, x)
+            return x + self._branch(self.feed_forward, self.ln2, self.post_ff_norm, x)
+        x = self.ln1(x + self._scaled(attend(x)))
+        return self.ln2(x + self._scaled(self.feed_forward(x)))
+
+    def _branch(self, f: Callable[[jax.Array], jax.Array], pre: nnx.Module | None, post: nnx.Module | None,
+                x: jax.Array) -> jax.Array:  # fmt: skip
+        """One pre-LN branch's output, before its residual add: m post(f(pre(x))), a missing norm skipped."""
+        h = f(x if pre is None else pre(x))
+        return self._scaled(h if post is None else post(h))
+
+    def _scaled(self, h: jax.Array) -> jax.Array:
+        """h x `residual_multiplier` (nothing computed at 1)."""
+        m = self.residual_multiplier
+        return h if m == 1 else torch_scalar(h, operator.mul, m)
 

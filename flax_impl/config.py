@@ -42,6 +42,7 @@ POSITIONS = ("sinusoidal", "learned", "rope", "alibi", "none")
 ROPE_STYLES = ("half", "interleaved")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
 NORMS = ("layernorm", "rmsnorm")
+BRANCH_NORMS = ("none", "sandwich", "post")
 MLPS = ("plain", "gated")
 LM_HEADS = ("tied", "untied")
 POSITIONS_FROM = ("index", "mask", "tokens")
@@ -67,7 +68,10 @@ TRANSFORMER_CHOICES = {
     "mlp": MLPS,
     "lm_head": LM_HEADS,
     "positions_from": POSITIONS_FROM,
+    "branch_norm": BRANCH_NORMS,
 }
+# Scalars of the block and the model (Gemma, Granite): a value of 1 (or None) is off and costs nothing.
+POSITIVE_SCALARS = ("embedding_multiplier", "residual_multiplier", "logits_scaling")
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,12 @@ class TransformerConfig(_DictMixin):
     `alibi_max_bias` is the 8 of ALiBi's slopes 2^(-8h/N); `lm_head` "untied" adds its own (V, D) output
     matrix (with a bias if `lm_head_bias`) instead of reusing the embedding; `type_vocab_size` > 0 adds BERT's
     token-type embeddings at the input.
+
+    Norm variants and scalars: `norm_offset` c scales every norm's output by (c + w), w stored as it is and
+    initialised to 1 - c (Gemma's x * (1 + w): c = 1); `branch_norm` "sandwich" normalises each branch's output
+    before its residual add, beside the pre-norms (Gemma 2 / 3), "post" instead of them (OLMo 2); Granite's
+    `embedding_multiplier` and `residual_multiplier` scale the token embeddings and each branch's output, its
+    `logits_scaling` divides the logits, and Gemma 2's `final_logit_softcap` c caps them to c tanh(logits / c).
 
     Positions (what the sinusoidal / learned rows and RoPE are taken at) when a forward is given none:
     `positions_from` "index" counts slots, p = 0 .. L - 1 (transformers' default); "mask" counts real tokens,
@@ -146,6 +156,12 @@ class TransformerConfig(_DictMixin):
     type_vocab_size: int = 0
     positions_from: str = "index"
     position_offset: int = 0
+    norm_offset: float = 0.0
+    branch_norm: str = "none"
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    logits_scaling: float = 1.0
+    final_logit_softcap: float | None = None
 
     def __post_init__(self) -> None:
         # Types and ranges first, each field on its own (flax_impl.validation), then the rules between fields.
@@ -168,8 +184,11 @@ class TransformerConfig(_DictMixin):
         _set("attention_dropout", self.dropout if drop is None else drop)
         _set("rope_base", check_float("rope_base", self.rope_base, low=1.0, low_open=True))
         _set("rope_fraction", check_float("rope_fraction", self.rope_fraction, low=0.0, high=1.0, low_open=True))
-        for name in ("rope_scale", "norm_eps", "alibi_max_bias"):
+        for name in ("rope_scale", "norm_eps", "alibi_max_bias", *POSITIVE_SCALARS):
             _set(name, check_float(name, getattr(self, name), low=0.0, low_open=True))
+        _set("norm_offset", check_float("norm_offset", self.norm_offset))
+        cap = check_float("final_logit_softcap", self.final_logit_softcap, low=0.0, low_open=True, none_ok=True)
+        _set("final_logit_softcap", cap)
         for name, allowed in TRANSFORMER_CHOICES.items():
             check_choice(name, getattr(self, name), allowed)
         if self.n_heads % self.n_kv_heads:
@@ -178,6 +197,12 @@ class TransformerConfig(_DictMixin):
             raise ValueError(f"sliding_window={self.sliding_window} needs causal=True (a window of past keys)")
         if self.parallel_residual and not self.norm_first:
             raise ValueError("parallel_residual=True needs norm_first=True (both branches read the normalised input)")
+        if self.branch_norm != "none" and (self.parallel_residual or not self.norm_first):
+            raise ValueError(
+                f"branch_norm={self.branch_norm!r} normalises each branch's output before its residual add: it needs "
+                f"norm_first=True and parallel_residual=False, got norm_first={self.norm_first}, "
+                f"parallel_residual={self.parallel_residual}"
+            )
         if self.lm_head_bias and self.lm_head != "untied":
             raise ValueError("lm_head_bias=True needs lm_head='untied' (a tied head reuses the embedding, no bias)")
         if self.positions_from == "tokens" and self.padding_idx is None:

@@ -91,7 +91,9 @@ def choose(logits: jax.Array, key: jax.Array, do_sample: bool, temperature, top_
     """
     if not do_sample:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    filtered = filter_logits(jnp.asarray(logits, jnp.float32) / temperature, top_k, top_p)
+    logits = jnp.asarray(logits, jnp.float32)
+    shifted = logits - logits.max(axis=-1, keepdims=True)  # max 0: a tiny temperature gives -inf, not inf - inf
+    filtered = filter_logits(shifted / temperature, top_k, top_p)
     return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
 
 

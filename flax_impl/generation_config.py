@@ -11,6 +11,12 @@ import numpy as np
 from flax_impl.config import TransformerConfig
 from flax_impl.validation import ArgumentTypeError, check_bool, check_float, check_int
 
+# Seeds are jax.random.key's: it holds 32 bits (2**32 gives the key of 0), so larger seeds would alias others.
+SEED_LIMIT = 2**32
+# Sampling computes in float32: a temperature below float32's smallest normal number is 0 or subnormal there
+# (flushed to 0 by XLA on CPU), and logits / 0 is NaN. Down to it, sampling tends to greedy (see `choose`).
+MIN_TEMPERATURE = float(np.finfo(np.float32).tiny)
+
 
 @dataclass(frozen=True)
 class GenerationConfig:
@@ -19,10 +25,11 @@ class GenerationConfig:
     Attributes:
         max_new_tokens: int >= 1.
         do_sample: False = greedy (argmax); True = sample with temperature, top_k, top_p.
-        temperature: finite, > 0 (read only when sampling).
+        temperature: finite, >= MIN_TEMPERATURE (float32's smallest normal number, ~1.2e-38; read only when
+            sampling). As it goes to 0, sampling tends to greedy.
         top_k: int >= 0, 0 = off (sampling).
         top_p: in (0, 1], 1 = off (sampling).
-        seed: int >= 0, the sampling seed.
+        seed: int in [0, 2**32), the sampling seed (what jax.random.key holds: larger seeds would alias).
         stop_tokens: ids that end a row (kept in its output); a row then emits `pad_id`.
         pad_id: the id a stopped row emits.
         return_logits: also return every step's logits.
@@ -44,13 +51,20 @@ class GenerationConfig:
 
     def __post_init__(self) -> None:
         check_int("max_new_tokens", self.max_new_tokens, low=1)
-        check_int("seed", self.seed, low=0)
+        if check_int("seed", self.seed, low=0) >= SEED_LIMIT:
+            raise ValueError(f"seed={self.seed!r} must be an integer in [0, 2**32): jax.random.key({self.seed}) is "
+                             f"the key of seed {self.seed % SEED_LIMIT}")  # fmt: skip
         check_int("top_k", self.top_k, low=0)
         check_int("pad_id", self.pad_id, low=0)
         check_bool("do_sample", self.do_sample)
         check_bool("return_logits", self.return_logits)
         if self.do_sample:
             check_float("temperature", self.temperature, low=0.0, low_open=True)
+            if self.temperature < MIN_TEMPERATURE:
+                raise ValueError(
+                    f"temperature={self.temperature!r} must be >= {MIN_TEMPERATURE:g} (float32's smallest normal "
+                    "number: below it the float32 division of sampling breaks); use do_sample=False for greedy"
+                )
         else:  # not read when greedy, but still a number
             check_float("temperature", self.temperature)
         check_float("top_p", self.top_p, low=0.0, high=1.0, low_open=True)

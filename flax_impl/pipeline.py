@@ -24,14 +24,14 @@ from flax_impl.validation import check_bool, check_choice, check_float
 class TransformerInput(nnx.Module):
     """ids (B, L) -> (B, L, D), the input of the first block.
 
-    embed(ids) (x sqrt(D) if `embed_scale`) + token type (BERT's, if `type_vocab_size`) + position (sinusoidal
-    table or learned `pos`; nothing for rope, alibi and none, whose position enters inside attention) -> `norm`
-    (if `input_norm`) -> dropout. Submodules (checkpoint keys): `embed`, `token_type`, `pos` (learned only),
-    `norm` (input_norm only).
+    embed(ids) (x sqrt(D) if `embed_scale`, x `embedding_multiplier`) + token type (BERT's, if `type_vocab_size`)
+    + position (sinusoidal table or learned `pos`; nothing for rope, alibi and none, whose position enters inside
+    attention) -> `norm` (if `input_norm`) -> dropout. Submodules (checkpoint keys): `embed`, `token_type`, `pos`
+    (learned only), `norm` (input_norm only).
 
     Args:
-        config: the architecture (vocab_size, d_model, padding_idx, position, max_len, embed_scale, input_norm,
-            type_vocab_size, dropout, norm, norm_eps, norm_bias).
+        config: the architecture (vocab_size, d_model, padding_idx, position, max_len, embed_scale,
+            embedding_multiplier, input_norm, type_vocab_size, dropout, norm, norm_eps, norm_offset, norm_bias).
         flax_config: dtype and param_dtype; None: `FlaxConfig()`.
         rngs: initialises the embedding and learned positions; its `dropout` stream draws the masks.
 
@@ -105,8 +105,10 @@ class TransformerInput(nnx.Module):
         elif at_input == "param":
             pos = self.pos(L)
         x = self.embed(ids).astype(jnp.dtype(self.flax_config.dtype))  # (B, L, D)
-        if cfg.embed_scale:
+        if cfg.embed_scale:  # sqrt(D) rounded to x's dtype first, as Gemma's torch.tensor(D**0.5).to(dtype)
             x = x * jnp.asarray(math.sqrt(cfg.d_model), x.dtype)
+        if cfg.embedding_multiplier != 1:  # as torch's x * a Python float: in float32, rounded once (Granite)
+            x = (x.astype(jnp.float32) * cfg.embedding_multiplier).astype(x.dtype)
         if cfg.type_vocab_size:  # BERT's order: word + token type, then + position
             types = jnp.zeros_like(ids) if token_type_ids is None else token_type_ids
             x = x + self.token_type(types).astype(x.dtype)

@@ -1,8 +1,12 @@
 """Every tolerance of the parity suite and of `flax-impl parity`, in one place, each with its reason.
 
 All comparisons are element-wise (np.testing.assert_allclose with rtol=0 unless stated) in float32, matmul
-precision pinned to "highest" in conftest.py.
+precision pinned to "highest" in conftest.py. Names ending in _REL are relative to a stated scale; `row_error` and
+`group_error` below compute the two scales the Hugging Face comparisons use. The model behind the numbers:
+docs/parity.md#tolerances.
 """
+
+import numpy as np
 
 # Values that are copied, transposed or stacked, never computed: conversion round trips, eval-mode dropout,
 # Embed lookups of the same table. Any difference is a bug.
@@ -35,7 +39,15 @@ ENCODER = 5e-5
 RECOMPILED = 5e-6
 
 # Gradients of a scalar loss w.r.t. parameters: the backward pass sums over B*L positions, so absolute error
-# grows with the gradient's scale; compared relative to the largest entry of each gradient tensor.
+# grows with the gradient's scale; compared relative to the largest |entry| of the reference gradient group
+# (`group_error`): each tensor in the parity tests (unit-scale inputs, every tensor's gradient a real signal);
+# one layer's tensors together in `flax-impl parity --hf`, because there a tensor's exact gradient can be zero up
+# to roundoff by structure (BERT's key bias, which the softmax cancels; query and key weights under a saturated
+# attention sink), and roundoff relative to itself means nothing: the layer's largest gradient is the scale of the
+# backward signal that every tensor of the layer is computed from. Measured: per tensor, max 3.2e-6 on the seven
+# tiny families; per layer, 5.1e-6 on a trained-like 30 x 576 Llama with a 2e4 first-token outlier. Where float32
+# cannot hold it (a 6 x 384 BERT with an outlier dimension: 1.1e-4, and transformers' own float32 gradients are
+# 2.4e-4 from float64), the tool's float64 referee decides (REFEREE_FACTOR); docs/parity.md#real-checkpoints.
 GRAD_REL = 1e-5
 
 # Training: loss per step and the parameters after 10 AdamW steps, relative (issue 5).
@@ -88,13 +100,82 @@ ROPE_RELATIVE = 2e-5
 # the float32 tolerances (BLOCK, ENCODER) catch that one.
 BF16_REL = 6 * 2.0**-8
 
-# A whole transformers model against ours (parity_tests/test_hf.py: 2 layers, D = 32-48, every parameter perturbed
-# by N(0, 0.2^2), outputs up to ~4), float32, matmul precision "highest", transformers' eager attention, real
-# positions of a right-padded batch: hidden states after the last block (and final norm) and LM-head logits.
-# XLA and ATen order the D-, F- and V-long reductions differently (~1e-7 relative per sum, as BLOCK/ENCODER), plus
-# the final norm and the head's D-long sums. Measured max 4.4e-6 (hidden) and 4.0e-6 (logits) over the seven
-# families x 3 seeds. Budget 1e-4 absolute (issue 15); wrong conventions move outputs by far more: the erf GELU in
-# place of GPT-2's tanh form by 7e-4, RMSNorm eps 1e-6 in place of 1e-5 by 7e-4, a dropped sliding window or RoPE
-# scale, swapped per-head qkv rows or missing token types by O(1). Also the per-layer budget of
-# `flax-impl parity --hf`.
-HF_FORWARD = 1e-4
+# A whole transformers model against ours, float32, matmul precision "highest", transformers' eager attention,
+# real positions only: every layer's output, the final hidden states and the LM-head logits (parity_tests/test_hf.py,
+# test_generation.py, `flax-impl parity --hf`). Compared row by row (`row_error`): a row is one position's vector
+# (D hidden values or V logits), and its difference is measured against the row's own largest |entry|. Float32
+# roundoff of every sum that makes a row is a few ulps of the magnitudes summed, which that row's size bounds;
+# trained checkpoints carry a few huge activations (|h| ~ 2e4 at the first token of a 30-layer 135M model, most
+# entries 1-50), so an absolute budget either cries wolf on the huge rows or sees nothing in the ordinary ones,
+# and a budget relative to the whole layer's largest entry would be 1e3x looser than this on the ordinary rows.
+# Measured (row-relative): max 1.9e-6 on the seven tiny families x 3 seeds (2 layers, rows up to ~5.6); 5.0e-6
+# over the 30 layers of a trained-like 30 x 576 Llama with a 2e4 first-token outlier (parity_tests/hf_helpers.
+# trained_like; ours is 3.3e-6 from float64 there, transformers' own float32 2.8e-6), 6.6e-6 on a 6 x 384 BERT
+# with an outlier dimension. The seeded mistakes of docs/parity.md#real-checkpoints (a wrong norm eps, the tanh
+# GELU, a wrong RoPE base, decoding positions off by one) move rows by 1e-3 relative and more. On the tiny models
+# 1e-5 x row max <= 5.6e-5: stricter on every row than the absolute 1e-4 it replaces (hf_helpers.
+# row_budgets_no_looser checks it in parity_tests/test_hf.py and test_generation.py).
+HF_FORWARD_REL = 1e-5
+
+# The float64 referee of `flax-impl parity --hf` (for the layers past the budgets above, or every layer with
+# `--reference float64`): transformers run in float64 is the exact result to float32's eyes. Each float32 run's
+# error against it (ours and transformers' own; `row_error` / `group_error`) is set side by side, and the verdict
+# is "as close to the exact result as transformers itself": ours <= REFEREE_FACTOR x theirs, or <= REFEREE_FLOOR
+# (a few float32 ulps of the scale, where both are that small and their ratio is chance). Which of two correct
+# float32 programs lands nearer float64 is a matter of summation order, and an early layer's luck carries through
+# every later one: measured ratios (ours / theirs, worst layer) 0.76-1.9 on a random 30 x 576 Llama with a 2e4
+# outlier, 0.3-3.9 over 4 batches of a 6 x 384 BERT with an outlier dimension whose float32 forward is 1e-4 off
+# float64 on both sides. 8 = twice the largest; the seeded mistakes of docs/parity.md#real-checkpoints sit at
+# ratios of 400 and more.
+REFEREE_FACTOR = 8.0
+REFEREE_FLOOR = 1e-6
+
+# `flax-impl parity --hf --dtype bfloat16`: bf16 is judged against float32, like with like: our bf16 logits (or
+# last hidden states; params and compute in bf16, as transformers' bf16) against our float32 ones, beside
+# transformers' bf16 against its float32. bf16 keeps 8 significant bits and the two frameworks round at different
+# places, so neither is near float32 and their deviations differ by chance. Measured (mean |deviation| ours /
+# transformers): 0.95-1.00 on tiny gpt2, llama, mpt; 0.97 on trained-like Llama (tiny and 30 x 576); 1.10 and 1.19
+# on trained-like BERT (tiny, 6 x 384); mean KL of the next-token distributions 0.88-0.94. The verdict: ours' mean
+# |deviation| <= BF16_VS_TRANSFORMERS x transformers', and the mean KL <= its square (KL grows as the square of
+# small logit changes). The largest single deviation is reported, not judged: one value of an outlier dimension
+# decides it (3.1 against 1.1 on the 6 x 384 BERT).
+BF16_VS_TRANSFORMERS = 2.0
+
+
+def row_error(ours: np.ndarray, ref: np.ndarray) -> float:
+    """The worst row's relative difference: max over rows of max |ours - ref| / max |ref|, a row being a vector
+    along the last axis (one position's hidden state or logits). A row where `ref` is all zeros is inf unless
+    `ours` is too; NaN anywhere is inf (a comparison that cannot pass).
+
+    Raises:
+        ValueError: shapes differ, or nothing to compare.
+    """
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    if ours.shape != ref.shape or ref.size == 0:
+        raise ValueError(f"row_error compares equal non-empty shapes, got {ours.shape} and {ref.shape}")
+    diff = np.abs(ours - ref).max(axis=-1)
+    scale = np.abs(ref).max(axis=-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(diff == 0, 0.0, diff / scale)
+    return float(np.where(np.isnan(rel), np.inf, rel).max())
+
+
+def group_error(pairs: list[tuple[np.ndarray, np.ndarray]]) -> float:
+    """max |ours - ref| over every (ours, ref) pair / max |ref| over all of them: one scale for a group of tensors
+    (one gradient tensor, or one layer's). 0.0 where both are all zeros.
+
+    Raises:
+        ValueError: an empty group, or a pair of different shapes.
+    """
+    if not pairs:
+        raise ValueError("group_error needs at least one (ours, ref) pair")
+    diff = scale = 0.0
+    for ours, ref in pairs:
+        ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+        if ours.shape != ref.shape:
+            raise ValueError(f"group_error compares equal shapes, got {ours.shape} and {ref.shape}")
+        diff = max(diff, float(np.abs(ours - ref).max(initial=0.0)))
+        scale = max(scale, float(np.abs(ref).max(initial=0.0)))
+    if diff == 0.0:
+        return 0.0
+    return diff / scale if scale > 0 else float("inf")

@@ -4,6 +4,7 @@ encoder is its default configuration; a causal config with a KV cache is the dec
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import jax
@@ -11,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flax_impl.attention import LayerKind, check_attention_mask, layer_kinds, nan_rows_of_bad_mask
-from flax_impl.block import TransformerBlock
+from flax_impl.block import TransformerBlock, torch_scalar
 from flax_impl.cache import KVCache, advance, check_cache, init_cache
 from flax_impl.config import FlaxConfig, TransformerConfig, as_config, as_flax_config
 from flax_impl.norm import make_norm
@@ -135,10 +136,18 @@ class Transformer(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """LM head: (B, L, D) -> (B, L, V) logits in the compute dtype: hidden @ input.embed.weight.T when tied,
-        else the `lm_head` Linear (D -> V, bias if `lm_head_bias`)."""
-        if self.config.lm_head == "untied":
-            return self.lm_head(hidden)
-        return self.input.embed.attend(hidden)
+        else the `lm_head` Linear (D -> V, bias if `lm_head_bias`); then divided by `logits_scaling` (Granite) and
+        soft-capped to c tanh(logits / c), c = `final_logit_softcap` (Gemma 2), each step as torch computes it on
+        the logits' dtype (the Python scalar in float32, one rounding per step); nothing computed for the defaults.
+        """
+        cfg = self.config
+        logits = self.lm_head(hidden) if cfg.lm_head == "untied" else self.input.embed.attend(hidden)
+        if cfg.logits_scaling != 1:
+            logits = torch_scalar(logits, operator.truediv, cfg.logits_scaling)
+        if cfg.final_logit_softcap is not None:
+            c = cfg.final_logit_softcap
+            logits = torch_scalar(jnp.tanh(torch_scalar(logits, operator.truediv, c)), operator.mul, c)
+        return logits
 
     def default_positions(self, ids: jax.Array, attention_mask: jax.Array | None) -> jax.Array | None:
         """The positions (B, L) of a forward given none, by the config's `positions_from` and `position_offset`;

@@ -32,6 +32,7 @@ __all__ = [
     "check_choice",
     "check_float",
     "check_int",
+    "check_json_kind",
     "check_param_dtype_trains",
     "check_train_batch",
 ]
@@ -144,6 +145,49 @@ def check_choice(name: str, value: object, allowed: Sequence[str]) -> str:
     if value not in allowed:
         raise ValueError(f"{name}={value!r} is not one of {list(allowed)}")
     return value
+
+
+# The kinds of value a JSON file (a Hugging Face config.json) may hold where a field is read, by the rules above: a
+# bool is not a number, a str is neither a number nor a bool, a number is finite. "a|b" admits either kind; a
+# trailing "?" admits null.
+JSON_KINDS = {
+    "bool": "a bool (true or false)",
+    "int": "an integer",
+    "float": "a finite number",
+    "str": "a string",
+    "list[str]": "a list of strings",
+}
+
+
+def check_json_kind(name: str, value: object, kind: str) -> None:
+    """Check one value read from a JSON file against its declared kind (`JSON_KINDS`, "a|b", "?" for null).
+
+    Args:
+        name: the key, as the message shows it (e.g. "attn_config.alibi").
+        value: the value as `json.load` gives it.
+        kind: e.g. "bool", "int?", "float", "float|str?", "list[str]?".
+    Raises:
+        ArgumentTypeError: a value of another kind ("false" where a bool belongs, 2.0 where an integer does).
+        ValueError: a number that is NaN or infinite where a "float" belongs.
+    """
+    kinds = kind.rstrip("?").split("|")
+    unknown = [k for k in kinds if k not in JSON_KINDS]
+    if unknown:
+        raise ValueError(f"kind={kind!r} of {name}: {unknown} not in {sorted(JSON_KINDS)}")
+    if value is None and kind.endswith("?"):
+        return
+    allowed = " or ".join(JSON_KINDS[k] for k in kinds) + (" or null" if kind.endswith("?") else "")
+    tests = {
+        "bool": lambda v: isinstance(v, (bool, np.bool_)),
+        "int": _is_int,
+        "float": _is_real,
+        "str": lambda v: isinstance(v, str),
+        "list[str]": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+    }
+    if not any(tests[k](value) for k in kinds):
+        raise ArgumentTypeError(f"{name}={value!r} must be {allowed}, got {type(value).__name__}")
+    if "float" in kinds and _is_real(value) and not math.isfinite(value):
+        raise ValueError(f"{name}={value!r} must be {allowed}")
 
 
 def check_param_dtype_trains(param_dtype: str, where: str = "param_dtype") -> None:

@@ -265,6 +265,13 @@ DECODER_BLOCKS = {
     "parallel, shared norm": dict(parallel_residual=True, position="alibi", causal=True),
     "parallel, two norms": dict(parallel_residual=True, parallel_shared_norm=False, mlp="gated", activation="silu"),
     "mpt (no biases, layernorm without bias)": dict(bias=False, position="alibi", alibi_max_bias=4.0, causal=True),
+    "gemma2 (sandwich norms, (1 + w) rmsnorm)": dict(
+        norm="rmsnorm", norm_offset=1.0, branch_norm="sandwich", mlp="gated", activation="gelu_tanh", bias=False
+    ),
+    "olmo2 (norms after the branches only)": dict(norm="rmsnorm", branch_norm="post", mlp="gated", activation="silu"),
+    "granite (residual multiplier)": dict(norm="rmsnorm", mlp="gated", activation="silu", residual_multiplier=0.22),
+    "post-LN, multiplier, layernorm offset": dict(norm_first=False, residual_multiplier=3.0, norm_offset=1.0),
+    "parallel, multiplier": dict(parallel_residual=True, parallel_shared_norm=False, residual_multiplier=0.5),
 }
 
 
@@ -309,6 +316,28 @@ def test_parallel_residual_against_formula(rng):
     x = jnp.asarray(randn(rng, B, L, cfg.d_model))
     h = f.ln1(x)
     np.testing.assert_allclose(np.asarray(f(x)), np.asarray(x + f.attn(h) + f.feed_forward(h)), rtol=0, atol=EXACT)
+
+
+@pytest.mark.parametrize("branch_norm", ["sandwich", "post"])
+def test_branch_norms_against_formula(branch_norm, rng):
+    """sandwich: h = x + m post_attn_norm(attn(ln1(x))), then h + m post_ff_norm(ff(ln2(h))) (Gemma 2); "post": the
+    same without ln1 and ln2, which do not exist (OLMo 2); m = residual_multiplier. From the block's own parts."""
+    cfg = small_config(norm="rmsnorm", branch_norm=branch_norm, residual_multiplier=0.3, causal=True)
+    f, t = perturbed_twins("TransformerBlock", cfg, rng)
+    norms = {"post_attn_norm.weight", "post_ff_norm.weight"} | ({"ln1.weight", "ln2.weight"} if f.ln1 else set())
+    assert {k for k in t.state_dict() if "norm" in k or k.startswith("ln")} == norms
+    assert (f.ln1 is None) == (f.ln2 is None) == (branch_norm == "post")
+    pre1, pre2 = (f.ln1, f.ln2) if f.ln1 is not None else (lambda x: x, lambda x: x)
+    x = jnp.asarray(randn(rng, B, L, cfg.d_model))
+    h = x + f.post_attn_norm(f.attn(pre1(x))) * 0.3
+    want = h + f.post_ff_norm(f.feed_forward(pre2(h))) * 0.3
+    np.testing.assert_allclose(np.asarray(f(x)), np.asarray(want), rtol=0, atol=EXACT)
+
+
+@pytest.mark.parametrize("changes", [dict(norm_first=False), dict(parallel_residual=True)])
+def test_branch_norms_need_a_pre_ln_sequential_block(changes):
+    with pytest.raises(ValueError, match="branch_norm='sandwich' .* needs norm_first=True and parallel_residual=False"):
+        small_config(branch_norm="sandwich", **changes)
 
 
 @pytest.mark.parametrize(

@@ -54,18 +54,19 @@ def perturbed_twins(config, rng: np.random.Generator):
 # --------------------------------------------------------------------------------------------------------------
 # TransformerInput, Flax vs torch
 
-VARIANTS = [  # input_norm, embed_scale, padding_idx
-    (False, False, None),
-    (True, False, None),
-    (False, True, 0),
-    (True, True, 5),
+VARIANTS = [  # input_norm, embed_scale, padding_idx, embedding_multiplier, norm_offset
+    (False, False, None, 1.0, 0.0),
+    (True, False, None, 1.0, 0.0),
+    (False, True, 0, 12.0, 0.0),
+    (True, True, 5, 0.3, 1.0),
 ]
 
 
-@pytest.mark.parametrize("input_norm, embed_scale, padding_idx", VARIANTS)
+@pytest.mark.parametrize("input_norm, embed_scale, padding_idx, multiplier, offset", VARIANTS)
 @pytest.mark.parametrize("position", POSITIONS)
-def test_transformer_input_twins(rng, position, input_norm, embed_scale, padding_idx):
-    cfg = small_config(position=position, input_norm=input_norm, embed_scale=embed_scale, padding_idx=padding_idx)
+def test_transformer_input_twins(rng, position, input_norm, embed_scale, padding_idx, multiplier, offset):
+    cfg = small_config(position=position, input_norm=input_norm, embed_scale=embed_scale, padding_idx=padding_idx,
+                       embedding_multiplier=multiplier, norm_offset=offset)  # fmt: skip
     f, t = perturbed_twins(cfg, rng)
     ids = rng.integers(0, cfg.vocab_size, (3, 17))
     ids[:, -4:] = padding_idx if padding_idx is not None else ids[:, -4:]
@@ -73,21 +74,23 @@ def test_transformer_input_twins(rng, position, input_norm, embed_scale, padding
     assert a.shape == b.shape == (3, 17, cfg.d_model) and a.dtype == b.dtype == np.float32
     atol = tol.LAYER_NORM if input_norm else tol.ELEMENTWISE
     assert_close(a, b, atol)
-    # and against the recipe: E[ids] (x sqrt(D)) + position -> LayerNorm(scale, bias)
+    # and against the recipe: E[ids] (x sqrt(D)) x multiplier + position -> LayerNorm(offset + scale, bias)
     sd = {k: v.numpy().astype(np.float64) for k, v in t.state_dict().items()}
-    x = sd["embed.weight"][ids] * (math.sqrt(cfg.d_model) if embed_scale else 1.0)
+    x = sd["embed.weight"][ids] * (math.sqrt(cfg.d_model) if embed_scale else 1.0) * multiplier
     if position == "sinusoidal":
         x = x + sinusoid_formula(17, cfg.d_model)
     elif position == "learned":
         x = x + sd["pos.weight"][:17]
     if input_norm:
-        x = layer_norm_formula(x) * sd["norm.weight"] + sd["norm.bias"]
+        x = layer_norm_formula(x) * (offset + sd["norm.weight"]) + sd["norm.bias"]
     assert_close(a, x, atol, rtol=tol.FLOAT32_REL)
 
 
-@pytest.mark.parametrize("position", ["sinusoidal", "learned", "rope"])
-def test_transformer_input_gradients_twins(rng, position):
-    cfg = small_config(position=position, input_norm=True, embed_scale=True, padding_idx=0)
+@pytest.mark.parametrize("position, options", [
+    ("sinusoidal", {}), ("learned", {}), ("rope", {}), ("learned", dict(embedding_multiplier=12.0, norm_offset=1.0)),
+])  # fmt: skip
+def test_transformer_input_gradients_twins(rng, position, options):
+    cfg = small_config(position=position, input_norm=True, embed_scale=True, padding_idx=0, **options)
     f, t = perturbed_twins(cfg, rng)
     ids = rng.integers(0, cfg.vocab_size, (2, 11))
     ids[:, :2] = 0
@@ -106,6 +109,31 @@ def test_transformer_input_gradients_twins(rng, position):
         assert np.abs(g).max() > 0, k
         np.testing.assert_allclose(flax_grads[k], g, rtol=0, atol=tol.GRAD_REL * np.abs(g).max(), err_msg=k)
     assert np.all(flax_grads["embed.weight"][0] == 0) and np.all(torch_grads["embed.weight"][0] == 0)  # padding_idx
+
+
+def test_embedding_scalars_round_as_gemma_and_granite_in_bfloat16(rng):
+    """bfloat16 embeddings: `embed_scale` multiplies by sqrt(D) rounded to bfloat16 first (transformers'
+    GemmaTextScaledWordEmbedding), `embedding_multiplier` as torch's tensor x Python float (Granite: the product in
+    float32, rounded once). Both twins bit for bit; jnp's weakly typed x * m (m rounded first) would differ."""
+    from transformers.models.gemma.modeling_gemma import GemmaTextScaledWordEmbedding
+
+    V, D, m = 97, 48, 0.1234567  # sqrt(48) and m are not bfloat16 numbers
+    cfg = small_config(d_model=D, position="none", embed_scale=True, embedding_multiplier=m, padding_idx=0)
+    f = fi.TransformerInput(cfg, flax_config=fi.FlaxConfig(dtype="bfloat16", param_dtype="bfloat16"), rngs=nnx.Rngs(0))
+    gemma = GemmaTextScaledWordEmbedding(V, D, 0, embed_scale=D**0.5).bfloat16()
+    t = tr.TransformerInput(cfg).bfloat16()
+    with torch.no_grad():
+        weight = torch.from_numpy(rng.standard_normal((V, D)).astype(np.float32) * 3).bfloat16()
+        gemma.weight.copy_(weight)
+        t.embed.weight.copy_(weight)
+    fi.load_torch_state_dict(f, t.state_dict())
+    ids = rng.integers(0, V, (2, 16))
+    with torch.no_grad():
+        want = (gemma(torch.from_numpy(ids)) * m).float().numpy()
+        np.testing.assert_array_equal(t(torch.from_numpy(ids)).float().numpy(), want)
+    np.testing.assert_array_equal(np.asarray(f(jnp.asarray(ids)).astype(jnp.float32)), want)
+    scaled = f.embed(jnp.asarray(ids)) * jnp.asarray(math.sqrt(D), jnp.bfloat16)
+    assert np.any(np.asarray((scaled * m).astype(jnp.float32)) != want)  # m rounded to bfloat16 first
 
 
 def test_transformer_input_past_max_len_raises(rng):

@@ -2,12 +2,19 @@
 (a byte-level BPE trained on a few sentences, a transformers model saved with save_pretrained; nothing is
 downloaded). The text the command prints is the tokenizer's decode of the tokens that the library's `generate`
 returns for the same prompt; streaming writes multi-byte characters whole; every misuse exits 2 before any work,
-naming the option."""
+naming the option; a damaged or hostile folder exits 2 naming the file, without a traceback; Ctrl-C exits 130 with
+one line."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -163,6 +170,10 @@ def _folder_without(folder, tmp_path, name):
         (["--prompt", "a", "--max-new-tokens", "4", "--stop-token", "0", "100000"], "--stop-token"),
         (["--prompt", "word " * 80], "--prompt"),
         (["--prompt", "a", "--max-new-tokens", str(N_POSITIONS)], "--max-new-tokens"),
+        (["--prompt", "a", "--seed", str(2**32)], "--seed=4294967296 must be an integer in [0, 2**32)"),
+        (["--prompt", "a", "--temperature", "inf"], "--temperature=inf must be a finite number"),
+        (["--prompt", "a", "--temperature", "nan"], "--temperature=nan"),
+        (["--prompt", "a", "--temperature", "1e-39"], "--temperature=1e-39 must be >= 1.17549e-38"),
     ],
 )
 def test_misuse_exits_2_naming_the_option(folder, capsys, extra, needle):
@@ -196,3 +207,69 @@ def test_tokenizer_of_another_model_exits_2(folder, tmp_path, capsys):
     (small / "config.json").write_text(json.dumps({**hf, "vocab_size": 100}))
     assert main(["generate", str(small), "--prompt", "über ✓"]) == 2
     assert "vocabulary" in capsys.readouterr().err
+
+
+def test_a_tiny_temperature_samples_greedily(folder, tokenizer, greedy, capsys):
+    """logits / 1.2e-38 overflows float32; the row max is subtracted first, so sampling tends to greedy."""
+    argv = ["generate", str(folder), "--prompt", PROMPT, "--max-new-tokens", "12", "--temperature", "1.2e-38"]
+    assert main([*argv, "--seed", "5"]) == 0
+    assert capsys.readouterr().out == PROMPT + continuation(tokenizer, tokenizer.encode(PROMPT).ids, greedy) + "\n"
+
+
+def _damaged(folder, tmp_path, name, content):
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    (copy / name).write_bytes(content(copy / name) if callable(content) else content)
+    return copy
+
+
+def _config_with(**changes):
+    return lambda path: json.dumps({**json.loads(path.read_text()), **changes}).encode()
+
+
+@pytest.mark.parametrize(
+    "name, content, needle",
+    [
+        ("model.safetensors", lambda p: p.read_bytes()[:-64], "model.safetensors is not a readable safetensors file"),
+        ("config.json", b"{", "config.json is not a JSON file"),
+        ("config.json", _config_with(tie_word_embeddings="false"), "tie_word_embeddings='false' must be a bool"),
+        ("generation_config.json", b'{"eos_token_id": "0"}', "eos_token_id='0' must be an integer or null"),
+        ("generation_config.json", b"[]", "generation_config.json holds a JSON list, not an object"),
+        ("generation_config.json", b'{"eos_token_id": [0, true]}', "eos_token_id[1]=True must be an integer"),
+        ("config.json", _config_with(n_layer=1), "unexpected key: h.1.attn.c_attn.bias"),  # found once loading
+    ],
+)
+def test_a_damaged_folder_exits_2_naming_the_file(folder, tmp_path, capsys, name, content, needle):
+    argv = ["generate", str(_damaged(folder, tmp_path, name, content)), "--prompt", "a", "--max-new-tokens", "4"]
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("flax-impl generate: error:") and needle in err and "Traceback" not in err
+
+
+def test_without_tokenizers_exits_2_with_the_install_line(folder, capsys, monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "tokenizers" else find_spec(n, *a))
+    assert main(["generate", str(folder), "--prompt", "a"]) == 2
+    assert "pip install tokenizers" in capsys.readouterr().err
+
+
+def test_ctrl_c_exits_130_with_one_line(folder):
+    """SIGINT once the prompt is printed (the text streams next; tracing and compiling take seconds)."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    # SIGINT as a terminal delivers it: xdist's workers ignore SIGINT, which a child inherits (Python then installs
+    # no KeyboardInterrupt handler), so the child installs Python's own handler before the command runs.
+    code = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "from flax_impl.apps.cli import main; sys.exit(main(sys.argv[1:]))")  # fmt: skip
+    argv = [sys.executable, "-c", code, "generate", str(folder), "--prompt", "Position", "--max-new-tokens", "9"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=root)
+    try:
+        assert proc.stdout.read(len("Position")) == b"Position"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    lines = err.decode().strip().splitlines()
+    assert proc.returncode == 130, err.decode()[-3000:]
+    assert lines[-1] == "flax-impl generate: interrupted (Ctrl-C); nothing more is generated"
+    assert "Traceback" not in err.decode() and "KeyboardInterrupt" not in err.decode()

@@ -66,6 +66,9 @@ TRANSFORMER = {
     "sliding_window": Arg("int", low=1, none_ok=True, valid=(1, None)),
     "type_vocab_size": INT0,
     "position_offset": INT0,
+    "norm_offset": Arg("float", valid=(0.0, 1.0, -0.5)),
+    **{name: POSITIVE for name in C.POSITIVE_SCALARS},
+    "final_logit_softcap": Arg("float", low=0.0, low_open=True, none_ok=True, valid=(30.0, None)),
 }
 TRANSFORMER_BASE = {"causal": True, "lm_head": "untied", "d_model": 64}  # sliding_window / lm_head_bias may be set
 FLAX = {

@@ -34,17 +34,23 @@ class GatedMLP(nn.Module):
 class TransformerBlock(nn.Module):
     """x (B, L, D) -> (B, L, D). Pre-LN: x + attn(ln1(x)), x + ff(ln2(x)); post-LN: ln1(x + attn(x)),
     ln2(x + ff(x)); parallel residual: x + attn(ln1(x)) + ff(ln2(x)) (ff(ln1(x)) with one shared norm).
-    ff = Linear(D, F), activation, Dropout, Linear(F, D), Dropout; or a GatedMLP."""
+    ff = Linear(D, F), activation, Dropout, Linear(F, D), Dropout; or a GatedMLP. branch_norm "sandwich":
+    x + post_attn_norm(attn(ln1(x))), x + post_ff_norm(ff(ln2(x))) (Gemma 2); "post": the same without ln1, ln2
+    (OLMo 2). Every branch output is multiplied by residual_multiplier before its residual add (Granite)."""
 
     def __init__(self, config: TransformerConfig):
         super().__init__()
         config = as_config(config)
         D, F, bias = config.d_model, config.d_ff, config.mlp_bias
         self.norm_first, self.parallel = config.norm_first, config.parallel_residual
+        self.residual_multiplier = config.residual_multiplier
         self.attn = MultiHeadAttention(config)
-        self.ln1 = make_norm(config)
+        pre, post = config.branch_norm != "post", config.branch_norm != "none"
         shared = config.parallel_residual and config.parallel_shared_norm
-        self.ln2 = None if shared else make_norm(config)
+        self.ln1 = make_norm(config) if pre else None
+        self.ln2 = make_norm(config) if pre and not shared else None
+        self.post_attn_norm = make_norm(config) if post else None
+        self.post_ff_norm = make_norm(config) if post else None
         if config.mlp == "gated":
             self.ff = GatedMLP(config)
         else:
@@ -69,10 +75,19 @@ class TransformerBlock(nn.Module):
     def _residuals(self, x, attend):
         if self.parallel:
             h = self.ln1(x)
-            return x + attend(h) + self.ff(h if self.ln2 is None else self.ln2(x))
+            return x + self._scaled(attend(h)) + self._scaled(self.ff(h if self.ln2 is None else self.ln2(x)))
         if self.norm_first:
-            x = x + attend(self.ln1(x))
-            return x + self.ff(self.ln2(x))
-        x = self.ln1(x + attend(x))
-        return self.ln2(x + self.ff(x))
+            x = x + self._branch(attend, self.ln1, self.post_attn_norm, x)
+            return x + self._branch(self.ff, self.ln2, self.post_ff_norm, x)
+        x = self.ln1(x + self._scaled(attend(x)))
+        return self.ln2(x + self._scaled(self.ff(x)))
+
+    def _branch(self, f, pre, post, x):
+        """m post(f(pre(x))), a missing norm skipped."""
+        h = f(x if pre is None else pre(x))
+        return self._scaled(h if post is None else post(h))
+
+    def _scaled(self, h):
+        m = self.residual_multiplier
+        return h if m == 1 else h * m
 

@@ -71,7 +71,8 @@ def generate(
             h, cache = model(tokens[-1][:, None], cache=cache)
             logits = model.logits(h)[:, 0].float()
         if do_sample:
-            probs = torch.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)
+            shifted = logits - logits.amax(dim=-1, keepdim=True)  # max 0: a tiny temperature gives -inf, not NaN
+            probs = torch.softmax(filter_logits(shifted / temperature, top_k, top_p), dim=-1)
             token = torch.multinomial(probs, 1, generator=generator)[:, 0]
         else:
             token = logits.argmax(dim=-1)

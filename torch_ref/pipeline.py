@@ -18,15 +18,15 @@ from torch_ref.tokenizer import encode_checked
 
 
 class TransformerInput(nn.Module):
-    """ids (B, L) [+ token_type_ids (B, L)] -> (B, L, D): embed(ids) (x sqrt(D) if `embed_scale`) + token type
-    (type_vocab_size > 0) + position -> `norm` -> dropout.
+    """ids (B, L) [+ token_type_ids (B, L)] -> (B, L, D): embed(ids) (x sqrt(D) if `embed_scale`, x
+    `embedding_multiplier`) + token type (type_vocab_size > 0) + position -> `norm` -> dropout.
 
     The twin of flax_impl.pipeline.TransformerInput. Submodules (checkpoint keys): `embed`, `pos` (learned only),
     `token_type` (type_vocab_size > 0), `norm` (input_norm only).
 
     Args:
-        config: the architecture (vocab_size, d_model, padding_idx, position, max_len, embed_scale, input_norm,
-            type_vocab_size, dropout, norm, norm_eps, norm_bias).
+        config: the architecture (vocab_size, d_model, padding_idx, position, max_len, embed_scale,
+            embedding_multiplier, input_norm, type_vocab_size, dropout, norm, norm_eps, norm_offset, norm_bias).
     """
 
     def __init__(self, config: TransformerConfig):
@@ -66,8 +66,10 @@ class TransformerInput(nn.Module):
         if pos is not None and positions is not None:
             pos = pos[positions]  # (B, L, D)
         x = self.embed(ids)  # (B, L, D)
-        if cfg.embed_scale:
-            x = x * math.sqrt(cfg.d_model)
+        if cfg.embed_scale:  # Gemma's rounding: sqrt(D) in x's dtype
+            x = x * torch.tensor(math.sqrt(cfg.d_model)).to(x.dtype)
+        if cfg.embedding_multiplier != 1:  # Granite
+            x = x * cfg.embedding_multiplier
         if cfg.type_vocab_size:
             x = x + self.token_type(torch.zeros_like(ids) if token_type_ids is None else token_type_ids)
         if pos is not None:

@@ -16,7 +16,7 @@ class Transformer(nn.Module):
     """ids (B, L) -> (B, L, D): `input` -> `blocks` (nn.ModuleList) -> `final_norm` (if configured).
 
     Checkpoint keys: input.embed.weight, input.pos.weight, input.token_type.weight, input.norm.*,
-    blocks.{i}.{attn,ln1,ln2,ff}.*, final_norm.*, lm_head.* (untied head).
+    blocks.{i}.{attn,ln1,ln2,post_attn_norm,post_ff_norm,ff}.*, final_norm.*, lm_head.* (untied head).
     """
 
     def __init__(self, config):
@@ -79,7 +79,12 @@ class Transformer(nn.Module):
         return hidden, torch.stack(outs) if collect else None
 
     def logits(self, hidden):
-        """LM head: (B, L, D) -> (B, L, V): tied (hidden @ input.embed.weight.T) or the `lm_head` Linear."""
-        if self.config.lm_head == "untied":
-            return self.lm_head(hidden)
-        return self.input.embed.attend(hidden)
+        """LM head: (B, L, D) -> (B, L, V): tied (hidden @ input.embed.weight.T) or the `lm_head` Linear; divided by
+        logits_scaling (Granite), then soft-capped to c tanh(logits / c), c = final_logit_softcap (Gemma 2)."""
+        cfg = self.config
+        logits = self.lm_head(hidden) if cfg.lm_head == "untied" else self.input.embed.attend(hidden)
+        if cfg.logits_scaling != 1:
+            logits = logits / cfg.logits_scaling
+        if cfg.final_logit_softcap is not None:
+            logits = torch.tanh(logits / cfg.final_logit_softcap) * cfg.final_logit_softcap
+        return logits

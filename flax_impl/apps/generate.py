@@ -11,13 +11,15 @@ Decoding is greedy unless a sampling option (--temperature, --top-k, --top-p, --
 at --max-new-tokens or at a stop token: the folder's eos_token_id (generation_config.json, else config.json)
 unless --stop-token or --ignore-eos says otherwise.
 
-Every option is checked before the weights are read (exit status 2, the message naming the option).
+Every option is checked before the weights are read (exit status 2, the message naming the option), and so are the
+folder's files: config.json's values, the tokenizer, the safetensors headers (a truncated or corrupt file is named).
+Ctrl-C stops the command with one line on stderr and exit status 130.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import importlib.util
 import sys
 import time
 from collections.abc import Callable
@@ -49,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--top-k", type=int, metavar="K", help="sample from the K most likely tokens; 0 = all [0]")
     a("--top-p", type=float, metavar="P", help="sample from the smallest set of tokens of probability >= P, "
       "0 < P <= 1 [1.0]")
-    a("--seed", type=int, metavar="S", help="seed of the sampling (turns sampling on) [0]")
+    a("--seed", type=int, metavar="S", help="seed of the sampling, in [0, 2**32) (turns sampling on) [0]")
     a("--stop-token", type=int, action="extend", nargs="+", metavar="ID",
       help="stop a prompt at these token ids [the folder's eos_token_id]")
     a("--ignore-eos", action="store_true", help="do not stop at the folder's eos_token_id")
@@ -70,11 +72,14 @@ class Plan:
 
 
 def sampling_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The sampling keywords of `generate` from --greedy / --temperature / --top-k / --top-p / --seed.
+    """The sampling keywords of `generate` from --greedy / --temperature / --top-k / --top-p / --seed, checked by
+    `GenerationConfig` (the library's own rules: finite temperature, a seed that jax.random.key holds, ...).
 
     Raises:
-        ValueError: --greedy together with a sampling option, or a value outside its range.
+        ValueError: --greedy together with a sampling option, or a value outside its range, naming the option.
     """
+    from flax_impl.generation_config import GenerationConfig
+
     given = [name for name in ("temperature", "top_k", "top_p", "seed") if getattr(args, name) is not None]
     if args.greedy and given:
         names = ", ".join("--" + n.replace("_", "-") for n in given)
@@ -91,7 +96,12 @@ def sampling_options(args: argparse.Namespace) -> dict[str, Any]:
     if not 0 < top_p <= 1:
         raise ValueError(f"--top-p={top_p} must be in (0, 1]")
     seed = 0 if args.seed is None else args.seed
-    return {"do_sample": True, "temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
+    options = {"do_sample": True, "temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
+    try:
+        GenerationConfig(max_new_tokens=1, **options)
+    except ValueError as err:  # "temperature=inf must be ..." -> "--temperature=inf must be ..."
+        raise ValueError(f"--{str(err).replace('_', '-', 1)}") from None
+    return options
 
 
 def load_tokenizer(folder: Path) -> Any:
@@ -111,26 +121,46 @@ def load_tokenizer(folder: Path) -> Any:
         raise ValueError(f"{path} is not a tokenizers file: {err}") from err
 
 
-def _ids(value: Any) -> list[int]:
-    """An eos_token_id field (an int, a list of ints, or null) as a list."""
-    if isinstance(value, bool):
-        return []
-    if isinstance(value, int):
-        return [value]
+def _ids(value: Any, where: str) -> list[int]:
+    """An eos_token_id field (an int, a list of ints, or null) as a list.
+
+    Raises:
+        ValueError: any other value (a "2", a true, a list holding one), naming `where`.
+    """
+    from flax_impl.validation import check_json_kind
+
     if isinstance(value, list):
-        return [v for v in value if isinstance(v, int) and not isinstance(v, bool)]
-    return []
+        for i, v in enumerate(value):
+            check_json_kind(f"{where}[{i}]", v, "int")
+        return list(value)
+    check_json_kind(where, value, "int?")
+    return [] if value is None else [value]
 
 
 def eos_ids(folder: Path, hf: dict[str, Any]) -> list[int]:
-    """The folder's end-of-sequence ids: generation_config.json's eos_token_id, else config.json's."""
+    """The folder's end-of-sequence ids: generation_config.json's eos_token_id, else config.json's.
+
+    Raises:
+        ValueError: generation_config.json is not a JSON object, or an eos_token_id is not an id or a list of
+            ids, naming the file.
+    """
+    from flax_impl.hf.io import CONFIG, read_json
+
     path = folder / GENERATION_CONFIG
     if path.is_file():
-        with open(path, encoding="utf-8") as f:
-            gen = json.load(f)
-        if isinstance(gen, dict) and _ids(gen.get("eos_token_id")):
-            return _ids(gen["eos_token_id"])
-    return _ids(hf.get("eos_token_id"))
+        gen = read_json(path)
+        if not isinstance(gen, dict):
+            raise ValueError(f"{path} holds a JSON {type(gen).__name__}, not an object")
+        ids = _ids(gen.get("eos_token_id"), f"{path}: eos_token_id")
+        if ids:
+            return ids
+    return _ids(hf.get("eos_token_id"), f"{folder / CONFIG}: eos_token_id")
+
+
+def require_tokenizers() -> None:
+    """ValueError with the install line when the `tokenizers` package is absent (it is in the [hf] extra)."""
+    if importlib.util.find_spec("tokenizers") is None:
+        raise ValueError("it needs the tokenizers package: pip install tokenizers (or pip install -e '.[hf]')")
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
@@ -140,8 +170,9 @@ def make_plan(args: argparse.Namespace) -> Plan:
         ValueError / FileNotFoundError: naming the option or the file, the bad value and what is allowed.
     """
     from flax_impl.hf.convert import config_from_hf
-    from flax_impl.hf.io import read_config, weight_files
+    from flax_impl.hf.io import CONFIG, cast_warning, read_config, read_headers, weight_files
 
+    require_tokenizers()
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens={args.max_new_tokens} must be >= 1")
     sampling = sampling_options(args)
@@ -150,11 +181,11 @@ def make_plan(args: argparse.Namespace) -> Plan:
             raise ValueError(f"--prompt {text!r} (prompt {i + 1}) is empty; give text to continue")
     folder = Path(args.path)
     hf = read_config(folder)
-    fam, config = config_from_hf(hf)
+    fam, config = config_from_hf(hf, source=str(folder / CONFIG))
     if not config.causal:
         raise ValueError(f"PATH {str(folder)!r} holds a {fam.model_type} model, which is not causal: generate needs "
                          "a causal language model (gpt2, llama, mistral, qwen2, bloom, mpt)")
-    weight_files(folder)
+    header = read_headers(weight_files(folder))  # a truncated or corrupt file fails here, before any weight is read
     tokenizer = load_tokenizer(folder)
     V = config.vocab_size
     prompt_ids = []
@@ -174,6 +205,12 @@ def make_plan(args: argparse.Namespace) -> Plan:
                              f"{config.max_len - len(ids)}")
         prompt_ids.append(ids)
     notes = []
+    cast = cast_warning({k: v[2] for k, v in header.items()}, "float32", str(folder))
+    dtypes = sorted({v[2] for v in header.values() if v[2] in ("F64", "F32", "BF16", "F16")})
+    if cast is not None:
+        notes.append(cast)
+    elif dtypes not in ([], ["F32"]):
+        notes.append(f"weights stored as {'/'.join(dtypes)}, widened to float32 parameters (every value kept)")
     if args.stop_token:
         bad = [t for t in args.stop_token if not 0 <= t < V]
         if bad:
@@ -184,7 +221,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     else:
         stop = tuple(t for t in eos_ids(folder, hf) if 0 <= t < V)
         notes.append(f"stop tokens {list(stop)} (the folder's eos_token_id)" if stop else "no stop token")
-    pad = hf.get("pad_token_id")
+    pad = hf.get("pad_token_id")  # its kind is checked by read_config where the family reads it
     pad_id = pad if isinstance(pad, int) and not isinstance(pad, bool) and 0 <= pad < V else 0
     return Plan(folder, config, tokenizer, prompt_ids, sampling, stop, pad_id, notes)
 
@@ -248,7 +285,19 @@ class TextStream:
 
 def run(args: argparse.Namespace) -> int:
     """Load the folder, generate, print the text on stdout and the timing on stderr. Returns the exit status
-    (2: bad input)."""
+    (2: bad input, a file that cannot be read; 130: interrupted by Ctrl-C)."""
+    streaming: list[bool] = []  # appended to once the text on stdout is an open line
+    try:
+        return _run(args, streaming)
+    except KeyboardInterrupt:
+        if streaming:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+        print("flax-impl generate: interrupted (Ctrl-C); nothing more is generated", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace, streaming: list[bool]) -> int:
     try:
         plan = make_plan(args)
     except (ValueError, OSError) as err:
@@ -258,7 +307,10 @@ def run(args: argparse.Namespace) -> int:
     from flax_impl.generation import generate
 
     start = time.perf_counter()
-    _, model = flax_impl.hf.from_pretrained(plan.folder)
+    try:
+        _, model = flax_impl.hf.from_pretrained(plan.folder)
+    except (ValueError, OSError) as err:  # a tensor that cannot be read, a folder changed since the plan
+        return shared.fail("generate", err)
     loaded = time.perf_counter() - start
     out_stream = sys.stdout
     stream = None
@@ -266,6 +318,7 @@ def run(args: argparse.Namespace) -> int:
         stream = TextStream(plan.tokenizer, plan.prompt_ids[0], lambda s: (out_stream.write(s), out_stream.flush()))
         out_stream.write(args.prompt[0])
         out_stream.flush()
+        streaming.append(True)
     start = time.perf_counter()
     out = generate(model, plan.prompt_ids, max_new_tokens=args.max_new_tokens, stop_tokens=plan.stop_tokens,
                    pad_id=plan.pad_id, on_token=None if stream is None else (lambda t: stream.push(t[0])),

@@ -52,6 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--flax", metavar="PATH", help="with --hf: the Flax side's weights (an HF folder or a flax_impl.save file)"
     )
+    from flax_impl.apps import parity_hf
+
+    parity_hf.add_arguments(parser)
 
 
 def _diff(a: object, b: object) -> float:
@@ -215,6 +218,11 @@ def run(args: argparse.Namespace) -> int:
         return parity_hf.run(args)
     if args.flax is not None:
         return shared.fail("parity", "--flax goes with --hf")
+    from flax_impl.apps.parity_hf import HF_ONLY_OPTIONS
+
+    hf_only = [a.split("=")[0] for a in getattr(args, "argv", []) if a.split("=")[0] in HF_ONLY_OPTIONS]
+    if hf_only:
+        return shared.fail("parity", f"{hf_only[0]} goes with --hf")
     try:
         import torch  # noqa: F401
     except ImportError:

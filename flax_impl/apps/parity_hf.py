@@ -1,44 +1,53 @@
 """`flax-impl parity --hf PATH`: where the Flax model and transformers' model part ways, layer by layer.
 
 Both load the same local Hugging Face folder (or the Flax side another one, `--flax`, e.g. the user's own port),
-run the same right-padded batch in float32 eval mode with matmul precision "highest", and the table gives, per
-layer, max |Flax - transformers| of the hidden states (real positions only) and of the gradients of a scalar loss
-with respect to that layer's parameters (relative to the largest gradient entry of each tensor). The first layer
-past its tolerance is marked; the exit status is 1 when any is.
-
-Hidden states are read by forward hooks on transformers' layer list (the input of its first layer, then each
-layer's output), so the comparison does not depend on what a family's `output_hidden_states` includes.
-transformers runs with `attn_implementation="eager"` (PITFALLS: SDPA builds its masks differently).
+run the same right-padded batch (rows starting with the config's bos_token_id) in eval mode with matmul precision
+"highest", and the table gives, per layer, the worst real position's difference relative to that position's
+largest |activation| (`row_error`, budget `HF_FORWARD_REL`) and the gradients of a scalar loss with respect to the
+layer's parameters relative to the layer's largest gradient entry (`group_error`, budget `GRAD_REL`). The logits
+are also compared as next-token distributions (KL divergence, top-1 agreement), and a causal model's cached
+decoding (`flax_impl.generate`) against transformers' uncached forward. A layer past its budget goes to a float64
+referee (transformers in float64): it passes if ours is as close to the exact result as transformers' own float32
+(`REFEREE_FACTOR`); `--reference float64` lets the referee judge every layer. `--dtype bfloat16` compares each
+side's bf16 run with its own float32 run. Exit status: 0 every verdict holds, 1 one does not, 2 misuse or an
+unreadable folder (before any heavy work), 130 interrupted. Tolerances and their reasons: docs/parity.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
-import re
 import sys
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
+from flax_impl.apps import parity_hf_checks as checks, parity_hf_report as report_, parity_hf_sides as sides_
+from flax_impl.apps.progress import Progress
 
-from flax_impl import tolerances
+MODEL_OPTIONS = ("--d-model", "--n-heads", "--heads", "--n-layers", "--layers", "--d-ff", "--table-length")
+HF_ONLY_OPTIONS = ("--reference", "--dtype", "--decode")
+DECODE_STEPS = 8
 
 
-@dataclass
-class LayerRow:
-    layer: str  # "input", "0".."N-1", "output" (final norm / head)
-    hidden_diff: float | None  # max |Flax - transformers| of this layer's output, real positions
-    grad_rel: float | None  # max |dFlax - dHF| over this layer's tensors / their largest |dHF|
-    hidden_tol: float
-    grad_tol: float
-
-    @property
-    def ok(self) -> bool:
-        hidden = self.hidden_diff is None or self.hidden_diff <= self.hidden_tol
-        grad = self.grad_rel is None or self.grad_rel <= self.grad_tol
-        return bool(hidden and grad)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that go with --hf (added to `flax-impl parity`)."""
+    parser.add_argument(
+        "--reference", choices=("transformers", "float64"), default="transformers",
+        help="with --hf: 'transformers': its float32 run and the per-layer budgets judge, a float64 referee the "
+        "layers past them; 'float64': the referee judges every layer [transformers]",
+    )  # fmt: skip
+    parser.add_argument(
+        "--dtype", choices=("float32", "bfloat16"), default="float32",
+        help="with --hf: also compare each side's bfloat16 run with its own float32 run [float32]",
+    )  # fmt: skip
+    parser.add_argument(
+        "--decode", type=int, default=DECODE_STEPS, metavar="N",
+        help="with --hf, causal models: N cached greedy steps (flax_impl.generate) against transformers' full "
+        f"forward, 0 = off [{DECODE_STEPS}]",
+    )  # fmt: skip
 
 
 def check_paths(hf_path: str, flax_path: str | None) -> None:
@@ -55,52 +64,10 @@ def check_paths(hf_path: str, flax_path: str | None) -> None:
             ))
 
 
-def _layer_list(module: Any, n_layers: int) -> Any:
-    """transformers' list of its n_layers decoder / encoder layers (the ModuleList of that length)."""
-    import torch
-
-    found = [m for m in module.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n_layers]
-    if len(found) != 1:
-        raise ValueError(f"cannot find the one list of {n_layers} layers in {type(module).__name__}")
-    return found[0]
-
-
-def _hf_forward(hf_model: Any, ids: np.ndarray, mask: np.ndarray, n_layers: int) -> tuple[list, Any]:
-    """(the input of layer 0 and every layer's output as (B, L, D) tensors, the model's output tensor)."""
-    import torch
-
-    layers, captured = _layer_list(hf_model, n_layers), []
-
-    def pre_hook(module: Any, args: tuple, kwargs: dict) -> None:
-        captured.append(args[0] if args else kwargs["hidden_states"])
-
-    def hook(module: Any, args: tuple, output: Any) -> None:
-        captured.append(output[0] if isinstance(output, tuple) else output)
-
-    handles = [layers[0].register_forward_pre_hook(pre_hook, with_kwargs=True)]
-    handles += [layer.register_forward_hook(hook) for layer in layers]
-    try:
-        out = hf_model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
-    finally:
-        for h in handles:
-            h.remove()
-    result = out.logits if hasattr(out, "logits") else out.last_hidden_state
-    return captured, result
-
-
-def _layer_of(key: str) -> str:
-    """"3" for a key of layer 3 (the first integer path component), "other" for embeddings, norms and heads."""
-    match = re.search(r"\.(\d+)\.", key)
-    return match.group(1) if match else "other"
-
-
-MODEL_OPTIONS = ("--d-model", "--n-heads", "--heads", "--n-layers", "--layers", "--d-ff", "--table-length")
-
-
 def check_options(args: argparse.Namespace) -> None:
     """Every option of `flax-impl parity --hf`, before any work: the paths (`check_paths`), --batch >= 1,
-    --length >= 2 (the padded row keeps a real token: nothing compared is no comparison), --seed, --json; the
-    architecture options (the folder's config.json defines the model) refused when given.
+    --length >= 2 (the padded row keeps a real token: nothing compared is no comparison), --decode >= 0, --seed,
+    --json; the architecture options (the folder's config.json defines the model) refused when given.
 
     Raises:
         ValueError: naming the option, the bad value and what is allowed.
@@ -113,34 +80,63 @@ def check_options(args: argparse.Namespace) -> None:
         raise ValueError(f"{given[0]} does not apply with --hf: the folder's config.json defines the model")
     shared.check_at_least(args, ("batch",))
     shared.check_at_least(args, ("length",), minimum=2)
+    shared.check_at_least(args, ("decode",), minimum=0)
     shared.check_seed(args)
     shared.check_output_paths(args)
 
 
-def load_sides(hf_path: str, flax_path: str | None = None) -> tuple[Any, Any, Any, str]:
-    """(config, the Flax model, transformers' model in eval mode, model_type), every file read and checked.
+@dataclass
+class Loaded:
+    """Both sides of one folder: our config and model, transformers' float32 model, model_type, bos_token_id, and
+    transformers' runs by (dtype, batch, length, seed), kept for the next comparison (of another Flax model, say:
+    `dataclasses.replace(loaded, model=...)` shares them)."""
+
+    cfg: Any
+    model: Any
+    ref: Any
+    model_type: str
+    bos: int | None
+    runs: dict = field(default_factory=dict)
+
+    def theirs(self, hf_path: str, dtype: str, batch: sides_.Batch, key: tuple, grads: bool = True) -> sides_.Side:
+        """transformers' run of `batch` in `dtype` (float32: the loaded model; else loaded now), memoised."""
+        if (dtype, *key) not in self.runs:
+            ref = self.ref if dtype == "float32" else sides_.load_theirs(hf_path, self.cfg.causal, dtype)
+            self.runs[(dtype, *key)] = sides_.run_theirs(ref, batch, self.cfg.n_layers, grads=grads)
+        return self.runs[(dtype, *key)]
+
+
+def load_sides(
+    hf_path: str, flax_path: str | None = None, progress: Progress | None = None, *, decode: int = 0
+) -> Loaded:
+    """Both models, every file read and checked (the config and the weight files' headers before any weight).
 
     Raises:
-        ValueError, OSError: a folder or file that cannot be compared (an unsupported model_type or option, a
-            missing or misshaped key, a --flax of another architecture or config), before any comparison.
+        ValueError, OSError: a folder or file that cannot be compared (a truncated or corrupt weight file, an
+            unsupported model_type or option, a missing or misshaped key, a --flax of another architecture or
+            config; `decode` steps that leave no room for a prompt in the model's max_len), before any comparison.
     """
-    import torch
-    import transformers
-
     import flax_impl as fi
     from flax_impl import hf
 
-    cfg, model = hf.from_pretrained(hf_path)
-    if flax_path is not None and os.path.isdir(flax_path):
-        cfg2, model = hf.from_pretrained(flax_path)
-        if cfg2 != cfg:
-            raise ValueError(f"--flax {flax_path} has another architecture than --hf {hf_path}")
-    elif flax_path is not None:
+    step = progress.step if progress is not None else (lambda *a, **k: None)
+    step("checking the config and the weight files")
+    hf_config = hf.io.read_config(hf_path)
+    cfg = hf.convert.config_from_hf(hf_config)[1]  # an unsupported family or option, before any weight is opened
+    if cfg.causal and decode >= cfg.max_len:
+        raise ValueError(f"--decode={decode} leaves no room for a prompt: the model holds {cfg.max_len} positions")
+    sides_.check_weight_files([p for p in (hf_path, flax_path) if p is not None])
+    step("loading the Flax model")
+    folder = flax_path if flax_path is not None and os.path.isdir(flax_path) else hf_path
+    ours, model = hf.from_pretrained(folder)
+    if ours != cfg:
+        raise ValueError(f"--flax {flax_path} has another architecture than --hf {hf_path}")
+    if flax_path is not None and not os.path.isdir(flax_path):
         fi.load(model, flax_path)
-    model_type = hf.io.read_config(hf_path)["model_type"]
-    auto = transformers.AutoModelForCausalLM if cfg.causal else transformers.AutoModel
-    ref = auto.from_pretrained(hf_path, attn_implementation="eager", dtype=torch.float32).eval()
-    return cfg, model, ref, model_type
+    step("loading transformers' model")
+    ref = sides_.load_theirs(hf_path, cfg.causal)
+    bos = hf_config.get("bos_token_id")
+    return Loaded(cfg, model, ref, hf_config["model_type"], bos if isinstance(bos, int) else None)
 
 
 def compare(
@@ -150,9 +146,14 @@ def compare(
     batch: int = 2,
     length: int = 16,
     seed: int = 0,
-    sides: tuple[Any, Any, Any, str] | None = None,
-) -> list:
-    """The per-layer rows (see the module docstring).
+    decode: int = 0,
+    reference: str = "transformers",
+    dtype: str = "float32",
+    sides: Loaded | None = None,
+    progress: Progress | None = None,
+) -> checks.Report:
+    """Compare the Flax model with transformers' on one folder (see the module docstring); the library form of
+    `flax-impl parity --hf`.
 
     Args:
         hf_path: the reference Hugging Face folder, run by transformers.
@@ -161,114 +162,114 @@ def compare(
         batch: B of the random batch; its last row is right-padded by a quarter of `length`.
         length: L >= 2.
         seed: the batch's and the loss weights' seed.
+        decode: causal models: cached greedy steps compared with transformers' full forward (0 = none).
+        reference: "transformers": the float32 budget of `flax_impl.tolerances` decides, and for layers past it
+            the float64 referee (run only then); "float64": the referee decides every layer.
+        dtype: "float32", or "bfloat16" to also compare each side's bf16 output with its float32 one.
         sides: `load_sides(hf_path, flax_path)` when already loaded.
+        progress: where to report each phase (None: nowhere).
     Returns:
-        A list of LayerRow: "input", one per layer, "output".
+        A Report (`parity_hf_checks.Report`): its `ok` is the verdict.
     Raises:
-        ValueError: `length` < 2 (the padded row would have no real token).
+        ValueError: length < 2, decode < 0, an unknown reference or dtype.
     """
     import jax
-    import jax.numpy as jnp
-    import torch
-    from flax import nnx
-
-    from flax_impl import hf
 
     if length < 2:
         raise ValueError(f"length={length} must be >= 2: the padded row keeps at least one real token")
+    if decode < 0 or reference not in ("transformers", "float64") or dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"decode={decode} must be >= 0, reference={reference!r} 'transformers' or 'float64', "
+                         f"dtype={dtype!r} 'float32' or 'bfloat16'")  # fmt: skip
     jax.config.update("jax_default_matmul_precision", "highest")
-    cfg, model, ref, model_type = sides if sides is not None else load_sides(hf_path, flax_path)
-
-    rng = np.random.default_rng(seed)
-    B, L = batch, length
-    ids = rng.integers(0, cfg.vocab_size, (B, L)).astype(np.int64)
-    mask = np.ones((B, L), np.int64)
-    mask[-1, L - max(1, L // 4) :] = 0
-    real = mask.astype(bool)
-
-    ours_hidden = np.asarray(model.hidden_states(jnp.asarray(ids), jnp.asarray(mask)))  # (N + 1, B, L, D)
-    theirs_hidden, theirs_out = _hf_forward(ref, ids, mask, cfg.n_layers)
-    w = rng.standard_normal(tuple(theirs_out.shape)).astype(np.float32) * real[..., None]
-
-    def head(m: Any) -> Any:
-        h = m(jnp.asarray(ids), jnp.asarray(mask))
-        return m.logits(h) if cfg.causal else h
-
-    grads = nnx.grad(lambda m: jnp.sum(head(m) * w))(model)
-    ours_out = np.asarray(head(model))
-    graph, _, rest = nnx.split(model, nnx.Param, ...)
-    ours_grads = hf.to_hf_state_dict(nnx.merge(graph, grads, rest), model_type)
-    (theirs_out * torch.from_numpy(w)).sum().backward()
-    theirs_grads = {k: p.grad.numpy() for k, p in ref.named_parameters() if p.grad is not None}
-
-    # Relative to the layer's largest gradient entry, not each tensor's: some tensors' exact gradient is zero
-    # (BERT's key bias, which the softmax cancels), and their roundoff relative to themselves means nothing.
-    diffs: dict[str, float] = {}
-    scales: dict[str, float] = {}
-    for key, g in theirs_grads.items():
-        if key not in ours_grads:
-            continue
-        layer = _layer_of(key)
-        diffs[layer] = max(diffs.get(layer, 0.0), float(np.abs(ours_grads[key] - g).max()))
-        scales[layer] = max(scales.get(layer, 0.0), float(np.abs(g).max()))
-    grad_rel = {layer: diffs[layer] / max(scales[layer], 1e-30) for layer in diffs}
-
-    hidden_tol, grad_tol = tolerances.HF_FORWARD, tolerances.GRAD_REL
-    rows = []
-    for i, t in enumerate(theirs_hidden):
-        diff = float(np.abs(ours_hidden[i][real] - t.detach().numpy()[real]).max())
-        name = "input" if i == 0 else str(i - 1)
-        rows.append(LayerRow(name, diff, None if i == 0 else grad_rel.get(str(i - 1)), hidden_tol, grad_tol))
-    out_diff = float(np.abs(ours_out[real] - theirs_out.detach().numpy()[real]).max())  # logits or last hidden
-    rows.append(LayerRow("output", out_diff, grad_rel.get("other"), hidden_tol, grad_tol))
-    return rows
+    step = progress.step if progress is not None else (lambda *a, **k: None)
+    s = sides if sides is not None else load_sides(hf_path, flax_path, progress, decode=decode)
+    cfg = s.cfg
+    width = cfg.vocab_size if cfg.causal else cfg.d_model
+    b = sides_.make_batch(cfg, s.bos, batch, length, seed, width)
+    step("running the Flax model (forward and gradients)")
+    ours = sides_.run_ours(s.model, s.model_type, b)
+    step("running transformers (float32, forward and gradients)")
+    key = (batch, length, seed)
+    theirs = s.theirs(hf_path, "float32", b, key)
+    rows = checks.layer_rows(ours, theirs, b.real)
+    report = checks.Report(rows, shape=dict(batch=batch, length=length), reference=reference)
+    if cfg.causal:
+        report.logits = checks.distributions(ours.out[b.real], theirs.out[b.real])
+    if cfg.causal and decode:
+        step(f"decoding {decode} steps (Flax generate vs transformers' full forward)")
+        report.decode = checks.decode_row(sides_.decode(s.model, s.ref, b, decode))
+    if reference == "float64" or not all(r.ok for r in report.rows):
+        step("loading and running transformers in float64 (the referee)")
+        exact = s.theirs(hf_path, "float64", b, key)
+        report.referee = checks.referee_rows(ours, theirs, exact, b.real)
+    if dtype == "bfloat16":
+        report.bf16 = _bf16(hf_path, flax_path, s, b, key, ours, theirs, step)
+    step("done", n=progress.total if progress is not None else 1)
+    return report
 
 
-def first_divergence(rows: list[LayerRow]) -> tuple[str, str] | None:
-    """Where the two part ways: (layer, "forward") for the first row whose output is past tolerance; else
-    (layer, "backward") for the last row whose gradients are (the backward pass runs from the top, and a layer's
-    gradients also depend on every layer above it). None when every row is within tolerance."""
-    for r in rows:
-        if r.hidden_diff is not None and r.hidden_diff > r.hidden_tol:
-            return r.layer, "forward"
-    for r in reversed(rows):
-        if r.grad_rel is not None and r.grad_rel > r.grad_tol:
-            return r.layer, "backward"
-    return None
+def _bf16(
+    hf_path: str, flax_path: str | None, s: Loaded, b: Any, key: tuple, ours: Any, theirs: Any, step: Any
+) -> tuple:
+    """(ours, transformers') `Deviation` of the bf16 output from the same side's float32 output."""
+    import flax_impl as fi
+    from flax_impl import hf
 
-
-def format_rows(rows: list[LayerRow]) -> str:
-    """The terminal table, the layer where the two part ways marked (see `first_divergence`)."""
-    lines = [f"{'layer':<8}{'max |dh|':>12}{'tol':>9}{'grad rel':>12}{'tol':>9}  status"]
-    first = first_divergence(rows)
-    for r in rows:
-        h = "-" if r.hidden_diff is None else f"{r.hidden_diff:.2e}"
-        g = "-" if r.grad_rel is None else f"{r.grad_rel:.2e}"
-        here = first is not None and r.layer == first[0]
-        status = "ok" if r.ok else (f"PARTS WAYS HERE ({first[1]})" if here else "past tolerance")
-        lines.append(f"{r.layer:<8}{h:>12}{r.hidden_tol:>9.0e}{g:>12}{r.grad_tol:>9.0e}  {status}")
-    return "\n".join(lines)
+    step("loading and running both sides in bfloat16")
+    flax_config = fi.FlaxConfig(dtype="bfloat16", param_dtype="bfloat16")  # transformers' bf16: both in bf16
+    folder = flax_path if flax_path is not None and os.path.isdir(flax_path) else hf_path
+    _, low = hf.from_pretrained(folder, flax_config=flax_config)
+    if flax_path is not None and not os.path.isdir(flax_path):
+        fi.load(low, flax_path)
+    ours16 = sides_.run_ours(low, s.model_type, b, grads=False)
+    theirs16 = s.theirs(hf_path, "bfloat16", b, key, grads=False)
+    real, logits = b.real, s.cfg.causal
+    return (
+        checks.deviation(ours16.out[real], ours.out[real], logits),
+        checks.deviation(theirs16.out[real], theirs.out[real], logits),
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    """`flax-impl parity --hf`: 0 when every layer is within tolerance, 1 otherwise, 2 for misuse."""
+    """`flax-impl parity --hf`: 0 when every verdict holds, 1 otherwise, 2 for misuse or an unreadable folder,
+    130 when interrupted (one summary line on stderr)."""
+    from flax_impl.apps import args as shared
+
     try:
         check_options(args)
-        import transformers  # noqa: F401  (the reference; a test dependency, not a core one)
-    except ImportError:
-        print("flax-impl parity: error: --hf needs transformers (pip install 'transformers>=5,<6')", file=sys.stderr)
-        return 2
     except ValueError as e:
-        print(f"flax-impl parity: error: {e}", file=sys.stderr)
-        return 2
+        return shared.fail("parity", e)
+    if importlib.util.find_spec("transformers") is None:  # the reference; a test dependency, not a core one
+        return shared.fail("parity", "--hf needs transformers (pip install 'transformers>=5,<6')")
+    start = time.perf_counter()
+    phases = 7 + (args.dtype == "bfloat16") + (args.decode > 0)  # the referee's phase may not run
+    progress = Progress(phases)
     try:
-        sides = load_sides(args.hf, args.flax)
-    except (ValueError, OSError) as e:
-        print(f"flax-impl parity: error: {e}", file=sys.stderr)
-        return 2
-    rows = compare(args.hf, args.flax, batch=args.batch, length=args.length, seed=args.seed, sides=sides)
-    print(format_rows(rows))
+        progress.step("importing jax, torch and transformers", 0)
+        import transformers  # noqa: F401
+
+        import flax_impl.hf  # noqa: F401
+
+        try:
+            s = load_sides(args.hf, args.flax, progress, decode=args.decode)
+        except (ValueError, OSError) as e:
+            progress.close()
+            return shared.fail("parity", e)
+        report = compare(
+            args.hf, args.flax, batch=args.batch, length=args.length, seed=args.seed, decode=args.decode,
+            reference=args.reference, dtype=args.dtype, sides=s, progress=progress,
+        )  # fmt: skip
+    except KeyboardInterrupt:
+        progress.close()
+        print(f"flax-impl parity: interrupted while {progress.phase or 'starting'}, after "
+              f"{time.perf_counter() - start:.0f} s: nothing was judged", file=sys.stderr)  # fmt: skip
+        return 130
+    progress.close()
+    progress.write(report_.format_rows(report))
+    if report.bf16 is not None:
+        progress.write(report_.format_bf16(*report.bf16))
+    progress.write(report_.summary(report, s.cfg, s.model_type, time.perf_counter() - start))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump([asdict(r) | {"ok": r.ok} for r in rows], f, indent=2)
-    return 0 if all(r.ok for r in rows) else 1
+            json.dump(report_.to_json(report), f, indent=2)
+    return 0 if report.ok else 1

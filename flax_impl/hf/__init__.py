@@ -12,6 +12,7 @@ Weights pass through torch_ref's state-dict names (`flax_impl.interop`), the sta
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 from flax import nnx
@@ -28,7 +29,7 @@ from flax_impl.hf.convert import (
     weight_plan,
 )
 from flax_impl.hf.families import FAMILIES
-from flax_impl.hf.io import read_config, read_headers, read_tensor, weight_files, write_folder
+from flax_impl.hf.io import CONFIG, read_config, read_headers, read_tensor, warn_lossy_cast, weight_files, write_folder
 from flax_impl.interop import build_abstract, place_torch_tensors, state_dict_shapes, to_numpy_state_dict
 from flax_impl.transformer import Transformer
 
@@ -54,15 +55,21 @@ def from_pretrained(
             abstractly and each parameter is placed once, read from the checkpoint.
     Returns:
         (config, model).
+    Warns:
+        LossyCastWarning: the checkpoint's tensors lose values on their cast to param_dtype (once per load).
+        NonFiniteWeightWarning: a tensor holds NaN or inf (it loads as it is).
     Raises:
         FileNotFoundError: the folder, config.json, the weights or a shard is missing.
-        ValueError: before any weight is read: an unsupported model_type or option (one message naming every
-            one); then, from the headers only: one message listing every missing, unexpected and misshaped key.
+        ArgumentTypeError: a config.json value of the wrong JSON kind (a TypeError naming the file and key).
+        ValueError: before any weight is read: a malformed config.json or index, a damaged or truncated weights
+            file (naming it), an unsupported model_type or option (one message naming every one); then, from the
+            headers only: one message listing every missing, unexpected and misshaped key.
     """
     hf = read_config(path)
-    fam, cfg = config_from_hf(hf)
+    fam, cfg = config_from_hf(hf, source=str(Path(path) / CONFIG))
     files = weight_files(path)
-    header = read_headers(files)
+    header = read_headers(files)  # key -> (shape, file, dtype); damaged files fail here, before any tensor
+    warn_lossy_cast(header, (flax_config or FlaxConfig()).param_dtype, str(path))
     model = build_abstract(lambda: Transformer(cfg, flax_config=flax_config, rngs=nnx.Rngs(rngs_seed)))
     plan = weight_plan(fam, cfg, state_dict_shapes(model))
     names = normalize_keys(fam, cfg, list(header))

@@ -18,6 +18,7 @@ import numpy as np
 from flax_impl.config import TransformerConfig
 from flax_impl.hf.families import FAMILIES
 from flax_impl.hf.spec import LAYOUTS, Dims, Family, Key, Unsupported
+from flax_impl.validation import ArgumentTypeError, check_json_kind
 
 # Our fields that change training only (dropout rates, the frozen padding row), never the weights or the eval-mode
 # forward: written where the family has a place for them, not required to survive a save.
@@ -26,7 +27,7 @@ TRAINING_ONLY = ("dropout", "attention_dropout", "padding_idx")
 
 def family(model_type: object) -> Family:
     """The table for a Hugging Face model_type; ValueError naming the supported ones otherwise."""
-    if model_type not in FAMILIES:
+    if not isinstance(model_type, str) or model_type not in FAMILIES:
         raise ValueError(f"model_type={model_type!r} is not supported; supported: {sorted(FAMILIES)}")
     return FAMILIES[model_type]
 
@@ -55,6 +56,9 @@ def standardize_rope(hf: Mapping[str, Any]) -> dict[str, Any]:
     "factor", ...}), as transformers' own `convert_rope_params_to_dict` does: transformers 4 wrote top-level
     `rope_theta` and `rope_scaling` ({"type" | "rope_type", "factor"}), which wins over `rope_parameters`."""
     hf = copy.deepcopy(dict(hf))
+    for key in ("rope_scaling", "rope_parameters"):
+        if hf.get(key) is not None and not isinstance(hf[key], Mapping):
+            raise ArgumentTypeError(f"{key}={hf[key]!r} must be a JSON object or null, got {type(hf[key]).__name__}")
     params = dict(hf.pop("rope_scaling", None) or hf.get("rope_parameters") or {})
     theta, partial = hf.pop("rope_theta", None), hf.pop("partial_rotary_factor", None)
     if not (params or theta is not None):
@@ -68,26 +72,77 @@ def standardize_rope(hf: Mapping[str, Any]) -> dict[str, Any]:
     return hf
 
 
-def _resolved(fam: Family, hf: Mapping[str, Any]) -> dict[str, Any]:
-    """Every config.json key the table names -> its value, transformers' default where config.json omits it."""
-    out: dict[str, Any] = {}
+_ABSENT = object()
+
+
+def _resolved(fam: Family, hf: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """Every config.json key the table names -> its value, transformers' default where config.json omits it.
+
+    Raises:
+        ArgumentTypeError: one message listing every value config.json gives of another kind than the table
+            declares (a "false" where a bool belongs, a "64" or 64.0 where an integer does, an object's parent
+            that is not an object), naming `source`, the key, the value and what is allowed.
+        ValueError: only NaN or infinite numbers (the same message).
+    """
+    kinds: dict[str, tuple[Any, str]] = {}
     for entry in (*fam.require, *fam.config):
-        out[entry.hf] = lookup(hf, entry.hf, entry.default)
+        kinds.setdefault(entry.hf, (entry.default, entry.kind))
     for f in fam.config:
-        for path, default in f.convert.reads.items():
-            out.setdefault(path, lookup(hf, path, default))
+        for path, default_kind in f.convert.reads.items():
+            kinds.setdefault(path, default_kind)
+    out: dict[str, Any] = {}
+    problems: list[str] = []
+    wrong_type = False
+    for path, (default, kind) in kinds.items():
+        parent = path.rpartition(".")[0]
+        node = lookup(hf, parent, None) if parent else hf
+        if node is not None and not isinstance(node, Mapping):
+            problems.append(f"{parent}={node!r} must be a JSON object or null, got {type(node).__name__}")
+            wrong_type = True
+            continue
+        value = lookup(hf, path, _ABSENT)
+        if value is _ABSENT:
+            out[path] = default
+            continue
+        try:
+            check_json_kind(path, value, kind)
+        except ValueError as e:  # ArgumentTypeError included
+            problems.append(str(e))
+            wrong_type |= isinstance(e, ArgumentTypeError)
+        out[path] = value
+    if problems:
+        lines = "\n  ".join(dict.fromkeys(problems))
+        error = ArgumentTypeError if wrong_type else ValueError
+        raise error(f"{source} (model_type={fam.model_type!r}) holds values flax_impl cannot read:\n  {lines}")
     return out
 
 
-def config_from_hf(hf: Mapping[str, Any]) -> tuple[Family, TransformerConfig]:
+def config_from_hf(hf: Mapping[str, Any], *, source: str = "config.json") -> tuple[Family, TransformerConfig]:
     """A config.json dict -> (its family, our TransformerConfig).
 
+    Every value the family's table reads is checked against its declared JSON kind first (`flax_impl.hf.spec`):
+    a value of another kind is refused, never read by truthiness or converted.
+
+    Args:
+        hf: the config.json object.
+        source: how messages name the file (the path of config.json).
     Raises:
+        ArgumentTypeError: a value of the wrong kind (one message naming every such key, its value and what is
+            allowed); also a ValueError.
         ValueError: an unsupported model_type; one message listing every option set to a value we do not
             implement; or a config our TransformerConfig rejects (naming the field).
     """
-    fam = family(hf.get("model_type"))
-    values = _resolved(fam, standardize_rope(hf))
+    if not isinstance(hf, Mapping):
+        raise ArgumentTypeError(f"{source} must hold a JSON object, got {type(hf).__name__}")
+    try:
+        fam = family(hf.get("model_type"))
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
+    try:
+        standard = standardize_rope(hf)
+    except ArgumentTypeError as e:
+        raise ArgumentTypeError(f"{source} (model_type={fam.model_type!r}): {e}") from None
+    values = _resolved(fam, standard, source)
     problems = [f"{r.hf}={values[r.hf]!r}: {r.why}" for r in fam.require if not r.ok(values[r.hf], values)]
     fields: dict[str, Any] = dict(fam.fixed)
     for f in fam.config:
@@ -97,13 +152,13 @@ def config_from_hf(hf: Mapping[str, Any]) -> tuple[Family, TransformerConfig]:
             problems.append(f"{f.hf}={values[f.hf]!r}: {e}")
     if problems:
         raise ValueError(
-            f"config.json (model_type={fam.model_type!r}) sets options flax_impl does not implement:\n  "
+            f"{source} (model_type={fam.model_type!r}) sets options flax_impl does not implement:\n  "
             + "\n  ".join(problems)
         )
     try:
         return fam, TransformerConfig(**fields)
     except ValueError as e:
-        raise ValueError(f"config.json (model_type={fam.model_type!r}) gives an invalid TransformerConfig: {e}") from e
+        raise ValueError(f"{source} (model_type={fam.model_type!r}) gives an invalid TransformerConfig: {e}") from e
 
 
 def _relevant(cfg: TransformerConfig, name: str) -> bool:

@@ -22,7 +22,9 @@ from flax_impl.hf.spec import (
     width_times,
 )
 
-_NO_CROSS_ATTENTION = Require("add_cross_attention", False, (False,), why="cross-attention layers are not implemented")
+_NO_CROSS_ATTENTION = Require(
+    "add_cross_attention", False, (False,), why="cross-attention layers are not implemented", kind="bool"
+)
 # A plain pre-LN decoder with LayerNorm and a plain MLP: what GPT-2, BLOOM and MPT share.
 _DECODER = dict(
     norm="layernorm",
@@ -43,32 +45,40 @@ GPT2 = Family(
     architecture="GPT2LMHeadModel",
     prefix="transformer.",
     config=(
-        Field("vocab_size", "vocab_size", 50257),
-        Field("n_embd", "d_model", 768),
-        Field("n_head", "n_heads", 12),
-        Field("n_layer", "n_layers", 12),
-        Field("n_inner", "d_ff", None, inner_or_4d("n_embd")),
-        Field("n_positions", "max_len", 1024),
-        Field("activation_function", "activation", "gelu_new", ACTIVATION),
-        Field("layer_norm_epsilon", "norm_eps", 1e-5),
-        Field("resid_pdrop", "dropout", 0.1),
-        Field("attn_pdrop", "attention_dropout", 0.1),
-        Field("tie_word_embeddings", "lm_head", True, TIE),
+        Field("vocab_size", "vocab_size", 50257, kind="int"),
+        Field("n_embd", "d_model", 768, kind="int"),
+        Field("n_head", "n_heads", 12, kind="int"),
+        Field("n_layer", "n_layers", 12, kind="int"),
+        Field("n_inner", "d_ff", None, inner_or_4d("n_embd"), kind="int?"),
+        Field("n_positions", "max_len", 1024, kind="int"),
+        Field("activation_function", "activation", "gelu_new", ACTIVATION, kind="str"),
+        Field("layer_norm_epsilon", "norm_eps", 1e-5, kind="float"),
+        Field("resid_pdrop", "dropout", 0.1, kind="float"),
+        Field("attn_pdrop", "attention_dropout", 0.1, kind="float"),
+        Field("tie_word_embeddings", "lm_head", True, TIE, kind="bool"),
     ),
     fixed=dict(_DECODER, position="learned", input_norm=False, bias=True),
     require=(
-        Require("scale_attn_weights", True, (True,), why="unscaled q.k scores are not implemented (ours: / sqrt(H))"),
+        Require(
+            "scale_attn_weights",
+            True,
+            (True,),
+            why="unscaled q.k scores are not implemented (ours: / sqrt(H))",
+            kind="bool",
+        ),
         Require(
             "scale_attn_by_inverse_layer_idx",
             False,
             (False,),
             why="scores divided by (layer index + 1) are not implemented",
+            kind="bool",
         ),
         Require(
             "reorder_and_upcast_attn",
             False,
             (False,),
             why="scaling k before q.k and upcasting the scores (a mixed-precision variant) is not implemented",
+            kind="bool",
         ),
         _NO_CROSS_ATTENTION,
     ),
@@ -109,18 +119,19 @@ BERT = Family(
     prefix="bert.",
     saved_prefix="",  # BertModel's own keys
     config=(
-        Field("vocab_size", "vocab_size", 30522),
-        Field("hidden_size", "d_model", 768),
-        Field("num_hidden_layers", "n_layers", 12),
-        Field("num_attention_heads", "n_heads", 12),
-        Field("intermediate_size", "d_ff", 3072),
-        Field("hidden_act", "activation", "gelu", ACTIVATION),  # BERT's "gelu" is the exact erf form
-        Field("hidden_dropout_prob", "dropout", 0.1),
-        Field("attention_probs_dropout_prob", "attention_dropout", 0.1),
-        Field("max_position_embeddings", "max_len", 512),
-        Field("type_vocab_size", "type_vocab_size", 2),  # token_type_embeddings, added before embeddings.LayerNorm
-        Field("layer_norm_eps", "norm_eps", 1e-12),
-        Field("pad_token_id", "padding_idx", 0),  # nn.Embedding(..., padding_idx=pad_token_id)
+        Field("vocab_size", "vocab_size", 30522, kind="int"),
+        Field("hidden_size", "d_model", 768, kind="int"),
+        Field("num_hidden_layers", "n_layers", 12, kind="int"),
+        Field("num_attention_heads", "n_heads", 12, kind="int"),
+        Field("intermediate_size", "d_ff", 3072, kind="int"),
+        Field("hidden_act", "activation", "gelu", ACTIVATION, kind="str"),  # BERT's "gelu" is the exact erf form
+        Field("hidden_dropout_prob", "dropout", 0.1, kind="float"),
+        Field("attention_probs_dropout_prob", "attention_dropout", 0.1, kind="float"),
+        Field("max_position_embeddings", "max_len", 512, kind="int"),
+        # token_type_embeddings, added before embeddings.LayerNorm:
+        Field("type_vocab_size", "type_vocab_size", 2, kind="int"),
+        Field("layer_norm_eps", "norm_eps", 1e-12, kind="float"),
+        Field("pad_token_id", "padding_idx", 0, kind="int?"),  # nn.Embedding(..., padding_idx=pad_token_id)
     ),
     fixed=dict(
         position="learned",
@@ -137,12 +148,19 @@ BERT = Family(
         lm_head="tied",  # BertModel has no LM head; model.logits(h) is the tied readout
     ),
     require=(
-        Require("is_decoder", False, (False,), why="BERT as a causal decoder (BertLMHeadModel) is not supported"),
+        Require(
+            "is_decoder",
+            False,
+            (False,),
+            why="BERT as a causal decoder (BertLMHeadModel) is not supported",
+            kind="bool",
+        ),
         Require(
             "position_embedding_type",  # transformers 4's key; transformers 5 has absolute positions only
             "absolute",
             ("absolute",),
             why="relative position embeddings (relative_key, relative_key_query) are not implemented",
+            kind="str?",
         ),
         _NO_CROSS_ATTENTION,
     ),
@@ -178,15 +196,15 @@ BLOOM = Family(
     architecture="BloomForCausalLM",
     prefix="transformer.",
     config=(
-        Field("vocab_size", "vocab_size", 250880),
-        Field("hidden_size", "d_model", 64),
-        Field("hidden_size", "d_ff", 64, width_times(4, "hidden_size")),  # BloomMLP: dense_h_to_4h
-        Field("n_head", "n_heads", 8),
-        Field("n_layer", "n_layers", 2),
-        Field("layer_norm_epsilon", "norm_eps", 1e-5),
-        Field("hidden_dropout", "dropout", 0.0),
-        Field("attention_dropout", "attention_dropout", 0.0),
-        Field("tie_word_embeddings", "lm_head", True, TIE),
+        Field("vocab_size", "vocab_size", 250880, kind="int"),
+        Field("hidden_size", "d_model", 64, kind="int"),
+        Field("hidden_size", "d_ff", 64, width_times(4, "hidden_size"), kind="int"),  # BloomMLP: dense_h_to_4h
+        Field("n_head", "n_heads", 8, kind="int"),
+        Field("n_layer", "n_layers", 2, kind="int"),
+        Field("layer_norm_epsilon", "norm_eps", 1e-5, kind="float"),
+        Field("hidden_dropout", "dropout", 0.0, kind="float"),
+        Field("attention_dropout", "attention_dropout", 0.0, kind="float"),
+        Field("tie_word_embeddings", "lm_head", True, TIE, kind="bool"),
     ),
     fixed=dict(
         _DECODER,
@@ -203,6 +221,7 @@ BLOOM = Family(
             False,
             (False,),
             why="residuals taken after the norm are not implemented",
+            kind="bool",
         ),
     ),
     keys=(
@@ -228,8 +247,8 @@ BLOOM = Family(
 )
 
 
-def _mpt_refuse(key: str, default: object, why: str) -> Require:
-    return Require(key, default, (default,), why=why)
+def _mpt_refuse(key: str, default: object, why: str, *, kind: str) -> Require:
+    return Require(key, default, (default,), why=why, kind=kind)
 
 
 MPT = Family(
@@ -237,45 +256,56 @@ MPT = Family(
     architecture="MptForCausalLM",
     prefix="transformer.",
     config=(
-        Field("vocab_size", "vocab_size", 50368),
-        Field("d_model", "d_model", 2048),
-        Field("d_model", "d_ff", 2048, width_times(4, "d_model")),  # MptMLP: up_proj is 4 x d_model
-        Field("n_heads", "n_heads", 16),
-        Field("n_layers", "n_layers", 24),
-        Field("max_seq_len", "max_len", 2048),
-        Field("layer_norm_epsilon", "norm_eps", 1e-5),
-        Field("attn_config.attn_pdrop", "dropout", 0),  # transformers' MPT drops residual branches at this rate
-        Field("attn_config.attn_pdrop", "attention_dropout", 0),
-        Field("tie_word_embeddings", "lm_head", True, TIE),
+        Field("vocab_size", "vocab_size", 50368, kind="int"),
+        Field("d_model", "d_model", 2048, kind="int"),
+        Field("d_model", "d_ff", 2048, width_times(4, "d_model"), kind="int"),  # MptMLP: up_proj is 4 x d_model
+        Field("n_heads", "n_heads", 16, kind="int"),
+        Field("n_layers", "n_layers", 24, kind="int"),
+        Field("max_seq_len", "max_len", 2048, kind="int"),
+        Field("layer_norm_epsilon", "norm_eps", 1e-5, kind="float"),
+        # transformers' MPT drops residual branches at this rate; it annotates the rate `int`, MosaicML writes 0.0:
+        Field("attn_config.attn_pdrop", "dropout", 0, kind="float"),
+        Field("attn_config.attn_pdrop", "attention_dropout", 0, kind="float"),
+        Field("tie_word_embeddings", "lm_head", True, TIE, kind="bool"),
     ),
     # transformers' MPT has no biases anywhere (LayerNorm without bias) and the exact GELU.
     # MPT's slope order for a head count that is not a power of two (the next power's odd-indexed slopes first)
     # is Press et al.'s, as ours.
     fixed=dict(_DECODER, position="alibi", alibi_max_bias=8.0, activation="gelu", input_norm=False, bias=False),
     require=(
-        _mpt_refuse("expansion_ratio", 4, "transformers' MptMLP is 4 x d_model whatever the ratio"),
-        _mpt_refuse("no_bias", True, "transformers' MPT has no biases whatever no_bias says"),
-        _mpt_refuse("logit_scale", None, "scaled logits are not implemented"),
-        _mpt_refuse("embedding_fraction", 1.0, "scaled embedding gradients are not implemented"),
+        _mpt_refuse("expansion_ratio", 4, "transformers' MptMLP is 4 x d_model whatever the ratio", kind="int"),
+        _mpt_refuse("no_bias", True, "transformers' MPT has no biases whatever no_bias says", kind="bool"),
+        _mpt_refuse("logit_scale", None, "scaled logits are not implemented", kind="float|str?"),
+        _mpt_refuse("embedding_fraction", 1.0, "scaled embedding gradients are not implemented", kind="float"),
         Require(
             "norm_type",
             "low_precision_layernorm",
             ("low_precision_layernorm", "layernorm"),
             why="only LayerNorm is implemented (as transformers' MPT)",
+            kind="str",
         ),
         _mpt_refuse(
             "attn_config.alibi_bias_max",
             8,
             "transformers' MptModel builds its ALiBi slopes with the default 8 whatever alibi_bias_max says "
             "(MosaicML's code reads it): another value would compute differently there",
+            kind="int",
         ),
-        _mpt_refuse("attn_config.alibi", True, "MPT without ALiBi has no position information in transformers"),
-        _mpt_refuse("attn_config.clip_qkv", None, "clipping q, k, v is not implemented"),
-        _mpt_refuse("attn_config.qk_ln", False, "LayerNorm on q and k is not implemented"),
-        _mpt_refuse("attn_config.softmax_scale", None, "a softmax scale other than 1/sqrt(H) is not implemented"),
-        _mpt_refuse("attn_config.prefix_lm", False, "prefix-LM attention is not implemented"),
-        _mpt_refuse("attn_config.attn_uses_sequence_id", False, "sequence-id attention masks are not implemented"),
-        _mpt_refuse("attn_config.attn_type", "multihead_attention", "multi-query attention is not implemented"),
+        _mpt_refuse(
+            "attn_config.alibi", True, "MPT without ALiBi has no position information in transformers", kind="bool"
+        ),
+        _mpt_refuse("attn_config.clip_qkv", None, "clipping q, k, v is not implemented", kind="float?"),
+        _mpt_refuse("attn_config.qk_ln", False, "LayerNorm on q and k is not implemented", kind="bool"),
+        _mpt_refuse(
+            "attn_config.softmax_scale", None, "a softmax scale other than 1/sqrt(H) is not implemented", kind="float?"
+        ),
+        _mpt_refuse("attn_config.prefix_lm", False, "prefix-LM attention is not implemented", kind="bool"),
+        _mpt_refuse(
+            "attn_config.attn_uses_sequence_id", False, "sequence-id attention masks are not implemented", kind="bool"
+        ),
+        _mpt_refuse(
+            "attn_config.attn_type", "multihead_attention", "multi-query attention is not implemented", kind="str"
+        ),
     ),
     keys=(
         Key("wte.weight", "input.embed.weight"),

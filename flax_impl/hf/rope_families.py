@@ -49,20 +49,22 @@ def _common(defaults: Mapping[str, Any]) -> tuple[Field, ...]:
     """The Fields the three families share; `defaults` holds each class's own defaults for them."""
     d = defaults
     return (
-        Field("vocab_size", "vocab_size", d["vocab_size"]),
-        Field("hidden_size", "d_model", 4096),
-        Field("intermediate_size", "d_ff", d["intermediate_size"]),
-        Field("num_hidden_layers", "n_layers", 32),
-        Field("num_attention_heads", "n_heads", 32),
-        Field("num_key_value_heads", "n_kv_heads", d["num_key_value_heads"], kv_heads("num_attention_heads")),
-        Field("hidden_act", "activation", "silu", ACTIVATION),
-        Field("max_position_embeddings", "max_len", d["max_position_embeddings"]),
-        Field("rms_norm_eps", "norm_eps", 1e-6),
-        Field("tie_word_embeddings", "lm_head", False, TIE),
-        Field("rope_parameters.rope_theta", "rope_base", 10_000.0),
-        Field("rope_parameters.factor", "rope_scale", 1.0, ROPE_LINEAR_FACTOR, omit_default=True),
-        Field("attention_dropout", "attention_dropout", 0.0),
-        Field("pad_token_id", "padding_idx", None),  # nn.Embedding(..., padding_idx=pad_token_id)
+        Field("vocab_size", "vocab_size", d["vocab_size"], kind="int"),
+        Field("hidden_size", "d_model", 4096, kind="int"),
+        Field("intermediate_size", "d_ff", d["intermediate_size"], kind="int"),
+        Field("num_hidden_layers", "n_layers", 32, kind="int"),
+        Field("num_attention_heads", "n_heads", 32, kind="int"),
+        Field(
+            "num_key_value_heads", "n_kv_heads", d["num_key_value_heads"], kv_heads("num_attention_heads"), kind="int?"
+        ),
+        Field("hidden_act", "activation", "silu", ACTIVATION, kind="str"),
+        Field("max_position_embeddings", "max_len", d["max_position_embeddings"], kind="int"),
+        Field("rms_norm_eps", "norm_eps", 1e-6, kind="float"),
+        Field("tie_word_embeddings", "lm_head", False, TIE, kind="bool"),
+        Field("rope_parameters.rope_theta", "rope_base", 10_000.0, kind="float"),
+        Field("rope_parameters.factor", "rope_scale", 1.0, ROPE_LINEAR_FACTOR, omit_default=True, kind="float"),
+        Field("attention_dropout", "attention_dropout", 0.0, kind="float?"),
+        Field("pad_token_id", "padding_idx", None, kind="int?"),  # nn.Embedding(..., padding_idx=pad_token_id)
     )
 
 
@@ -72,12 +74,14 @@ _REQUIRE = (
         "default",
         ("default", "linear"),
         why="only plain RoPE and linear position interpolation are implemented (not dynamic/yarn/llama3/longrope)",
+        kind="str",
     ),
     Require(
         "rope_parameters.partial_rotary_factor",
         None,
         (None, 1, 1.0),
         why="these families rotate the whole head (partial rotary is not part of their modeling code)",
+        kind="float?",
     ),
 )
 _HEAD_DIM = Require(
@@ -85,6 +89,7 @@ _HEAD_DIM = Require(
     None,
     check=head_dim_check("hidden_size", "num_attention_heads"),
     why="a head_dim other than hidden_size / num_attention_heads is not implemented",
+    kind="int?",
 )
 _DERIVED = (
     Derived("head_dim", lambda c: c.head_dim),
@@ -114,9 +119,9 @@ LLAMA = Family(
         dict(vocab_size=32000, intermediate_size=11008, num_key_value_heads=None, max_position_embeddings=2048)
     )
     + (
-        Field("attention_bias", "qkv_bias", False),
-        Field("attention_bias", "out_bias", False),  # one switch for q, k, v and o in LlamaAttention
-        Field("mlp_bias", "mlp_bias", False),
+        Field("attention_bias", "qkv_bias", False, kind="bool"),
+        Field("attention_bias", "out_bias", False, kind="bool"),  # one switch for q, k, v and o in LlamaAttention
+        Field("mlp_bias", "mlp_bias", False, kind="bool"),
     ),
     fixed=dict(_FIXED, sliding_window=None),
     require=(*_REQUIRE, _HEAD_DIM),
@@ -133,7 +138,7 @@ MISTRAL = Family(
     config=_common(
         dict(vocab_size=32000, intermediate_size=14336, num_key_value_heads=8, max_position_embeddings=4096 * 32)
     )
-    + (Field("sliding_window", "sliding_window", 4096),),  # query i sees keys i - W < j <= i
+    + (Field("sliding_window", "sliding_window", 4096, kind="int?"),),  # query i sees keys i - W < j <= i
     fixed=dict(_FIXED, qkv_bias=False, out_bias=False, mlp_bias=False),
     require=(*_REQUIRE, _HEAD_DIM),
     derived=_DERIVED,
@@ -152,7 +157,10 @@ def _qwen2_window_to_ours(window: Any, hf: Mapping[str, Any]) -> int | None:
         "sliding_attention" if window is not None and i >= hf["max_window_layers"] else "full_attention"
         for i in range(n)
     ]
-    per_layer = {window if t == "sliding_attention" else None for t in types}
+    unknown = sorted(set(types) - {"sliding_attention", "full_attention"})
+    if unknown:
+        raise Unsupported(f"layer types {unknown}: each must be 'full_attention' or 'sliding_attention'")
+    per_layer = {window if t == "sliding_attention" else None for t in types} or {window}
     if len(per_layer) > 1:
         raise Unsupported(f"layers mix full and sliding-window attention (layer_types {types}); one window for all")
     return per_layer.pop()
@@ -162,7 +170,12 @@ _QWEN2_WINDOW = Convert(
     "Qwen2 sliding window (use_sliding_window, layer_types)",
     _qwen2_window_to_ours,
     lambda v, cfg: v,
-    reads={"use_sliding_window": False, "max_window_layers": 28, "layer_types": None, "num_hidden_layers": 32},
+    reads={
+        "use_sliding_window": (False, "bool"),
+        "max_window_layers": (28, "int"),
+        "layer_types": (None, "list[str]?"),
+        "num_hidden_layers": (32, "int"),
+    },
 )
 
 
@@ -177,7 +190,7 @@ QWEN2 = Family(
     config=_common(
         dict(vocab_size=151936, intermediate_size=22016, num_key_value_heads=32, max_position_embeddings=32768)
     )
-    + (Field("sliding_window", "sliding_window", 4096, _QWEN2_WINDOW),),
+    + (Field("sliding_window", "sliding_window", 4096, _QWEN2_WINDOW, kind="int?"),),
     fixed=dict(_FIXED, qkv_bias=True, out_bias=False, mlp_bias=False),  # Qwen2Attention: biases on q, k, v only
     require=(*_REQUIRE, _HEAD_DIM),  # Qwen2Attention reads head_dim when config.json has one
     derived=(

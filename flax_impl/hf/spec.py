@@ -4,7 +4,10 @@ templates and the named weight layouts.
 A family is data, not code: `Field`s map a Hugging Face config.json entry to a `TransformerConfig` field through
 a named two-way `Convert`; `Require`s name the HF options we do not implement (a clear error when a config.json
 sets one); `Key`s map a checkpoint key template to our key template (torch_ref's state-dict names) through a named
-`Layout`. The engines that read the tables live in `flax_impl.hf.convert`.
+`Layout`. Every config.json entry a table reads declares its JSON kind (`flax_impl.validation.JSON_KINDS`: "bool",
+"int", "float", "str", "list[str]"; "a|b" for either, "?" admits null), checked before any value is used, so a
+"false" where a bool belongs is refused instead of read by truthiness. The engines that read the tables live in
+`flax_impl.hf.convert`.
 
 Axes: D model width, N heads, K kv heads, H head dim, F feed-forward width, V vocabulary.
 """
@@ -35,14 +38,15 @@ class Unsupported(ValueError):
 @dataclass(frozen=True)
 class Convert:
     """A named two-way value converter. `to_ours(value, hf)` reads the HF value; `hf` maps every config.json key
-    the family's table names (and the keys in `reads`, with their defaults) to its value, defaults filled in.
+    the family's table names (and the keys in `reads`) to its value, defaults filled in, kinds checked.
     `to_hf(value, config)` writes ours back, with our whole config for context. Either raises `Unsupported` for a
     value the other side cannot represent."""
 
     name: str
     to_ours: Callable[[Any, Mapping[str, Any]], Any]
     to_hf: Callable[[Any, TransformerConfig], Any]
-    reads: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # other HF keys read -> their defaults
+    # Other HF keys read -> (their default, their JSON kind).
+    reads: Mapping[str, tuple[Any, str]] = dataclasses.field(default_factory=dict)
 
 
 SAME = Convert("same", lambda v, hf: v, lambda v, cfg: v)
@@ -122,13 +126,17 @@ def _linear_factor(v: Any, hf: Mapping[str, Any]) -> float:
 
 # rope_parameters.factor is our rope_scale only under rope_type "linear" (positions divided by it).
 ROPE_LINEAR_FACTOR = Convert(
-    "factor of rope_type 'linear'", _linear_factor, lambda v, cfg: v, reads={"rope_parameters.rope_type": "default"}
+    "factor of rope_type 'linear'",
+    _linear_factor,
+    lambda v, cfg: v,
+    reads={"rope_parameters.rope_type": ("default", "str")},
 )
 
 
 def head_dim_check(hidden_key: str, heads_key: str) -> Callable[[Any, Mapping[str, Any]], bool]:
-    """head_dim must be None or hidden_size / num_attention_heads (ours is always D / N)."""
-    return lambda v, hf: v is None or v == hf[hidden_key] // hf[heads_key]
+    """head_dim must be None or hidden_size / num_attention_heads (ours is always D / N). With N < 1 the check
+    passes: TransformerConfig refuses N itself, naming it."""
+    return lambda v, hf: v is None or hf[heads_key] < 1 or v == hf[hidden_key] // hf[heads_key]
 
 
 @dataclass(frozen=True)
@@ -136,13 +144,16 @@ class Field:
     """config.json `hf` (dotted for nested dicts: "attn_config.alibi_bias_max") <-> TransformerConfig `ours`.
 
     `default` is transformers' default for a config.json that omits the key (checked against the config class in
-    parity_tests/test_hf.py). Two Fields may read the same HF key (BLOOM's hidden_size gives d_model and d_ff)."""
+    parity_tests/test_hf.py); `kind` the JSON kind a config.json value must have (checked against the config
+    class's annotations there too). Two Fields may read the same HF key (BLOOM's hidden_size gives d_model and
+    d_ff)."""
 
     hf: str
     ours: str
     default: Any
     convert: Convert = SAME
     omit_default: bool = False  # on save, leave the key out when it equals `default`
+    kind: str = dataclasses.field(kw_only=True)
 
 
 @dataclass(frozen=True)
@@ -155,6 +166,7 @@ class Require:
     allowed: tuple[Any, ...] = ()  # the values we implement ...
     check: Callable[[Any, Mapping[str, Any]], bool] | None = None  # ... or a test of the value (and `Convert`'s hf)
     why: str = ""
+    kind: str = dataclasses.field(kw_only=True)  # the JSON kind, checked before `allowed` / `check`
 
     def ok(self, value: Any, hf: Mapping[str, Any]) -> bool:
         return self.check(value, hf) if self.check is not None else value in self.allowed

@@ -24,7 +24,8 @@ from torch import nn
 import torch_ref
 from flax_impl.apps.bench.encoder_sides import LR, PEERS, unsupported
 from flax_impl.config import TransformerConfig
-from flax_impl.interop import to_numpy_state_dict, to_torch_encoder_layer
+from flax_impl.interop import to_numpy_state_dict
+from flax_impl.torch_keys import to_torch_encoder_layer
 from torch_ref.attention import MultiHeadAttention, mask_rules
 from torch_ref.positions import alibi_slopes, rotate_qk
 
