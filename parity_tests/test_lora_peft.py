@@ -19,7 +19,7 @@ import pytest
 import torch
 import transformers
 from flax import nnx
-from hf_helpers import SPECS, perturb
+from hf_helpers import SPECS, assert_rows_close, perturb
 from safetensors.numpy import load_file
 
 import flax_impl as fi
@@ -27,7 +27,7 @@ import flax_impl.hf as fh
 from flax_impl import train as ftrain
 from flax_impl.config import TrainConfig
 from flax_impl.hf.adapters import peft_state_dict
-from flax_impl.tolerances import EXACT, HF_FORWARD, TRAIN_REL
+from flax_impl.tolerances import EXACT, HF_FORWARD_REL, TRAIN_REL, row_error
 from flax_impl.validation import IGNORE_INDEX
 from torch_ref.train import lr_lambda
 
@@ -202,7 +202,7 @@ def test_trained_adapter_loads_in_peft(trained, tmp_path):
     theirs = peft.PeftModel.from_pretrained(_hf_model(trained.family, trained.folder), tmp_path).eval()
     batch = completion_batches(theirs.config.vocab_size, 1, seed=5)[0]
     real = batch["mask"].astype(bool)
-    np.testing.assert_allclose(_outputs(trained.ours, batch)[real], _outputs(theirs, batch)[real], atol=HF_FORWARD)
+    assert_rows_close(_outputs(trained.ours, batch)[real], _outputs(theirs, batch)[real], msg="peft's logits")
 
 
 def test_merged_folder_loads_in_transformers(trained, tmp_path):
@@ -212,9 +212,9 @@ def test_merged_folder_loads_in_transformers(trained, tmp_path):
     batch = completion_batches(merged.config.vocab_size, 1, seed=6)[0]
     real = batch["mask"].astype(bool)
     ours, theirs = _outputs(trained.ours, batch), _outputs(merged, batch)
-    np.testing.assert_allclose(ours[real], theirs[real], rtol=0, atol=HF_FORWARD)
+    assert_rows_close(ours[real], theirs[real], msg="the merged folder's logits")
     base = _outputs(_hf_model(trained.family, trained.folder), batch)
-    assert np.abs(base[real] - theirs[real]).max() > 1e3 * HF_FORWARD  # the adapters changed the model
+    assert row_error(base[real], theirs[real]) > 1e3 * HF_FORWARD_REL  # the adapters changed the model
 
 
 # Every other family through its table: peft's adapter on its transformers model, read into ours (the same
@@ -248,7 +248,7 @@ def test_peft_adapter_of_each_family_reads_into_ours(family, tmp_path):
         with torch.no_grad():
             kw = dict(input_ids=torch.from_numpy(batch["ids"]), attention_mask=torch.from_numpy(batch["mask"]))
             want = theirs(**kw).last_hidden_state.numpy()
-    np.testing.assert_allclose(got[real], want[real], rtol=0, atol=HF_FORWARD)
+    assert_rows_close(got[real], want[real], msg=f"{family} with peft's adapter")
     fi.save_peft_adapter(ours, tmp_path / "back")
     original = load_file(start / "adapter_model.safetensors")
     saved = load_file(tmp_path / "back" / "adapter_model.safetensors")
