@@ -1,5 +1,5 @@
 """`flax-impl finetune FOLDER --data PATH --out DIR`: fine-tune a local Hugging Face causal LM on text or chat /
-instruction records, and write a folder that transformers loads (docs/finetuning.md).
+instruction records, and write a folder that transformers loads (docs/finetune.md).
 
 Before any work (exit 2, one line naming the option, the file or the record): every option; the folder (config,
 a causal family we read, weights, tokenizer.json, chat template); every record of --data (and --eval-data) read,
