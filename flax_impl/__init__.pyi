@@ -33,12 +33,23 @@ from flax_impl.dropout import Dropout as Dropout
 from flax_impl.embedding import Embed as Embed, check_ids as check_ids
 from flax_impl.generation import GenerateOutput as GenerateOutput, filter_logits as filter_logits, generate as generate
 from flax_impl.generation_config import GenerationConfig as GenerationConfig
+from flax_impl.hf.adapters import load_peft_adapter as load_peft_adapter, save_peft_adapter as save_peft_adapter
 from flax_impl.interop import (
     load as load,
     load_model as load_model,
     load_torch_state_dict as load_torch_state_dict,
     save as save,
     to_numpy_state_dict as to_numpy_state_dict,
+)
+from flax_impl.lora import (
+    LoraConfig as LoraConfig,
+    LoraParam as LoraParam,
+    apply_lora as apply_lora,
+    lora_config as lora_config,
+    make_lora_optimizer as make_lora_optimizer,
+    merge_lora as merge_lora,
+    merged_model as merged_model,
+    unmerge_lora as unmerge_lora,
 )
 from flax_impl.norm import LayerNorm as LayerNorm, RMSNorm as RMSNorm
 from flax_impl.pipeline import TransformerInput as TransformerInput, encode_text as encode_text

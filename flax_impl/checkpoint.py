@@ -22,8 +22,11 @@ default device if it has none. Orbax then reads from each array file only the in
 (TensorStore) and puts it on that device, so a sharded restore never holds a whole sharded array on one device;
 the mesh at restore time may differ from the one at save time. The saved config (`flax_impl.saved_config`: a
 model of another architecture is refused, listing every field that differs; a step without a config restores
-with a warning), shapes and dtypes are checked before any array is read. One process writes a directory at a
-time (a save deletes the leftovers of killed saves); saving from several JAX processes is not supported.
+with a warning), shapes and dtypes are checked before any array is read. One run writes a directory at a time
+(a save deletes the leftovers of killed saves). Several JAX processes (`jax.distributed`) save together: each
+calls `save_checkpoint` with the same arguments, process 0 makes the temporary folder and sends its name to the
+others, every process writes its own shards into it (Orbax), and process 0 lists and renames it once all are done;
+the directory must be on a filesystem every process sees.
 
 Example:
     >>> model = Transformer(cfg, rngs=nnx.Rngs(0))
@@ -134,7 +137,6 @@ def save_checkpoint(
             integer >= 1; `metadata` is not a JSON object.
         OSError: the step could not be written (a full disk: errno ENOSPC); nothing of it is left behind and
             the steps already saved are intact.
-        NotImplementedError: several JAX processes.
     """
     _check_nodes(model, optimizer)
     if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
@@ -149,9 +151,6 @@ def save_checkpoint(
                 raise TypeError("not a dict of JSON values")
         except (TypeError, ValueError) as err:
             raise ValueError(f"metadata must be a JSON object (str keys; no NaN, no tuples): {err}") from None
-    if jax.process_count() > 1:
-        raise NotImplementedError("save_checkpoint writes from one JAX process; this is process "
-                                  f"{jax.process_index()} of {jax.process_count()}")
     if int(step) in checkpoint_steps(directory):
         raise ValueError(f"step={step} is already saved in {os.fspath(directory)!r}: choose a new step")
     items = {MODEL: ocp.args.StandardSave(nnx.state(model))}
@@ -163,12 +162,24 @@ def save_checkpoint(
     if metadata is not None:
         items[METADATA] = ocp.args.JsonSave(metadata)
 
-    def write(folder: Path) -> None:
+    def save(folder: Path) -> None:
         with _checkpointer() as checkpointer:  # Orbax writes `folder` atomically itself: force replaces it
             checkpointer.save(folder.absolute(), args=ocp.args.Composite(**items), force=True)
 
+    def write(folder: Path) -> None:
+        if jax.process_count() > 1:  # the other processes learn the folder, then all write their shards into it
+            _broadcast_name(folder)
+        save(folder)
+
     try:
-        return os.fspath(write_step(directory, int(step), write, keep=max_to_keep))
+        if jax.process_index() > 0:
+            save(Path(_broadcast_name(None)))
+            _barrier(f"flax_impl.checkpoint step {step}")  # process 0 checks, lists and renames the folder
+            return os.fspath(Path(directory) / str(int(step)))
+        folder = os.fspath(write_step(directory, int(step), write, keep=max_to_keep))
+        if jax.process_count() > 1:
+            _barrier(f"flax_impl.checkpoint step {step}")
+        return folder
     except OSError as err:
         raise OSError(err.errno, err.strerror or str(err), os.fspath(directory)) from err
     except ValueError as err:  # TensorStore reports a failed write as ValueError("... [os_error_code='28']")
@@ -176,6 +187,24 @@ def save_checkpoint(
         if code is None:
             raise
         raise OSError(int(code[1]), os.strerror(int(code[1])), os.fspath(directory)) from err
+
+
+def _broadcast_name(folder: Path | None) -> str:
+    """Process 0's `folder` path, on every process (the others pass None)."""
+    from jax.experimental import multihost_utils
+
+    data = np.zeros(4096, np.uint8)
+    if folder is not None:
+        raw = os.fspath(folder.absolute()).encode()
+        data[: len(raw)] = np.frombuffer(raw, np.uint8)
+    out = np.asarray(multihost_utils.broadcast_one_to_all(data))
+    return bytes(out[out != 0].tolist()).decode()
+
+
+def _barrier(name: str) -> None:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
 
 
 def checkpoint_info(directory: str | os.PathLike, *, step: int | None = None, verify: bool = True) -> CheckpointInfo:
@@ -300,7 +329,7 @@ def _checkpointer() -> ocp.Checkpointer:
 
 def _target(node: nnx.Module | nnx.Optimizer) -> nnx.State:
     """nnx.state(node) with every array replaced by a ShapeDtypeStruct carrying its placement."""
-    default = SingleDeviceSharding(jax.devices()[0])
+    default = SingleDeviceSharding(jax.local_devices()[0])
 
     def leaf(x: Any) -> jax.ShapeDtypeStruct:
         sharding = getattr(x, "sharding", None) or default

@@ -288,7 +288,8 @@ def sharded_train_step(
 
 @nnx.jit(static_argnums=3)
 def _train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: dict[str, Any], loss_fn: LossFn) -> dict:
-    loss, grads = nnx.value_and_grad(loss_fn)(model, batch)
+    # Differentiate what the optimizer trains only (all nnx.Param, or LoRA adapters), as flax_impl.train.
+    loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, optimizer.wrt))(model, batch)
     optimizer.update(model, grads)
     _constrain_state(model)
     _constrain_state(optimizer)

@@ -217,7 +217,7 @@ def place_torch_tensors(
             for e in present:
                 a = fetch(e.torch_key)
                 value[e.layer] = a.T if e.transpose else a
-        sharding = getattr(old, "sharding", None) or SingleDeviceSharding(jax.devices()[0])
+        sharding = getattr(old, "sharding", None) or SingleDeviceSharding(jax.local_devices()[0])
         current[path].set_value(jax.device_put(value, sharding))
     nnx.update(module, state)
 
@@ -310,7 +310,7 @@ def load(module: nnx.Module, path: str | os.PathLike, *, strict: bool = True) ->
             if not layers:
                 continue
             old = current[flax_path].get_value()
-            sharding = getattr(old, "sharding", None) or SingleDeviceSharding(jax.devices()[0])
+            sharding = getattr(old, "sharding", None) or SingleDeviceSharding(jax.local_devices()[0])
 
             def read(index: tuple[slice, ...], old=old, layers=layers) -> np.ndarray:
                 return _read_shard(file, layers, old, index)

@@ -332,7 +332,8 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch) -> dic
 
 @nnx.jit
 def _train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch) -> dict[str, jax.Array]:
-    loss, grads = nnx.value_and_grad(loss_fn)(model, batch)
+    # Differentiate what the optimizer trains only (all nnx.Param, or the adapters: flax_impl.lora).
+    loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, optimizer.wrt))(model, batch)
     optimizer.update(model, grads)
     return {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 

@@ -127,13 +127,12 @@ class Transformer(nnx.Module):
         """
         if not self.flax_config.scan_layers:
             return self
-        flax_config = self.flax_config.replace(scan_layers=False)
-        shape = nnx.eval_shape(lambda: Transformer(self.config, flax_config=flax_config, rngs=nnx.Rngs(0)))
-        state = nnx.state(self)
-        stacked = state["blocks"]  # every leaf (n_layers, ...)
+        copy = nnx.clone(self)  # new modules and Variables over the same arrays: `self` stays as it is
+        copy.flax_config = self.flax_config.replace(scan_layers=False)
+        graphdef, stacked = nnx.split(copy.blocks)  # every leaf (n_layers, ...); adapters (flax_impl.lora) too
         layers = range(self.config.n_layers)
-        state["blocks"] = nnx.State({n: jax.tree.map(lambda a, n=n: a[n], stacked) for n in layers})
-        return nnx.merge(nnx.graphdef(shape), state)
+        copy.blocks = nnx.List([nnx.merge(graphdef, jax.tree.map(lambda a, n=n: a[n], stacked)) for n in layers])
+        return copy
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """LM head: (B, L, D) -> (B, L, V) logits in the compute dtype: hidden @ input.embed.weight.T when tied,

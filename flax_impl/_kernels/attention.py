@@ -22,7 +22,11 @@ from flax_impl._kernels.dropout import keep_scale, scale_kept
 def merge_heads_project(out_proj: nnx.Linear, out: jax.Array) -> jax.Array:
     """out_proj of the heads-major attention output: (B, N, L, H) -> (B, L, N * H) -> (B, L, D), as a recompute
     region (`jax.checkpoint` over the layer's split state, so that nothing is written back to the module: it may
-    be called inside a loop body)."""
+    be called inside a loop body). A layer that draws random bits (a LoRA adapter's dropout, flax_impl.lora) is
+    called as it is instead, so that its rng stream advances."""
+    if nnx.state(out_proj, nnx.RngState):
+        B, N, L, H = out.shape
+        return out_proj(out.transpose(0, 2, 1, 3).reshape(B, L, N * H))
     graphdef, state = nnx.split(out_proj)
 
     @jax.checkpoint

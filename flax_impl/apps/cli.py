@@ -11,6 +11,7 @@ SUBCOMMANDS = {
     "parity": ("flax_impl.apps.parity", "max abs difference Flax vs torch_ref for every module and position scheme"),
     "bench": ("flax_impl.apps.bench.encoder", "jit benchmark side by side with PyTorch"),
     "train": ("flax_impl.apps.train", "train a small encoder on the Python standard library's source"),
+    "finetune": ("flax_impl.apps.finetune", "fine-tune a local Hugging Face causal LM on text or chat records"),
     "generate": ("flax_impl.apps.generate", "continue a prompt with a local Hugging Face causal LM (KV cache)"),
     "bench-decode": ("flax_impl.apps.bench.decode", "decode benchmark: Flax generate vs torch_ref vs transformers"),
 }

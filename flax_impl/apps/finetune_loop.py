@@ -1,0 +1,315 @@
+"""The training loop of `flax-impl finetune`: the model loaded (on a mesh if asked), the steps, held-out loss,
+checkpoints (the library's kill-safe Orbax format, `flax_impl.apps.checkpoint`), Ctrl-C, and the output folder.
+
+OUT/checkpoint/<step> holds the newest checkpoint (model, AdamW state, rng streams, the run's options and loss
+history); OUT/.lock the pid of the run writing OUT. With several processes (jax.distributed) every process runs
+the same steps on its devices' rows; process 0 prints, takes the lock, plots and writes the folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from flax_impl.apps import args as shared, checkpoint as ck
+from flax_impl.apps.progress import Progress
+from flax_impl.apps.train import INTERRUPTED, _CtrlC
+from flax_impl.checkpoint_dir import step_folders
+
+# Copied from FOLDER into OUT when present: what transformers' tokenizers and generate read.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "generation_config.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
+
+
+def resume_command(args: argparse.Namespace) -> str:
+    """The command line that continues this run: the one given with --resume."""
+    argv = list(getattr(args, "argv", None) or ["finetune", args.folder, "--data", args.data, "--out", args.out])
+    return shlex.join(["flax-impl", *argv, *([] if "--resume" in argv else ["--resume"])])
+
+
+def _primary() -> bool:
+    import jax
+
+    return jax.process_index() == 0
+
+
+def run(args: argparse.Namespace, plan: Any, meta: dict[str, Any]) -> int:
+    """Lock OUT, check the checkpoint to resume, train; the exit status of `flax_impl.apps.finetune.run`."""
+    out = Path(args.out)
+    lock = None
+    try:
+        mesh = shared.build_mesh(args.mesh, plan.config, [args.batch_size]) if args.mesh else None
+        created = not out.exists()
+        out.mkdir(parents=True, exist_ok=True)
+        if _primary():
+            lock = ck.RunLock(out).acquire()
+        stop = args.stop_at or plan.steps
+        ckpt = ck.prepare(out, meta, resume=args.resume, stop=stop)
+    except (ValueError, OSError) as err:
+        if lock is not None:
+            lock.release()
+            if created and not any(out.iterdir()):
+                out.rmdir()
+        return shared.fail("finetune", err)
+    try:
+        with _CtrlC() as ctrl_c:
+            return _train(args, plan, meta, mesh, ckpt, out, ctrl_c)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started: the last checkpoint is kept
+        found = step_folders(out / ck.CKPT)
+        kept = f"the checkpoint of step {max(found)} is kept" if found else "no checkpoint was written"
+        print(f"flax-impl finetune: interrupted: {kept}", file=sys.stderr)
+        if found:
+            print(f"resume with: {resume_command(args)}", file=sys.stderr)
+        return INTERRUPTED
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def load(args: argparse.Namespace, plan: Any, mesh: Any) -> tuple[Any, Any]:
+    """(model, optimizer): the folder's weights in train mode, placed on the mesh (FSDP: split over `data` too)
+    when there is one; AdamW over every parameter, or with LoRA over the adapters only."""
+    import jax
+    from flax import nnx
+
+    import flax_impl.hf
+    from flax_impl import distributed
+    from flax_impl.apps import finetune_step as fs
+    from flax_impl.config import FlaxConfig
+    from flax_impl.lora import apply_lora, lora_decay
+    from flax_impl.train import default_decay, make_tx
+
+    flax_config = FlaxConfig(dtype="bfloat16" if args.bf16 else "float32", remat=args.remat)
+    _, model = flax_impl.hf.from_pretrained(plan.folder, flax_config=flax_config, rngs_seed=args.seed)
+    model.train()
+    if mesh is not None:
+        if args.fsdp:
+            fs.fsdp_shard(model, mesh.shape["data"])
+        fs.place_state(model, mesh)
+    decay, wrt = default_decay, nnx.Param
+    if plan.lora is not None:  # the adapters only are trained: no gradient nor AdamW state for the base weights
+        apply_lora(model, plan.lora, rngs=nnx.Rngs(params=args.seed, dropout=args.seed + 1))
+        decay, wrt = lora_decay, nnx.LoRAParam
+    if mesh is not None:
+        return model, distributed.create_sharded_optimizer(model, make_tx(plan.tcfg, decay=decay), mesh, wrt=wrt)
+    # Committed to one device, as the step's outputs are: the step compiles once, not twice.
+    nnx.update(model, jax.device_put(nnx.state(model), jax.local_devices()[0]))
+    optimizer = nnx.Optimizer(model, make_tx(plan.tcfg, decay=decay), wrt=wrt)
+    nnx.update(optimizer, jax.device_put(nnx.state(optimizer), jax.local_devices()[0]))
+    return model, optimizer
+
+
+def _train(args: argparse.Namespace, plan: Any, meta: dict[str, Any], mesh: Any, ckpt: Any, out: Path,
+           ctrl_c: _CtrlC) -> int:
+    from flax_impl.apps import finetune_step as fs
+    from flax_impl.apps.finetune_batches import eval_batches, step_batch
+    from flax_impl.checkpoint import restore_checkpoint
+    from flax_impl.train import lr_schedule
+
+    primary = _primary()
+    say = print if primary else (lambda *a, **k: None)
+    model, optimizer = load(args, plan, mesh)
+    history: dict[str, list[float]] = {"train_step": [], "train_loss": [], "eval_step": [], "eval_loss": []}
+    if ckpt is not None:  # into the model's own arrays: a sharded model keeps its shardings
+        restore_checkpoint(ckpt.path.parent, model, optimizer, step=ckpt.step)
+        history = ckpt.metadata["history"]
+    start, stop = int(optimizer.step[...]), args.stop_at or plan.steps
+    for note in plan.notes:
+        say(f"flax-impl finetune: {note}")
+    say(f"flax-impl finetune: {plan.model_type} {plan.config.n_layers} x {plan.config.d_model} from "
+        f"{plan.folder}; steps {start} -> {stop} of {plan.steps}"
+        + ("" if mesh is None else f"; mesh data={mesh.shape['data']} x model={mesh.shape['model']}"
+           + (" (FSDP)" if args.fsdp else "")))
+    heldout = [] if plan.eval_rows is None else eval_batches(plan.eval_rows, args.batch_size)
+    schedule = lr_schedule(plan.tcfg)
+
+    def evaluate() -> float | None:
+        if not heldout:
+            return None
+        model.eval()
+        sums = [fs.eval_sums(model, b, mesh=mesh) for b in heldout]
+        model.train()
+        return sum(s for s, _ in sums) / max(sum(c for _, c in sums), 1.0)
+
+    saved = (start, ckpt.path) if ckpt else (0, None)
+
+    def save_step(step: int) -> str | None:
+        nonlocal saved
+        try:
+            saved = (step, ck.save_run(out, model, optimizer, step, {**meta, "history": history}, False))
+        except OSError as err:
+            kept = f"the checkpoint of step {saved[0]} is intact ({saved[1]})" if saved[1] else "none was written"
+            return f"cannot write the checkpoint of step {step}: {err}; {kept}"
+        return None
+
+    progress = Progress(stop, initial=start) if primary else None
+    if progress:
+        progress.step("fine-tuning (the first step compiles)", 0)
+    t_first, tokens, t_tokens, code, reason = None, 0.0, 0.0, 0, ""
+    for step in range(start, stop):
+        if ctrl_c.requested:
+            code = INTERRUPTED
+            break
+        micro = step_batch(plan.train_rows, step, batch_size=args.batch_size, accumulate=args.grad_accum,
+                           seed=args.seed)
+        t0 = time.perf_counter()
+        metrics = fs.train_step(model, optimizer, micro, mesh=mesh)
+        loss, gnorm = float(metrics["loss"]), float(metrics["grad_norm"])
+        dt = time.perf_counter() - t0
+        if t_first is None:
+            t_first = dt
+        else:
+            tokens, t_tokens = tokens + micro["inputs"].size, t_tokens + dt
+        if not (math.isfinite(loss) and math.isfinite(gnorm)):
+            code, reason = 1, f"non-finite loss {loss} (gradient norm {gnorm}) at step {step + 1}"
+            break
+        history["train_step"].append(step + 1)
+        history["train_loss"].append(loss)
+        if progress:
+            rate = f"{tokens / t_tokens:,.0f} tok/s" if t_tokens else "-"
+            progress.step("fine-tuning", detail=f"step {step + 1}  loss {loss:.4f}  {rate}")
+        if (step + 1) % args.eval_every == 0 or step + 1 == stop:
+            eval_loss = evaluate()
+            if eval_loss is not None and not math.isfinite(eval_loss):
+                code, reason = 1, f"non-finite held-out loss {eval_loss} after step {step + 1}"
+                break
+            if eval_loss is not None:
+                history["eval_step"].append(step + 1)
+                history["eval_loss"].append(eval_loss)
+            if error := save_step(step + 1):
+                return _fail(progress, error)
+            held = "" if eval_loss is None else f"  held-out {eval_loss:.4f}"
+            line = (f"step {step + 1:>5}  train {loss:.4f}{held} nats/token  lr {float(schedule(step)):.2e}  "
+                    f"|g| {gnorm:.2f}  -> {saved[1]}")
+            progress.write(line) if progress else None
+    if progress:
+        progress.close()
+    if code == INTERRUPTED:
+        done = history["train_step"][-1] if history["train_step"] else start
+        if done > saved[0] and (error := save_step(done)):
+            return shared.fail("finetune", error)
+        last = f" (train loss {history['train_loss'][-1]:.4f})" if history["train_loss"] else ""
+        where = f"checkpoint {saved[1]}" if saved[1] else "no checkpoint (no step was trained)"
+        if primary:
+            print(f"flax-impl finetune: interrupted after step {done} of {stop}{last}: {where}", file=sys.stderr)
+            if saved[1]:
+                print(f"resume with: {resume_command(args)}", file=sys.stderr)
+        return code
+    if code:
+        if primary:
+            print(f"flax-impl finetune: stopped: {reason}. Lower --lr or raise --warmup. The last good checkpoint "
+                  f"is intact: {saved[1] or 'none was written'}", file=sys.stderr)
+        return code
+    plot = out / "loss.png" if args.plot is None else None if args.plot.lower() == "none" else Path(args.plot)
+    if plot is not None and primary and history["train_step"]:
+        say(_plot(plot, history, f"{plan.model_type} fine-tuning, {plan.config.n_layers} x {plan.config.d_model}"))
+    if stop < plan.steps:
+        say(f"flax-impl finetune: stopped at step {stop} of {plan.steps} (--stop-at): checkpoint {saved[1]}; "
+            f"continue with: {resume_command(args)}")
+        return 0
+    export(model, plan, out, args, mesh)
+    rate = f"{tokens / t_tokens:,.0f} tokens/s after the first step" if t_tokens else "-"
+    final = f"held-out loss {history['eval_loss'][-1]:.4f}, " if history["eval_loss"] else ""
+    say(f"flax-impl finetune: done: {final}train loss {history['train_loss'][-1]:.4f} after {stop} steps "
+        f"(first step incl. compile {t_first or 0:.1f} s, {rate}); folder {out}")
+    return 0
+
+
+def _fail(progress: Progress | None, error: str) -> int:
+    if progress:
+        progress.close()
+    return shared.fail("finetune", error)
+
+
+def _plot(path: Path, history: dict[str, list[float]], title: str) -> str:
+    """Write the loss PNG; returns a message (matplotlib is optional)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "flax-impl finetune: matplotlib is not installed: no plot written (pip install matplotlib)"
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(history["train_step"], history["train_loss"], lw=0.8, alpha=0.7, label="train (per step)")
+    if history["eval_step"]:
+        ax.plot(history["eval_step"], history["eval_loss"], "o-", label="held-out")
+    ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", title=title)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return f"flax-impl finetune: plot {path}"
+
+
+def _host(model: Any, mesh: Any) -> Any:
+    """The model with every array whole on each process (several processes: gathered), for writing."""
+    if mesh is None:
+        return model
+    import jax
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    state = nnx.state(model)
+    gather = jax.jit(lambda s: s, out_shardings=NamedSharding(mesh, PartitionSpec()))
+    with jax.set_mesh(mesh):
+        nnx.update(model, gather(state))
+    return model
+
+
+def export(model: Any, plan: Any, out: Path, args: argparse.Namespace, mesh: Any) -> None:
+    """OUT as a Hugging Face folder (config.json: the original's fields, ours on top; model.safetensors), or with
+    LoRA as a PEFT adapter folder (and with --merge the merged model as a Hugging Face folder in OUT/merged); with
+    the folder's tokenizer files (with --chat-template, that template as chat_template.jinja)."""
+    from flax_impl.hf.adapters import save_peft_adapter
+    from flax_impl.lora import merged_model
+
+    model = _host(model, mesh)
+    if not _primary():
+        return
+    model.eval()
+    if plan.lora is None:
+        write_folder(model, plan, out, args)
+        return
+    save_peft_adapter(model, out)
+    copy_tokenizer(plan, out, args)
+    if args.merge:
+        write_folder(merged_model(model), plan, out / "merged", args)
+
+
+def write_folder(model: Any, plan: Any, out: Path, args: argparse.Namespace) -> None:
+    """A Hugging Face folder of `model` (no adapters) with the original's config fields and tokenizer files."""
+    import flax_impl.hf
+    from flax_impl.hf.io import CONFIG, read_config
+
+    flax_impl.hf.save_pretrained(model, out, model_type=plan.model_type)
+    ours = read_config(out)
+    original = read_config(plan.folder)
+    if "dtype" in ours:
+        original.pop("torch_dtype", None)
+    merged = {**original, **ours}
+    tmp = out / f".tmp-{CONFIG}"
+    tmp.write_text(json.dumps(merged, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, out / CONFIG)
+    copy_tokenizer(plan, out, args)
+
+
+def copy_tokenizer(plan: Any, out: Path, args: argparse.Namespace) -> None:
+    """The folder's tokenizer files into `out`; with --chat-template, that template as chat_template.jinja."""
+    for name in TOKENIZER_FILES:
+        if (plan.folder / name).is_file():
+            shutil.copyfile(plan.folder / name, out / name)
+    extra = plan.folder / "additional_chat_templates"
+    if extra.is_dir():
+        shutil.copytree(extra, out / extra.name, dirs_exist_ok=True)
+    if args.chat_template:
+        (out / "chat_template.jinja").write_text(plan.template_source, encoding="utf-8")
