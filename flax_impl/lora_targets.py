@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 from flax import nnx
 
-from flax_impl.hf.convert import dims, family
-from flax_impl.hf.spec import LAYOUTS
+from flax_impl.hf.convert import config_to_hf, dims, family, hf_values, layout_of
+from flax_impl.hf.layouts import LAYOUTS
 
 ALL_LINEAR = "all-linear"
 # Layouts that only transpose the base weight store peft's nn.Linear adapters unchanged.
@@ -92,15 +92,23 @@ def all_sites(model: nnx.Module, model_type: str | None) -> list[Site]:
             for path, d_in, d_out in linears
         ]
     fam = family(model_type)
-    d = dims(model.config)
+    values = hf_values(fam, config_to_hf(fam, model.config))  # what Key.when and the layouts read
+    d = dims(model.config, values)
+    keys = [k for k in fam.keys if k.when is None or k.when(values)]
     sites = []
     for path, d_in, d_out in linears:
         ours = _our_weight_key(path)
-        key = next((k for k in fam.keys if k.ours.replace("{p}", "weight") == ours), None)
+        key = next((k for k in keys if ours in [t.replace("{p}", "weight") for t in k.ours_templates]), None)
         if key is None:
             raise ValueError(f"model_type={model_type!r} has no checkpoint key for our {ours}")
-        layout = LAYOUTS[_LORA_LAYOUT.get(key.layout, key.layout)]
-        probe = layout.to_hf(np.arange(d_out)[:, None], d)  # each checkpoint part's rows, as our column numbers
+        if len(key.ours_templates) > 1:  # Phi-3's gate_up_proj: one checkpoint module over two of our Linears
+            raise ValueError(
+                f"LoRA on model_type={model_type!r} is not supported: its {key.hf.replace('.{p}', '')} stores "
+                f"several of our Linears {list(key.ours_templates)} as one module"
+            )
+        name = key.layout if isinstance(key.layout, str) else None
+        layout = LAYOUTS[_LORA_LAYOUT[name]] if name in _LORA_LAYOUT else layout_of(key)
+        probe = layout.to_hf([np.arange(d_out)[:, None]], d)  # each checkpoint part's rows, as our column numbers
         weight = key.hf.replace("{p}", "weight")
         names = [weight.replace("{part}", p) for p in key.parts] or [weight]
         parts = []

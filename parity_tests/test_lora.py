@@ -235,6 +235,7 @@ def test_our_names_and_all_linear():
         (dict(targets=("lm_head",)), "embeddings, norms and LM head are not targets"),
         (dict(targets=r"model\.layers\.0\.self_attn\.q_proj"), r"in layers \[0\] only"),
         (dict(model_type="gpt3"), "model_type='gpt3' is not supported"),
+        (dict(model_type="phi3"), r"model_type='phi3' is not supported: its .*gate_up_proj stores several"),
     ],
 )
 def test_bad_targets_are_refused_before_the_model_changes(config, match):
