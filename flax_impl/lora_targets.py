@@ -103,7 +103,7 @@ def all_sites(model: nnx.Module, model_type: str | None) -> list[Site]:
             raise ValueError(f"model_type={model_type!r} has no checkpoint key for our {ours}")
         if len(key.ours_templates) > 1:  # Phi-3's gate_up_proj: one checkpoint module over two of our Linears
             raise ValueError(
-                f"LoRA on model_type={model_type!r} is not supported: its {key.hf.replace('.{p}', '')} stores "
+                f"LoRA on model_type={model_type!r} is not supported: its {key.hf.replace('{p}', 'weight').removesuffix('.weight')} stores "
                 f"several of our Linears {list(key.ours_templates)} as one module"
             )
         name = key.layout if isinstance(key.layout, str) else None
