@@ -102,9 +102,10 @@ def all_sites(model: nnx.Module, model_type: str | None) -> list[Site]:
         if key is None:
             raise ValueError(f"model_type={model_type!r} has no checkpoint key for our {ours}")
         if len(key.ours_templates) > 1:  # Phi-3's gate_up_proj: one checkpoint module over two of our Linears
+            module = key.hf.replace("{p}", "weight").removesuffix(".weight")
             raise ValueError(
-                f"LoRA on model_type={model_type!r} is not supported: its {key.hf.replace('{p}', 'weight').removesuffix('.weight')} stores "
-                f"several of our Linears {list(key.ours_templates)} as one module"
+                f"LoRA on model_type={model_type!r} is not supported: its {module} stores several of our Linears "
+                f"{list(key.ours_templates)} as one module"
             )
         name = key.layout if isinstance(key.layout, str) else None
         layout = LAYOUTS[_LORA_LAYOUT[name]] if name in _LORA_LAYOUT else layout_of(key)
