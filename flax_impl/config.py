@@ -16,6 +16,7 @@ import functools
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from flax_impl.attention_config import check_attention_fields
 from flax_impl.validation import ArgumentTypeError, check_bool, check_choice, check_float, check_int
 
 _C = TypeVar("_C", bound="_DictMixin")
@@ -100,6 +101,12 @@ class TransformerConfig(_DictMixin):
     `embedding_multiplier` and `residual_multiplier` scale the token embeddings and each branch's output, its
     `logits_scaling` divides the logits, and Gemma 2's `final_logit_softcap` c caps them to c tanh(logits / c).
 
+    The next families' attention (rules in `flax_impl.attention_config`, meanings in docs/models.md): `head_dim`
+    (None: D / N), `qk_norm`, `query_pre_attn_scalar` / `attention_multiplier` (the factor on q.k),
+    `attn_logit_softcap`; per layer `layer_types` (which layers have the window), `rope_layers` (which rotate),
+    `rope_local_base` (the sliding layers' own RoPE base); `rope_type` and its `rope_*` parameters
+    (`flax_impl.rope`). Sequence fields are stored as tuples.
+
     Positions (what the sinusoidal / learned rows and RoPE are taken at) when a forward is given none:
     `positions_from` "index" counts slots, p = 0 .. L - 1 (transformers' default); "mask" counts real tokens,
     p = cumsum(attention_mask) - 1 (OPT); "tokens" counts tokens that are not `padding_idx`, p = cumsum(ids !=
@@ -162,6 +169,25 @@ class TransformerConfig(_DictMixin):
     residual_multiplier: float = 1.0
     logits_scaling: float = 1.0
     final_logit_softcap: float | None = None
+    # Attention and RoPE per family (rules: flax_impl.attention_config; meanings: docs/models.md).
+    head_dim: int | None = None  # None -> d_model // n_heads
+    qk_norm: str = "none"
+    query_pre_attn_scalar: float | None = None  # scores q.k / sqrt(this) instead of / sqrt(head_dim)
+    attention_multiplier: float | None = None  # scores q.k * this instead of / sqrt(head_dim)
+    attn_logit_softcap: float | None = None  # scores cap * tanh(scores / cap) before the mask
+    layer_types: tuple[str, ...] | None = None  # per layer "full_attention" | "sliding_attention"; None: all alike
+    rope_layers: tuple[bool, ...] | None = None  # per layer: does it rotate q and k; None: every layer
+    rope_local_base: float | None = None  # sliding layers: plain RoPE of this base; None: as the other layers
+    rope_type: str = "linear"
+    rope_original_max_len: int | None = None
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_beta_fast: float = 32.0
+    rope_beta_slow: float = 1.0
+    rope_truncate: bool = True
+    rope_attention_factor: float | None = None  # None: the rope_type's own (yarn, longrope)
+    rope_short_factor: tuple[float, ...] | None = None
+    rope_long_factor: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         # Types and ranges first, each field on its own (flax_impl.validation), then the rules between fields.
@@ -207,8 +233,7 @@ class TransformerConfig(_DictMixin):
             raise ValueError("lm_head_bias=True needs lm_head='untied' (a tied head reuses the embedding, no bias)")
         if self.positions_from == "tokens" and self.padding_idx is None:
             raise ValueError("positions_from='tokens' counts the tokens that are not padding_idx: set padding_idx")
-        if self.d_model % self.n_heads:
-            raise ValueError(f"n_heads={self.n_heads} must divide d_model={self.d_model}")
+        check_attention_fields(self, _set)
         if self.position == "rope":
             rotated = rope_width(self.head_dim, self.rope_fraction)
             if rotated % 2 or rotated == 0:
@@ -228,11 +253,6 @@ class TransformerConfig(_DictMixin):
             )
         return super().from_dict(d)
 
-    @property
-    def head_dim(self) -> int:
-        """H = D / N."""
-        return self.d_model // self.n_heads
-
     def replace(self, **changes: Any) -> TransformerConfig:
         """A copy with some fields changed (validated again)."""
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
@@ -246,6 +266,9 @@ class TransformerConfig(_DictMixin):
                     changes[name] = None
         if "n_heads" in changes and "n_kv_heads" not in changes and self.n_kv_heads == self.n_heads:
             changes["n_kv_heads"] = None
+        if {"d_model", "n_heads"} & set(changes) and "head_dim" not in changes:  # a derived H follows D / N
+            if self.head_dim * self.n_heads == self.d_model:
+                changes["head_dim"] = None
         return dataclasses.replace(self, **changes)
 
 

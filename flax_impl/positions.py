@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from flax_impl.config import ROPE_STYLES, TransformerConfig, rope_width
+from flax_impl.rope import frequencies
 from flax_impl.sharding import REPLICATED_MATRIX, param_metadata
 from flax_impl.validation import check_bool, check_choice, check_float, check_int
 
@@ -62,6 +64,13 @@ def sinusoidal_table(length: int, d_model: int) -> jax.Array:
 
     PE[pos, 2i] = sin(pos / 10000^(2i/D)), PE[pos, 2i+1] = cos(pos / 10000^(2i/D)). Any length. An odd D keeps
     the sine of the last pair and drops its cosine. Computed in float64 and rounded once to float32.
+
+    Args:
+        length: L, the number of positions (rows), >= 0.
+        d_model: D, the width of each row, >= 1.
+
+    Returns:
+        The table (L, D) float32; row p is position p.
 
     Raises:
         TypeError: length or d_model not an integer (`flax_impl.validation.ArgumentTypeError`).
@@ -115,6 +124,8 @@ def apply_rope(
     style: str = "half",
     fraction: float = 1.0,
     scale: float = 1.0,
+    inv_freq: jax.Array | np.ndarray | None = None,
+    factor: jax.Array | float = 1.0,
 ) -> jax.Array:
     """Rotary position embedding (Su et al., 2021, "RoFormer") of x (B, L, N, H) at `positions` (L,) or (B, L).
 
@@ -124,11 +135,27 @@ def apply_rope(
     rest through (GPT-NeoX partial rotary). `scale` > 1 is linear position interpolation (Chen et al., 2023).
     Positions may start at any offset. theta_i / scale is computed in float64 and rounded once to float32; the
     angle p * (theta_i / scale) and the rotation are computed in float32, the result cast back to x.dtype.
+    `inv_freq` (r/2,), when given, replaces theta_i / scale (a scaled `rope_type` or one layer's table, from
+    `flax_impl.rope`; zeros rotate nothing), and `factor` multiplies cos and sin (yarn / longrope's attention
+    factor: the rotated dims are scaled by it, the passed-through ones are not, as transformers does).
+
+    Args:
+        x: queries or keys (B, L, N, H), any float dtype.
+        positions: the position of each row, (L,) shared by the batch or (B, L) per sequence; integers.
+        base: the RoPE base (10,000 in RoFormer and Llama 1/2; 5e5 in Llama 3).
+        style: "half" or "interleaved" (which dims form a pair).
+        fraction: the share of H that rotates, in (0, 1].
+        scale: linear position interpolation, > 0 (1 = off).
+        inv_freq: (r/2,) angular speeds replacing theta_i / scale, or None.
+        factor: a scalar multiplying cos and sin (1 = off).
+
+    Returns:
+        x rotated, (B, L, N, H), x's dtype.
 
     Raises:
         TypeError: base, fraction or scale not a number, style not a str (`ArgumentTypeError`).
         ValueError: base <= 1, fraction outside (0, 1], scale <= 0, any of them not finite, an unknown style;
-            x not (B, L, N, H); positions not (L,) or (B, L); an odd or zero rotated width.
+            x not (B, L, N, H); positions not (L,) or (B, L); an odd or zero rotated width; inv_freq not (r/2,).
     """
     base, fraction, scale, style = _rope_args(base, fraction, scale, style)
     if x.ndim != 4:
@@ -140,10 +167,16 @@ def apply_rope(
     positions = jnp.asarray(positions)
     if positions.shape not in ((L,), (B, L)):
         raise ValueError(f"positions must have shape (L,)=({L},) or (B, L)=({B}, {L}), got {positions.shape}")
+    if inv_freq is None:
+        inv_freq = _rope_inv_freq(r, base, scale)
+    elif jnp.shape(inv_freq) != (r // 2,):
+        raise ValueError(f"inv_freq must have shape (r/2,) = ({r // 2},), got {jnp.shape(inv_freq)}")
     pos = positions.astype(jnp.float32)
-    angle = pos[..., None] * jnp.asarray(_rope_inv_freq(r, base, scale))  # (L, r/2) or (B, L, r/2)
+    angle = pos[..., None] * jnp.asarray(inv_freq, jnp.float32)  # (L, r/2) or (B, L, r/2)
     angle = angle[..., None, :]  # (L, 1, r/2) or (B, L, 1, r/2): broadcast over heads
     cos, sin = jnp.cos(angle), jnp.sin(angle)
+    if not (isinstance(factor, (int, float)) and factor == 1.0):
+        cos, sin = cos * factor, sin * factor
     xr = x[..., :r].astype(jnp.float32)  # (B, L, N, r)
     if style == "half":
         a, b = xr[..., : r // 2], xr[..., r // 2 :]
@@ -202,6 +235,15 @@ def alibi_bias(q_len: int, k_len: int, slopes: jax.Array, *, causal: bool = Fals
     Bidirectional: -m * |i - j| (symmetric). Causal: -m * (i - j) for j <= i and 0 for j > i (the causal mask
     removes those keys separately). Any length: extrapolation is the point of ALiBi.
 
+    Args:
+        q_len: L, the number of query rows (the last L of the k_len positions).
+        k_len: S, the number of key positions, >= q_len.
+        slopes: the per-head slopes m (N,), e.g. `alibi_slopes(N)`.
+        causal: the causal form (zero for future keys) instead of the symmetric one.
+
+    Returns:
+        The bias (N, L, S) float32, added to the attention scores before the softmax.
+
     Raises:
         TypeError: q_len or k_len not an integer, causal not a bool.
         ValueError: unless 0 <= q_len <= k_len.
@@ -217,10 +259,13 @@ def alibi_bias(q_len: int, k_len: int, slopes: jax.Array, *, causal: bool = Fals
 
 
 def rotate_qk(
-    config: TransformerConfig, q: jax.Array, k: jax.Array, positions: jax.Array
+    config: TransformerConfig, q: jax.Array, k: jax.Array, positions: jax.Array, kind: Any = None
 ) -> tuple[jax.Array, jax.Array]:
-    """Apply the scheme's q/k rotation: RoPE for "rope", identity otherwise. q, k: (B, L, N, H)."""
+    """Apply the scheme's q/k rotation: RoPE for "rope" (the layer's frequencies and factor from
+    `flax_impl.rope.frequencies`, `kind` its LayerKind or None), identity otherwise. q (B, L, N, H), k (B, L, K, H).
+    """
     if not scheme(config.position).rotates_qk:
         return q, k
-    kw = dict(base=config.rope_base, style=config.rope_style, fraction=config.rope_fraction, scale=config.rope_scale)
+    inv_freq, factor = frequencies(config, positions, kind)
+    kw = dict(style=config.rope_style, fraction=config.rope_fraction, inv_freq=inv_freq, factor=factor)
     return apply_rope(q, positions, **kw), apply_rope(k, positions, **kw)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from helpers import ALIBI_SLOPES, POSITIONS, alibi_bias_formula, randn, small_config, twins
+from helpers import POSITIONS, randn, small_config, twins
 
 import flax_impl as fi
 import torch_ref as tr
@@ -22,37 +22,6 @@ def run_both(cfg, x, mask=None):
     y = np.asarray(f(jnp.asarray(x), None if mask is None else jnp.asarray(mask)))
     yt = t(torch.from_numpy(x), None if mask is None else torch.from_numpy(mask)).detach().numpy()
     return y, yt
-
-
-@pytest.mark.parametrize("alibi", [False, True])
-@pytest.mark.parametrize("causal,window", [(False, None), (True, None), (True, 3)])
-def test_mask_rules_twins_formula_and_cached_rows(alibi, causal, window):
-    """The one place the mask rules live, on both twins: the same allowed keys and ALiBi bias; the bias is Press et
-    al.'s formula; a cached call's queries at slots 5..8 get exactly rows 5..8 of the full call's rules."""
-    from flax_impl.attention import mask_rules
-    from torch_ref.attention import mask_rules as torch_mask_rules
-
-    slopes = np.asarray(ALIBI_SLOPES[3], np.float32) if alibi else None
-    keys = np.ones((2, 9), np.int32)
-    keys[1, :2] = 0  # a left-padded row
-    rules = dict(causal=causal, window=window)
-    allowed, bias = mask_rules(jnp.asarray(keys), jnp.arange(9), 9, slopes=slopes, **rules)
-    t_allowed, t_bias = torch_mask_rules(
-        torch.from_numpy(keys), torch.arange(9), 9, slopes=None if slopes is None else torch.from_numpy(slopes), **rules
-    )
-    full = np.broadcast_to(np.asarray(allowed), (2, 1, 9, 9))
-    np.testing.assert_array_equal(full, np.broadcast_to(t_allowed.numpy(), (2, 1, 9, 9)))
-    i, j = np.arange(9)[:, None], np.arange(9)[None, :]
-    want = keys.astype(bool)[:, None, None, :] & ((j <= i) if causal else True) & ((i - j < window) if window else True)
-    np.testing.assert_array_equal(full, np.broadcast_to(want, (2, 1, 9, 9)))
-    assert (bias is None) == (t_bias is None) == (not alibi)
-    if alibi:
-        np.testing.assert_array_equal(np.asarray(bias)[0], alibi_bias_formula(9, 9, slopes, causal))
-        np.testing.assert_array_equal(np.asarray(bias), t_bias.numpy())
-    cached_allowed, cached_bias = mask_rules(jnp.asarray(keys), 5 + jnp.arange(4), 9, slopes=slopes, **rules)
-    np.testing.assert_array_equal(np.broadcast_to(np.asarray(cached_allowed), (2, 1, 4, 9)), full[:, :, 5:])
-    if alibi:
-        np.testing.assert_array_equal(np.asarray(cached_bias), np.asarray(bias)[:, :, 5:])
 
 
 def padding_mask():
@@ -154,9 +123,12 @@ def test_bad_masks_raise(mask, error, words, rng):
         f(jnp.asarray(randn(rng, B, L, cfg.d_model)), jnp.asarray(mask))
 
 
-def _softmax_attention_formula(q, k, v, bias, allowed, keep, rate):
-    """softmax(q.k^T + bias, masked) (dead rows zero), dropped out with the same packed mask, . v: plain jnp."""
-    scores = jnp.einsum("bnlh,bnsh->bnls", q, k) + (0.0 if bias is None else bias)
+def _softmax_attention_formula(q, k, v, bias, allowed, keep, rate, softcap=None):
+    """softmax(cap(q.k^T) + bias, masked) (dead rows zero), dropped out with the same packed mask, . v: plain jnp;
+    cap(s) = c tanh(s / c) with a soft-cap c, else s."""
+    scores = jnp.einsum("bnlh,bnsh->bnls", q, k)
+    scores = scores if softcap is None else softcap * jnp.tanh(scores / softcap)
+    scores = scores + (0.0 if bias is None else bias)
     if allowed is not None:
         scores = jnp.where(allowed, scores, -1e30)
     p = jax.nn.softmax(scores, axis=-1)
@@ -167,13 +139,16 @@ def _softmax_attention_formula(q, k, v, bias, allowed, keep, rate):
     return jnp.einsum("bnls,bnsh->bnlh", p, v)
 
 
+@pytest.mark.parametrize("softcap", [None, 1.5])
 @pytest.mark.parametrize("chunk", [None, 3])
 @pytest.mark.parametrize("case", ["plain", "bias", "mask+bias+dropout", "row-broadcast mask+bias+dropout"])
-def test_written_out_gradient_matches_autodiff_of_the_formula(case, chunk, rng):
+def test_written_out_gradient_matches_autodiff_of_the_formula(case, chunk, softcap, rng):
     """The einsum path's gradient (probabilities recomputed from the row log-sum-exp, dropout from the packed
-    bits, query chunks) against jax.grad of plain softmax attention with the same mask: q, k, v and the bias."""
+    bits, query chunks, the soft-cap's tanh recomputed) against jax.grad of plain softmax attention with the same
+    mask and soft-cap: q, k, v and the bias."""
     Bq, N, Lq, H, rate = 2, 3, 11, 4, 0.25
     q, k, v, w = (jnp.asarray(randn(rng, Bq, N, Lq, H)) for _ in range(4))
+    q = q * 2.0  # scores up to ~10: the soft-cap of 1.5 bends most of them
     bias = jnp.asarray(randn(rng, 1, N, Lq, Lq)) if case != "plain" else None
     allowed = keep = None
     if "mask" in case:
@@ -186,13 +161,16 @@ def test_written_out_gradient_matches_autodiff_of_the_formula(case, chunk, rng):
     drop = rate if keep is not None else 0.0
 
     def ours(q, k, v, bias):
-        return jnp.sum(chunked_attention(q, k, v, bias, allowed, keep, drop, chunk) * w)
+        return jnp.sum(chunked_attention(q, k, v, bias, allowed, keep, drop, chunk, softcap=softcap) * w)
 
     def formula(q, k, v, bias):
-        return jnp.sum(_softmax_attention_formula(q, k, v, bias, allowed, keep, drop) * w)
+        return jnp.sum(_softmax_attention_formula(q, k, v, bias, allowed, keep, drop, softcap) * w)
 
-    y = chunked_attention(q, k, v, bias, allowed, keep, drop, chunk)
-    np.testing.assert_allclose(y, _softmax_attention_formula(q, k, v, bias, allowed, keep, drop), rtol=0, atol=BLOCK)
+    y = chunked_attention(q, k, v, bias, allowed, keep, drop, chunk, softcap=softcap)
+    want = _softmax_attention_formula(q, k, v, bias, allowed, keep, drop, softcap)
+    np.testing.assert_allclose(y, want, rtol=0, atol=BLOCK)
+    if softcap is not None:  # the cap changes the result: a kernel ignoring it fails here
+        assert np.abs(np.asarray(want - _softmax_attention_formula(q, k, v, bias, allowed, keep, drop))).max() > 0.1
     argnums = (0, 1, 2) if bias is None else (0, 1, 2, 3)
     grads = jax.grad(ours, argnums)(q, k, v, bias)
     expected = jax.grad(formula, argnums)(q, k, v, bias)

@@ -155,3 +155,50 @@ def test_bias_switches_and_kv_heads_follow_their_defaults():
     assert TransformerConfig().n_kv_heads == 8 and TransformerConfig().replace(n_heads=4).n_kv_heads == 4
     assert TransformerConfig(n_kv_heads=2).replace(n_heads=4).n_kv_heads == 2
     assert TransformerConfig.from_dict(cfg.to_dict()) == cfg
+
+
+ROPE = dict(position="rope", causal=True)
+LONGROPE = dict(rope_type="longrope", rope_original_max_len=8, **ROPE)
+
+
+@pytest.mark.parametrize(
+    "changes, error, words",
+    [
+        (dict(d_model=30, n_heads=4), ValueError, "n_heads=4 must divide d_model=30 (or set head_dim)"),
+        (dict(head_dim=0), ValueError, "head_dim=0 must be an integer >= 1 or None"),
+        (dict(qk_norm="l2"), ValueError, "qk_norm='l2' is not one of"),
+        (dict(query_pre_attn_scalar=4, attention_multiplier=0.1), ValueError, "both set the attention scale"),
+        (dict(attn_logit_softcap=0.0), ValueError, "attn_logit_softcap=0.0 must be a finite number > 0"),
+        (dict(n_layers=2, layer_types=["full_attention"]), ValueError, "of length 2 or None (one entry per layer)"),
+        (dict(n_layers=2, layer_types="full_attention"), TypeError, "layer_types='full_attention' must be a list"),
+        (dict(n_layers=1, causal=True, layer_types=["sliding_attention"]), ValueError, "set sliding_window"),
+        (dict(n_layers=2, rope_layers=[True, 1]), TypeError, "rope_layers=[True, 1] must be a list of bools"),
+        (dict(rope_type="ntk"), ValueError, "rope_type='ntk' is not one of"),
+        (dict(rope_type="yarn", **ROPE), ValueError, "rope_type='yarn' needs rope_original_max_len"),
+        (dict(LONGROPE), ValueError, "rope_type='longrope' needs rope_short_factor: one factor per rotated pair, 32"),
+        (dict(LONGROPE, rope_short_factor=[1.0] * 32, rope_long_factor=[2.0] * 31), ValueError, "got 31"),
+        (dict(rope_long_factor=[1.0]), ValueError, "rope_long_factor=[1.0] must be None unless rope_type='longrope'"),
+        (dict(rope_short_factor=[1.0, -2.0]), ValueError, "entry 1: entry=-2.0 must be a finite number > 0"),
+        (dict(rope_type="llama3", rope_original_max_len=8, rope_low_freq_factor=4.0), ValueError,
+         "rope_high_freq_factor=4.0 > rope_low_freq_factor=4.0"),
+        (dict(rope_type="dynamic", rope_original_max_len=8, d_model=16, n_heads=8), ValueError,
+         "rotated width 2 must be > 2"),
+        (dict(rope_attention_factor=1.2), ValueError, "rope_attention_factor=1.2 must be None unless rope_type"),
+        (dict(rope_local_base=1.0), ValueError, "rope_local_base=1.0 must be a finite number > 1"),
+    ],
+)  # fmt: skip
+def test_attention_and_rope_fields_are_checked(changes, error, words):
+    pattern = words.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace(".", r"\.")
+    with pytest.raises(error, match=pattern):
+        TransformerConfig(**changes)
+
+
+def test_head_dim_follows_d_model_over_n_heads_unless_set():
+    cfg = TransformerConfig(d_model=64, n_heads=4)
+    assert cfg.head_dim == 16 and cfg.replace(d_model=128).head_dim == 32 and cfg.replace(n_heads=8).head_dim == 8
+    own = TransformerConfig(d_model=30, n_heads=4, head_dim=12)  # N need not divide D when H is given
+    assert own.head_dim == 12 and own.replace(d_model=40).head_dim == 12
+    gemma = TransformerConfig(n_layers=2, causal=True, sliding_window=4, layer_types=["sliding_attention"] * 2,
+                              rope_layers=[False, True])  # fmt: skip
+    assert gemma.layer_types == ("sliding_attention",) * 2 and gemma.rope_layers == (False, True)
+    assert TransformerConfig.from_dict(gemma.to_dict()) == gemma and hash(gemma) == hash(gemma.replace())

@@ -297,7 +297,8 @@ def test_file_is_at_most_400_lines(name):
 
 
 # ------------------------------------------------------------------------------------------------ (e) file twins
-LAYERS = "attention block cache dropout embedding generation norm pipeline positions tokenizer train transformer"
+LAYERS = "attention block cache dropout embedding generation masks norm pipeline positions rope tokenizer train"
+LAYERS += " transformer"
 LAYERS = LAYERS.split()
 SHARED_HELPERS = ["config", "utils"]  # twins too, but no layer: config is shared, utils counts parameters
 # Twins that reuse torch's own class or the shared file instead of writing the layer out: no length to compare.
@@ -307,7 +308,8 @@ WRAPPERS = {
     "tokenizer": "torch_ref re-exports flax_impl/tokenizer.py, the one (jax-free) definition",
 }
 # The twin writes the layer out: the Flax file may add its kernels' glue, dtypes and sharding, not a second design.
-WRITTEN_OUT = ["attention", "block", "cache", "generation", "norm", "pipeline", "positions", "train", "transformer"]
+WRITTEN_OUT = ["attention", "block", "cache", "generation", "masks", "norm", "pipeline", "positions", "rope", "train"]
+WRITTEN_OUT += ["transformer"]
 KNOWN_LONG_TWINS: dict[str, str] = {}
 
 

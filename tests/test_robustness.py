@@ -21,6 +21,7 @@ from hypothesis import given, settings, strategies as st
 import flax_impl as fi
 import torch_ref as tr
 from flax_impl import config as C, train as ftrain
+from flax_impl.attention_config import LAYER_TYPES, QK_NORMS, ROPE_TYPES
 from flax_impl.tolerances import ELEMENTWISE
 
 
@@ -29,7 +30,7 @@ class Arg:
     """What an argument accepts: kind "bool" | "int" | "float" | "choice" | "object" (an instance of `cls`);
     int bounds [low, high), float bounds closed unless *_open; `valid`: values that must work."""
 
-    kind: str
+    kind: str  # "seq": a list of `item`s ("choice" from `allowed`, "bool" or "float" > 0), of `high` entries if set
     low: float | None = None
     high: float | None = None
     low_open: bool = False
@@ -37,6 +38,7 @@ class Arg:
     none_ok: bool = False
     allowed: tuple = ()
     valid: tuple = ()
+    item: str = ""
 
 
 BOOL, OPT_BOOL = Arg("bool", valid=(True, False)), Arg("bool", none_ok=True, valid=(True, None))
@@ -69,7 +71,22 @@ TRANSFORMER = {
     "norm_offset": Arg("float", valid=(0.0, 1.0, -0.5)),
     **{name: POSITIVE for name in C.POSITIVE_SCALARS},
     "final_logit_softcap": Arg("float", low=0.0, low_open=True, none_ok=True, valid=(30.0, None)),
-}
+    # attention and RoPE (flax_impl.attention_config); the base config has 6 layers and rope_type "linear"
+    "head_dim": Arg("int", low=1, none_ok=True, valid=(8, None)),
+    "qk_norm": choice(QK_NORMS),
+    **{n: Arg("float", low=0.0, low_open=True, none_ok=True, valid=(0.5, None))
+       for n in ("query_pre_attn_scalar", "attention_multiplier", "attn_logit_softcap")},
+    "layer_types": Arg("seq", item="choice", allowed=LAYER_TYPES, high=6, none_ok=True,
+                       valid=(None, ["full_attention"] * 6)),
+    "rope_layers": Arg("seq", item="bool", high=6, none_ok=True, valid=(None, [True, False] * 3)),
+    "rope_local_base": Arg("float", low=1.0, low_open=True, none_ok=True, valid=(1e4, None)),
+    "rope_type": Arg("choice", allowed=ROPE_TYPES, valid=("linear",)),  # the others need rope_original_max_len
+    "rope_original_max_len": Arg("int", low=1, none_ok=True, valid=(1, None)),
+    **{n: POSITIVE for n in ("rope_low_freq_factor", "rope_high_freq_factor", "rope_beta_fast", "rope_beta_slow")},
+    "rope_truncate": BOOL,
+    "rope_attention_factor": Arg("float", low=0.0, low_open=True, none_ok=True, valid=(None,)),  # yarn / longrope
+    **{n: Arg("seq", item="float", none_ok=True, valid=(None,)) for n in ("rope_short_factor", "rope_long_factor")},
+}  # fmt: skip
 TRANSFORMER_BASE = {"causal": True, "lm_head": "untied", "d_model": 64}  # sliding_window / lm_head_bias may be set
 FLAX = {
     "dtype": choice(C.DTYPES),
@@ -101,6 +118,9 @@ CONFIGS = {
 def wrong_type(arg: Arg) -> st.SearchStrategy:
     """Values of a type the argument does not take (bools for numbers, numbers for bools, strings for anything)."""
     common = [st.lists(st.integers(), max_size=2), st.just(b"1"), st.complex_numbers(max_magnitude=9)]
+    if arg.kind == "seq":  # a list is a sequence's type: a list of entries of another type is a wrong type
+        wrong_item = {"choice": st.integers(), "bool": st.sampled_from([0, 1, "True"]), "float": st.text(max_size=3)}
+        common = [st.lists(wrong_item[arg.item], min_size=1, max_size=3), st.just(b"1"), st.integers()]
     if arg.kind != "choice":  # a str is a choice's type: a wrong str is a bad value
         common.append(st.text(max_size=6))
     if not arg.none_ok:
@@ -111,6 +131,7 @@ def wrong_type(arg: Arg) -> st.SearchStrategy:
         "float": [st.booleans(), st.sampled_from(["1e-5", "0.1", "inf"]), st.just({"value": 1.0})],
         "choice": [st.integers(), st.booleans(), st.floats(), st.tuples(st.text(max_size=3))],
         "object": [st.integers(), st.floats(), st.booleans()],  # a dict is a config's documented other form
+        "seq": [st.floats(), st.booleans(), st.just({"value": 1.0})],
     }[arg.kind]
     return st.one_of(*by_kind, *common)
 
@@ -135,6 +156,15 @@ def bad_value(arg: Arg) -> st.SearchStrategy | None:
         return st.one_of(*parts)
     if arg.kind == "choice":
         return st.text(max_size=12).filter(lambda s: s not in arg.allowed)
+    if arg.kind == "seq":  # an entry out of its set or range, or (per layer) a wrong length
+        if arg.item == "float":
+            return st.lists(st.sampled_from([0.0, -1.0, math.nan, math.inf]), min_size=1, max_size=3)
+        good = st.sampled_from(arg.allowed) if arg.item == "choice" else st.booleans()
+        wrong_length = st.lists(good, max_size=9).filter(lambda v: len(v) != arg.high)
+        if arg.item == "choice":
+            return st.one_of(wrong_length, st.lists(st.text(max_size=5).filter(lambda s: s not in arg.allowed),
+                                                    min_size=1, max_size=6))  # fmt: skip
+        return wrong_length
     return None
 
 
@@ -185,7 +215,9 @@ def test_valid_config_fields_are_kept_as_plain_python(data):
     given_value = (np.int64(value) if isinstance(value, int) else np.float64(value)) if as_numpy else value
     cfg = cls(**{**{k: v for k, v in base.items() if k != name}, name: given_value})
     kept = getattr(cfg, name)
-    if value is not None:
+    if isinstance(value, list):  # sequences are kept as tuples of plain values
+        assert kept == tuple(value) and all(type(v) in (bool, int, float, str) for v in kept), (name, kept)
+    elif value is not None:
         assert kept == value and type(kept) in (bool, int, float, str), (name, kept)
     assert cls.from_dict(cfg.to_dict()) == cfg
 

@@ -7,6 +7,7 @@ from torch import nn
 
 from flax_impl.validation import check_bool, check_choice, check_float, check_int
 from torch_ref.config import ROPE_STYLES, TransformerConfig, rope_width
+from torch_ref.rope import frequencies
 
 
 def sinusoidal_table(length: int, d_model: int) -> torch.Tensor:
@@ -45,12 +46,13 @@ class LearnedPositions(nn.Module):
         return self.weight[offset : offset + length]
 
 
-def apply_rope(x, positions, *, base=10_000.0, style="half", fraction=1.0, scale=1.0):
+def apply_rope(x, positions, *, base=10_000.0, style="half", fraction=1.0, scale=1.0, inv_freq=None, factor=1.0):
     """RoPE (Su et al., 2021) of x (B, L, N, H) at positions (L,) or (B, L); see flax_impl.positions.apply_rope.
 
     "half": pairs (x[i], x[i + r/2]) (GPT-NeoX / Llama rotate_half); "interleaved": (x[2i], x[2i+1]) (RoFormer,
     GPT-J). The first r = round(fraction * H) dims rotate by p * (base^(-2i/r) / scale), the factor computed in
-    float64 and rounded once to float32; angles and rotation in float32. Raises as the Flax twin.
+    float64 and rounded once to float32; angles and rotation in float32. `inv_freq` (r/2,) replaces that factor
+    (a rope_type's or a layer's table, torch_ref.rope); `factor` multiplies cos and sin. Raises as the Flax twin.
     """
     base = check_float("base", base, low=1.0, low_open=True)
     fraction = check_float("fraction", fraction, low=0.0, high=1.0, low_open=True)
@@ -65,10 +67,13 @@ def apply_rope(x, positions, *, base=10_000.0, style="half", fraction=1.0, scale
     positions = torch.as_tensor(positions)
     if tuple(positions.shape) not in ((L,), (B, L)):
         raise ValueError(f"positions must have shape (L,)=({L},) or (B, L)=({B}, {L}), got {tuple(positions.shape)}")
-    inv_freq = (1.0 / base ** (torch.arange(0, r, 2, dtype=torch.float64) / r) / scale).to(torch.float32)  # (r/2,)
+    if inv_freq is None:
+        inv_freq = (1.0 / base ** (torch.arange(0, r, 2, dtype=torch.float64) / r) / scale).to(torch.float32)
+    elif tuple(inv_freq.shape) != (r // 2,):
+        raise ValueError(f"inv_freq must have shape (r/2,) = ({r // 2},), got {tuple(inv_freq.shape)}")
     pos = positions.to(torch.float32)
-    angle = (pos.unsqueeze(-1) * inv_freq).unsqueeze(-2)  # (L, 1, r/2) or (B, L, 1, r/2)
-    cos, sin = torch.cos(angle), torch.sin(angle)
+    angle = (pos.unsqueeze(-1) * inv_freq.float()).unsqueeze(-2)  # (L, 1, r/2) or (B, L, 1, r/2)
+    cos, sin = torch.cos(angle) * factor, torch.sin(angle) * factor
     xr = x[..., :r].float()
     if style == "half":
         a, b = xr[..., : r // 2], xr[..., r // 2 :]
@@ -112,9 +117,11 @@ def alibi_bias(q_len: int, k_len: int, slopes: torch.Tensor, *, causal: bool = F
     return -torch.as_tensor(slopes, dtype=torch.float32)[:, None, None] * dist  # (N, L, S)
 
 
-def rotate_qk(config: TransformerConfig, q, k, positions):
-    """RoPE on q and k (B, L, N, H) when config.position == "rope", identity otherwise."""
-    if config.position != "rope":
+def rotate_qk(config: TransformerConfig, q, k, positions, rope: str | None = "global"):
+    """RoPE on q (B, L, N, H) and k (B, L, K, H) when config.position == "rope" and the layer rotates (`rope`,
+    its kind's "global" / "local" / None, torch_ref.masks.layer_kinds), identity otherwise."""
+    if config.position != "rope" or rope is None:
         return q, k
-    kw = dict(base=config.rope_base, style=config.rope_style, fraction=config.rope_fraction, scale=config.rope_scale)
+    inv_freq, factor = frequencies(config, positions, rope)
+    kw = dict(style=config.rope_style, fraction=config.rope_fraction, inv_freq=inv_freq, factor=factor)
     return apply_rope(q, positions, **kw), apply_rope(k, positions, **kw)

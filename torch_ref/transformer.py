@@ -4,10 +4,10 @@ the config, one loop over them for the forward, the per-layer hidden states and 
 import torch
 from torch import nn
 
-from torch_ref.attention import layer_kinds
 from torch_ref.block import TransformerBlock
 from torch_ref.cache import KVCache, advance, init_cache
 from torch_ref.config import as_config
+from torch_ref.masks import layer_kinds
 from torch_ref.norm import make_norm
 from torch_ref.pipeline import TransformerInput
 

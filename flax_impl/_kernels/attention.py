@@ -68,6 +68,7 @@ def chunked_attention(
     chunk: int | None = None,
     *,
     zero_dead: bool = True,
+    softcap: float | None = None,
 ) -> jax.Array:
     """softmax(q.k^T + bias, masked), dropped out, . v, heads-major, with a written-out gradient.
 
@@ -93,6 +94,9 @@ def chunked_attention(
         chunk: queries per chunk; None: `query_chunk(B, N, L, S)`.
         zero_dead: zero the keys no query may attend to first (below); False where the caller guarantees they
             are zero (a KV cache holds zeros at padded and unwritten slots), saving a pass over k and v.
+        softcap: c > 0 replaces the scores s = q.k^T by c tanh(s / c) before the bias and the mask (Gemma 2's
+            attention logit soft-capping); None: the scores as they are. Its gradient is written out too:
+            d s = d(c tanh(s / c)) (1 - tanh(s / c)^2).
 
     Returns:
         (B, N, L, H) in v's dtype. Empty (zeros of that shape) when B, N, L or S is 0.
@@ -105,7 +109,7 @@ def chunked_attention(
         return jnp.zeros((B, N, L, v.shape[-1]), v.dtype)
     if zero_dead:
         k, v = zero_dead_keys(k, allowed, key_axis=2), zero_dead_keys(v, allowed, key_axis=2)
-    return _attention(q, k, v, bias, allowed, keep, rate, chunk or query_chunk(B, N, L, k.shape[2]))
+    return _attention(q, k, v, bias, allowed, keep, rate, chunk or query_chunk(B, N, L, k.shape[2]), softcap)
 
 
 def zero_dead_keys(x: jax.Array, allowed: jax.Array | None, key_axis: int) -> jax.Array:
@@ -135,16 +139,22 @@ def _row_chunks(q_len: int, chunk: int) -> list[slice]:
 
 
 def _chunk_scores(
-    q_c: jax.Array, k: jax.Array, bias: jax.Array | None, allowed: jax.Array | None, rows: slice
-) -> tuple[jax.Array, jax.Array | None]:
-    """Scores (B, N, c, S) in float32 of one query chunk, bias added, masked entries at float32 min; its mask."""
+    q_c: jax.Array, k: jax.Array, bias: jax.Array | None, allowed: jax.Array | None, rows: slice,
+    softcap: float | None = None,
+) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+    """Scores (B, N, c, S) in float32 of one query chunk, soft-capped, bias added, masked entries at float32 min;
+    its mask; tanh(s / c) of the soft-cap (for its gradient), or None."""
     scores = jnp.einsum("bnlh,bnsh->bnls", q_c, k, preferred_element_type=jnp.float32)
+    capped = None
+    if softcap is not None:
+        capped = jnp.tanh(scores / softcap)
+        scores = capped * softcap
     if bias is not None:
         scores = scores + _rows(bias, rows)
     mask = _rows(allowed, rows)
     if mask is not None:
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    return scores, mask
+    return scores, mask, capped
 
 
 _Residuals = tuple[jax.Array, ...]
@@ -159,11 +169,12 @@ def _attention_fwd(
     keep: jax.Array | None,
     rate: float,
     chunk: int,
+    softcap: float | None,
 ) -> tuple[jax.Array, _Residuals]:
     scale = keep_scale(rate, v.dtype)
     outs, lses = [], []
     for rows in _row_chunks(q.shape[2], chunk):
-        scores, mask = _chunk_scores(q[:, :, rows], k, bias, allowed, rows)
+        scores, mask, _ = _chunk_scores(q[:, :, rows], k, bias, allowed, rows, softcap)
         rowmax = jnp.max(scores, axis=-1, keepdims=True)  # (B, N, c, 1)
         e = jnp.exp(scores - rowmax)  # (B, N, c, S), <= 1
         denom = jnp.sum(e, axis=-1, keepdims=True)  # (B, N, c, 1), >= 1
@@ -180,8 +191,9 @@ def _attention_fwd(
     return out, (q, k, v, bias, allowed, keep, out, lse)
 
 
-def _attention_bwd(rate: float, chunk: int, residuals: _Residuals, d_out: jax.Array) -> tuple:
-    """dV = Pd^T dO, dPd = dO V^T, dP = dropout(dPd), dS = P (dP - rowsum(dO * O)), dQ = dS K, dK = dS^T Q.
+def _attention_bwd(rate: float, chunk: int, softcap: float | None, residuals: _Residuals, d_out: jax.Array) -> tuple:
+    """dV = Pd^T dO, dPd = dO V^T, dP = dropout(dPd), dS = P (dP - rowsum(dO * O)), dQ = dS K, dK = dS^T Q; with a
+    soft-cap the bias gets dS and q, k get dS (1 - tanh(s / c)^2).
 
     dK and dV are accumulated transposed, (B, N, H, S) = Q^T dS and dO^T Pd, and transposed once at the end
     (behind an optimisation barrier, so that XLA does not fold the transpose back into the matmuls): XLA's CPU
@@ -195,7 +207,7 @@ def _attention_bwd(rate: float, chunk: int, residuals: _Residuals, d_out: jax.Ar
     dk_t, dv_t = jnp.zeros((B, N, H, S), jnp.float32), jnp.zeros((B, N, H, S), jnp.float32)  # dK^T, dV^T
     for rows in _row_chunks(q.shape[2], chunk):
         q_c, do_c = q[:, :, rows], d_out[:, :, rows]  # (B, N, c, H)
-        scores, mask = _chunk_scores(q_c, k, bias, allowed, rows)
+        scores, mask, capped = _chunk_scores(q_c, k, bias, allowed, rows, softcap)
         p = jnp.exp(scores - lse[:, :, rows])  # (B, N, c, S) probabilities
         if mask is not None:  # rows with no key gave zeros: no gradient flows through them
             do_c = jnp.where(jnp.any(mask, axis=-1, keepdims=True), do_c, jnp.zeros((), do_c.dtype))
@@ -204,9 +216,9 @@ def _attention_bwd(rate: float, chunk: int, residuals: _Residuals, d_out: jax.Ar
         if keep is not None:  # the forward's dropout, and its gradient
             pd, dp = scale_kept(pd, keep[:, :, rows], scale), scale_kept(dp, keep[:, :, rows], scale)
         row_dot = jnp.sum(do_c.astype(jnp.float32) * out[:, :, rows].astype(jnp.float32), -1, keepdims=True)
-        ds = p * (dp - row_dot)  # (B, N, c, S) gradient of the scores
+        ds = p * (dp - row_dot)  # (B, N, c, S) gradient of the (capped) scores
         dv_t = dv_t + jnp.einsum("bnlh,bnls->bnhs", do_c, pd, preferred_element_type=jnp.float32)
-        ds_q = ds.astype(q.dtype)
+        ds_q = (ds if capped is None else ds * (1.0 - capped * capped)).astype(q.dtype)  # of q.k^T
         dq.append(jnp.einsum("bnls,bnsh->bnlh", ds_q, k, preferred_element_type=jnp.float32).astype(q.dtype))
         dk_t = dk_t + jnp.einsum("bnlh,bnls->bnhs", q_c, ds_q, preferred_element_type=jnp.float32)
         if bias is not None:  # undo the broadcast of bias to (B, N, c, S)
@@ -226,7 +238,7 @@ def _sum_to(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return jnp.sum(x, axis=axes, keepdims=True) if axes else x
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
 def _attention(
     q: jax.Array,
     k: jax.Array,
@@ -236,8 +248,9 @@ def _attention(
     keep: jax.Array | None,
     rate: float,
     chunk: int,
+    softcap: float | None,
 ) -> jax.Array:
-    return _attention_fwd(q, k, v, bias, allowed, keep, rate, chunk)[0]
+    return _attention_fwd(q, k, v, bias, allowed, keep, rate, chunk, softcap)[0]
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
