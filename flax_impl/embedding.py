@@ -8,6 +8,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import checkify
 
+from flax_impl._kernels.matmul import dot_general
 from flax_impl.sharding import VOCAB_ROWS, param_metadata
 from flax_impl.validation import check_bool, check_int
 
@@ -140,4 +141,5 @@ class Embed(nnx.Module):
         Returns:
             (..., V) in x's dtype.
         """
-        return jnp.einsum("...d,vd->...v", x, self.weight[...].astype(x.dtype))
+        weight = self.weight[...].astype(x.dtype)  # (V, D)
+        return dot_general(x, weight, (((x.ndim - 1,), (1,)), ((), ())))  # float32 sums below float32

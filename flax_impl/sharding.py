@@ -36,6 +36,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec
 
+from flax_impl._kernels.matmul import dot_general
+
 DATA = "data"
 MODEL = "model"
 
@@ -91,7 +93,8 @@ def constrain(x: jax.Array, spec: tuple[str | None, ...]) -> jax.Array:
 def parallel_linear(
     flax_config: Any, d_in: int, d_out: int, style: str, *, use_bias: bool, rngs: nnx.Rngs
 ) -> nnx.Linear:
-    """nnx.Linear(d_in, d_out) with or without bias and the FlaxConfig's dtypes, annotated Megatron-style.
+    """nnx.Linear(d_in, d_out) with or without bias and the FlaxConfig's dtypes, annotated Megatron-style; its
+    matmul accumulates in float32 below float32 (`flax_impl._kernels.matmul.dot_general`).
 
     Args:
         flax_config: a FlaxConfig (reads `dtype`, `param_dtype`).
@@ -118,6 +121,7 @@ def parallel_linear(
         use_bias=use_bias,
         dtype=jnp.dtype(flax_config.dtype),
         param_dtype=jnp.dtype(flax_config.param_dtype),
+        dot_general=dot_general,
         kernel_metadata=param_metadata(kernel),
         bias_metadata=param_metadata(bias),
         rngs=rngs,
