@@ -58,11 +58,15 @@ def test_bf16_encoder_matches_torch_autocast(position, norm_first):
     assert ENCODER < 1e-3 * BF16_REL * np.abs(t_f32).max()
 
 
-def _rope_angles_in_bf16(x, positions, *, base=10_000.0, style="half", fraction=1.0, scale=1.0):
+def _rope_angles_in_bf16(
+    x, positions, *, base=10_000.0, style="half", fraction=1.0, scale=1.0, inv_freq=None, factor=1.0
+):
     """A deliberately wrong torch RoPE: positions and angles rounded to bf16 (the compute dtype)."""
-    assert style == "half" and fraction == 1.0
+    assert style == "half" and fraction == 1.0 and factor == 1.0
     H = x.shape[-1]
-    inv_freq = 1.0 / base ** (torch.arange(0, H, 2, dtype=torch.float64) / H) / scale  # (H/2,)
+    if inv_freq is None:
+        inv_freq = 1.0 / base ** (torch.arange(0, H, 2, dtype=torch.float64) / H) / scale  # (H/2,)
+    inv_freq = torch.as_tensor(inv_freq, dtype=torch.float64)
     angle = (torch.as_tensor(positions).to(torch.bfloat16)[:, None] * inv_freq.to(torch.bfloat16)).float()
     cos, sin = torch.cos(angle)[:, None, :], torch.sin(angle)[:, None, :]  # (L, 1, H/2)
     a, b = x.float()[..., : H // 2], x.float()[..., H // 2 :]
