@@ -212,11 +212,12 @@ def test_dot_product_attention_path_takes_the_features_and_refuses_soft_capping(
 
 def test_checkpoint_tables_follow_head_dim():
     """The Hugging Face weight tables size q/k/v and o_proj by head_dim (N H, K H), not by d_model."""
-    from flax_impl.hf.convert import family, weight_plan
+    from flax_impl.hf.convert import config_to_hf, family, hf_values, weight_plan
 
     cfg = small_config(head_dim=12, n_kv_heads=2, norm="rmsnorm", mlp="gated", bias=False, **ROPE)
     shapes = {k: tuple(v.shape) for k, v in tr.Transformer(cfg).state_dict().items()}
-    plan = {e.ours: e for e in weight_plan(family("llama"), cfg, shapes)}
+    fam = family("llama")
+    plan = {e.ours[0]: e for e in weight_plan(fam, cfg, shapes, hf_values(fam, config_to_hf(fam, cfg)))}
     qkv = plan["blocks.0.attn.in_proj_weight"]
     assert qkv.hf_shapes == ((48, 32), (24, 32), (24, 32))
     assert plan["blocks.0.attn.out_proj.weight"].hf_shapes == ((32, 48),)

@@ -141,7 +141,7 @@ def test_another_config_is_a_clear_error_naming_every_array_before_any_change(tr
 @pytest.mark.parametrize(
     "change, line",
     [
-        ({"n_heads": 4}, "config n_heads: checkpoint 2 vs model 4"),
+        ({"n_heads": 4}, "config head_dim: checkpoint 8 vs model 4\n  config n_heads: checkpoint 2 vs model 4"),
         ({"position": "alibi"}, "config position: checkpoint 'sinusoidal' vs model 'alibi'"),
         ({"causal": True}, "config causal: checkpoint False vs model True"),
     ],

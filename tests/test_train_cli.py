@@ -328,7 +328,8 @@ def test_resume_checks_every_checkpoint_file_and_option_first(tmp_path, monkeypa
     argv = [*TINY, "--out", "run"]
     folder = _checkpoint(Path("run"), argv)
     mismatches = [
-        (["--n-heads", "4"], f"--resume with other model options than {folder}: n_heads: saved 2, given 4"),
+        (["--n-heads", "4"], f"--resume with other model options than {folder}: head_dim: saved 8, given 4; "
+                             "n_heads: saved 2, given 4"),  # the derived head_dim D / N changes too
         (["--position", "alibi"], "position: saved 'rope', given 'alibi'"),
         (["--causal"], "causal: saved False, given True"),
         (["--seq-len", "8"], f"--resume with other data options than {folder}: seq_len: saved 16, given 8"),
