@@ -63,7 +63,8 @@ def test_a_ctrl_c_lost_in_a_callback_is_raised_at_the_next_step(monkeypatch):
     lost = []
     monkeypatch.setattr(sys, "unraisablehook", lost.append)  # where Python sends what __del__ raises
     before = signal.getsignal(signal.SIGINT)
-    with interruptible():
+    with interruptible() as interrupted:
+        assert not interrupted()
         Finalised()  # dropped at once: the raise is lost, and not reported as "Exception ignored"
         assert lost == []
         sys.unraisablehook(type("U", (), {"exc_value": ValueError("x")})())  # others are still reported
@@ -71,6 +72,7 @@ def test_a_ctrl_c_lost_in_a_callback_is_raised_at_the_next_step(monkeypatch):
         with pytest.raises(KeyboardInterrupt):
             Progress(2, stream=io.StringIO()).step("next phase")
     assert signal.getsignal(signal.SIGINT) is before
+    assert interrupted()  # still known after the context, for the command's exit
     check_interrupted()  # cleared on exit: nothing raised
 
 

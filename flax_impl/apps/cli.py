@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 SUBCOMMANDS = {
@@ -35,8 +36,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from flax_impl.apps.progress import interruptible
 
-    with interruptible():  # a Ctrl-C is never lost in a callback (progress.interruptible)
-        return int(importlib.import_module(SUBCOMMANDS[args.command][0]).run(args))
+    with interruptible() as interrupted:  # a Ctrl-C is never lost in a callback (progress.interruptible)
+        status = int(importlib.import_module(SUBCOMMANDS[args.command][0]).run(args))
+    if status == 130 and interrupted():
+        # The command handled a real Ctrl-C and said so; end here with its status. Returning could still end the
+        # process by SIGINT (status -2, seen when the interrupt landed inside transformers' loading), which a
+        # shell or a test reads as "killed", not as the command's own exit.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    return status
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import contextlib
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, TextIO
 
 BAR_WIDTH = 24
@@ -30,19 +30,24 @@ def _note_sigint(signum: int, frame: object) -> None:
 
 
 @contextlib.contextmanager
-def interruptible() -> Iterator[None]:
+def interruptible() -> Iterator[Callable[[], bool]]:
     """Ctrl-C that cannot be lost: while active, a SIGINT raises KeyboardInterrupt as Python's own handler does
     and is also noted, because a raise that lands in a callback whose exceptions Python ignores (a garbage
     collection callback, a finalizer: JAX runs some) vanishes; `check_interrupted` (called by every
     `Progress.step`, and by the commands once their work is done) raises it again, and Python's "Exception
     ignored" report of the lost one is not printed. Outside the main thread it does nothing (signals go to the
-    main thread only)."""
+    main thread only).
+
+    Yields:
+        A function that says whether a SIGINT arrived while the context was active (usable after it ends).
+    """
     global _interrupted
     _interrupted = False
+    seen = [False]
     try:
         previous = signal.signal(signal.SIGINT, _note_sigint)
     except ValueError:  # not the main thread
-        yield
+        yield lambda: False
         return
     hook = sys.unraisablehook
 
@@ -52,8 +57,9 @@ def interruptible() -> Iterator[None]:
 
     sys.unraisablehook = quiet
     try:
-        yield
+        yield lambda: seen[0] or _interrupted
     finally:
+        seen[0] = _interrupted
         signal.signal(signal.SIGINT, previous)
         sys.unraisablehook = hook
         _interrupted = False
