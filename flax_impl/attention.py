@@ -33,7 +33,7 @@ import numpy as np
 from flax import nnx
 
 from flax_impl._kernels.attention import chunked_attention, dot_product_attention, merge_heads_project
-from flax_impl.cache import write
+from flax_impl.cache import starts_at_zero, write
 from flax_impl.config import FlaxConfig, TransformerConfig, as_config, as_flax_config
 from flax_impl.dropout import Dropout
 from flax_impl.masks import (  # noqa: F401  (re-exported: the attention's mask and kind names)
@@ -211,6 +211,7 @@ class MultiHeadAttention(nnx.Module):
         if D != cfg.d_model:
             raise ValueError(f"attention input width {D} != d_model={cfg.d_model}")
         kind = first_layer_kind(cfg) if kind is None else kind
+        causal = (L, 0) if cfg.causal else None  # query slot l sees keys 0 .. l + offset: the kernel skips the rest
         if cache is None:
             if attention_mask is not None:
                 check_attention_mask(attention_mask, B, cfg.n_heads, L, L)
@@ -224,14 +225,17 @@ class MultiHeadAttention(nnx.Module):
                 raise ValueError(f"with a cache, attention_mask must be the (B, S) slot mask, got shape {shape}")
             q, k, v = self._project(x, positions, kind)
             real = jax.lax.dynamic_slice_in_dim(attention_mask, cache_index, L, axis=1)  # (B, L)
-            keys, values = write(cache[0], cache[1], k, v, real, cache_index)  # (B, K, S, H)
+            keys, values = written = write(cache[0], cache[1], k, v, real, cache_index)  # (B, K, S, H) each
             q_slots = cache_index + jnp.arange(L)
+            causal = (L, 0) if starts_at_zero(cache_index) else None  # else traced: every chunk reads every slot
+            if causal:  # a fresh cache: the only keys are this call's own, at slots 0 .. L - 1
+                keys, values, attention_mask = keys[:, :, :L], values[:, :, :L], attention_mask[:, :L]
         slopes = alibi_slopes(cfg.n_heads, cfg.alibi_max_bias) if scheme(cfg.position).biases_scores else None
         allowed, bias = mask_rules(
             attention_mask, q_slots, keys.shape[2], causal=cfg.causal, window=kind.window, slopes=slopes
         )
-        out = self._attend(q, keys, values, bias, allowed, keys_zeroed=cache is not None)
-        return out if cache is None else (out, (keys, values))
+        out = self._attend(q, keys, values, bias, allowed, keys_zeroed=cache is not None, causal=causal)
+        return out if cache is None else (out, written)
 
     def _project(
         self, x: jax.Array, positions: jax.Array | None, kind: LayerKind
@@ -267,10 +271,12 @@ class MultiHeadAttention(nnx.Module):
         bias: jax.Array | None,
         allowed: jax.Array | None,
         keys_zeroed: bool,
+        causal: tuple[int, int] | None = None,
     ) -> jax.Array:
         """softmax(cap(q.k^T * scale) + bias, masked).v through the configured kernel, then out_proj.
 
-        q (B, L, N, H); k, v (B, K, S, H); `keys_zeroed`: keys no query may read are zero already (a cache).
+        q (B, L, N, H); k, v (B, K, S, H); `keys_zeroed`: keys no query may read are zero already (a cache);
+        `causal`: (L, offset) if query l sees no key after slot l + offset (the einsum kernel skips those).
         """
         B, L, N, H = q.shape
         K, S = k.shape[1], k.shape[2]
@@ -285,7 +291,7 @@ class MultiHeadAttention(nnx.Module):
         keep = None if keep is None else keep.reshape(B, K, G * L, keep.shape[-1])
         out = chunked_attention(
             qg, k, v, group_rows(bias, K, G, L), group_rows(allowed, K, G, L), keep, self.dropout.rate,
-            zero_dead=not keys_zeroed, softcap=self.config.attn_logit_softcap,
+            zero_dead=not keys_zeroed, softcap=self.config.attn_logit_softcap, causal=causal,
         )  # fmt: skip
         # The backward pass redoes the (B, N, L, H) -> (B, L, D) transpose for out_proj's weight gradient, so that
         # only the heads-major output, which the attention gradient keeps anyway, is kept.

@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from flax_impl.config import TransformerConfig
 from flax_impl.validation import check_choice, check_int
@@ -32,7 +33,8 @@ class KVCache(NamedTuple):
             array for a scanned stack (`FlaxConfig.scan_layers`), so that each is read as its weights are.
         v: the values, as `k`.
         key_mask: (B, S) bool, True = a real token sits at that slot (padding and unwritten slots are False).
-        index: () int32, the next slot to write.
+        index: () int32, the next slot to write: a NumPy scalar in a fresh cache (`init_cache`), so that a prefill
+            traced with it knows that it starts at slot 0 and attends over its own keys only.
         next_position: (B,) int32, the position of each row's next real token.
 
     Invariant (the attention relies on it instead of masking twice): a slot whose `key_mask` is False holds
@@ -80,7 +82,7 @@ def init_cache(
         k,
         v,
         jnp.zeros((batch, max_len), bool),
-        jnp.zeros((), jnp.int32),
+        np.zeros((), np.int32),  # concrete, even inside a trace (the attention's `starts_at_zero`)
         jnp.full((batch,), config.position_offset, jnp.int32),
     )
 
@@ -129,6 +131,15 @@ def advance(cache: KVCache, real: jax.Array) -> tuple[KVCache, jax.Array]:
         key_mask=key_mask, index=cache.index + real.shape[1], next_position=cache.next_position + steps[:, -1]
     )
     return cache, positions
+
+
+def starts_at_zero(cache_index: jax.Array | int) -> bool:
+    """Whether the slot of a call's first token is known, at trace time, to be 0: a fresh cache's index is a
+    NumPy scalar (`init_cache`), which stays concrete inside the trace that made it (the prefill
+    of `flax_impl.generate`); a cache passed into a jitted function arrives traced, and is read as unknown."""
+    if isinstance(cache_index, jax.core.Tracer):
+        return False
+    return int(np.asarray(cache_index)) == 0
 
 
 def write(k_cache: jax.Array, v_cache: jax.Array, k: jax.Array, v: jax.Array, real: jax.Array, index: jax.Array):

@@ -7,9 +7,10 @@ the same forward with the cache, and stops when `max_new_tokens` are out or ever
 A row that has stopped emits `pad_id` from then on (as transformers' `generate`).
 
 Compiles: one per (batch size, prompt bucket, new-token bucket, do_sample, return_logits, streaming, number of
-stop tokens). Prompts are left-padded to the next power of two >= 16 (`bucket`); the cache holds that plus
-`bucket(max_new_tokens)` slots, and `max_new_tokens` itself is a traced loop bound. Extra left padding changes no
-result: positions come from the mask and padded slots are never attended to.
+stop tokens). Prompts are left-padded to the next of 16, 20, 24, 28, 32, 40, 48, ... (`prompt_bucket`: less than a
+quarter of their length); the cache holds that plus `bucket(max_new_tokens)` slots (a power of two), and
+`max_new_tokens` itself is a traced loop bound. Extra left padding changes no result: positions come from the mask
+and padded slots are never attended to.
 """
 
 from __future__ import annotations
@@ -28,11 +29,25 @@ from flax_impl.generation_config import GenerationConfig, left_pad, stop_lengths
 from flax_impl.transformer import Transformer
 
 MIN_BUCKET = 16
+PROMPT_STEPS = 4  # prompt buckets per doubling: 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, ...
 
 
 def bucket(n: int) -> int:
-    """The padded size of a length n >= 1: the next power of two, at least MIN_BUCKET."""
+    """The padded size of a length n >= 1: the next power of two, at least MIN_BUCKET (the new tokens' slots)."""
     return max(MIN_BUCKET, 1 << (n - 1).bit_length())
+
+
+def prompt_bucket(n: int) -> int:
+    """The padded length of a prompt of n >= 1 tokens: the smallest m * 2**k >= n with m in PROMPT_STEPS ..
+    2 * PROMPT_STEPS - 1 (16, 20, 24, 28, 32, 40, 48, ...), at least MIN_BUCKET.
+
+    A prompt is padded by less than a quarter of its length (a power of two pads by up to all of it, and the
+    prefill's work grows with the padded length), for four programs per doubling instead of one.
+    """
+    if n <= MIN_BUCKET:
+        return MIN_BUCKET
+    step = 1 << max((n - 1).bit_length() - PROMPT_STEPS.bit_length(), 0)  # 2**k: n - 1 < 2 * PROMPT_STEPS * 2**k
+    return -(-n // step) * step
 
 
 @dataclass(frozen=True)
@@ -202,7 +217,7 @@ def generate(
     options.check_vocabulary(model.config.vocab_size)
     ids, real = left_pad(prompts, mask, model.config, max_new_tokens)  # (B, P)
     P = ids.shape[1]
-    width = bucket(P)
+    width = prompt_bucket(P)
     ids = np.pad(ids, ((0, 0), (width - P, 0)), constant_values=pad_id).astype(np.int32)
     real = np.pad(real, ((0, 0), (width - P, 0))).astype(np.int32)
     graphdef, state = nnx.split(model)

@@ -10,7 +10,7 @@ from helpers import POSITIONS, randn, small_config, twins
 
 import flax_impl as fi
 import torch_ref as tr
-from flax_impl._kernels.attention import chunked_attention
+from flax_impl._kernels.attention import _key_end, _row_chunks, chunked_attention
 from flax_impl._kernels.dropout import keep_bits, unpack_keep_bits
 from flax_impl.tolerances import BLOCK, EXACT, GRAD_REL
 
@@ -176,6 +176,40 @@ def test_written_out_gradient_matches_autodiff_of_the_formula(case, chunk, softc
     expected = jax.grad(formula, argnums)(q, k, v, bias)
     for name, g, e in zip("qkvb"[: len(argnums)], grads, expected, strict=True):
         assert g.shape == e.shape, name
+        np.testing.assert_allclose(g, e, rtol=0, atol=GRAD_REL * float(jnp.max(jnp.abs(e))), err_msg=name)
+
+
+@pytest.mark.parametrize("chunk,offset", [(16, 0), (5, 3), (8, 0)])
+def test_causal_key_skipping_matches_the_formula(chunk, offset, rng):
+    """`causal=(L, offset)`: each query chunk reads only the keys up to its furthest row's, over G = 2 blocks of
+    L rows (grouped heads; chunks of 5 straddle the blocks), with padding, a bias, dropout and a soft-cap: values
+    and the gradients of q, k, v and the bias equal autodiff of the formula over every key."""
+    Bq, K, G, Lq, H, rate = 2, 2, 2, 24, 4, 0.25
+    S = Lq + offset  # queries at slots offset .. offset + L - 1 of a cache
+    ends = [_key_end(rows, (Lq, offset), S) for rows in _row_chunks(G * Lq, chunk)]
+    assert min(ends) < S and max(ends) == S  # some chunks read fewer keys, some (straddling) all
+    q = jnp.asarray(randn(rng, Bq, K, G * Lq, H)) * 2.0
+    k, v = (jnp.asarray(randn(rng, Bq, K, S, H)) for _ in range(2))
+    w = jnp.asarray(randn(rng, Bq, K, G * Lq, H))
+    bias = jnp.asarray(randn(rng, 1, K, G * Lq, S))
+    rows = np.tile(np.arange(Lq), G)[:, None] + offset  # the slot of each query row
+    allowed = (np.arange(S)[None, :] <= rows)[None, None] & (rng.random((Bq, 1, 1, S)) > 0.2)
+    allowed = jnp.asarray(allowed)
+    keep = keep_bits(jax.random.key(0), rate, (Bq, K, G * Lq, S))
+
+    def ours(q, k, v, bias):
+        out = chunked_attention(q, k, v, bias, allowed, keep, rate, chunk, softcap=1.5, causal=(Lq, offset))
+        return jnp.sum(out * w)
+
+    def formula(q, k, v, bias):
+        return jnp.sum(_softmax_attention_formula(q, k, v, bias, allowed, keep, rate, 1.5) * w)
+
+    y = chunked_attention(q, k, v, bias, allowed, keep, rate, chunk, softcap=1.5, causal=(Lq, offset))
+    np.testing.assert_allclose(y, _softmax_attention_formula(q, k, v, bias, allowed, keep, rate, 1.5), rtol=0,
+                               atol=BLOCK)  # fmt: skip
+    grads = jax.grad(ours, (0, 1, 2, 3))(q, k, v, bias)
+    expected = jax.grad(formula, (0, 1, 2, 3))(q, k, v, bias)
+    for name, g, e in zip("qkvb", grads, expected, strict=True):
         np.testing.assert_allclose(g, e, rtol=0, atol=GRAD_REL * float(jnp.max(jnp.abs(e))), err_msg=name)
 
 

@@ -18,7 +18,7 @@ from helpers import small_config
 import flax_impl as fi
 import torch_ref as tr
 import torch_ref.generation as tg
-from flax_impl.generation import bucket, choose, filter_logits, generate
+from flax_impl.generation import bucket, choose, filter_logits, generate, prompt_bucket
 from flax_impl.tolerances import DECODE_REL, SAMPLING_SIGMAS
 
 PROMPTS = [[5, 6, 7, 8, 9, 3, 4, 11, 12], [10, 11], [20, 21, 22, 23, 24]]  # lengths 9, 2, 5: left-padded
@@ -81,16 +81,28 @@ def test_twins_generate_the_same(case):
 def test_padding_and_buckets_change_nothing(case):
     """A (B, P) array with extra left padding and its mask, or one row alone, gives the same tokens."""
     _, _, model, out = case
-    P = 40  # another prompt bucket (64 instead of 16)
+    P = 40  # another prompt bucket (40 instead of 16)
     ids = np.full((len(PROMPTS), P), 7, np.int32)  # padding holds a real id: the mask must hide it
     mask = np.zeros((len(PROMPTS), P), np.int32)
     for b, p in enumerate(PROMPTS):
         ids[b, P - len(p) :], mask[b, P - len(p) :] = p, 1
-    assert bucket(P) != bucket(max(map(len, PROMPTS)))
+    assert prompt_bucket(P) != prompt_bucket(max(map(len, PROMPTS)))
     padded = generate(model, ids, mask=mask, max_new_tokens=NEW)
     np.testing.assert_array_equal(padded.tokens, out.tokens)
     alone = generate(model, [PROMPTS[1]], max_new_tokens=NEW)
     np.testing.assert_array_equal(alone.tokens[0], out.tokens[1])
+
+
+def test_buckets_follow_their_formulas():
+    """New-token slots: the next power of two >= 16. Prompts: the smallest m * 2**k >= n with m in 4..7 (>= 16),
+    so padding adds less than a quarter of the prompt; checked against a brute-force search of that set."""
+    lengths = range(1, 3000)
+    assert [bucket(n) for n in lengths] == [max(16, min(2**k for k in range(13) if 2**k >= n)) for n in lengths]
+    allowed = sorted({m << k for m in range(4, 8) for k in range(12)})
+    for n in lengths:
+        padded = prompt_bucket(n)
+        assert padded == max(16, min(a for a in allowed if a >= n)), n
+        assert padded == 16 or 4 * (padded - n) < n, n
 
 
 def test_stop_tokens_end_rows_and_streaming_sees_every_step(case):

@@ -61,6 +61,23 @@ def _rows(x: jax.Array | None, rows: slice) -> jax.Array | None:
     return x[:, :, rows]
 
 
+def _keys(x: jax.Array | None, end: int) -> jax.Array | None:
+    """The first `end` keys (last axis) of a (..., S) mask or bias; None stays None."""
+    return x if x is None or x.shape[-1] == end else x[..., :end]
+
+
+def _key_end(rows: slice, causal: tuple[int, int] | None, k_len: int) -> int:
+    """How many keys a chunk of query rows can attend to: S, or with `causal` = (L, offset), where row r is the
+    query at position r % L (G blocks of L rows) and sees keys 0 .. r % L + offset, up to the chunk's furthest
+    row's last key, rounded up to a multiple of 8 (dropout bits are packed 8 keys to a byte)."""
+    if causal is None:
+        return k_len
+    q_len, offset = causal
+    first, last = rows.start, rows.stop - 1
+    furthest = last % q_len if first // q_len == last // q_len else q_len - 1
+    return min(k_len, -(-(furthest + offset + 1) // 8) * 8)
+
+
 def chunked_attention(
     q: jax.Array,
     k: jax.Array,
@@ -73,6 +90,7 @@ def chunked_attention(
     *,
     zero_dead: bool = True,
     softcap: float | None = None,
+    causal: tuple[int, int] | None = None,
 ) -> jax.Array:
     """softmax(q.k^T + bias, masked), dropped out, . v, heads-major, with a written-out gradient.
 
@@ -101,6 +119,10 @@ def chunked_attention(
         softcap: c > 0 replaces the scores s = q.k^T by c tanh(s / c) before the bias and the mask (Gemma 2's
             attention logit soft-capping); None: the scores as they are. Its gradient is written out too:
             d s = d(c tanh(s / c)) (1 - tanh(s / c)^2).
+        causal: (Lq, offset) when `allowed` masks every key after a query's own: the rows of q are blocks of Lq
+            query positions (grouped heads: G blocks) and the query at position l sees at most keys 0 .. l +
+            offset. Each chunk then reads only the keys its rows can see (a causal prompt does about half the
+            work); the result is the same, since the keys left out are masked. None: every chunk reads every key.
 
     Returns:
         (B, N, L, H) in v's dtype. Empty (zeros of that shape) when B, N, L or S is 0.
@@ -113,7 +135,8 @@ def chunked_attention(
         return jnp.zeros((B, N, L, v.shape[-1]), v.dtype)
     if zero_dead:
         k, v = zero_dead_keys(k, allowed, key_axis=2), zero_dead_keys(v, allowed, key_axis=2)
-    return _attention(q, k, v, bias, allowed, keep, rate, chunk or query_chunk(B, N, L, k.shape[2]), softcap)
+    chunk = chunk or query_chunk(B, N, L, k.shape[2])
+    return _attention(q, k, v, bias, allowed, keep, rate, chunk, softcap, causal)
 
 
 def zero_dead_keys(x: jax.Array, allowed: jax.Array | None, key_axis: int) -> jax.Array:
@@ -174,18 +197,21 @@ def _attention_fwd(
     rate: float,
     chunk: int,
     softcap: float | None,
+    causal: tuple[int, int] | None,
 ) -> tuple[jax.Array, _Residuals]:
     scale = keep_scale(rate, v.dtype)
     outs, lses = [], []
     for rows in _row_chunks(q.shape[2], chunk):
-        scores, mask, _ = _chunk_scores(q[:, :, rows], k, bias, allowed, rows, softcap)
+        end = _key_end(rows, causal, k.shape[2])  # the keys this chunk's rows can see: 0 .. end - 1
+        k_c, v_c, bias_c, allowed_c = k[:, :, :end], v[:, :, :end], _keys(bias, end), _keys(allowed, end)
+        scores, mask, _ = _chunk_scores(q[:, :, rows], k_c, bias_c, allowed_c, rows, softcap)
         rowmax = jnp.max(scores, axis=-1, keepdims=True)  # (B, N, c, 1)
         e = jnp.exp(scores - rowmax)  # (B, N, c, S), <= 1
         denom = jnp.sum(e, axis=-1, keepdims=True)  # (B, N, c, 1), >= 1
         e = e.astype(v.dtype)
         if keep is not None:
-            e = scale_kept(e, keep[:, :, rows], scale)
-        out = jnp.einsum("bnls,bnsh->bnlh", e, v, preferred_element_type=jnp.float32) / denom  # (B, N, c, H)
+            e = scale_kept(e, keep[:, :, rows, : -(-end // 8)], scale)
+        out = jnp.einsum("bnls,bnsh->bnlh", e, v_c, preferred_element_type=jnp.float32) / denom  # (B, N, c, H)
         if mask is not None:  # a row with no key to attend to gives zeros, not a uniform average
             out = jnp.where(jnp.any(mask, axis=-1, keepdims=True), out, 0.0)
         outs.append(out.astype(v.dtype))
@@ -195,7 +221,10 @@ def _attention_fwd(
     return out, (q, k, v, bias, allowed, keep, out, lse)
 
 
-def _attention_bwd(rate: float, chunk: int, softcap: float | None, residuals: _Residuals, d_out: jax.Array) -> tuple:
+def _attention_bwd(
+    rate: float, chunk: int, softcap: float | None, causal: tuple[int, int] | None, residuals: _Residuals,
+    d_out: jax.Array,
+) -> tuple:
     """dV = Pd^T dO, dPd = dO V^T, dP = dropout(dPd), dS = P (dP - rowsum(dO * O)), dQ = dS K, dK = dS^T Q; with a
     soft-cap the bias gets dS and q, k get dS (1 - tanh(s / c)^2).
 
@@ -210,23 +239,27 @@ def _attention_bwd(rate: float, chunk: int, softcap: float | None, residuals: _R
     dq, dbias = [], []
     dk_t, dv_t = jnp.zeros((B, N, H, S), jnp.float32), jnp.zeros((B, N, H, S), jnp.float32)  # dK^T, dV^T
     for rows in _row_chunks(q.shape[2], chunk):
+        end = _key_end(rows, causal, S)  # as the forward: the keys 0 .. end - 1 this chunk can see
+        k_c, v_c, bias_c, allowed_c = k[:, :, :end], v[:, :, :end], _keys(bias, end), _keys(allowed, end)
         q_c, do_c = q[:, :, rows], d_out[:, :, rows]  # (B, N, c, H)
-        scores, mask, capped = _chunk_scores(q_c, k, bias, allowed, rows, softcap)
+        scores, mask, capped = _chunk_scores(q_c, k_c, bias_c, allowed_c, rows, softcap)
         p = jnp.exp(scores - lse[:, :, rows])  # (B, N, c, S) probabilities
         if mask is not None:  # rows with no key gave zeros: no gradient flows through them
             do_c = jnp.where(jnp.any(mask, axis=-1, keepdims=True), do_c, jnp.zeros((), do_c.dtype))
-        dp = jnp.einsum("bnlh,bnsh->bnls", do_c, v, preferred_element_type=jnp.float32)  # (B, N, c, S)
+        dp = jnp.einsum("bnlh,bnsh->bnls", do_c, v_c, preferred_element_type=jnp.float32)  # (B, N, c, end)
         pd = p.astype(v.dtype)
         if keep is not None:  # the forward's dropout, and its gradient
-            pd, dp = scale_kept(pd, keep[:, :, rows], scale), scale_kept(dp, keep[:, :, rows], scale)
+            keep_c = keep[:, :, rows, : -(-end // 8)]
+            pd, dp = scale_kept(pd, keep_c, scale), scale_kept(dp, keep_c, scale)
         row_dot = jnp.sum(do_c.astype(jnp.float32) * out[:, :, rows].astype(jnp.float32), -1, keepdims=True)
-        ds = p * (dp - row_dot)  # (B, N, c, S) gradient of the (capped) scores
-        dv_t = dv_t + jnp.einsum("bnlh,bnls->bnhs", do_c, pd, preferred_element_type=jnp.float32)
+        ds = p * (dp - row_dot)  # (B, N, c, end) gradient of the (capped) scores
+        dv_t = dv_t.at[..., :end].add(jnp.einsum("bnlh,bnls->bnhs", do_c, pd, preferred_element_type=jnp.float32))
         ds_q = (ds if capped is None else ds * (1.0 - capped * capped)).astype(q.dtype)  # of q.k^T
-        dq.append(jnp.einsum("bnls,bnsh->bnlh", ds_q, k, preferred_element_type=jnp.float32).astype(q.dtype))
-        dk_t = dk_t + jnp.einsum("bnlh,bnls->bnhs", q_c, ds_q, preferred_element_type=jnp.float32)
-        if bias is not None:  # undo the broadcast of bias to (B, N, c, S)
-            dbias.append(_sum_to(ds, bias.shape[:2] + (1 if bias.shape[2] == 1 else ds.shape[2], bias.shape[3])))
+        dq.append(jnp.einsum("bnls,bnsh->bnlh", ds_q, k_c, preferred_element_type=jnp.float32).astype(q.dtype))
+        dk_t = dk_t.at[..., :end].add(jnp.einsum("bnlh,bnls->bnhs", q_c, ds_q, preferred_element_type=jnp.float32))
+        if bias is not None:  # undo the broadcast of bias to (B, N, c, S); the keys past `end` get 0
+            ds_full = ds if end == S else jnp.pad(ds, ((0, 0), (0, 0), (0, 0), (0, S - end)))
+            dbias.append(_sum_to(ds_full, bias.shape[:2] + (1 if bias.shape[2] == 1 else ds.shape[2], S)))
     dq = dq[0] if len(dq) == 1 else jnp.concatenate(dq, axis=2)
     dk_t, dv_t = jax.lax.optimization_barrier((dk_t, dv_t))
     dk, dv = jnp.swapaxes(dk_t, 2, 3), jnp.swapaxes(dv_t, 2, 3)
@@ -242,7 +275,7 @@ def _sum_to(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return jnp.sum(x, axis=axes, keepdims=True) if axes else x
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
 def _attention(
     q: jax.Array,
     k: jax.Array,
@@ -253,8 +286,9 @@ def _attention(
     rate: float,
     chunk: int,
     softcap: float | None,
+    causal: tuple[int, int] | None,
 ) -> jax.Array:
-    return _attention_fwd(q, k, v, bias, allowed, keep, rate, chunk, softcap)[0]
+    return _attention_fwd(q, k, v, bias, allowed, keep, rate, chunk, softcap, causal)[0]
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
