@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from flax_impl.config import TransformerConfig
-from flax_impl.hf.converters import ACTIVATION, ACTIVATION_PYTORCH_TANH, TIE, head_dim_field, kv_heads
+from flax_impl.hf.converters import ACTIVATION, ACTIVATION_PYTORCH_TANH, TIE, head_dim_field, size_fields
 from flax_impl.hf.families.llama import FIXED, FULL_ROTARY, IGNORE, KEYS, QWEN2_DERIVED, QWEN2_LAYER_TYPES, QWEN2_WINDOW
 from flax_impl.hf.rope_params import YARN_MSCALE, rope_fields
 from flax_impl.hf.spec import COMMON_IGNORED, Convert, Derived, Family, Field, Key, Require, Unsupported
@@ -28,13 +28,9 @@ _QK_NORM_KEYS = (
 def _llama_like(defaults: Mapping[str, Any], act: Field) -> tuple[Field, ...]:
     d = defaults
     return (
-        Field("vocab_size", "vocab_size", d["vocab_size"], kind="int"),
-        Field("hidden_size", "d_model", d["hidden_size"], kind="int"),
-        Field("intermediate_size", "d_ff", d["intermediate_size"], kind="int"),
-        Field("num_hidden_layers", "n_layers", d["num_hidden_layers"], kind="int"),
-        Field("num_attention_heads", "n_heads", d["num_attention_heads"], kind="int"),
-        Field("num_key_value_heads", "n_kv_heads", d["num_key_value_heads"], kv_heads("num_attention_heads"),
-              kind="int?"),
+        *size_fields(vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
+                     num_hidden_layers=d["num_hidden_layers"], num_attention_heads=d["num_attention_heads"],
+                     num_key_value_heads=d["num_key_value_heads"], kv_kind="int?"),
         act,
         Field("max_position_embeddings", "max_len", d["max_position_embeddings"], kind="int"),
         Field("rms_norm_eps", "norm_eps", 1e-6, kind="float"),

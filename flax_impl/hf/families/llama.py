@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from flax_impl.config import TransformerConfig
-from flax_impl.hf.converters import ACTIVATION, TIE, head_dim_field, kv_heads
+from flax_impl.hf.converters import ACTIVATION, TIE, head_dim_field, size_fields
 from flax_impl.hf.rope_params import YARN_MSCALE, rope_fields
 from flax_impl.hf.spec import COMMON_IGNORED, Convert, Derived, Family, Field, Key, Require, Unsupported
 
@@ -38,14 +38,9 @@ def _common(defaults: Mapping[str, Any]) -> tuple[Field, ...]:
     """The Fields the three families share; `defaults` holds each class's own defaults for them."""
     d = defaults
     return (
-        Field("vocab_size", "vocab_size", d["vocab_size"], kind="int"),
-        Field("hidden_size", "d_model", 4096, kind="int"),
-        Field("intermediate_size", "d_ff", d["intermediate_size"], kind="int"),
-        Field("num_hidden_layers", "n_layers", 32, kind="int"),
-        Field("num_attention_heads", "n_heads", 32, kind="int"),
-        Field(
-            "num_key_value_heads", "n_kv_heads", d["num_key_value_heads"], kv_heads("num_attention_heads"), kind="int?"
-        ),
+        *size_fields(vocab_size=d["vocab_size"], hidden_size=4096, intermediate_size=d["intermediate_size"],
+                     num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=d["num_key_value_heads"],
+                     kv_kind="int?"),  # fmt: skip
         Field("hidden_act", "activation", "silu", ACTIVATION, kind="str"),
         Field("max_position_embeddings", "max_len", d["max_position_embeddings"], kind="int"),
         Field("rms_norm_eps", "norm_eps", 1e-6, kind="float"),
