@@ -7,6 +7,9 @@ from flax_impl.hf.spec import Require
 NO_CROSS_ATTENTION = Require(
     "add_cross_attention", False, (False,), why="cross-attention layers are not implemented", kind="bool"
 )
+# Older GPT-2-style checkpoints (gpt2, gpt_bigcode, gptj) carry each layer's causal-mask buffers ("attn.bias",
+# "attn.masked_bias"): not weights.
+MASK_BUFFERS = (r"h\.\d+\.attn\.(bias|masked_bias)",)
 # A plain pre-LN decoder with LayerNorm and a plain MLP: what GPT-2, BLOOM, MPT, OPT and GPT-BigCode share.
 DECODER = dict(
     norm="layernorm",

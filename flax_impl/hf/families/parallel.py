@@ -20,6 +20,7 @@ from flax_impl.hf.converters import (
     rotary_dims,
     size_fields,
 )
+from flax_impl.hf.families.common import MASK_BUFFERS
 from flax_impl.hf.spec import COMMON_IGNORED, Convert, Family, Field, Key, Require
 
 _ROPE_DECODER = dict(
@@ -148,7 +149,7 @@ GPTJ = _gptj_like(
     "gptj",
     "GPTJForCausalLM",
     (Key("h.{i}.attn.{part}_proj.weight", "blocks.{i}.attn.in_proj_weight", "qkv_concat", ("q", "k", "v")),),
-    (r"h\.\d+\.attn\.(bias|masked_bias)",),  # older checkpoints' causal-mask buffers
+    MASK_BUFFERS,
 )
 CODEGEN = _gptj_like(
     "codegen",
