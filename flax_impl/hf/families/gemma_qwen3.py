@@ -15,7 +15,17 @@ from typing import Any
 
 from flax_impl.config import TransformerConfig
 from flax_impl.hf.converters import ACTIVATION, ACTIVATION_PYTORCH_TANH, TIE, head_dim_field, size_fields
-from flax_impl.hf.families.llama import FIXED, FULL_ROTARY, IGNORE, KEYS, QWEN2_DERIVED, QWEN2_LAYER_TYPES, QWEN2_WINDOW
+from flax_impl.hf.families.llama import (
+    ATTENTION_KEYS,
+    FIXED,
+    FULL_ROTARY,
+    IGNORE,
+    KEYS,
+    MLP_HEAD_KEYS,
+    QWEN2_DERIVED,
+    QWEN2_LAYER_TYPES,
+    QWEN2_WINDOW,
+)
 from flax_impl.hf.rope_params import YARN_MSCALE, rope_fields
 from flax_impl.hf.spec import COMMON_IGNORED, Convert, Derived, Family, Field, Key, Require, Unsupported
 
@@ -136,18 +146,11 @@ def _gemma2_like(
         ),  # fmt: skip
         derived=derived,
         keys=(
-            Key("embed_tokens.weight", "input.embed.weight"),
-            Key("layers.{i}.input_layernorm.weight", "blocks.{i}.ln1.weight"),
-            Key("layers.{i}.self_attn.{part}_proj.{p}", "blocks.{i}.attn.in_proj_{p}", "qkv_concat", ("q", "k", "v")),
-            Key("layers.{i}.self_attn.o_proj.{p}", "blocks.{i}.attn.out_proj.{p}"),
+            *ATTENTION_KEYS,  # Llama's: embed_tokens, input_layernorm, q/k/v_proj, o_proj
             Key("layers.{i}.post_attention_layernorm.weight", "blocks.{i}.post_attn_norm.weight"),
             Key("layers.{i}.pre_feedforward_layernorm.weight", "blocks.{i}.ln2.weight"),
             Key("layers.{i}.post_feedforward_layernorm.weight", "blocks.{i}.post_ff_norm.weight"),
-            Key("layers.{i}.mlp.gate_proj.{p}", "blocks.{i}.ff.gate.{p}"),
-            Key("layers.{i}.mlp.up_proj.{p}", "blocks.{i}.ff.up.{p}"),
-            Key("layers.{i}.mlp.down_proj.{p}", "blocks.{i}.ff.down.{p}"),
-            Key("norm.weight", "final_norm.weight"),
-            Key("lm_head.weight", "lm_head.weight", base=False),
+            *MLP_HEAD_KEYS,  # Llama's: gate/up/down_proj, norm, lm_head
             *keys,
         ),
         ignore=IGNORE,

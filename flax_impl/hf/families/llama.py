@@ -61,18 +61,22 @@ FULL_ROTARY = Require(
 )
 _REQUIRE = (FULL_ROTARY, *YARN_MSCALE)
 
-KEYS = (
+# The weight table in two runs that Gemma 2's sandwich block (gemma_qwen3.py) shares around norms of its own: the
+# embedding, the pre-attention norm and the attention projections; the gated MLP, the final norm and the head.
+ATTENTION_KEYS = (
     Key("embed_tokens.weight", "input.embed.weight"),
     Key("layers.{i}.input_layernorm.weight", "blocks.{i}.ln1.weight"),
     Key("layers.{i}.self_attn.{part}_proj.{p}", "blocks.{i}.attn.in_proj_{p}", "qkv_concat", ("q", "k", "v")),
     Key("layers.{i}.self_attn.o_proj.{p}", "blocks.{i}.attn.out_proj.{p}"),
-    Key("layers.{i}.post_attention_layernorm.weight", "blocks.{i}.ln2.weight"),
+)
+MLP_HEAD_KEYS = (
     Key("layers.{i}.mlp.gate_proj.{p}", "blocks.{i}.ff.gate.{p}"),
     Key("layers.{i}.mlp.up_proj.{p}", "blocks.{i}.ff.up.{p}"),
     Key("layers.{i}.mlp.down_proj.{p}", "blocks.{i}.ff.down.{p}"),
     Key("norm.weight", "final_norm.weight"),
     Key("lm_head.weight", "lm_head.weight", base=False),
 )
+KEYS = (*ATTENTION_KEYS, Key("layers.{i}.post_attention_layernorm.weight", "blocks.{i}.ln2.weight"), *MLP_HEAD_KEYS)
 # Older checkpoints store each layer's RoPE inverse frequencies, a buffer computed from the config.
 IGNORE = (r"layers\.\d+\.self_attn\.rotary_emb\.inv_freq",)
 
