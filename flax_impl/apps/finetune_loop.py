@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from flax_impl.apps import args as shared, checkpoint as ck
-from flax_impl.apps.step_loop import INTERRUPTED, CtrlC, StepLoop, interrupted_early
+from flax_impl.apps.step_loop import INTERRUPTED, CtrlC, StepLoop, interrupted_early, plot_history, plot_path
 
 # Copied from FOLDER into OUT when present: what transformers' tokenizers and generate read.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -138,7 +138,7 @@ def _train(args: argparse.Namespace, plan: Any, meta: dict[str, Any], mesh: Any,
     if code:  # a checkpoint could not be written: reported
         return code
     history, saved = loop.history, loop.saved
-    plot = out / "loss.png" if args.plot is None else None if args.plot.lower() == "none" else Path(args.plot)
+    plot = plot_path(args.plot, out)
     if plot is not None and primary and history["train_step"]:
         say(_plot(plot, history, f"{plan.model_type} fine-tuning, {plan.config.n_layers} x {plan.config.d_model}"))
     if stop < plan.steps:
@@ -155,23 +155,8 @@ def _train(args: argparse.Namespace, plan: Any, meta: dict[str, Any], mesh: Any,
 
 def _plot(path: Path, history: dict[str, list[float]], title: str) -> str:
     """Write the loss PNG; returns a message (matplotlib is optional)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    if not plot_history(path, history, title, alpha=0.7):
         return "flax-impl finetune: matplotlib is not installed: no plot written (pip install matplotlib)"
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(history["train_step"], history["train_loss"], lw=0.8, alpha=0.7, label="train (per step)")
-    if history["eval_step"]:
-        ax.plot(history["eval_step"], history["eval_loss"], "o-", label="held-out")
-    ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", title=title)
-    ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
     return f"flax-impl finetune: plot {path}"
 
 

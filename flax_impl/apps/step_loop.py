@@ -232,3 +232,45 @@ class StepLoop:
     def rate(self) -> float:
         """Tokens per second over the steps after the first (0.0 before the second step)."""
         return self.tokens / self.t_tokens if self.t_tokens else 0.0
+
+
+def plot_path(option: str | None, out: Path) -> Path | None:
+    """Where --plot asks for the loss plot: OUT/loss.png when not given, None for "none" (any case)."""
+    return out / "loss.png" if option is None else None if option.lower() == "none" else Path(option)
+
+
+def plot_history(path: Path, history: dict[str, list[float]], title: str, *, alpha: float,
+                 baseline: float | None = None) -> bool:
+    """Write the loss plot of a run's history as a PNG: the per-step training loss, the held-out losses (if any)
+    and a horizontal `baseline` (the unigram entropy, if given).
+
+    Args:
+        path: the PNG to write (its folder is created).
+        history: `StepLoop.history`.
+        title: the plot's title.
+        alpha: the opacity of the per-step training curve.
+        baseline: the unigram entropy of the held-out text, drawn as a dashed line; None: no line.
+
+    Returns:
+        False (nothing written) when matplotlib is not installed, else True.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(history["train_step"], history["train_loss"], lw=0.8, alpha=alpha, label="train (per step)")
+    if history["eval_step"]:
+        ax.plot(history["eval_step"], history["eval_loss"], "o-", label="held-out")
+    if baseline is not None:
+        ax.axhline(baseline, color="gray", ls="--", label=f"unigram entropy {baseline:.3f}")
+    ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", title=title)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True

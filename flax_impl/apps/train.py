@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from flax_impl.apps import args as shared, checkpoint as ck
-from flax_impl.apps.step_loop import INTERRUPTED, CtrlC, StepLoop, interrupted_early
+from flax_impl.apps.step_loop import INTERRUPTED, CtrlC, StepLoop, interrupted_early, plot_history, plot_path
 from flax_impl.checkpoint_dir import check_fault_spec
 from flax_impl.config import TrainConfig, TransformerConfig
 from flax_impl.tokenizer import PAD_ID, ByteTokenizer
@@ -123,24 +123,9 @@ def _data_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def plot_losses(path: Path, history: dict[str, list[float]], baseline: float, title: str) -> str:
-    """Write the PNG; returns a message (matplotlib is optional)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    """Write the PNG (the run has held-out losses); returns a message (matplotlib is optional)."""
+    if not plot_history(path, history, title, alpha=0.6, baseline=baseline):
         return "matplotlib is not installed: no plot written (pip install matplotlib)"
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(history["train_step"], history["train_loss"], lw=0.8, alpha=0.6, label="train (per step)")
-    ax.plot(history["eval_step"], history["eval_loss"], "o-", label="held-out")
-    ax.axhline(baseline, color="gray", ls="--", label=f"unigram entropy {baseline:.3f}")
-    ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", title=title)
-    ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
     return f"plot: {path}"
 
 
@@ -273,7 +258,7 @@ def _train(
     if code == 2:  # a checkpoint could not be written: reported
         return code
     elapsed = time.perf_counter() - t_start
-    plot = out / "loss.png" if args.plot is None else None if args.plot.lower() == "none" else Path(args.plot)
+    plot = plot_path(args.plot, out)
     history, saved = loop.history, loop.saved
     if plot is not None and history["eval_step"]:
         title = f"{objective}, {cfg.position}, {cfg.n_layers}x{cfg.d_model}, stdlib bytes"
