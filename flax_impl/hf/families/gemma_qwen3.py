@@ -15,6 +15,7 @@ from typing import Any
 
 from flax_impl.config import TransformerConfig
 from flax_impl.hf.converters import ACTIVATION, ACTIVATION_PYTORCH_TANH, TIE, head_dim_field, size_fields
+from flax_impl.hf.families.common import only_default
 from flax_impl.hf.families.llama import (
     ATTENTION_KEYS,
     FIXED,
@@ -182,8 +183,8 @@ GEMMA3_TEXT = _gemma2_like(
         Field(_SLIDING + "rope_theta", "rope_local_base", 10_000.0, kind="float"),
     ),
     require=(
-        Require(_SLIDING + "rope_type", "default", ("default",), kind="str",
-                why="the sliding layers rotate with plain RoPE of their own base"),
+        only_default(_SLIDING + "rope_type", "default", "the sliding layers rotate with plain RoPE of their own base",
+                     kind="str"),
         Require(_FULL + "partial_rotary_factor", None, (None, 1, 1.0), kind="float?",
                 why="Gemma 3 rotates the whole head"),
     ),

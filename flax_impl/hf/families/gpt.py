@@ -8,7 +8,7 @@ from typing import Any
 
 from flax_impl.config import TransformerConfig
 from flax_impl.hf.converters import ACTIVATION, ACTIVATION_PYTORCH_TANH, TIE, inner_or_4d, plus
-from flax_impl.hf.families.common import DECODER, MASK_BUFFERS, NO_CROSS_ATTENTION
+from flax_impl.hf.families.common import DECODER, MASK_BUFFERS, NO_CROSS_ATTENTION, only_default
 from flax_impl.hf.spec import COMMON_IGNORED, Convert, Family, Field, Key, Require, Unsupported
 
 
@@ -38,27 +38,17 @@ GPT2 = Family(
     config=_gpt2_fields(Field("activation_function", "activation", "gelu_new", ACTIVATION, kind="str")),
     fixed=dict(DECODER, position="learned", input_norm=False, bias=True),
     require=(
-        Require(
-            "scale_attn_weights",
-            True,
-            (True,),
-            why="unscaled q.k scores are not implemented (ours: / sqrt(H))",
-            kind="bool",
+        only_default(
+            "scale_attn_weights", True, "unscaled q.k scores are not implemented (ours: / sqrt(H))", kind="bool"
         ),
-        Require(
-            "scale_attn_by_inverse_layer_idx",
-            False,
-            (False,),
-            why="scores divided by (layer index + 1) are not implemented",
+        only_default(
+            "scale_attn_by_inverse_layer_idx", False, "scores divided by (layer index + 1) are not implemented",
             kind="bool",
-        ),
-        Require(
-            "reorder_and_upcast_attn",
-            False,
-            (False,),
-            why="scaling k before q.k and upcasting the scores (a mixed-precision variant) is not implemented",
-            kind="bool",
-        ),
+        ),  # fmt: skip
+        only_default(
+            "reorder_and_upcast_attn", False,
+            "scaling k before q.k and upcasting the scores (a mixed-precision variant) is not implemented", kind="bool",
+        ),  # fmt: skip
         NO_CROSS_ATTENTION,
     ),
     keys=(
@@ -119,7 +109,7 @@ GPT_BIGCODE = Family(
     ),
     fixed=dict(DECODER, position="learned", input_norm=False, bias=True),
     require=(
-        Require("scale_attn_weights", True, (True,), why="unscaled q.k scores are not implemented", kind="bool"),
+        only_default("scale_attn_weights", True, "unscaled q.k scores are not implemented", kind="bool"),
         NO_CROSS_ATTENTION,
     ),
     keys=(
@@ -206,13 +196,10 @@ OPT = Family(
             "are not implemented",
             kind="int?",
         ),
-        Require(
-            "layer_norm_elementwise_affine",
-            True,
-            (True,),
-            why="LayerNorms without a weight and bias are not implemented",
+        only_default(
+            "layer_norm_elementwise_affine", True, "LayerNorms without a weight and bias are not implemented",
             kind="bool",
-        ),
+        ),  # fmt: skip
     ),
     keys=(
         Key("decoder.embed_tokens.weight", "input.embed.weight"),

@@ -20,7 +20,7 @@ from flax_impl.hf.converters import (
     rotary_dims,
     size_fields,
 )
-from flax_impl.hf.families.common import MASK_BUFFERS
+from flax_impl.hf.families.common import MASK_BUFFERS, only_default
 from flax_impl.hf.spec import COMMON_IGNORED, Convert, Family, Field, Key, Require
 
 _ROPE_DECODER = dict(
@@ -36,11 +36,8 @@ _ROPE_DECODER = dict(
     sliding_window=None,
     type_vocab_size=0,
 )
-_NOT_TIED_WITH_BIAS = Require(
-    "tie_word_embeddings",
-    False,
-    (False,),
-    why="the LM head has a bias of its own: a tied head with a bias is not implemented",
+_NOT_TIED_WITH_BIAS = only_default(
+    "tie_word_embeddings", False, "the LM head has a bias of its own: a tied head with a bias is not implemented",
     kind="bool",
 )
 
@@ -241,13 +238,7 @@ STABLELM = Family(
                lm_head_bias=False),  # fmt: skip
     require=(
         ROPE_TYPE,
-        Require(
-            "qk_layernorm",
-            False,
-            (False,),
-            why="a LayerNorm per head on q and k is not implemented yet",
-            kind="bool",
-        ),
+        only_default("qk_layernorm", False, "a LayerNorm per head on q and k is not implemented yet", kind="bool"),
         head_dim_require("hidden_size", "num_attention_heads"),
     ),
     keys=(
