@@ -12,13 +12,20 @@ import argparse
 import json
 import math
 import os
-import shlex
 import shutil
 from pathlib import Path
 from typing import Any
 
 from flax_impl.apps import args as shared, checkpoint as ck
-from flax_impl.apps.step_loop import INTERRUPTED, CtrlC, StepLoop, interrupted_early, plot_history, plot_path
+from flax_impl.apps.step_loop import (
+    INTERRUPTED,
+    CtrlC,
+    StepLoop,
+    interrupted_early,
+    plot_history,
+    plot_path,
+    resume_line,
+)
 
 # Copied from FOLDER into OUT when present: what transformers' tokenizers and generate read.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -27,8 +34,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 def resume_command(args: argparse.Namespace) -> str:
     """The command line that continues this run: the one given with --resume."""
-    argv = list(getattr(args, "argv", None) or ["finetune", args.folder, "--data", args.data, "--out", args.out])
-    return shlex.join(["flax-impl", *argv, *([] if "--resume" in argv else ["--resume"])])
+    argv = getattr(args, "argv", None) or ["finetune", args.folder, "--data", args.data, "--out", args.out]
+    return resume_line(list(argv))
 
 
 def _primary() -> bool:

@@ -11,6 +11,7 @@ comes in as arguments.
 from __future__ import annotations
 
 import math
+import shlex
 import signal
 import sys
 import threading
@@ -45,6 +46,12 @@ class CtrlC:
     def __exit__(self, *exc: object) -> None:
         if self.previous is not None:
             signal.signal(signal.SIGINT, self.previous)
+
+
+def resume_line(argv: list[str]) -> str:
+    """The command line that continues a run: `flax-impl` + `argv` (the one given), with --resume added unless
+    it is there, shell-quoted."""
+    return shlex.join(["flax-impl", *argv, *([] if "--resume" in argv else ["--resume"])])
 
 
 def interrupted_early(command: str, out: Path, resume: str) -> int:

@@ -17,7 +17,6 @@ import functools
 import importlib.util
 import math
 import os
-import shlex
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,15 @@ from typing import Any
 import numpy as np
 
 from flax_impl.apps import args as shared, checkpoint as ck
-from flax_impl.apps.step_loop import INTERRUPTED, CtrlC, StepLoop, interrupted_early, plot_history, plot_path
+from flax_impl.apps.step_loop import (
+    INTERRUPTED,
+    CtrlC,
+    StepLoop,
+    interrupted_early,
+    plot_history,
+    plot_path,
+    resume_line,
+)
 from flax_impl.checkpoint_dir import check_fault_spec
 from flax_impl.config import TrainConfig, TransformerConfig
 from flax_impl.tokenizer import PAD_ID, ByteTokenizer
@@ -140,8 +147,7 @@ def _scale_embedding(model: Any) -> None:
 
 def _resume_command(args: argparse.Namespace) -> str:
     """The command line that continues this run: the one given (`flax-impl` + argv) with --resume."""
-    argv = list(getattr(args, "argv", None) or ["train", "--out", args.out])
-    return shlex.join(["flax-impl", *argv, *([] if "--resume" in argv else ["--resume"])])
+    return resume_line(list(getattr(args, "argv", None) or ["train", "--out", args.out]))
 
 
 def run(args: argparse.Namespace) -> int:
