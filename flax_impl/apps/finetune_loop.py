@@ -16,16 +16,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from flax_impl.apps import args as shared, checkpoint as ck
-from flax_impl.apps.step_loop import (
-    INTERRUPTED,
-    CtrlC,
-    StepLoop,
-    interrupted_early,
-    plot_history,
-    plot_path,
-    resume_line,
-)
+from flax_impl.apps import args as shared, checkpoint as ck, step_loop
+from flax_impl.apps.step_loop import INTERRUPTED, CtrlC, StepLoop
 
 # Copied from FOLDER into OUT when present: what transformers' tokenizers and generate read.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -35,7 +27,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 def resume_command(args: argparse.Namespace) -> str:
     """The command line that continues this run: the one given with --resume."""
     argv = getattr(args, "argv", None) or ["finetune", args.folder, "--data", args.data, "--out", args.out]
-    return resume_line(list(argv))
+    return step_loop.resume_line(list(argv))
 
 
 def _primary() -> bool:
@@ -66,7 +58,7 @@ def run(args: argparse.Namespace, plan: Any, meta: dict[str, Any]) -> int:
         with CtrlC() as ctrl_c:
             return _train(args, plan, meta, mesh, ckpt, out, ctrl_c)
     except KeyboardInterrupt:  # a second Ctrl-C, or one before training started: the last checkpoint is kept
-        return interrupted_early("finetune", out, resume_command(args))
+        return step_loop.interrupted_early("finetune", out, resume_command(args))
     finally:
         if lock is not None:
             lock.release()
@@ -145,7 +137,7 @@ def _train(args: argparse.Namespace, plan: Any, meta: dict[str, Any], mesh: Any,
     if code:  # a checkpoint could not be written: reported
         return code
     history, saved = loop.history, loop.saved
-    plot = plot_path(args.plot, out)
+    plot = step_loop.plot_path(args.plot, out)
     if plot is not None and primary and history["train_step"]:
         say(_plot(plot, history, f"{plan.model_type} fine-tuning, {plan.config.n_layers} x {plan.config.d_model}"))
     if stop < plan.steps:
@@ -162,7 +154,7 @@ def _train(args: argparse.Namespace, plan: Any, meta: dict[str, Any], mesh: Any,
 
 def _plot(path: Path, history: dict[str, list[float]], title: str) -> str:
     """Write the loss PNG; returns a message (matplotlib is optional)."""
-    if not plot_history(path, history, title, alpha=0.7):
+    if not step_loop.plot_history(path, history, title, alpha=0.7):
         return "flax-impl finetune: matplotlib is not installed: no plot written (pip install matplotlib)"
     return f"flax-impl finetune: plot {path}"
 

@@ -23,16 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from flax_impl.apps import args as shared, checkpoint as ck
-from flax_impl.apps.step_loop import (
-    INTERRUPTED,
-    CtrlC,
-    StepLoop,
-    interrupted_early,
-    plot_history,
-    plot_path,
-    resume_line,
-)
+from flax_impl.apps import args as shared, checkpoint as ck, step_loop
+from flax_impl.apps.step_loop import INTERRUPTED, CtrlC, StepLoop
 from flax_impl.checkpoint_dir import check_fault_spec
 from flax_impl.config import TrainConfig, TransformerConfig
 from flax_impl.tokenizer import PAD_ID, ByteTokenizer
@@ -131,7 +123,7 @@ def _data_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def plot_losses(path: Path, history: dict[str, list[float]], baseline: float, title: str) -> str:
     """Write the PNG (the run has held-out losses); returns a message (matplotlib is optional)."""
-    if not plot_history(path, history, title, alpha=0.6, baseline=baseline):
+    if not step_loop.plot_history(path, history, title, alpha=0.6, baseline=baseline):
         return "matplotlib is not installed: no plot written (pip install matplotlib)"
     return f"plot: {path}"
 
@@ -147,7 +139,7 @@ def _scale_embedding(model: Any) -> None:
 
 def _resume_command(args: argparse.Namespace) -> str:
     """The command line that continues this run: the one given (`flax-impl` + argv) with --resume."""
-    return resume_line(list(getattr(args, "argv", None) or ["train", "--out", args.out]))
+    return step_loop.resume_line(list(getattr(args, "argv", None) or ["train", "--out", args.out]))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -189,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
             with jax.set_mesh(mesh):
                 return _train(args, cfg, tcfg, corpus, ckpt, out, window, run_meta, ctrl_c, mesh)
     except KeyboardInterrupt:  # a second Ctrl-C, or one before training started: the last checkpoint is kept
-        return interrupted_early("train", out, _resume_command(args))
+        return step_loop.interrupted_early("train", out, _resume_command(args))
     finally:
         lock.release()
 
@@ -264,7 +256,7 @@ def _train(
     if code == 2:  # a checkpoint could not be written: reported
         return code
     elapsed = time.perf_counter() - t_start
-    plot = plot_path(args.plot, out)
+    plot = step_loop.plot_path(args.plot, out)
     history, saved = loop.history, loop.saved
     if plot is not None and history["eval_step"]:
         title = f"{objective}, {cfg.position}, {cfg.n_layers}x{cfg.d_model}, stdlib bytes"
