@@ -12,17 +12,12 @@ import argparse
 import json
 import math
 import os
-import shlex
 import shutil
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from flax_impl.apps import args as shared, checkpoint as ck
-from flax_impl.apps.progress import Progress
-from flax_impl.apps.train import INTERRUPTED, _CtrlC
-from flax_impl.checkpoint_dir import step_folders
+from flax_impl.apps import args as shared, checkpoint as ck, step_loop
+from flax_impl.apps.step_loop import INTERRUPTED, CtrlC, StepLoop
 
 # Copied from FOLDER into OUT when present: what transformers' tokenizers and generate read.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -31,8 +26,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 def resume_command(args: argparse.Namespace) -> str:
     """The command line that continues this run: the one given with --resume."""
-    argv = list(getattr(args, "argv", None) or ["finetune", args.folder, "--data", args.data, "--out", args.out])
-    return shlex.join(["flax-impl", *argv, *([] if "--resume" in argv else ["--resume"])])
+    argv = getattr(args, "argv", None) or ["finetune", args.folder, "--data", args.data, "--out", args.out]
+    return step_loop.resume_line(list(argv))
 
 
 def _primary() -> bool:
@@ -60,15 +55,10 @@ def run(args: argparse.Namespace, plan: Any, meta: dict[str, Any]) -> int:
                 out.rmdir()
         return shared.fail("finetune", err)
     try:
-        with _CtrlC() as ctrl_c:
+        with CtrlC() as ctrl_c:
             return _train(args, plan, meta, mesh, ckpt, out, ctrl_c)
     except KeyboardInterrupt:  # a second Ctrl-C, or one before training started: the last checkpoint is kept
-        found = step_folders(out / ck.CKPT)
-        kept = f"the checkpoint of step {max(found)} is kept" if found else "no checkpoint was written"
-        print(f"flax-impl finetune: interrupted: {kept}", file=sys.stderr)
-        if found:
-            print(f"resume with: {resume_command(args)}", file=sys.stderr)
-        return INTERRUPTED
+        return step_loop.interrupted_early("finetune", out, resume_command(args))
     finally:
         if lock is not None:
             lock.release()
@@ -108,20 +98,16 @@ def load(args: argparse.Namespace, plan: Any, mesh: Any) -> tuple[Any, Any]:
 
 
 def _train(args: argparse.Namespace, plan: Any, meta: dict[str, Any], mesh: Any, ckpt: Any, out: Path,
-           ctrl_c: _CtrlC) -> int:
+           ctrl_c: CtrlC) -> int:
     from flax_impl.apps import finetune_step as fs
     from flax_impl.apps.finetune_batches import eval_batches, step_batch
-    from flax_impl.checkpoint import restore_checkpoint
     from flax_impl.train import lr_schedule
 
     primary = _primary()
     say = print if primary else (lambda *a, **k: None)
     model, optimizer = load(args, plan, mesh)
-    history: dict[str, list[float]] = {"train_step": [], "train_loss": [], "eval_step": [], "eval_loss": []}
-    if ckpt is not None:  # into the model's own arrays: a sharded model keeps its shardings
-        restore_checkpoint(ckpt.path.parent, model, optimizer, step=ckpt.step)
-        history = ckpt.metadata["history"]
-    start, stop = int(optimizer.step[...]), args.stop_at or plan.steps
+    loop = StepLoop("finetune", out, model, optimizer, meta, ckpt, export=False)
+    start, stop = loop.start, args.stop_at or plan.steps
     for note in plan.notes:
         say(f"flax-impl finetune: {note}")
     say(f"flax-impl finetune: {plan.model_type} {plan.config.n_layers} x {plan.config.d_model} from "
@@ -131,84 +117,27 @@ def _train(args: argparse.Namespace, plan: Any, meta: dict[str, Any], mesh: Any,
     heldout = [] if plan.eval_rows is None else eval_batches(plan.eval_rows, args.batch_size)
     schedule = lr_schedule(plan.tcfg)
 
-    def evaluate() -> float | None:
+    def held_out(done: int) -> tuple[float | None, str]:
         if not heldout:
-            return None
-        model.eval()
-        sums = [fs.eval_sums(model, b, mesh=mesh) for b in heldout]
-        model.train()
-        return sum(s for s, _ in sums) / max(sum(c for _, c in sums), 1.0)
+            return None, ""
+        eval_loss = loop.held_out_loss(heldout, lambda b: fs.eval_sums(model, b, mesh=mesh))
+        return eval_loss, "" if math.isfinite(eval_loss) else f"non-finite held-out loss {eval_loss} after step {done}"
 
-    saved = (start, ckpt.path) if ckpt else (0, None)
+    def batch_at(step: int) -> dict[str, Any]:
+        return step_batch(plan.train_rows, step, batch_size=args.batch_size, accumulate=args.grad_accum,
+                          seed=args.seed)
 
-    def save_step(step: int) -> str | None:
-        nonlocal saved
-        try:
-            saved = (step, ck.save_run(out, model, optimizer, step, {**meta, "history": history}, False))
-        except OSError as err:
-            kept = f"the checkpoint of step {saved[0]} is intact ({saved[1]})" if saved[1] else "none was written"
-            return f"cannot write the checkpoint of step {step}: {err}; {kept}"
-        return None
-
-    progress = Progress(stop, initial=start) if primary else None
-    if progress:
-        progress.step("fine-tuning (the first step compiles)", 0)
-    t_first, tokens, t_tokens, code, reason = None, 0.0, 0.0, 0, ""
-    for step in range(start, stop):
-        if ctrl_c.requested:
-            code = INTERRUPTED
-            break
-        micro = step_batch(plan.train_rows, step, batch_size=args.batch_size, accumulate=args.grad_accum,
-                           seed=args.seed)
-        t0 = time.perf_counter()
-        metrics = fs.train_step(model, optimizer, micro, mesh=mesh)
-        loss, gnorm = float(metrics["loss"]), float(metrics["grad_norm"])
-        dt = time.perf_counter() - t0
-        if t_first is None:
-            t_first = dt
-        else:
-            tokens, t_tokens = tokens + micro["inputs"].size, t_tokens + dt
-        if not (math.isfinite(loss) and math.isfinite(gnorm)):
-            code, reason = 1, f"non-finite loss {loss} (gradient norm {gnorm}) at step {step + 1}"
-            break
-        history["train_step"].append(step + 1)
-        history["train_loss"].append(loss)
-        if progress:
-            rate = f"{tokens / t_tokens:,.0f} tok/s" if t_tokens else "-"
-            progress.step("fine-tuning", detail=f"step {step + 1}  loss {loss:.4f}  {rate}")
-        if (step + 1) % args.eval_every == 0 or step + 1 == stop:
-            eval_loss = evaluate()
-            if eval_loss is not None and not math.isfinite(eval_loss):
-                code, reason = 1, f"non-finite held-out loss {eval_loss} after step {step + 1}"
-                break
-            if eval_loss is not None:
-                history["eval_step"].append(step + 1)
-                history["eval_loss"].append(eval_loss)
-            if error := save_step(step + 1):
-                return _fail(progress, error)
-            held = "" if eval_loss is None else f"  held-out {eval_loss:.4f}"
-            line = (f"step {step + 1:>5}  train {loss:.4f}{held} nats/token  lr {float(schedule(step)):.2e}  "
-                    f"|g| {gnorm:.2f}  -> {saved[1]}")
-            progress.write(line) if progress else None
-    if progress:
-        progress.close()
+    code = loop.run(stop, ctrl_c=ctrl_c, batch_at=batch_at, step_fn=lambda m, o, b: fs.train_step(m, o, b, mesh=mesh),
+                    eval_every=args.eval_every, held_out=held_out, schedule=schedule, label="fine-tuning",
+                    idle_rate="-", show=primary)
     if code == INTERRUPTED:
-        done = history["train_step"][-1] if history["train_step"] else start
-        if done > saved[0] and (error := save_step(done)):
-            return shared.fail("finetune", error)
-        last = f" (train loss {history['train_loss'][-1]:.4f})" if history["train_loss"] else ""
-        where = f"checkpoint {saved[1]}" if saved[1] else "no checkpoint (no step was trained)"
-        if primary:
-            print(f"flax-impl finetune: interrupted after step {done} of {stop}{last}: {where}", file=sys.stderr)
-            if saved[1]:
-                print(f"resume with: {resume_command(args)}", file=sys.stderr)
+        return loop.interrupted(stop, resume_command(args), show=primary)
+    if code == 1:
+        return loop.diverged(show=primary)
+    if code:  # a checkpoint could not be written: reported
         return code
-    if code:
-        if primary:
-            print(f"flax-impl finetune: stopped: {reason}. Lower --lr or raise --warmup. The last good checkpoint "
-                  f"is intact: {saved[1] or 'none was written'}", file=sys.stderr)
-        return code
-    plot = out / "loss.png" if args.plot is None else None if args.plot.lower() == "none" else Path(args.plot)
+    history, saved = loop.history, loop.saved
+    plot = step_loop.plot_path(args.plot, out)
     if plot is not None and primary and history["train_step"]:
         say(_plot(plot, history, f"{plan.model_type} fine-tuning, {plan.config.n_layers} x {plan.config.d_model}"))
     if stop < plan.steps:
@@ -216,38 +145,17 @@ def _train(args: argparse.Namespace, plan: Any, meta: dict[str, Any], mesh: Any,
             f"continue with: {resume_command(args)}")
         return 0
     export(model, plan, out, args, mesh)
-    rate = f"{tokens / t_tokens:,.0f} tokens/s after the first step" if t_tokens else "-"
+    rate = f"{loop.rate():,.0f} tokens/s after the first step" if loop.t_tokens else "-"
     final = f"held-out loss {history['eval_loss'][-1]:.4f}, " if history["eval_loss"] else ""
     say(f"flax-impl finetune: done: {final}train loss {history['train_loss'][-1]:.4f} after {stop} steps "
-        f"(first step incl. compile {t_first or 0:.1f} s, {rate}); folder {out}")
+        f"(first step incl. compile {loop.t_first or 0:.1f} s, {rate}); folder {out}")
     return 0
-
-
-def _fail(progress: Progress | None, error: str) -> int:
-    if progress:
-        progress.close()
-    return shared.fail("finetune", error)
 
 
 def _plot(path: Path, history: dict[str, list[float]], title: str) -> str:
     """Write the loss PNG; returns a message (matplotlib is optional)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    if not step_loop.plot_history(path, history, title, alpha=0.7):
         return "flax-impl finetune: matplotlib is not installed: no plot written (pip install matplotlib)"
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(history["train_step"], history["train_loss"], lw=0.8, alpha=0.7, label="train (per step)")
-    if history["eval_step"]:
-        ax.plot(history["eval_step"], history["eval_loss"], "o-", label="held-out")
-    ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", title=title)
-    ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
     return f"flax-impl finetune: plot {path}"
 
 

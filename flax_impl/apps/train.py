@@ -17,23 +17,17 @@ import functools
 import importlib.util
 import math
 import os
-import shlex
-import signal
-import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from flax_impl.apps import args as shared, checkpoint as ck
-from flax_impl.apps.progress import Progress
-from flax_impl.checkpoint_dir import check_fault_spec, step_folders
+from flax_impl.apps import args as shared, checkpoint as ck, step_loop
+from flax_impl.apps.step_loop import INTERRUPTED, CtrlC, StepLoop
+from flax_impl.checkpoint_dir import check_fault_spec
 from flax_impl.config import TrainConfig, TransformerConfig
 from flax_impl.tokenizer import PAD_ID, ByteTokenizer
-
-INTERRUPTED = 130  # the shell's status for a command stopped by SIGINT
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -128,24 +122,9 @@ def _data_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def plot_losses(path: Path, history: dict[str, list[float]], baseline: float, title: str) -> str:
-    """Write the PNG; returns a message (matplotlib is optional)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    """Write the PNG (the run has held-out losses); returns a message (matplotlib is optional)."""
+    if not step_loop.plot_history(path, history, title, alpha=0.6, baseline=baseline):
         return "matplotlib is not installed: no plot written (pip install matplotlib)"
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(history["train_step"], history["train_loss"], lw=0.8, alpha=0.6, label="train (per step)")
-    ax.plot(history["eval_step"], history["eval_loss"], "o-", label="held-out")
-    ax.axhline(baseline, color="gray", ls="--", label=f"unigram entropy {baseline:.3f}")
-    ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", title=title)
-    ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
     return f"plot: {path}"
 
 
@@ -158,31 +137,9 @@ def _scale_embedding(model: Any) -> None:
     w[...] = w[...] * (model.config.d_model**-0.5)
 
 
-class _CtrlC:
-    """While active (main thread only): the first SIGINT is noted (`requested`) for the loop to stop after its
-    step; it also restores Python's handler, so a second SIGINT raises KeyboardInterrupt at once."""
-
-    def __init__(self) -> None:
-        self.requested, self.previous = False, None
-
-    def _note(self, signum: int, frame: Any) -> None:
-        self.requested = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    def __enter__(self) -> _CtrlC:
-        if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._note)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-
-
 def _resume_command(args: argparse.Namespace) -> str:
     """The command line that continues this run: the one given (`flax-impl` + argv) with --resume."""
-    argv = list(getattr(args, "argv", None) or ["train", "--out", args.out])
-    return shlex.join(["flax-impl", *argv, *([] if "--resume" in argv else ["--resume"])])
+    return step_loop.resume_line(list(getattr(args, "argv", None) or ["train", "--out", args.out]))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -202,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
         return shared.fail("train", e)
     run_meta = {"model": cfg.to_dict(), "train": tcfg.to_dict(), "data": _data_options(args), "seed": args.seed}
     try:
-        with _CtrlC() as ctrl_c:
+        with CtrlC() as ctrl_c:
             try:
                 ckpt = ck.prepare(out, run_meta, resume=args.resume, stop=args.stop_at or args.steps)
                 corpus = load_corpus(args.corpus, max_bytes=int(args.corpus_mb * 1e6))
@@ -224,12 +181,7 @@ def run(args: argparse.Namespace) -> int:
             with jax.set_mesh(mesh):
                 return _train(args, cfg, tcfg, corpus, ckpt, out, window, run_meta, ctrl_c, mesh)
     except KeyboardInterrupt:  # a second Ctrl-C, or one before training started: the last checkpoint is kept
-        found = step_folders(out / ck.CKPT)
-        kept = f"the checkpoint of step {max(found)} is kept" if found else "no checkpoint was written"
-        print(f"flax-impl train: interrupted: {kept}", file=sys.stderr)
-        if found:
-            print(f"resume with: {_resume_command(args)}", file=sys.stderr)
-        return INTERRUPTED
+        return step_loop.interrupted_early("train", out, _resume_command(args))
     finally:
         lock.release()
 
@@ -243,14 +195,13 @@ def _train(
     out: Path,
     window: int,
     meta: dict[str, Any],
-    ctrl_c: _CtrlC,
+    ctrl_c: CtrlC,
     mesh: Any = None,
 ) -> int:
     import jax
     from flax import nnx
 
     from flax_impl.apps.corpus import even_windows, sample_windows, unigram_entropy
-    from flax_impl.checkpoint import restore_checkpoint
     from flax_impl.train import eval_step, lr_schedule, make_batch, make_optimizer, make_tx, train_step
     from flax_impl.transformer import Transformer
 
@@ -266,14 +217,10 @@ def _train(
         _scale_embedding(model)
         optimizer = distributed.create_sharded_optimizer(model, make_tx(tcfg), mesh)
         step_fn = functools.partial(distributed.sharded_train_step, mesh=mesh)
-    history: dict[str, list[float]] = {"train_step": [], "train_loss": [], "eval_step": [], "eval_loss": []}
-    if ckpt is not None:  # into the model's own arrays: a sharded model keeps its shardings
-        restore_checkpoint(ckpt.path.parent, model, optimizer, step=ckpt.step)
-        history = ckpt.metadata["history"]
-    start = int(optimizer.step[...])
-    stop = args.stop_at or args.steps
-    objective = "next-token" if cfg.causal else f"masked-token (mask id {ByteTokenizer.mask_id})"
     export = importlib.util.find_spec("safetensors") is not None
+    loop = StepLoop("train", out, model, optimizer, meta, ckpt, export=export)
+    start, stop = loop.start, args.stop_at or args.steps
+    objective = "next-token" if cfg.causal else f"masked-token (mask id {ByteTokenizer.mask_id})"
     print(
         f"corpus {corpus.source}: {corpus.train.size:,} train / {corpus.heldout.size:,} held-out byte tokens "
         f"({corpus.n_train_files} / {corpus.n_heldout_files} files); {objective}, {cfg.position} positions, "
@@ -289,95 +236,39 @@ def _train(
     schedule = lr_schedule(tcfg)
     baseline = unigram_entropy(corpus.heldout)
 
-    def evaluate() -> float:
-        model.eval()
-        sums = [eval_step(model, b) for b in eval_batches]
-        model.train()
-        return float(sum(s for s, _ in sums) / max(sum(c for _, c in sums), 1.0))
+    def held_out(done: int) -> tuple[float, str]:
+        eval_loss = loop.held_out_loss(eval_batches, lambda b: eval_step(model, b))
+        params = jax.tree.leaves(nnx.state(model, nnx.Param))
+        if math.isfinite(eval_loss) and all(bool(jax.numpy.isfinite(v).all()) for v in params):
+            return eval_loss, ""
+        return eval_loss, f"non-finite held-out loss {eval_loss} or parameters after step {done}"
 
-    saved = (start, ckpt.path) if ckpt else (0, None)  # the newest checkpoint: (step, folder)
-
-    def save_step(step: int) -> str | None:
-        """Checkpoint `step`; None if done, else the one-line error (a full disk), the previous one intact."""
-        nonlocal saved
-        try:
-            saved = (step, ck.save_run(out, model, optimizer, step, {**meta, "history": history}, export))
-        except OSError as e:
-            kept = f"the checkpoint of step {saved[0]} is intact ({saved[1]})" if saved[1] else "none was written"
-            return f"cannot write the checkpoint of step {step}: {e}; {kept}"
-        return None
-
-    progress = Progress(stop, initial=start)
-    progress.step("training (the first step compiles)", 0)
-    t_start, t_first, tokens, t_tokens = time.perf_counter(), None, 0, 0.0
-    model.train()
-    code, reason = 0, ""
-    for step in range(start, stop):
-        if ctrl_c.requested:
-            code = INTERRUPTED
-            break
+    def batch_at(step: int) -> dict[str, Any]:
         rng = np.random.default_rng([args.seed, step])
-        batch = make_batch(sample_windows(corpus.train, args.batch_size, window, rng), cfg, tcfg, rng)
-        t0 = time.perf_counter()
-        metrics = step_fn(model, optimizer, batch)
-        loss, gnorm = float(metrics["loss"]), float(metrics["grad_norm"])
-        dt = time.perf_counter() - t0
-        if t_first is None:
-            t_first = dt
-        else:
-            tokens, t_tokens = tokens + batch["inputs"].size, t_tokens + dt
-        if not (math.isfinite(loss) and math.isfinite(gnorm)):
-            code, reason = 1, f"non-finite loss {loss} (gradient norm {gnorm}) at step {step + 1}"
-            break
-        history["train_step"].append(step + 1)
-        history["train_loss"].append(loss)
-        tok_s = tokens / t_tokens if t_tokens else 0.0
-        progress.step("training", detail=f"step {step + 1}  loss {loss:.4f}  {tok_s:,.0f} tok/s")
-        if (step + 1) % args.eval_every == 0 or step + 1 == stop:
-            eval_loss = evaluate()
-            params = jax.tree.leaves(nnx.state(model, nnx.Param))
-            params_ok = all(bool(jax.numpy.isfinite(v).all()) for v in params)
-            if not (math.isfinite(eval_loss) and params_ok):
-                code, reason = 1, f"non-finite held-out loss {eval_loss} or parameters after step {step + 1}"
-                break
-            history["eval_step"].append(step + 1)
-            history["eval_loss"].append(eval_loss)
-            if error := save_step(step + 1):
-                progress.close()
-                return shared.fail("train", error)
-            progress.write(
-                f"step {step + 1:>5}  train {loss:.4f}  held-out {eval_loss:.4f} nats/token  "
-                f"lr {float(schedule(step)):.2e}  |g| {gnorm:.2f}  -> {saved[1]}"
-            )
-    progress.close()
+        return make_batch(sample_windows(corpus.train, args.batch_size, window, rng), cfg, tcfg, rng)
+
+    t_start = time.perf_counter()
+    model.train()
+    code = loop.run(stop, ctrl_c=ctrl_c, batch_at=batch_at, step_fn=step_fn, eval_every=args.eval_every,
+                    held_out=held_out, schedule=schedule, label="training", idle_rate="0 tok/s")
     if code == INTERRUPTED:
-        done = history["train_step"][-1] if history["train_step"] else start
-        if done > saved[0] and (error := save_step(done)):
-            return shared.fail("train", error)
-        last = f" (train loss {history['train_loss'][-1]:.4f})" if history["train_loss"] else ""
-        where = f"checkpoint {saved[1]}" if saved[1] else "no checkpoint (no step was trained)"
-        print(f"flax-impl train: interrupted after step {done} of {stop}{last}: {where}", file=sys.stderr)
-        if saved[1]:
-            print(f"resume with: {_resume_command(args)}", file=sys.stderr)
+        return loop.interrupted(stop, _resume_command(args))
+    if code == 2:  # a checkpoint could not be written: reported
         return code
     elapsed = time.perf_counter() - t_start
-    plot = out / "loss.png" if args.plot is None else None if args.plot.lower() == "none" else Path(args.plot)
+    plot = step_loop.plot_path(args.plot, out)
+    history, saved = loop.history, loop.saved
     if plot is not None and history["eval_step"]:
         title = f"{objective}, {cfg.position}, {cfg.n_layers}x{cfg.d_model}, stdlib bytes"
         print(plot_losses(plot, history, baseline, title))
     if code:
-        print(
-            f"flax-impl train: stopped: {reason}. Lower --lr or raise --warmup. The last good checkpoint is "
-            f"intact: {saved[1] or 'none was written'}",
-            file=sys.stderr,
-        )
-        return code
+        return loop.diverged()
     final = history["eval_loss"][-1]
     print(
         f"final held-out loss {final:.4f} nats/token ({final / math.log(2):.3f} bits) vs unigram entropy of the "
         f"held-out text {baseline:.4f} nats ({baseline / math.log(2):.3f} bits); {stop - start} steps in "
-        f"{elapsed:.1f} s (first step incl. compile {t_first or 0:.1f} s, "
-        f"{tokens / t_tokens if t_tokens else 0:,.0f} tokens/s after); checkpoint {saved[1]}"
+        f"{elapsed:.1f} s (first step incl. compile {loop.t_first or 0:.1f} s, "
+        f"{loop.rate():,.0f} tokens/s after); checkpoint {saved[1]}"
         + (f", weights for PyTorch {out / ck.EXPORT}" if export else "")
     )
     return 0

@@ -1,6 +1,6 @@
-"""Converters and checks the family tables share (`flax_impl.hf.spec` for the vocabulary): activation names,
-tied heads, widths written as multiples, kv heads, RoPE settings (base, linear factor, partial rotary) and the
-head_dim check.
+"""Converters, Fields and checks the family tables share (`flax_impl.hf.spec` for the vocabulary): activation
+names, tied heads, the sizes under transformers' standard names, widths written as multiples, kv heads, RoPE
+settings (base, linear factor, partial rotary) and the head_dim check.
 
 Axes: D model width, N heads, K kv heads, H head dim.
 """
@@ -63,6 +63,38 @@ def kv_heads(heads_key: str) -> Convert:
         return int(hf[heads_key]) if v is None else int(v)
 
     return Convert("num_key_value_heads (None = N)", to_ours, lambda v, cfg: v)
+
+
+def size_fields(
+    *,
+    vocab_size: int,
+    hidden_size: int,
+    intermediate_size: int,
+    num_hidden_layers: int,
+    num_attention_heads: int,
+    num_key_value_heads: int | None,
+    kv_kind: str,
+) -> tuple[Field, ...]:
+    """The sizes under transformers' standard names, in this order: vocab_size -> vocab_size, hidden_size ->
+    d_model, intermediate_size -> d_ff, num_hidden_layers -> n_layers, num_attention_heads -> n_heads,
+    num_key_value_heads -> n_kv_heads (null: as many as heads, `kv_heads`).
+
+    Args:
+        vocab_size, hidden_size, intermediate_size, num_hidden_layers, num_attention_heads, num_key_value_heads:
+            the config class's default for each key.
+        kv_kind: the JSON kind of num_key_value_heads: "int?" where the config class accepts null, else "int".
+
+    Returns:
+        The six Fields.
+    """
+    return (
+        Field("vocab_size", "vocab_size", vocab_size, kind="int"),
+        Field("hidden_size", "d_model", hidden_size, kind="int"),
+        Field("intermediate_size", "d_ff", intermediate_size, kind="int"),
+        Field("num_hidden_layers", "n_layers", num_hidden_layers, kind="int"),
+        Field("num_attention_heads", "n_heads", num_attention_heads, kind="int"),
+        Field("num_key_value_heads", "n_kv_heads", num_key_value_heads, kv_heads("num_attention_heads"), kind=kv_kind),
+    )
 
 
 def _linear_factor(v: Any, hf: Mapping[str, Any]) -> float:
@@ -152,6 +184,18 @@ def rotary_fraction(hidden_key: str, heads_key: str) -> Convert:
         return _fraction_for(rope_width(cfg.head_dim, v), cfg.head_dim)
 
     return Convert("partial_rotary_factor (int(H x f) dims rotated)", to_ours, to_hf)
+
+
+def partial_rotary_field(default: float) -> Field:
+    """rope_parameters.partial_rotary_factor (`default`: the config class's) -> rope_fraction, through
+    `rotary_fraction` over hidden_size / num_attention_heads."""
+    return Field(
+        "rope_parameters.partial_rotary_factor",
+        "rope_fraction",
+        default,
+        rotary_fraction("hidden_size", "num_attention_heads"),
+        kind="float",
+    )
 
 
 def rotary_dims(hidden_key: str, heads_key: str) -> Convert:

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from flax_impl.hf.converters import TIE, width_times
-from flax_impl.hf.families.common import DECODER
+from flax_impl.hf.families.common import DECODER, only_default
 from flax_impl.hf.spec import COMMON_IGNORED, Family, Field, Key, Require
 
 BLOOM = Family(
@@ -32,13 +32,10 @@ BLOOM = Family(
         max_len=2048,  # BLOOM's config has no length: ALiBi has none; BLOOM was trained at 2048
     ),
     require=(
-        Require(
-            "apply_residual_connection_post_layernorm",
-            False,
-            (False,),
-            why="residuals taken after the norm are not implemented",
+        only_default(
+            "apply_residual_connection_post_layernorm", False, "residuals taken after the norm are not implemented",
             kind="bool",
-        ),
+        ),  # fmt: skip
     ),
     keys=(
         Key("word_embeddings.weight", "input.embed.weight"),
@@ -61,10 +58,6 @@ BLOOM = Family(
         "slow_but_exact",
     ),
 )
-
-
-def _mpt_refuse(key: str, default: object, why: str, *, kind: str) -> Require:
-    return Require(key, default, (default,), why=why, kind=kind)
 
 
 MPT = Family(
@@ -96,26 +89,26 @@ MPT = Family(
             why="only LayerNorm is implemented (as transformers' MPT)",
             kind="str",
         ),
-        _mpt_refuse(
+        only_default(
             "attn_config.alibi_bias_max",
             8,
             "transformers' MptModel builds its ALiBi slopes with the default 8 whatever alibi_bias_max says "
             "(MosaicML's code reads it): another value would compute differently there",
             kind="int",
         ),
-        _mpt_refuse(
+        only_default(
             "attn_config.alibi", True, "MPT without ALiBi has no position information in transformers", kind="bool"
         ),
-        _mpt_refuse("attn_config.clip_qkv", None, "clipping q, k, v is not implemented", kind="float?"),
-        _mpt_refuse("attn_config.qk_ln", False, "LayerNorm on q and k is not implemented", kind="bool"),
-        _mpt_refuse(
+        only_default("attn_config.clip_qkv", None, "clipping q, k, v is not implemented", kind="float?"),
+        only_default("attn_config.qk_ln", False, "LayerNorm on q and k is not implemented", kind="bool"),
+        only_default(
             "attn_config.softmax_scale", None, "a softmax scale other than 1/sqrt(H) is not implemented", kind="float?"
         ),
-        _mpt_refuse("attn_config.prefix_lm", False, "prefix-LM attention is not implemented", kind="bool"),
-        _mpt_refuse(
+        only_default("attn_config.prefix_lm", False, "prefix-LM attention is not implemented", kind="bool"),
+        only_default(
             "attn_config.attn_uses_sequence_id", False, "sequence-id attention masks are not implemented", kind="bool"
         ),
-        _mpt_refuse(
+        only_default(
             "attn_config.attn_type", "multihead_attention", "multi-query attention is not implemented", kind="str"
         ),
     ),

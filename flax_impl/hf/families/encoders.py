@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from flax_impl.hf.converters import ACTIVATION
-from flax_impl.hf.families.common import NO_CROSS_ATTENTION
-from flax_impl.hf.spec import COMMON_IGNORED, SAME, Convert, Family, Field, Key, Require, Unsupported
+from flax_impl.hf.families.common import NO_CROSS_ATTENTION, only_default
+from flax_impl.hf.spec import COMMON_IGNORED, SAME, Convert, Family, Field, Key, Unsupported
 
 _ENCODER = dict(
     position="learned",
@@ -29,8 +29,8 @@ _ENCODER = dict(
     parallel_residual=False,
     lm_head="tied",  # the base models have no LM head; model.logits(h) is the tied readout
 )
-_NOT_A_DECODER = Require(
-    "is_decoder", False, (False,), why="the model as a causal decoder (XLMHeadModel) is not supported", kind="bool"
+_NOT_A_DECODER = only_default(
+    "is_decoder", False, "the model as a causal decoder (XLMHeadModel) is not supported", kind="bool"
 )
 
 
@@ -96,20 +96,12 @@ BERT = Family(
     config=_bert_fields(30522, 0),
     fixed=_ENCODER,
     require=(
-        Require(
-            "is_decoder",
-            False,
-            (False,),
-            why="BERT as a causal decoder (BertLMHeadModel) is not supported",
-            kind="bool",
-        ),
-        Require(
-            "position_embedding_type",  # transformers 4's key; transformers 5 has absolute positions only
-            "absolute",
-            ("absolute",),
-            why="relative position embeddings (relative_key, relative_key_query) are not implemented",
-            kind="str?",
-        ),
+        only_default("is_decoder", False, "BERT as a causal decoder (BertLMHeadModel) is not supported", kind="bool"),
+        # transformers 4's key; transformers 5 has absolute positions only
+        only_default(
+            "position_embedding_type", "absolute",
+            "relative position embeddings (relative_key, relative_key_query) are not implemented", kind="str?",
+        ),  # fmt: skip
         NO_CROSS_ATTENTION,
     ),
     keys=_BERT_KEYS,

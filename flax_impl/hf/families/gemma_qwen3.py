@@ -14,8 +14,19 @@ from collections.abc import Mapping
 from typing import Any
 
 from flax_impl.config import TransformerConfig
-from flax_impl.hf.converters import ACTIVATION, ACTIVATION_PYTORCH_TANH, TIE, head_dim_field, kv_heads
-from flax_impl.hf.families.llama import FIXED, FULL_ROTARY, IGNORE, KEYS, QWEN2_DERIVED, QWEN2_LAYER_TYPES, QWEN2_WINDOW
+from flax_impl.hf.converters import ACTIVATION, ACTIVATION_PYTORCH_TANH, TIE, head_dim_field, size_fields
+from flax_impl.hf.families.common import only_default
+from flax_impl.hf.families.llama import (
+    ATTENTION_KEYS,
+    FIXED,
+    FULL_ROTARY,
+    IGNORE,
+    KEYS,
+    MLP_HEAD_KEYS,
+    QWEN2_DERIVED,
+    QWEN2_LAYER_TYPES,
+    QWEN2_WINDOW,
+)
 from flax_impl.hf.rope_params import YARN_MSCALE, rope_fields
 from flax_impl.hf.spec import COMMON_IGNORED, Convert, Derived, Family, Field, Key, Require, Unsupported
 
@@ -28,13 +39,9 @@ _QK_NORM_KEYS = (
 def _llama_like(defaults: Mapping[str, Any], act: Field) -> tuple[Field, ...]:
     d = defaults
     return (
-        Field("vocab_size", "vocab_size", d["vocab_size"], kind="int"),
-        Field("hidden_size", "d_model", d["hidden_size"], kind="int"),
-        Field("intermediate_size", "d_ff", d["intermediate_size"], kind="int"),
-        Field("num_hidden_layers", "n_layers", d["num_hidden_layers"], kind="int"),
-        Field("num_attention_heads", "n_heads", d["num_attention_heads"], kind="int"),
-        Field("num_key_value_heads", "n_kv_heads", d["num_key_value_heads"], kv_heads("num_attention_heads"),
-              kind="int?"),
+        *size_fields(vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
+                     num_hidden_layers=d["num_hidden_layers"], num_attention_heads=d["num_attention_heads"],
+                     num_key_value_heads=d["num_key_value_heads"], kv_kind="int?"),
         act,
         Field("max_position_embeddings", "max_len", d["max_position_embeddings"], kind="int"),
         Field("rms_norm_eps", "norm_eps", 1e-6, kind="float"),
@@ -140,18 +147,11 @@ def _gemma2_like(
         ),  # fmt: skip
         derived=derived,
         keys=(
-            Key("embed_tokens.weight", "input.embed.weight"),
-            Key("layers.{i}.input_layernorm.weight", "blocks.{i}.ln1.weight"),
-            Key("layers.{i}.self_attn.{part}_proj.{p}", "blocks.{i}.attn.in_proj_{p}", "qkv_concat", ("q", "k", "v")),
-            Key("layers.{i}.self_attn.o_proj.{p}", "blocks.{i}.attn.out_proj.{p}"),
+            *ATTENTION_KEYS,  # Llama's: embed_tokens, input_layernorm, q/k/v_proj, o_proj
             Key("layers.{i}.post_attention_layernorm.weight", "blocks.{i}.post_attn_norm.weight"),
             Key("layers.{i}.pre_feedforward_layernorm.weight", "blocks.{i}.ln2.weight"),
             Key("layers.{i}.post_feedforward_layernorm.weight", "blocks.{i}.post_ff_norm.weight"),
-            Key("layers.{i}.mlp.gate_proj.{p}", "blocks.{i}.ff.gate.{p}"),
-            Key("layers.{i}.mlp.up_proj.{p}", "blocks.{i}.ff.up.{p}"),
-            Key("layers.{i}.mlp.down_proj.{p}", "blocks.{i}.ff.down.{p}"),
-            Key("norm.weight", "final_norm.weight"),
-            Key("lm_head.weight", "lm_head.weight", base=False),
+            *MLP_HEAD_KEYS,  # Llama's: gate/up/down_proj, norm, lm_head
             *keys,
         ),
         ignore=IGNORE,
@@ -183,8 +183,8 @@ GEMMA3_TEXT = _gemma2_like(
         Field(_SLIDING + "rope_theta", "rope_local_base", 10_000.0, kind="float"),
     ),
     require=(
-        Require(_SLIDING + "rope_type", "default", ("default",), kind="str",
-                why="the sliding layers rotate with plain RoPE of their own base"),
+        only_default(_SLIDING + "rope_type", "default", "the sliding layers rotate with plain RoPE of their own base",
+                     kind="str"),
         Require(_FULL + "partial_rotary_factor", None, (None, 1, 1.0), kind="float?",
                 why="Gemma 3 rotates the whole head"),
     ),

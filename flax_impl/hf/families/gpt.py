@@ -8,49 +8,47 @@ from typing import Any
 
 from flax_impl.config import TransformerConfig
 from flax_impl.hf.converters import ACTIVATION, ACTIVATION_PYTORCH_TANH, TIE, inner_or_4d, plus
-from flax_impl.hf.families.common import DECODER, NO_CROSS_ATTENTION
+from flax_impl.hf.families.common import DECODER, MASK_BUFFERS, NO_CROSS_ATTENTION, only_default
 from flax_impl.hf.spec import COMMON_IGNORED, Convert, Family, Field, Key, Require, Unsupported
 
-GPT2 = Family(
-    model_type="gpt2",
-    architecture="GPT2LMHeadModel",
-    prefix="transformer.",
-    config=(
+
+def _gpt2_fields(activation: Field, *extra: Field) -> tuple[Field, ...]:
+    """GPT2Config's Fields, which GPTBigCodeConfig repeats: `activation` (each class's default activation_function)
+    after n_positions, `extra` before tie_word_embeddings."""
+    return (
         Field("vocab_size", "vocab_size", 50257, kind="int"),
         Field("n_embd", "d_model", 768, kind="int"),
         Field("n_head", "n_heads", 12, kind="int"),
         Field("n_layer", "n_layers", 12, kind="int"),
         Field("n_inner", "d_ff", None, inner_or_4d("n_embd"), kind="int?"),
         Field("n_positions", "max_len", 1024, kind="int"),
-        Field("activation_function", "activation", "gelu_new", ACTIVATION, kind="str"),
+        activation,
         Field("layer_norm_epsilon", "norm_eps", 1e-5, kind="float"),
         Field("resid_pdrop", "dropout", 0.1, kind="float"),
         Field("attn_pdrop", "attention_dropout", 0.1, kind="float"),
+        *extra,
         Field("tie_word_embeddings", "lm_head", True, TIE, kind="bool"),
-    ),
+    )
+
+
+GPT2 = Family(
+    model_type="gpt2",
+    architecture="GPT2LMHeadModel",
+    prefix="transformer.",
+    config=_gpt2_fields(Field("activation_function", "activation", "gelu_new", ACTIVATION, kind="str")),
     fixed=dict(DECODER, position="learned", input_norm=False, bias=True),
     require=(
-        Require(
-            "scale_attn_weights",
-            True,
-            (True,),
-            why="unscaled q.k scores are not implemented (ours: / sqrt(H))",
-            kind="bool",
+        only_default(
+            "scale_attn_weights", True, "unscaled q.k scores are not implemented (ours: / sqrt(H))", kind="bool"
         ),
-        Require(
-            "scale_attn_by_inverse_layer_idx",
-            False,
-            (False,),
-            why="scores divided by (layer index + 1) are not implemented",
+        only_default(
+            "scale_attn_by_inverse_layer_idx", False, "scores divided by (layer index + 1) are not implemented",
             kind="bool",
-        ),
-        Require(
-            "reorder_and_upcast_attn",
-            False,
-            (False,),
-            why="scaling k before q.k and upcasting the scores (a mixed-precision variant) is not implemented",
-            kind="bool",
-        ),
+        ),  # fmt: skip
+        only_default(
+            "reorder_and_upcast_attn", False,
+            "scaling k before q.k and upcasting the scores (a mixed-precision variant) is not implemented", kind="bool",
+        ),  # fmt: skip
         NO_CROSS_ATTENTION,
     ),
     keys=(
@@ -69,8 +67,7 @@ GPT2 = Family(
         Key("ln_f.{p}", "final_norm.{p}"),
         Key("lm_head.weight", "lm_head.weight", base=False),
     ),
-    # Older checkpoints carry each layer's causal-mask buffers ("attn.bias", "attn.masked_bias"): not weights.
-    ignore=(r"h\.\d+\.attn\.(bias|masked_bias)",),
+    ignore=MASK_BUFFERS,
     ignored_hf=COMMON_IGNORED
     + (
         "pad_token_id",  # GPT-2's embedding has no padding_idx
@@ -106,23 +103,13 @@ GPT_BIGCODE = Family(
     model_type="gpt_bigcode",
     architecture="GPTBigCodeForCausalLM",
     prefix="transformer.",
-    config=(
-        Field("vocab_size", "vocab_size", 50257, kind="int"),
-        Field("n_embd", "d_model", 768, kind="int"),
-        Field("n_head", "n_heads", 12, kind="int"),
-        Field("n_layer", "n_layers", 12, kind="int"),
-        Field("n_inner", "d_ff", None, inner_or_4d("n_embd"), kind="int?"),
-        Field("n_positions", "max_len", 1024, kind="int"),
+    config=_gpt2_fields(
         Field("activation_function", "activation", "gelu_pytorch_tanh", ACTIVATION_PYTORCH_TANH, kind="str"),
-        Field("layer_norm_epsilon", "norm_eps", 1e-5, kind="float"),
-        Field("resid_pdrop", "dropout", 0.1, kind="float"),
-        Field("attn_pdrop", "attention_dropout", 0.1, kind="float"),
         Field("multi_query", "n_kv_heads", True, _MULTI_QUERY, kind="bool"),
-        Field("tie_word_embeddings", "lm_head", True, TIE, kind="bool"),
     ),
     fixed=dict(DECODER, position="learned", input_norm=False, bias=True),
     require=(
-        Require("scale_attn_weights", True, (True,), why="unscaled q.k scores are not implemented", kind="bool"),
+        only_default("scale_attn_weights", True, "unscaled q.k scores are not implemented", kind="bool"),
         NO_CROSS_ATTENTION,
     ),
     keys=(
@@ -139,7 +126,7 @@ GPT_BIGCODE = Family(
         Key("ln_f.{p}", "final_norm.{p}"),
         Key("lm_head.weight", "lm_head.weight", base=False),
     ),
-    ignore=(r"h\.\d+\.attn\.(bias|masked_bias)",),
+    ignore=MASK_BUFFERS,
     ignored_hf=COMMON_IGNORED
     + (
         "pad_token_id",  # its embedding has no padding_idx
@@ -209,13 +196,10 @@ OPT = Family(
             "are not implemented",
             kind="int?",
         ),
-        Require(
-            "layer_norm_elementwise_affine",
-            True,
-            (True,),
-            why="LayerNorms without a weight and bias are not implemented",
+        only_default(
+            "layer_norm_elementwise_affine", True, "LayerNorms without a weight and bias are not implemented",
             kind="bool",
-        ),
+        ),  # fmt: skip
     ),
     keys=(
         Key("decoder.embed_tokens.weight", "input.embed.weight"),

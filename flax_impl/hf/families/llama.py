@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from flax_impl.config import TransformerConfig
-from flax_impl.hf.converters import ACTIVATION, TIE, head_dim_field, kv_heads
+from flax_impl.hf.converters import ACTIVATION, TIE, head_dim_field, size_fields
 from flax_impl.hf.rope_params import YARN_MSCALE, rope_fields
 from flax_impl.hf.spec import COMMON_IGNORED, Convert, Derived, Family, Field, Key, Require, Unsupported
 
@@ -38,14 +38,9 @@ def _common(defaults: Mapping[str, Any]) -> tuple[Field, ...]:
     """The Fields the three families share; `defaults` holds each class's own defaults for them."""
     d = defaults
     return (
-        Field("vocab_size", "vocab_size", d["vocab_size"], kind="int"),
-        Field("hidden_size", "d_model", 4096, kind="int"),
-        Field("intermediate_size", "d_ff", d["intermediate_size"], kind="int"),
-        Field("num_hidden_layers", "n_layers", 32, kind="int"),
-        Field("num_attention_heads", "n_heads", 32, kind="int"),
-        Field(
-            "num_key_value_heads", "n_kv_heads", d["num_key_value_heads"], kv_heads("num_attention_heads"), kind="int?"
-        ),
+        *size_fields(vocab_size=d["vocab_size"], hidden_size=4096, intermediate_size=d["intermediate_size"],
+                     num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=d["num_key_value_heads"],
+                     kv_kind="int?"),  # fmt: skip
         Field("hidden_act", "activation", "silu", ACTIVATION, kind="str"),
         Field("max_position_embeddings", "max_len", d["max_position_embeddings"], kind="int"),
         Field("rms_norm_eps", "norm_eps", 1e-6, kind="float"),
@@ -66,18 +61,22 @@ FULL_ROTARY = Require(
 )
 _REQUIRE = (FULL_ROTARY, *YARN_MSCALE)
 
-KEYS = (
+# The weight table in two runs that Gemma 2's sandwich block (gemma_qwen3.py) shares around norms of its own: the
+# embedding, the pre-attention norm and the attention projections; the gated MLP, the final norm and the head.
+ATTENTION_KEYS = (
     Key("embed_tokens.weight", "input.embed.weight"),
     Key("layers.{i}.input_layernorm.weight", "blocks.{i}.ln1.weight"),
     Key("layers.{i}.self_attn.{part}_proj.{p}", "blocks.{i}.attn.in_proj_{p}", "qkv_concat", ("q", "k", "v")),
     Key("layers.{i}.self_attn.o_proj.{p}", "blocks.{i}.attn.out_proj.{p}"),
-    Key("layers.{i}.post_attention_layernorm.weight", "blocks.{i}.ln2.weight"),
+)
+MLP_HEAD_KEYS = (
     Key("layers.{i}.mlp.gate_proj.{p}", "blocks.{i}.ff.gate.{p}"),
     Key("layers.{i}.mlp.up_proj.{p}", "blocks.{i}.ff.up.{p}"),
     Key("layers.{i}.mlp.down_proj.{p}", "blocks.{i}.ff.down.{p}"),
     Key("norm.weight", "final_norm.weight"),
     Key("lm_head.weight", "lm_head.weight", base=False),
 )
+KEYS = (*ATTENTION_KEYS, Key("layers.{i}.post_attention_layernorm.weight", "blocks.{i}.ln2.weight"), *MLP_HEAD_KEYS)
 # Older checkpoints store each layer's RoPE inverse frequencies, a buffer computed from the config.
 IGNORE = (r"layers\.\d+\.self_attn\.rotary_emb\.inv_freq",)
 

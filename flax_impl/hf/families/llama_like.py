@@ -11,8 +11,8 @@ from flax_impl.hf.converters import (
     ROPE_TYPE,
     TIE,
     head_dim_field,
-    kv_heads,
-    rotary_fraction,
+    partial_rotary_field,
+    size_fields,
 )
 from flax_impl.hf.families.llama import FIXED, FULL_ROTARY, IGNORE, KEYS
 from flax_impl.hf.rope_params import YARN_MSCALE, rope_fields
@@ -29,12 +29,8 @@ GEMMA = Family(
     architecture="GemmaForCausalLM",
     prefix="model.",
     config=(
-        Field("vocab_size", "vocab_size", 256000, kind="int"),
-        Field("hidden_size", "d_model", 3072, kind="int"),
-        Field("intermediate_size", "d_ff", 24576, kind="int"),
-        Field("num_hidden_layers", "n_layers", 28, kind="int"),
-        Field("num_attention_heads", "n_heads", 16, kind="int"),
-        Field("num_key_value_heads", "n_kv_heads", 16, kv_heads("num_attention_heads"), kind="int"),
+        *size_fields(vocab_size=256000, hidden_size=3072, intermediate_size=24576, num_hidden_layers=28,
+                     num_attention_heads=16, num_key_value_heads=16, kv_kind="int"),
         Field("hidden_act", "activation", "gelu_pytorch_tanh", _GEMMA_ACTIVATION, kind="str"),
         Field("max_position_embeddings", "max_len", 8192, kind="int"),
         Field("rms_norm_eps", "norm_eps", 1e-6, kind="float"),
@@ -74,12 +70,8 @@ PHI3 = Family(
     architecture="Phi3ForCausalLM",
     prefix="model.",
     config=(
-        Field("vocab_size", "vocab_size", 32064, kind="int"),
-        Field("hidden_size", "d_model", 3072, kind="int"),
-        Field("intermediate_size", "d_ff", 8192, kind="int"),
-        Field("num_hidden_layers", "n_layers", 32, kind="int"),
-        Field("num_attention_heads", "n_heads", 32, kind="int"),
-        Field("num_key_value_heads", "n_kv_heads", None, kv_heads("num_attention_heads"), kind="int?"),
+        *size_fields(vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+                     num_attention_heads=32, num_key_value_heads=None, kv_kind="int?"),
         Field("resid_pdrop", "dropout", 0.0, kind="float"),
         Field("attention_dropout", "attention_dropout", 0.0, kind="float"),
         Field("hidden_act", "activation", "silu", ACTIVATION, kind="str"),
@@ -89,13 +81,7 @@ PHI3 = Family(
         *_PHI3_ROPE,
         head_dim_field(),
         # Phi-4-mini (model_type phi3) rotates 3/4 of each head.
-        Field(
-            "rope_parameters.partial_rotary_factor",
-            "rope_fraction",
-            1.0,
-            rotary_fraction("hidden_size", "num_attention_heads"),
-            kind="float",
-        ),
+        partial_rotary_field(1.0),
         Field("pad_token_id", "padding_idx", 32000, kind="int?"),  # nn.Embedding(..., padding_idx=pad_token_id)
         Field("sliding_window", "sliding_window", None, kind="int?"),  # query i sees keys i - W < j <= i
     ),
@@ -136,12 +122,8 @@ STARCODER2 = Family(
     architecture="Starcoder2ForCausalLM",
     prefix="model.",
     config=(
-        Field("vocab_size", "vocab_size", 49152, kind="int"),
-        Field("hidden_size", "d_model", 3072, kind="int"),
-        Field("intermediate_size", "d_ff", 12288, kind="int"),
-        Field("num_hidden_layers", "n_layers", 30, kind="int"),
-        Field("num_attention_heads", "n_heads", 24, kind="int"),
-        Field("num_key_value_heads", "n_kv_heads", 2, kv_heads("num_attention_heads"), kind="int"),
+        *size_fields(vocab_size=49152, hidden_size=3072, intermediate_size=12288, num_hidden_layers=30,
+                     num_attention_heads=24, num_key_value_heads=2, kv_kind="int"),
         Field("hidden_act", "activation", "gelu_pytorch_tanh", ACTIVATION_PYTORCH_TANH, kind="str"),
         Field("max_position_embeddings", "max_len", 4096, kind="int"),
         Field("norm_epsilon", "norm_eps", 1e-5, kind="float"),

@@ -16,9 +16,11 @@ from flax_impl.hf.converters import (
     inner_or_4d,
     kv_heads,
     linear_rope_fields,
+    partial_rotary_field,
     rotary_dims,
-    rotary_fraction,
+    size_fields,
 )
+from flax_impl.hf.families.common import MASK_BUFFERS, only_default
 from flax_impl.hf.spec import COMMON_IGNORED, Convert, Family, Field, Key, Require
 
 _ROPE_DECODER = dict(
@@ -34,11 +36,8 @@ _ROPE_DECODER = dict(
     sliding_window=None,
     type_vocab_size=0,
 )
-_NOT_TIED_WITH_BIAS = Require(
-    "tie_word_embeddings",
-    False,
-    (False,),
-    why="the LM head has a bias of its own: a tied head with a bias is not implemented",
+_NOT_TIED_WITH_BIAS = only_default(
+    "tie_word_embeddings", False, "the LM head has a bias of its own: a tied head with a bias is not implemented",
     kind="bool",
 )
 
@@ -63,13 +62,7 @@ GPT_NEOX = Family(
         Field("attention_bias", "qkv_bias", True, kind="bool"),  # one switch for query_key_value and dense
         Field("attention_bias", "out_bias", True, kind="bool"),
         *linear_rope_fields(),
-        Field(
-            "rope_parameters.partial_rotary_factor",
-            "rope_fraction",
-            0.25,
-            rotary_fraction("hidden_size", "num_attention_heads"),
-            kind="float",
-        ),
+        partial_rotary_field(0.25),
     ),
     fixed=dict(_ROPE_DECODER, mlp="plain", mlp_bias=True, parallel_shared_norm=False, padding_idx=None,
                lm_head_bias=False),  # fmt: skip
@@ -153,7 +146,7 @@ GPTJ = _gptj_like(
     "gptj",
     "GPTJForCausalLM",
     (Key("h.{i}.attn.{part}_proj.weight", "blocks.{i}.attn.in_proj_weight", "qkv_concat", ("q", "k", "v")),),
-    (r"h\.\d+\.attn\.(bias|masked_bias)",),  # older checkpoints' causal-mask buffers
+    MASK_BUFFERS,
 )
 CODEGEN = _gptj_like(
     "codegen",
@@ -178,25 +171,15 @@ PHI = Family(
     architecture="PhiForCausalLM",
     prefix="model.",
     config=(
-        Field("vocab_size", "vocab_size", 51200, kind="int"),
-        Field("hidden_size", "d_model", 2048, kind="int"),
-        Field("intermediate_size", "d_ff", 8192, kind="int"),
-        Field("num_hidden_layers", "n_layers", 24, kind="int"),
-        Field("num_attention_heads", "n_heads", 32, kind="int"),
-        Field("num_key_value_heads", "n_kv_heads", None, kv_heads("num_attention_heads"), kind="int?"),
+        *size_fields(vocab_size=51200, hidden_size=2048, intermediate_size=8192, num_hidden_layers=24,
+                     num_attention_heads=32, num_key_value_heads=None, kv_kind="int?"),
         Field("resid_pdrop", "dropout", 0.0, kind="float"),
         Field("attention_dropout", "attention_dropout", 0.0, kind="float?"),
         Field("hidden_act", "activation", "gelu_new", ACTIVATION, kind="str"),
         Field("max_position_embeddings", "max_len", 2048, kind="int"),
         Field("layer_norm_eps", "norm_eps", 1e-5, kind="float"),
         *linear_rope_fields(),
-        Field(
-            "rope_parameters.partial_rotary_factor",
-            "rope_fraction",
-            0.5,
-            rotary_fraction("hidden_size", "num_attention_heads"),
-            kind="float",
-        ),
+        partial_rotary_field(0.5),
         Field("pad_token_id", "padding_idx", None, kind="int?"),  # nn.Embedding(..., padding_idx=pad_token_id)
         # A LayerNorm (weight and bias) over each head's H dims on q and k, before RoPE.
         Field("qk_layernorm", "qk_norm", False, Convert("qk_layernorm", lambda v, hf: "layernorm" if v else "none",
@@ -242,13 +225,7 @@ STABLELM = Family(
         Field("layer_norm_eps", "norm_eps", 1e-5, kind="float"),
         Field("tie_word_embeddings", "lm_head", False, TIE, kind="bool"),
         *linear_rope_fields(),
-        Field(
-            "rope_parameters.partial_rotary_factor",
-            "rope_fraction",
-            0.25,
-            rotary_fraction("hidden_size", "num_attention_heads"),
-            kind="float",
-        ),
+        partial_rotary_field(0.25),
         Field("use_qkv_bias", "qkv_bias", False, kind="bool"),
         # x + attn(ln(x)) + mlp(ln(x)) with input_layernorm only; else the sequential pre-LN block.
         Field("use_parallel_residual", "parallel_residual", False, kind="bool"),
@@ -261,13 +238,7 @@ STABLELM = Family(
                lm_head_bias=False),  # fmt: skip
     require=(
         ROPE_TYPE,
-        Require(
-            "qk_layernorm",
-            False,
-            (False,),
-            why="a LayerNorm per head on q and k is not implemented yet",
-            kind="bool",
-        ),
+        only_default("qk_layernorm", False, "a LayerNorm per head on q and k is not implemented yet", kind="bool"),
         head_dim_require("hidden_size", "num_attention_heads"),
     ),
     keys=(
